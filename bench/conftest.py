@@ -1,0 +1,69 @@
+"""Shared set-up for the pytest-benchmark suites (``pytest bench/ --benchmark-only``).
+
+Every benchmark runs on the best device present (CUDA if available, else CPU) and records, next
+to pytest-benchmark's timings, the peak extra memory of one call and (on CUDA) the number of
+kernels one call launches, in ``benchmark.extra_info``.  ``ZREWARD_BENCH_QUICK=1`` keeps only the
+smallest sizes (a smoke run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import pytest
+import torch
+
+DEVICE = torch.device(os.environ.get("ZREWARD_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
+QUICK = os.environ.get("ZREWARD_BENCH_QUICK", "0") not in ("", "0")
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_bytes(fn) -> int:
+    """Peak memory allocated above the starting point during one call of ``fn``."""
+    if DEVICE.type == "cuda":
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        sync()
+        return int(torch.cuda.max_memory_allocated() - base)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = [e for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
+    cur = peak = 0
+    for e in sorted(events, key=lambda e: e["ts"]):
+        if e["args"].get("Device Type", 0) != 0:
+            continue
+        cur += e["args"]["Bytes"]
+        peak = max(peak, cur)
+    return int(peak)
+
+
+def kernel_names(fn) -> list:
+    """Names of the CUDA kernels (and memsets/copies) one call of ``fn`` launches."""
+    if DEVICE.type != "cuda":
+        return []
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.fixture(scope="session")
+def device():
+    return DEVICE

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One-shot GPU check for the whole package: every GPU test and every GPU benchmark.
+# Run on a CUDA machine from the repository root:  OUT=/some/dir bash bench/gpu_check.sh
+# It uses the machine's own python3 (torch, triton, pytest-benchmark preinstalled on the lent
+# GPU machines); wheels under .whl/ (if any) are installed to /tmp/site first.
+# Results land in $OUT: env.txt, tests.log, bench.json, bench.log, summary.md.
+set -u
+OUT=${OUT:-/tmp/zreward_gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
+} 2>&1 | tee "$OUT/env.txt"
+
+XDIST=""
+$PY -c "import xdist" 2>/dev/null && XDIST="-n ${TEST_WORKERS:-6}"
+echo "== tests ($XDIST)"
+timeout "${TEST_TIMEOUT:-240}" $PY -m pytest tests -q -rs $XDIST -p no:cacheprovider >"$OUT/tests.log" 2>&1
+echo "tests exit: $?" | tee -a "$OUT/tests.log"
+tail -n 25 "$OUT/tests.log"
+
+echo "== benchmarks"
+timeout "${BENCH_TIMEOUT:-300}" $PY -m pytest bench --benchmark-only -q -p no:cacheprovider \
+  --benchmark-json="$OUT/bench.json" --benchmark-columns=median,iqr,rounds >"$OUT/bench.log" 2>&1
+echo "bench exit: $?" | tee -a "$OUT/bench.log"
+tail -n 5 "$OUT/bench.log"
+if [ -f "$OUT/bench.json" ]; then
+  $PY bench/summarize.py "$OUT/bench.json" --title "Fused kernels on $($PY -c 'import torch; print(torch.cuda.get_device_name(0))')" \
+    >"$OUT/summary.md" && cat "$OUT/summary.md"
+fi

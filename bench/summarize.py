@@ -1,0 +1,66 @@
+"""Turn a pytest-benchmark JSON file into the markdown tables committed under bench/results/.
+
+Usage: python bench/summarize.py BENCH.json [--title TEXT] > bench/results/NAME.md
+Times are medians in milliseconds; "vs eager" / "vs compile" are speed-ups of the fused path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+
+
+def _fmt_ms(v):
+    return "-" if v is None else (f"{v:.4f}" if v < 0.1 else f"{v:.3f}")
+
+
+def _fmt_mb(v):
+    return "-" if v is None else f"{v / 2**20:.2f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("json_file")
+    ap.add_argument("--title", default=None)
+    args = ap.parse_args()
+    data = json.load(open(args.json_file))
+    machine = data.get("machine_info", {})
+    table = defaultdict(dict)
+    devices = set()
+    torch_versions = set()
+    for b in data["benchmarks"]:
+        ei = b.get("extra_info", {})
+        if "op" not in ei:
+            continue
+        devices.add(ei.get("device_name", "?"))
+        torch_versions.add(ei.get("torch", "?"))
+        table[(ei["op"], ei["rows"])][ei["impl"]] = dict(
+            ms=b["stats"]["median"] * 1e3, mem=ei.get("peak_mem_bytes"),
+            kf=ei.get("kernels_fwd"), kb=ei.get("kernels_bwd"),
+        )
+    title = args.title or "Benchmark results"
+    print(f"# {title}\n")
+    print(f"Device: {', '.join(sorted(devices))}; torch {', '.join(sorted(torch_versions))}; "
+          f"pytest-benchmark {data.get('version', '?')}; {data.get('datetime', '')}\n")
+    print("Forward+backward per call, median ms; peak extra memory of one call in MiB; "
+          "kernel launches forward/backward (CUDA only).\n")
+    print("| op | rows | eager ms | compile ms | fused ms | fused vs eager | fused vs compile "
+          "| eager MiB | compile MiB | fused MiB | launches eager | launches compile | launches fused |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for (op, rows) in sorted(table, key=lambda k: (k[0], k[1])):
+        r = table[(op, rows)]
+        e, c, f = r.get("eager", {}), r.get("compile", {}), r.get("fused", {})
+        sp_e = f"{e['ms'] / f['ms']:.1f}x" if e and f else "-"
+        sp_c = f"{c['ms'] / f['ms']:.1f}x" if c and f else "-"
+
+        def launches(d):
+            return f"{d['kf']}/{d['kb']}" if d and d.get("kf") is not None else "-"
+
+        print(f"| {op} | {rows} | {_fmt_ms(e.get('ms'))} | {_fmt_ms(c.get('ms'))} | {_fmt_ms(f.get('ms'))} | "
+              f"{sp_e} | {sp_c} | {_fmt_mb(e.get('mem'))} | {_fmt_mb(c.get('mem'))} | {_fmt_mb(f.get('mem'))} | "
+              f"{launches(e)} | {launches(c)} | {launches(f)} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Forward+backward of each fused op: eager reference vs torch.compile(reference) vs fused Triton.
+
+Sizes are rows of 9 logits, 64 to 262144.  ``rubric_loss`` runs CE (hard target) + KL (teacher
+logits) + pairs (P = rows / 2); ``gdso_loss`` uses G = 8 (P = rows / 16; 8192 rows is the goal's
+P = 512); ``score_stats`` back-propagates ``mean.sum() + std.sum()``.  The fused path needs CUDA
+and is skipped on CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, QUICK, kernel_names, peak_memory_bytes, sync
+
+from zreward_kernels import BIN_VALUES, gdso_loss, rubric_loss, score_stats
+from zreward_kernels import reference as ref
+
+SIZES = [64, 1024] if QUICK else [64, 1024, 8192, 16384, 262144]
+IMPLS = ["eager", "compile", "fused"]
+OPS = ["score_stats", "rubric_loss", "gdso_loss"]
+K = len(BIN_VALUES)
+G = 8
+
+_COMPILED = {}
+
+
+def _case(op: str, rows: int):
+    gen = torch.Generator().manual_seed(rows)
+    if op == "gdso_loss":
+        p = max(rows // (2 * G), 1)
+        x = torch.randn(p, 2, G, K, generator=gen).to(DEVICE)
+        scores = torch.tensor(BIN_VALUES)[torch.randint(0, K, (p, 2), generator=gen)].to(DEVICE)
+        return x, dict(scores=scores)
+    x = torch.randn(rows, K, generator=gen).to(DEVICE)
+    if op == "score_stats":
+        return x, {}
+    n_pairs = rows // 2
+    return x, dict(
+        target=torch.randint(0, K, (rows,), generator=gen).to(DEVICE),
+        teacher_logits=torch.randn(rows, K, generator=gen).to(DEVICE),
+        pairs=torch.randint(0, rows, (n_pairs, 2), generator=gen).to(DEVICE),
+        pair_gaps=(torch.randint(-8, 9, (n_pairs,), generator=gen) * 0.5).to(DEVICE),
+    )
+
+
+def _reference_loss(op):
+    if op == "score_stats":
+        def f(x):
+            s = ref.score_stats(x, BIN_VALUES)
+            return s.mean.sum() + s.std.sum()
+    elif op == "rubric_loss":
+        def f(x, target, teacher_logits, pairs, pair_gaps):
+            return ref.rubric_loss(x, BIN_VALUES, target=target, teacher_logits=teacher_logits, pairs=pairs,
+                                   pair_gaps=pair_gaps).loss
+    else:
+        def f(x, scores):
+            return ref.gdso_loss(x, scores, BIN_VALUES).loss
+    return f
+
+
+def _fused_loss(op):
+    if op == "score_stats":
+        def f(x):
+            s = score_stats(x, backend="triton", validate=False)
+            return s.mean.sum() + s.std.sum()
+    elif op == "rubric_loss":
+        def f(x, **kw):
+            return rubric_loss(x, backend="triton", validate=False, **kw).loss
+    else:
+        def f(x, scores):
+            return gdso_loss(x, scores, backend="triton", validate=False).loss
+    return f
+
+
+def _impl(op, impl):
+    if impl == "eager":
+        return _reference_loss(op)
+    if impl == "compile":
+        if op not in _COMPILED:
+            _COMPILED[op] = torch.compile(_reference_loss(op))
+        return _COMPILED[op]
+    return _fused_loss(op)
+
+
+@pytest.mark.parametrize("rows", SIZES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("op", OPS)
+def test_fwd_bwd(benchmark, op, impl, rows):
+    if impl == "fused" and DEVICE.type != "cuda":
+        pytest.skip("the fused Triton path needs CUDA (the CPU interpreter is not a speed measure)")
+    x0, kw = _case(op, rows)
+    x = x0.clone().requires_grad_(True)
+    fn = _impl(op, impl)
+
+    def step():
+        x.grad = None
+        loss = fn(x, **kw)
+        loss.backward()
+        sync()
+        return loss
+
+    for _ in range(3):  # warm-up: compilation, autotuning caches, allocator
+        step()
+    benchmark.group = f"{op} rows={rows}"
+    benchmark.extra_info.update(
+        op=op, impl=impl, rows=rows, device=str(DEVICE), torch=torch.__version__,
+        device_name=torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else "cpu",
+        peak_mem_bytes=peak_memory_bytes(step),
+    )
+    if DEVICE.type == "cuda":
+        held = {}
+        x.grad = None
+        fwd = kernel_names(lambda: held.setdefault("loss", fn(x, **kw)))
+        bwd = kernel_names(lambda: held["loss"].backward())
+        benchmark.extra_info.update(kernels_fwd=len(fwd), kernels_bwd=len(bwd), kernel_names_fwd=fwd,
+                                    kernel_names_bwd=bwd)
+    benchmark.pedantic(step, rounds=20 if rows >= 16384 else 50, iterations=1, warmup_rounds=2)

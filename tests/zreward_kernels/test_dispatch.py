@@ -1,0 +1,59 @@
+"""Backend choice, the ZREWARD_BACKEND variable and backend_info()."""
+
+import pytest
+import torch
+
+import zreward_kernels as zk
+from zreward_kernels._triton_utils import HAS_TRITON
+
+
+def test_cpu_auto_uses_reference_and_reports_it():
+    zk.score_stats(torch.randn(3, 9))
+    info = zk.backend_info()
+    assert info["last_backend"]["score_stats"] == "reference"
+    for key in ("torch_version", "triton_available", "triton_interpret", "cuda_available", "env_backend"):
+        assert key in info
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_explicit_triton_records_backend(kdev):
+    zk.rubric_loss(torch.randn(5, 9, device=kdev), target=torch.zeros(5, dtype=torch.long, device=kdev),
+                   backend="triton")
+    assert zk.backend_info()["last_backend"]["rubric_loss"] == "triton"
+
+
+def test_explicit_triton_on_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="backend='triton' was requested but cannot run"):
+        zk.score_stats(torch.randn(3, 9), backend="triton")
+
+
+def test_explicit_triton_rejects_float64(kdev):
+    with pytest.raises(TypeError, match="float64 inputs are supported by the reference backend only"):
+        zk.score_stats(torch.randn(3, 9, dtype=torch.float64, device=kdev), backend="triton")
+
+
+def test_gdso_group_limit_raises_when_forced_and_falls_back_on_auto(kdev):
+    x = torch.randn(1, 2, 65, 9, device=kdev)
+    s = torch.tensor([[3.0, 2.0]], device=kdev)
+    with pytest.raises(RuntimeError, match="exceeds the kernel's limit"):
+        zk.gdso_loss(x, s, backend="triton")
+    out = zk.gdso_loss(x, s)
+    assert zk.backend_info()["last_backend"]["gdso_loss"] == "reference"
+    assert out.advantage.shape == (1, 2, 65)
+
+
+def test_env_variable_forces_backend(monkeypatch, kdev):
+    monkeypatch.setenv("ZREWARD_BACKEND", "reference")
+    zk.score_stats(torch.randn(3, 9, device=kdev))
+    assert zk.backend_info()["last_backend"]["score_stats"] == "reference"
+    assert zk.backend_info()["env_backend"] == "reference"
+    monkeypatch.setenv("ZREWARD_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="ZREWARD_BACKEND must be one of"):
+        zk.score_stats(torch.randn(3, 9))
+
+
+@pytest.mark.cuda
+def test_cuda_auto_uses_triton():
+    zk.score_stats(torch.randn(3, 9, device="cuda"))
+    assert zk.backend_info()["last_backend"]["score_stats"] == "triton"

@@ -1,0 +1,89 @@
+"""Bad input gets a clear error naming the argument; validate=False skips only the data checks."""
+
+import pytest
+import torch
+
+from zreward_kernels import gdso_loss, rubric_loss, score_stats
+
+
+def _raises(exc, match, fn, *a, **kw):
+    with pytest.raises(exc, match=match):
+        fn(*a, **kw)
+
+
+def test_score_stats_bad_inputs():
+    _raises(TypeError, "logits must be a torch.Tensor", score_stats, [[0.0] * 9])
+    _raises(TypeError, "logits must be float16", score_stats, torch.zeros(2, 9, dtype=torch.long))
+    _raises(ValueError, r"logits must have the bins in its last dimension of size 9", score_stats, torch.zeros(2, 8))
+    _raises(ValueError, "size 5", score_stats, torch.zeros(2, 9), bin_values=(1, 2, 3, 4, 5))
+    _raises(ValueError, "temperature must be a finite positive", score_stats, torch.zeros(2, 9), temperature=0.0)
+    _raises(TypeError, "temperature must be a Python float", score_stats, torch.zeros(2, 9), temperature=torch.tensor(1.0))
+    _raises(ValueError, "bin_values must be strictly increasing", score_stats, torch.zeros(2, 3), bin_values=(1, 3, 2))
+    _raises(ValueError, "at least 2 bins", score_stats, torch.zeros(2, 1), bin_values=(1.0,))
+    nan = torch.zeros(2, 9)
+    nan[1, 3] = float("nan")
+    _raises(ValueError, "logits contains NaN", score_stats, nan)
+    allinf = torch.zeros(2, 9)
+    allinf[0] = float("-inf")
+    _raises(ValueError, "all -inf", score_stats, allinf)
+    pinf = torch.zeros(2, 9)
+    pinf[0, 0] = float("inf")
+    _raises(ValueError, r"\+inf", score_stats, pinf)
+    # validate=False skips the value checks (no host sync) but never the static ones
+    assert torch.isnan(score_stats(nan, validate=False).mean[1])
+    _raises(ValueError, "size 9", score_stats, torch.zeros(2, 8), validate=False)
+
+
+def test_rubric_loss_bad_inputs():
+    x = torch.randn(4, 3, 9)
+    t = torch.randint(0, 9, (4, 3))
+    _raises(ValueError, "at least one term", rubric_loss, x)
+    _raises(ValueError, "at most one of target and target_probs", rubric_loss, x, target=t, target_probs=torch.softmax(x, -1))
+    _raises(ValueError, "at most one of teacher_logits and teacher_probs", rubric_loss, x, teacher_logits=x, teacher_probs=torch.softmax(x, -1))
+    _raises(ValueError, "logits must be \\[N, K\\] or \\[N, D, K\\]", rubric_loss, torch.randn(9), target=torch.tensor(1))
+    _raises(ValueError, "target must have the logits' leading shape", rubric_loss, x, target=t[:, :2])
+    _raises(TypeError, "target must be an integer tensor", rubric_loss, x, target=t.float())
+    _raises(ValueError, r"target values must be bin indices in \[0, 9\)", rubric_loss, x, target=t.clone().fill_(9))
+    _raises(ValueError, "target_probs must have the logits' shape", rubric_loss, x, target_probs=torch.softmax(x, -1)[:2])
+    bad_p = torch.softmax(x, -1) * 1.5
+    _raises(ValueError, "target_probs rows must sum to 1", rubric_loss, x, target_probs=bad_p)
+    _raises(ValueError, "teacher_probs has negative entries", rubric_loss, x, teacher_probs=-torch.softmax(x, -1))
+    _raises(ValueError, "pairs and pair_gaps must be given together", rubric_loss, x, pairs=torch.zeros(1, 2, dtype=torch.long))
+    _raises(ValueError, r"pairs must be \[P, 2\]", rubric_loss, x, pairs=torch.zeros(3, dtype=torch.long), pair_gaps=torch.zeros(3))
+    _raises(ValueError, r"pair_gaps must be \[P\]", rubric_loss, x, pairs=torch.zeros(3, 2, dtype=torch.long), pair_gaps=torch.zeros(2))
+    _raises(ValueError, r"pairs holds row indices outside \[0, 12\)", rubric_loss, x,
+            pairs=torch.tensor([[0, 12]]), pair_gaps=torch.zeros(1))
+    _raises(ValueError, "pair_gaps contains NaN", rubric_loss, x, pairs=torch.tensor([[0, 1]]), pair_gaps=torch.tensor([float("nan")]))
+    _raises(ValueError, "reduction must be one of", rubric_loss, x, target=t, reduction="avg")
+    _raises(ValueError, "weight_kl must be finite", rubric_loss, x, target=t, weight_kl=float("inf"))
+    _raises(TypeError, "ignore_index must be an int", rubric_loss, x, target=t, ignore_index=1.5)
+    _raises(ValueError, "ZREWARD_BACKEND|backend must be one of", rubric_loss, x, target=t, backend="cuda")
+
+
+def test_device_mismatch_is_named():
+    x = torch.randn(4, 9, device="meta")
+    t = torch.zeros(4, dtype=torch.long)
+    _raises(ValueError, "target is on cpu but logits is on meta", rubric_loss, x, target=t, validate=False)
+
+
+def test_gdso_bad_inputs():
+    x = torch.randn(3, 2, 4, 9)
+    s = torch.tensor([[4.5, 2.0], [3.0, 3.0], [1.0, 5.0]])
+    _raises(ValueError, r"logits must be \[P, 2, G, K\]", gdso_loss, torch.randn(3, 3, 4, 9), s)
+    _raises(ValueError, r"scores must be \[P, 2\] = \[3, 2\]", gdso_loss, x, s[:2])
+    _raises(TypeError, "scores must be a floating-point tensor", gdso_loss, x, s.long())
+    _raises(ValueError, "scores must lie on the bin grid", gdso_loss, x, torch.tensor([[4.3, 2.0], [3.0, 3.0], [1.0, 5.0]]))
+    _raises(ValueError, r"scores must lie in \[1.0, 5.0\]", gdso_loss, x, s + 1.0)
+    _raises(ValueError, "scores contains NaN", gdso_loss, x, s.clone().fill_(float("nan")))
+    _raises(ValueError, "eps must be >= 0", gdso_loss, x, s, eps=-1.0)
+    _raises(ValueError, "G >= 1", gdso_loss, torch.randn(3, 2, 0, 9), s)
+
+
+def test_bad_input_loses_nothing():
+    """A rejected call leaves its inputs untouched."""
+    x = torch.randn(4, 9)
+    t = torch.full((4,), 12)
+    x0, t0 = x.clone(), t.clone()
+    with pytest.raises(ValueError):
+        rubric_loss(x, target=t)
+    assert torch.equal(x, x0) and torch.equal(t, t0)

@@ -1,0 +1,12 @@
+"""zreward: the library users touch (losses as modules, CLI; scoring and trainers to follow).
+
+The maths lives in :mod:`zreward_kernels`; this package imports it and never the other way round.
+"""
+
+from zreward_kernels import BIN_VALUES, backend_info, gdso_loss, rubric_loss, score_stats
+
+from .losses import GDSOLoss, RubricLoss
+
+__version__ = "0.1.0"
+
+__all__ = ["BIN_VALUES", "GDSOLoss", "RubricLoss", "backend_info", "gdso_loss", "rubric_loss", "score_stats"]

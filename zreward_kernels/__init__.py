@@ -1,0 +1,24 @@
+"""zreward_kernels: fused kernels for distributional rubric rewards.
+
+Tensors in, tensors out; nothing here knows about models.  Every op has a pure-PyTorch
+reference (:mod:`zreward_kernels.reference`) that is the spec, the CPU fallback and the test
+oracle; CUDA tensors go to fused Triton kernels.  See :func:`backend_info`.
+"""
+
+from ._common import BIN_VALUES
+from ._dispatch import backend_info
+from .ops import gdso_loss, rubric_loss, score_stats
+from .reference import GDSOOutput, RubricLossOutput, ScoreStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BIN_VALUES",
+    "GDSOOutput",
+    "RubricLossOutput",
+    "ScoreStats",
+    "backend_info",
+    "gdso_loss",
+    "rubric_loss",
+    "score_stats",
+]

@@ -1,0 +1,194 @@
+"""Constants, the bin-grid helper and input validation shared by every op.
+
+Validation is split in two kinds:
+
+* *static* checks (types, shapes, dtypes, devices, option values) cost nothing on
+  the device and always run;
+* *data* checks (NaN logits, target ranges, scores on the grid, pair indices in
+  range, distributions that sum to one) read tensor values and therefore need a
+  host synchronisation.  They run when ``validate=True`` (the default) and are
+  skipped when ``validate=False``, while ``torch.compile`` traces the call, or
+  while a CUDA graph is being captured -- a host sync would break all three.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional, Sequence, Tuple
+
+import torch
+
+#: The nine half-point score bins of the Z-Reward rubric (SPEC section 1).
+BIN_VALUES: Tuple[float, ...] = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0)
+
+#: Largest number of bins a Triton kernel handles (bins are padded to a power of two).
+MAX_BINS = 256
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+_BINS_CACHE: dict = {}
+
+
+def _is_tracing() -> bool:
+    """True while torch.compile traces or a CUDA graph is being captured."""
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    except Exception:  # pragma: no cover - defensive on odd builds
+        return False
+
+
+def data_checks_enabled(validate: bool) -> bool:
+    """Whether value-reading (host-syncing) checks should run for this call."""
+    return bool(validate) and not _is_tracing()
+
+
+def normalize_bins(bin_values) -> Tuple[float, ...]:
+    """Return ``bin_values`` as a tuple of floats, checked to be a strictly increasing grid."""
+    if isinstance(bin_values, torch.Tensor):
+        if bin_values.dim() != 1:
+            raise ValueError(f"bin_values must be 1-D, got shape {tuple(bin_values.shape)}")
+        bin_values = bin_values.detach().cpu().tolist()
+    try:
+        vals = tuple(float(v) for v in bin_values)
+    except TypeError as exc:
+        raise TypeError(f"bin_values must be a sequence of numbers, got {type(bin_values).__name__}") from exc
+    if len(vals) < 2:
+        raise ValueError(f"bin_values needs at least 2 bins, got {len(vals)}")
+    if len(vals) > MAX_BINS:
+        raise ValueError(f"bin_values has {len(vals)} bins; at most {MAX_BINS} are supported")
+    if not all(math.isfinite(v) for v in vals):
+        raise ValueError(f"bin_values must be finite, got {vals}")
+    if any(b <= a for a, b in zip(vals, vals[1:])):
+        raise ValueError(f"bin_values must be strictly increasing, got {vals}")
+    return vals
+
+
+def bins_tensor(bins: Tuple[float, ...], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The bin values as a tensor on ``device`` (cached per device outside of tracing)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(bins, device=device, dtype=dtype)
+    key = (bins, str(device), dtype)
+    t = _BINS_CACHE.get(key)
+    if t is None:
+        t = torch.tensor(bins, device=device, dtype=dtype)
+        _BINS_CACHE[key] = t
+    return t
+
+
+def check_temperature(temperature) -> float:
+    if isinstance(temperature, torch.Tensor):
+        raise TypeError("temperature must be a Python float, not a tensor")
+    try:
+        t = float(temperature)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"temperature must be a float, got {temperature!r}") from exc
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"temperature must be a finite positive float, got {temperature!r}")
+    return t
+
+
+def check_float(name: str, value, *, positive: bool = False, nonneg: bool = False) -> float:
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a Python float, not a tensor")
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a float, got {value!r}") from exc
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if positive and v <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    if nonneg and v < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return v
+
+
+def check_logits(name: str, logits, k: int) -> None:
+    """Static checks of a logits-like tensor whose last dimension holds the bins."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    if logits.dim() < 1 or logits.shape[-1] != k:
+        raise ValueError(
+            f"{name} must have the bins in its last dimension of size {k} (len(bin_values)), "
+            f"got shape {tuple(logits.shape)}"
+        )
+
+
+def check_same_device(ref_name: str, ref: torch.Tensor, **others: Optional[torch.Tensor]) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must agree")
+
+
+def check_int_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+
+
+def check_float_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def check_finite_logits(name: str, logits: torch.Tensor) -> None:
+    """Data check: no NaN / +inf, and every row has at least one finite logit."""
+    if logits.numel() == 0:
+        return
+    if bool(torch.isnan(logits).any()):
+        raise ValueError(f"{name} contains NaN")
+    if bool(torch.isposinf(logits).any()):
+        raise ValueError(f"{name} contains +inf")
+    if not bool(torch.isfinite(logits).any(dim=-1).all()):
+        raise ValueError(f"{name} has a row whose logits are all -inf (no bin has probability mass)")
+
+
+def check_distribution(name: str, probs: torch.Tensor, atol: float = 1e-3) -> None:
+    """Data check: non-negative rows that sum to one (zeros allowed)."""
+    if probs.numel() == 0:
+        return
+    if not bool(torch.isfinite(probs).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+    if bool((probs < 0).any()):
+        raise ValueError(f"{name} has negative entries; it must hold probabilities")
+    sums = probs.float().sum(-1)
+    bad = (sums - 1.0).abs() > atol
+    if bool(bad.any()):
+        worst = float(sums[bad].flatten()[0])
+        raise ValueError(f"{name} rows must sum to 1 (within {atol}); found a row summing to {worst:.6g}")
+
+
+def scores_to_bins(scores: torch.Tensor, bins: Tuple[float, ...], *, check: bool, name: str = "scores") -> None:
+    """Data check that every score lies on the bin grid (within 1e-4 of a bin value)."""
+    if not check or scores.numel() == 0:
+        return
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+    lo, hi = bins[0], bins[-1]
+    if bool(((scores < lo - 1e-4) | (scores > hi + 1e-4)).any()):
+        bad = scores[(scores < lo - 1e-4) | (scores > hi + 1e-4)].flatten()[0]
+        raise ValueError(f"{name} must lie in [{lo}, {hi}]; found {float(bad)}")
+    b = torch.tensor(bins, dtype=torch.float64, device=scores.device)
+    dist = (scores.double().unsqueeze(-1) - b).abs().min(-1).values
+    if bool((dist > 1e-4).any()):
+        bad = scores[dist > 1e-4].flatten()[0]
+        raise ValueError(f"{name} must lie on the bin grid {bins}; found {float(bad)}")
+
+
+def leading_shape(logits: torch.Tensor) -> Tuple[int, ...]:
+    return tuple(logits.shape[:-1])
+
+
+def as_tuple(x: Iterable) -> tuple:
+    return tuple(x)
+
+
+__all__: Sequence[str] = ["BIN_VALUES"]

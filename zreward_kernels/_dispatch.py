@@ -1,0 +1,86 @@
+"""Backend choice: Triton on CUDA, the PyTorch reference otherwise.
+
+* ``backend=None`` (or ``"auto"``): the ``ZREWARD_BACKEND`` environment variable if set, else
+  Triton for CUDA tensors when Triton imports (and the op supports the input), else the reference.
+* ``backend="reference"``: always the reference.
+* ``backend="triton"``: Triton, or a ``RuntimeError``/``TypeError`` saying why it cannot run
+  (no Triton, CPU tensors without ``TRITON_INTERPRET=1``, float64 input, unsupported size).
+
+:func:`backend_info` reports what is available and which backend each op used last.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from ._triton_utils import HAS_TRITON, TRITON_IMPORT_ERROR, TRITON_VERSION, interpreter_enabled
+
+BACKENDS = ("auto", "reference", "triton")
+_LAST_BACKEND: dict = {}
+
+
+def _requested(backend: Optional[str]) -> str:
+    req = backend if backend is not None else os.environ.get("ZREWARD_BACKEND", "auto")
+    req = (req or "auto").lower()
+    if req not in BACKENDS:
+        src = "backend" if backend is not None else "ZREWARD_BACKEND"
+        raise ValueError(f"{src} must be one of {BACKENDS}, got {req!r}")
+    return req
+
+
+def _triton_unavailable_reason(x: torch.Tensor, extra: Optional[str]) -> Optional[str]:
+    if not HAS_TRITON:
+        return f"triton is not importable ({TRITON_IMPORT_ERROR})"
+    if x.device.type == "cpu":
+        if not interpreter_enabled():
+            return "the tensors are on the CPU; Triton runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1)"
+    elif x.device.type != "cuda":
+        return f"Triton kernels need CUDA tensors, got device {x.device}"
+    if x.dtype == torch.float64:
+        return "float64 inputs are supported by the reference backend only (the kernels compute in float32)"
+    return extra
+
+
+def choose_backend(op: str, backend: Optional[str], x: torch.Tensor, unsupported: Optional[str] = None) -> str:
+    """Pick the backend for one call of ``op`` on tensor ``x``.
+
+    ``unsupported`` is a reason the Triton kernel cannot take this particular input (for example a
+    group size above the kernel's limit), or None.
+    """
+    req = _requested(backend)
+    if req == "reference":
+        choice = "reference"
+    else:
+        reason = _triton_unavailable_reason(x, unsupported)
+        if req == "triton":
+            if reason is not None:
+                exc = TypeError if x.dtype == torch.float64 else RuntimeError
+                raise exc(f"{op}: backend='triton' was requested but cannot run: {reason}")
+            choice = "triton"
+        else:
+            auto_ok = reason is None and x.device.type == "cuda"
+            choice = "triton" if auto_ok else "reference"
+    if not torch.compiler.is_compiling():
+        _LAST_BACKEND[op] = choice
+    return choice
+
+
+def backend_info() -> dict:
+    """What can run here and which backend each op used on its last call."""
+    cuda = torch.cuda.is_available()
+    return {
+        "torch_version": torch.__version__,
+        "triton_available": HAS_TRITON,
+        "triton_version": TRITON_VERSION,
+        "triton_import_error": TRITON_IMPORT_ERROR,
+        "triton_interpret": interpreter_enabled(),
+        "cuda_available": cuda,
+        "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
+        "env_backend": os.environ.get("ZREWARD_BACKEND"),
+        "default_backend_cuda": "triton" if HAS_TRITON else "reference",
+        "default_backend_cpu": "reference",
+        "last_backend": dict(_LAST_BACKEND),
+    }

@@ -1,0 +1,232 @@
+"""Pure-PyTorch reference of every op: the written spec, the CPU fallback and the test oracle.
+
+Everything here is plain differentiable PyTorch (autograd provides the gradients), computed in
+float32 (float64 when the logits are float64, so ``torch.autograd.gradcheck`` can run on it).
+The fused Triton kernels in :mod:`zreward_kernels.rubric` and :mod:`zreward_kernels.gdso`
+must match these functions; the tests enforce it.
+
+Conventions shared with the kernels (documented once, here):
+
+* ``z = logits / temperature``; ``p = softmax(z)`` over the K bins; ``mu = sum_k p_k v_k``;
+  ``std = sqrt(sum_k p_k (v_k - mu)^2)``.  The gradient of ``std`` is defined as 0 where the
+  distribution is a point mass (``std == 0``), instead of the NaN that ``sqrt'(0)`` gives.
+* Targets (``target``, ``target_probs``, ``teacher_logits``, ``teacher_probs``, ``pair_gaps``,
+  ``scores``) are constants: no gradient flows to them.
+* Zeros in target distributions contribute nothing (``0 * log 0 = 0``).
+* ``reduction="mean"``: CE over non-ignored rows, KL over rows, the pair term over pairs; a
+  mean over zero elements is 0 (an all-ignored batch gives ``ce = 0``, not NaN).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+from ._common import bins_tensor
+
+
+class ScoreStats(NamedTuple):
+    """Closed-set score distribution: ``probs [..., K]``, ``mean [...]``, ``std [...]`` (float32)."""
+
+    probs: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+class RubricLossOutput(NamedTuple):
+    """Result of :func:`rubric_loss`.
+
+    ``loss`` is ``weight_ce * ce + weight_kl * kl + weight_pair * pair``.  For ``reduction="none"``
+    ``ce``/``kl``/``loss`` are per row (the logits' leading shape; ``loss`` then holds the CE and KL
+    terms only) and ``pair`` is per pair.  Terms that were not requested are zeros.  ``mean`` and
+    ``std`` are the per-row expectation and standard deviation.  All float32, all differentiable.
+    """
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    kl: torch.Tensor
+    pair: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+class GDSOOutput(NamedTuple):
+    """Result of :func:`gdso_loss` (SPEC section 3).
+
+    ``loss`` (scalar, differentiable) is ``mean_P(alpha_pt * ce + alpha_pw * pw)``.  Everything
+    else is detached: ``ce``/``pw`` per pair ``[P]``; ``mean``, ``std``, ``reward_pt``,
+    ``reward_pw``, ``reward`` and ``advantage`` per sample ``[P, 2, G]``.
+    """
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    pw: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    reward_pt: torch.Tensor
+    reward_pw: torch.Tensor
+    reward: torch.Tensor
+    advantage: torch.Tensor
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _safe_sqrt(var: torch.Tensor) -> torch.Tensor:
+    pos = var > 0
+    return torch.where(pos, torch.sqrt(torch.where(pos, var, torch.ones_like(var))), torch.zeros_like(var))
+
+
+def distribution(logits: torch.Tensor, bins: Tuple[float, ...], temperature: float = 1.0):
+    """``(log_probs, probs, mean, std)`` of the closed-set softmax over the bins."""
+    dt = _compute_dtype(logits)
+    v = bins_tensor(bins, logits.device, dt)
+    logp = torch.log_softmax(logits.to(dt) / temperature, dim=-1)
+    p = logp.exp()
+    mu = (p * v).sum(-1)
+    var = (p * (v - mu.unsqueeze(-1)) ** 2).sum(-1)
+    return logp, p, mu, _safe_sqrt(var)
+
+
+def score_stats(logits: torch.Tensor, bins: Tuple[float, ...], temperature: float = 1.0) -> ScoreStats:
+    _, p, mu, std = distribution(logits, bins, temperature)
+    return ScoreStats(p, mu, std)
+
+
+def _xlogy_masked(q: torch.Tensor, logx: torch.Tensor) -> torch.Tensor:
+    """``q * logx`` with the convention ``0 * (anything) = 0``."""
+    return torch.where(q > 0, q * logx, torch.zeros_like(logx))
+
+
+def rubric_loss(
+    logits: torch.Tensor,
+    bins: Tuple[float, ...],
+    *,
+    target: Optional[torch.Tensor] = None,
+    target_probs: Optional[torch.Tensor] = None,
+    teacher_logits: Optional[torch.Tensor] = None,
+    teacher_probs: Optional[torch.Tensor] = None,
+    pairs: Optional[torch.Tensor] = None,
+    pair_gaps: Optional[torch.Tensor] = None,
+    weight_ce: float = 1.0,
+    weight_kl: float = 1.0,
+    weight_pair: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    temperature: float = 1.0,
+) -> RubricLossOutput:
+    lead = logits.shape[:-1]
+    k = logits.shape[-1]
+    x = logits.reshape(-1, k)
+    rows = x.shape[0]
+    logp, p, mu, std = distribution(x, bins, temperature)
+    dt = logp.dtype
+    zero_rows = logp.new_zeros(rows)
+
+    # pointwise cross-entropy (hard bin index or soft labels)
+    ce_rows = zero_rows
+    n_valid = rows
+    if target is not None:
+        t = target.reshape(-1).long()
+        valid = t != ignore_index
+        picked = logp.gather(1, torch.where(valid, t, torch.zeros_like(t)).unsqueeze(1)).squeeze(1)
+        ce_rows = torch.where(valid, -picked, zero_rows)
+        n_valid = valid.sum()
+    elif target_probs is not None:
+        tp = target_probs.reshape(-1, k).detach().to(dt)
+        ce_rows = -_xlogy_masked(tp, logp).sum(-1)
+
+    # RISD forward KL(q_teacher || q_student)
+    kl_rows = zero_rows
+    if teacher_logits is not None or teacher_probs is not None:
+        if teacher_logits is not None:
+            logq = torch.log_softmax(teacher_logits.reshape(-1, k).detach().to(dt) / temperature, dim=-1)
+            q = logq.exp()
+        else:
+            q = teacher_probs.reshape(-1, k).detach().to(dt)
+            logq = torch.log(torch.where(q > 0, q, torch.ones_like(q)))
+        kl_rows = _xlogy_masked(q, logq).sum(-1) - _xlogy_masked(q, logp).sum(-1)
+
+    # pairwise gap |(mu_a - mu_b) - gap|
+    if pairs is not None and pairs.shape[0] > 0:
+        pr = pairs.long()
+        pair_terms = (mu[pr[:, 0]] - mu[pr[:, 1]] - pair_gaps.detach().to(dt)).abs()
+    else:
+        pair_terms = logp.new_zeros(0 if pairs is None else pairs.shape[0])
+
+    if reduction == "none":
+        ce = ce_rows.reshape(lead)
+        kl = kl_rows.reshape(lead)
+        pair = pair_terms
+        loss = weight_ce * ce + weight_kl * kl
+    else:
+        if reduction == "mean":
+            if isinstance(n_valid, torch.Tensor):
+                ce = ce_rows.sum() / n_valid.clamp(min=1).to(dt)
+            else:
+                ce = ce_rows.sum() / max(n_valid, 1)
+            kl = kl_rows.sum() / max(rows, 1)
+            pair = pair_terms.sum() / max(pair_terms.shape[0], 1)
+        else:  # sum
+            ce, kl, pair = ce_rows.sum(), kl_rows.sum(), pair_terms.sum()
+        loss = weight_ce * ce + weight_kl * kl + weight_pair * pair
+    return RubricLossOutput(loss, ce, kl, pair, mu.reshape(lead), std.reshape(lead))
+
+
+def bin_index(scores: torch.Tensor, bins: Tuple[float, ...]) -> torch.Tensor:
+    """Index of the bin nearest to each score (exact for scores on the grid)."""
+    v = torch.tensor(bins, dtype=torch.float64, device=scores.device)
+    return (scores.double().unsqueeze(-1) - v).abs().argmin(-1)
+
+
+def gdso_loss(
+    logits: torch.Tensor,
+    scores: torch.Tensor,
+    bins: Tuple[float, ...],
+    *,
+    lambda_pt: float = 1.0,
+    lambda_pw: float = 1.0,
+    alpha_pt: float = 1.0,
+    alpha_pw: float = 1.0,
+    eps: float = 1e-6,
+    temperature: float = 1.0,
+) -> GDSOOutput:
+    """GDSO rewards, group advantages and direct losses (SPEC section 3).
+
+    ``logits [P, 2, G, K]``: side 0 is ``w``, side 1 is ``l``; ``scores [P, 2]`` the annotated
+    scores ``(s_w, s_l)`` on the bin grid.
+    """
+    n_pairs, _, g, _ = logits.shape
+    r_range = bins[-1] - bins[0]
+    logp, p, mu, std = distribution(logits, bins, temperature)
+    dt = mu.dtype
+    s = scores.detach().to(dt)  # [P, 2]
+    gap = s - s.flip(1)  # gap_j = s_j - s_jbar
+    # e[p, j, i, k] = (mu[j, i] - mu[jbar, k]) - gap_j
+    e = mu.unsqueeze(-1) - mu.flip(1).unsqueeze(-2) - gap[:, :, None, None]
+    abs_e = e.abs()
+
+    # direct losses (carry the gradient)
+    idx = bin_index(scores, bins)  # [P, 2]
+    tgt = idx[:, :, None, None].expand(n_pairs, 2, g, 1)
+    ce = -logp.gather(-1, tgt).squeeze(-1).mean(dim=(1, 2))  # (1/2G) sum_j sum_i
+    pw = abs_e.sum(dim=(1, 2, 3)) / (2 * g * g * r_range)
+    if n_pairs > 0:
+        loss = (alpha_pt * ce + alpha_pw * pw).mean()
+    else:
+        loss = (logp.sum() * 0).to(dt)
+
+    # rewards and advantages (detached)
+    with torch.no_grad():
+        r_pt = 1 - (mu - s.unsqueeze(-1)).abs() / r_range
+        r_pw = 1 - abs_e.sum(-1) / (g * r_range)
+        r = lambda_pt * r_pt + lambda_pw * r_pw
+        if g > 1 and n_pairs > 0:
+            adv = (r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True, unbiased=True) + eps)
+        else:
+            adv = torch.zeros_like(r)
+    return GDSOOutput(
+        loss, ce.detach(), pw.detach(), mu.detach(), std.detach(), r_pt, r_pw, r, adv
+    )

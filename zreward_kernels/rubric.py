@@ -1,0 +1,539 @@
+"""Fused Triton kernels for the row-wise rubric ops: ``score_stats`` and ``rubric_loss``.
+
+One forward kernel handles both ops.  Its grid has two kinds of programs:
+
+* *row programs* (one per tile of ``BLOCK_R`` rows, bins padded to a power of two): softmax,
+  expectation, standard deviation, the pointwise CE (hard or soft target) and the RISD KL;
+* *pair programs* (one per tile of ``BLOCK_P`` pairs): they recompute the two rows' expectations
+  (18 logits per pair), the gap term ``|(mu_a - mu_b) - gap|`` and its sign.  For the gradient each
+  pair adds its integer sign to a per-row counter (int32 atomics: exact, so deterministic).
+
+Each program writes its partial sums to its own slot; the last program to finish (an acq_rel
+ticket counter) adds the slots in a fixed order and writes the reduced loss, so the forward is
+one kernel launch after one zero-fill of a small int32 workspace, with no host sync.
+
+Why the backward recomputes instead of storing the gradient in the forward (grad-in-forward):
+the ``mean`` CE normaliser is the number of non-ignored rows, which is only known once every row
+program has run.  Storing ``dL/dlogits`` during the forward would need that count up front (a host
+sync or an extra reduction launch).  Recomputing the softmax in the backward reads the same number
+of bytes as reading a stored gradient (logits instead of the gradient buffer), keeps no extra
+``[N, K]`` buffer alive between forward and backward, and lets one backward kernel serve every
+output's gradient (loss, ce, kl, pair, mean, std, probs).  The backward is one kernel launch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ._triton_utils import HAS_TRITON, cdiv, next_pow2, tl, triton
+from .reference import RubricLossOutput, ScoreStats
+
+BLOCK_R = 128  # rows per row program
+BLOCK_P = 128  # pairs per pair program
+BLOCK_RED = 256  # partial slots reduced per step by the last program
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _log_softmax(x, cmask, inv_tau):
+        z = tl.where(cmask[None, :], x * inv_tau, float("-inf"))
+        zmax = tl.max(z, 1)
+        ez = tl.exp(z - zmax[:, None])
+        s = tl.sum(ez, 1)
+        p = ez / s[:, None]
+        logp = z - (zmax + tl.log(s))[:, None]
+        return p, logp
+
+    @triton.jit
+    def _dist_stats(x, v, cmask, inv_tau):
+        p, logp = _log_softmax(x, cmask, inv_tau)
+        mu = tl.sum(p * v[None, :], 1)
+        d = v[None, :] - mu[:, None]
+        var = tl.sum(p * d * d, 1)
+        return p, logp, mu, d, var
+
+    @triton.jit
+    def _rubric_fwd_kernel(
+        X, stride_x, V, K, n_rows, inv_tau,
+        TGT, TP, TQ, ignore_index,
+        PAIRS, GAPS, n_pairs,
+        PROBS, MEAN, STD, CE_ROWS, KL_ROWS, PAIR_TERMS, SIGN, WS,
+        PART, LOSS, CE_OUT, KL_OUT, PAIR_OUT, NV_OUT,
+        w_ce, w_kl, w_pair, inv_rows, inv_pairs, n_row_progs,
+        BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_RED: tl.constexpr,
+        CE_MODE: tl.constexpr, KL_MODE: tl.constexpr, HAS_PAIRS: tl.constexpr,
+        STORE_PROBS: tl.constexpr, STORE_ROWS: tl.constexpr, STORE_SIGN: tl.constexpr,
+        STORE_CNT: tl.constexpr, REDUCE: tl.constexpr, MEAN_RED: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_K)
+        cmask = cols < K
+        v = tl.load(V + cols, mask=cmask, other=0.0).to(tl.float32)
+        if pid < n_row_progs:
+            rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+            rmask = rows < n_rows
+            m2 = rmask[:, None] & cmask[None, :]
+            offs = rows[:, None] * stride_x + cols[None, :]
+            x = tl.load(X + offs, mask=m2, other=0.0).to(tl.float32)
+            p, logp, mu, d, var = _dist_stats(x, v, cmask, inv_tau)
+            tl.store(MEAN + rows, mu, mask=rmask)
+            tl.store(STD + rows, tl.sqrt(tl.maximum(var, 0.0)), mask=rmask)
+            if STORE_PROBS:
+                tl.store(PROBS + rows[:, None] * K + cols[None, :], p, mask=m2)
+            if REDUCE or STORE_ROWS:
+                ko = rows[:, None] * K + cols[None, :]
+                ce_r = tl.zeros([BLOCK_R], tl.float32)
+                valid = rmask
+                if CE_MODE == 1:
+                    t = tl.load(TGT + rows, mask=rmask, other=0).to(tl.int64)
+                    valid = rmask & (t != ignore_index)
+                    picked = tl.sum(tl.where(cols[None, :] == t[:, None], logp, 0.0), 1)
+                    ce_r = tl.where(valid, -picked, 0.0)
+                if CE_MODE == 2:
+                    tp = tl.load(TP + ko, mask=m2, other=0.0).to(tl.float32)
+                    ce_r = tl.where(rmask, -tl.sum(tl.where(tp > 0, tp * logp, 0.0), 1), 0.0)
+                kl_r = tl.zeros([BLOCK_R], tl.float32)
+                if KL_MODE == 1:
+                    tx = tl.load(TQ + ko, mask=m2, other=0.0).to(tl.float32)
+                    q, logq = _log_softmax(tx, cmask, inv_tau)
+                    kl_r = tl.where(rmask, tl.sum(tl.where(q > 0, q * (logq - logp), 0.0), 1), 0.0)
+                if KL_MODE == 2:
+                    q = tl.load(TQ + ko, mask=m2, other=0.0).to(tl.float32)
+                    logq = tl.log(tl.where(q > 0, q, 1.0))
+                    kl_r = tl.where(rmask, tl.sum(tl.where(q > 0, q * (logq - logp), 0.0), 1), 0.0)
+                if STORE_ROWS:
+                    tl.store(CE_ROWS + rows, ce_r, mask=rmask)
+                    tl.store(KL_ROWS + rows, kl_r, mask=rmask)
+                    tl.store(LOSS + rows, w_ce * ce_r + w_kl * kl_r, mask=rmask)
+                if REDUCE:
+                    tl.store(PART + pid * 4 + 0, tl.sum(ce_r, 0))
+                    tl.store(PART + pid * 4 + 1, tl.sum(valid.to(tl.float32), 0))
+                    tl.store(PART + pid * 4 + 2, tl.sum(kl_r, 0))
+                    tl.store(PART + pid * 4 + 3, 0.0)
+        else:
+            if HAS_PAIRS:
+                pidx = (pid - n_row_progs).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+                pm = pidx < n_pairs
+                # clamp so that unvalidated indices can never read out of bounds
+                a = tl.minimum(tl.maximum(tl.load(PAIRS + 2 * pidx, mask=pm, other=0).to(tl.int64), 0), n_rows - 1)
+                b = tl.minimum(tl.maximum(tl.load(PAIRS + 2 * pidx + 1, mask=pm, other=0).to(tl.int64), 0), n_rows - 1)
+                m2 = pm[:, None] & cmask[None, :]
+                xa = tl.load(X + a[:, None] * stride_x + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+                xb = tl.load(X + b[:, None] * stride_x + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+                pa, _la = _log_softmax(xa, cmask, inv_tau)
+                pb, _lb = _log_softmax(xb, cmask, inv_tau)
+                mua = tl.sum(pa * v[None, :], 1)
+                mub = tl.sum(pb * v[None, :], 1)
+                gap = tl.load(GAPS + pidx, mask=pm, other=0.0).to(tl.float32)
+                e = (mua - mub) - gap
+                term = tl.where(pm, tl.abs(e), 0.0)
+                sgn = tl.where(e > 0, 1, tl.where(e < 0, -1, 0)).to(tl.int32)
+                if STORE_ROWS:
+                    tl.store(PAIR_TERMS + pidx, term, mask=pm)
+                if STORE_SIGN:
+                    tl.store(SIGN + pidx, sgn.to(tl.float32), mask=pm)
+                if STORE_CNT:  # WS[0] is the ticket counter, WS[1 + row] the row's pair-sign count
+                    tl.atomic_add(WS + 1 + a, sgn, mask=pm)
+                    tl.atomic_add(WS + 1 + b, -sgn, mask=pm)
+                if REDUCE:
+                    tl.store(PART + pid * 4 + 0, 0.0)
+                    tl.store(PART + pid * 4 + 1, 0.0)
+                    tl.store(PART + pid * 4 + 2, 0.0)
+                    tl.store(PART + pid * 4 + 3, tl.sum(term, 0))
+        if REDUCE:
+            # last program to arrive reduces all partial slots in a fixed order (deterministic)
+            tl.debug_barrier()
+            nprog = tl.num_programs(0)
+            ticket = tl.atomic_add(WS, 1, sem="acq_rel")
+            if ticket == nprog - 1:
+                ro = tl.arange(0, BLOCK_RED)
+                acc_ce = tl.zeros([BLOCK_RED], tl.float32)
+                acc_nv = tl.zeros([BLOCK_RED], tl.int32)
+                acc_kl = tl.zeros([BLOCK_RED], tl.float32)
+                acc_pr = tl.zeros([BLOCK_RED], tl.float32)
+                for start in range(0, nprog, BLOCK_RED):
+                    idx = start + ro
+                    m = idx < nprog
+                    acc_ce += tl.load(PART + idx * 4 + 0, mask=m, other=0.0, volatile=True)
+                    acc_nv += tl.load(PART + idx * 4 + 1, mask=m, other=0.0, volatile=True).to(tl.int32)
+                    acc_kl += tl.load(PART + idx * 4 + 2, mask=m, other=0.0, volatile=True)
+                    acc_pr += tl.load(PART + idx * 4 + 3, mask=m, other=0.0, volatile=True)
+                ce_t = tl.sum(acc_ce, 0)
+                nv = tl.sum(acc_nv, 0)
+                kl_t = tl.sum(acc_kl, 0)
+                pr_t = tl.sum(acc_pr, 0)
+                if MEAN_RED:
+                    ce_t = ce_t / tl.maximum(nv, 1).to(tl.float32)
+                    kl_t = kl_t * inv_rows
+                    pr_t = pr_t * inv_pairs
+                tl.store(LOSS, w_ce * ce_t + w_kl * kl_t + w_pair * pr_t)
+                tl.store(CE_OUT, ce_t)
+                tl.store(KL_OUT, kl_t)
+                tl.store(PAIR_OUT, pr_t)
+                tl.store(NV_OUT, nv.to(tl.float32))
+
+    @triton.jit
+    def _rubric_bwd_kernel(
+        X, stride_x, V, K, n_rows, inv_tau, DX,
+        TGT, TP, TQ, ignore_index,
+        CE_COEF, ce_coef_stride, ce_scale, NV,
+        KL_COEF, kl_coef_stride, kl_scale,
+        PAIR_COEF, pair_scale, WS,
+        DMU, DSTD, DP,
+        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+        CE_MODE: tl.constexpr, CE_MEAN: tl.constexpr, KL_MODE: tl.constexpr,
+        HAS_CNT: tl.constexpr, HAS_DMU: tl.constexpr, HAS_DSTD: tl.constexpr, HAS_DP: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_K)
+        cmask = cols < K
+        v = tl.load(V + cols, mask=cmask, other=0.0).to(tl.float32)
+        rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = rows < n_rows
+        m2 = rmask[:, None] & cmask[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        p, logp, mu, d, var = _dist_stats(x, v, cmask, inv_tau)
+        ko = rows[:, None] * K + cols[None, :]
+        g = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
+        if CE_MODE > 0:
+            c = tl.load(CE_COEF + rows * ce_coef_stride, mask=rmask, other=0.0).to(tl.float32) * ce_scale
+            if CE_MEAN:
+                c = c / tl.maximum(tl.load(NV), 1.0)
+            if CE_MODE == 1:
+                t = tl.load(TGT + rows, mask=rmask, other=0).to(tl.int64)
+                valid = t != ignore_index
+                onehot = (cols[None, :] == t[:, None]).to(tl.float32)
+                g += tl.where(valid[:, None], c[:, None] * (p - onehot), 0.0)
+            if CE_MODE == 2:
+                tp = tl.load(TP + ko, mask=m2, other=0.0).to(tl.float32)
+                g += c[:, None] * (p * tl.sum(tp, 1)[:, None] - tp)
+        if KL_MODE > 0:
+            c = tl.load(KL_COEF + rows * kl_coef_stride, mask=rmask, other=0.0).to(tl.float32) * kl_scale
+            if KL_MODE == 1:
+                tx = tl.load(TQ + ko, mask=m2, other=0.0).to(tl.float32)
+                q, _lq = _log_softmax(tx, cmask, inv_tau)
+            else:
+                q = tl.load(TQ + ko, mask=m2, other=0.0).to(tl.float32)
+            g += c[:, None] * (p * tl.sum(q, 1)[:, None] - q)
+        dmu = tl.zeros([BLOCK_R], tl.float32)
+        if HAS_CNT:
+            cnt = tl.load(WS + 1 + rows, mask=rmask, other=0).to(tl.float32)
+            dmu += tl.load(PAIR_COEF).to(tl.float32) * pair_scale * cnt
+        if HAS_DMU:
+            dmu += tl.load(DMU + rows, mask=rmask, other=0.0).to(tl.float32)
+        g += p * d * dmu[:, None]
+        if HAS_DSTD:
+            std = tl.sqrt(tl.maximum(var, 0.0))
+            ds = tl.load(DSTD + rows, mask=rmask, other=0.0).to(tl.float32)
+            dvar = tl.where(std > 0, ds / (2.0 * std), 0.0)
+            g += p * dvar[:, None] * (d * d - var[:, None])
+        if HAS_DP:
+            gp = tl.load(DP + ko, mask=m2, other=0.0).to(tl.float32)
+            g += p * (gp - tl.sum(p * gp, 1)[:, None])
+        g = g * inv_tau
+        tl.store(DX + ko, g.to(DX.dtype.element_ty), mask=m2)
+
+
+_KL_NONE, _KL_LOGITS, _KL_PROBS = 0, 1, 2
+_CE_NONE, _CE_HARD, _CE_SOFT = 0, 1, 2
+
+
+def _launch_fwd(
+    x: torch.Tensor,
+    bins: torch.Tensor,
+    inv_tau: float,
+    *,
+    target=None,
+    target_probs=None,
+    teacher=None,
+    kl_mode: int = _KL_NONE,
+    pairs=None,
+    gaps=None,
+    ignore_index: int = -100,
+    weights=(1.0, 1.0, 1.0),
+    reduction: Optional[str] = None,
+    store_probs: bool = False,
+    needs_grad: bool = False,
+):
+    """Launch the forward kernel.  ``reduction=None`` computes the row statistics only."""
+    rows, k = x.shape
+    dev = x.device
+    ce_mode = _CE_HARD if target is not None else (_CE_SOFT if target_probs is not None else _CE_NONE)
+    n_pairs = 0 if pairs is None else pairs.shape[0]
+    has_pairs = n_pairs > 0
+    reduce = reduction in ("mean", "sum")
+    store_rows = reduction == "none"
+    store_cnt = has_pairs and reduce and needs_grad
+    store_sign = has_pairs and store_rows and needs_grad
+    n_row_progs = max(1, cdiv(rows, BLOCK_R))
+    n_pair_progs = cdiv(n_pairs, BLOCK_P) if has_pairs else 0
+
+    f32 = dict(device=dev, dtype=torch.float32)
+    mean = torch.empty(rows, **f32)
+    std = torch.empty(rows, **f32)
+    # buffers a configuration does not write are 0-element placeholders (never aliases)
+    def buf(cond, *shape):
+        return torch.empty(*shape, **f32) if cond else torch.empty(0, **f32)
+
+    probs = buf(store_probs, rows, k)
+    ce_rows = buf(store_rows, rows)
+    kl_rows = buf(store_rows, rows)
+    pair_terms = buf(store_rows, n_pairs)
+    sign = buf(store_sign, n_pairs)
+    nprog = n_row_progs + n_pair_progs
+    if reduce:
+        # the only fill: int32 workspace [ticket counter | per-row pair-sign counts]
+        ws = torch.zeros(1 + (rows if store_cnt else 0), device=dev, dtype=torch.int32)
+        part = torch.empty(nprog * 4, **f32)
+        loss, ce, kl, pair, nv = (torch.empty((), **f32) for _ in range(5))
+    else:
+        ws = torch.empty(0, device=dev, dtype=torch.int32)
+        part = ce = kl = pair = nv = buf(False)
+        loss = buf(store_rows, rows)
+    dummy = x
+    _rubric_fwd_kernel[(nprog,)](
+        x, x.stride(0), bins, k, rows, inv_tau,
+        target if target is not None else dummy,
+        target_probs if target_probs is not None else dummy,
+        teacher if teacher is not None else dummy,
+        ignore_index,
+        pairs if has_pairs else dummy,
+        gaps if has_pairs else dummy,
+        n_pairs,
+        probs, mean, std, ce_rows, kl_rows, pair_terms, sign, ws,
+        part, loss, ce, kl, pair, nv,
+        float(weights[0]), float(weights[1]), float(weights[2]), 1.0 / max(rows, 1), 1.0 / max(n_pairs, 1),
+        n_row_progs,
+        BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, BLOCK_K=next_pow2(k), BLOCK_RED=BLOCK_RED,
+        CE_MODE=ce_mode, KL_MODE=kl_mode, HAS_PAIRS=has_pairs,
+        STORE_PROBS=store_probs, STORE_ROWS=store_rows, STORE_SIGN=store_sign,
+        STORE_CNT=store_cnt, REDUCE=reduce, MEAN_RED=(reduction == "mean"),
+    )
+    return dict(
+        probs=probs, mean=mean, std=std, ce_rows=ce_rows, kl_rows=kl_rows, pair_terms=pair_terms,
+        sign=sign, ws=ws if store_cnt else None, loss=loss, ce=ce, kl=kl, pair=pair, nv=nv,
+    )
+
+
+def _launch_bwd(
+    x: torch.Tensor,
+    bins: torch.Tensor,
+    inv_tau: float,
+    *,
+    target=None,
+    target_probs=None,
+    teacher=None,
+    kl_mode: int = _KL_NONE,
+    ignore_index: int = -100,
+    ce_coef: Optional[Tuple[torch.Tensor, float]] = None,
+    ce_mean_nv: Optional[torch.Tensor] = None,
+    kl_coef: Optional[Tuple[torch.Tensor, float]] = None,
+    pair_coef: Optional[Tuple[torch.Tensor, float]] = None,
+    ws: Optional[torch.Tensor] = None,
+    dmu: Optional[torch.Tensor] = None,
+    dstd: Optional[torch.Tensor] = None,
+    dprobs: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Launch the backward kernel; coefficients are ``(tensor, scale)`` with a 0-d or per-row tensor."""
+    rows, k = x.shape
+    dx = torch.empty((rows, k), device=x.device, dtype=x.dtype)
+    if rows == 0:
+        return dx
+    dummy = x
+    ce_mode = _CE_NONE
+    if ce_coef is not None:
+        ce_mode = _CE_HARD if target is not None else (_CE_SOFT if target_probs is not None else _CE_NONE)
+    if kl_coef is None:
+        kl_mode = _KL_NONE
+    ce_t, ce_s = ce_coef if ce_mode else (dummy, 0.0)
+    kl_t, kl_s = kl_coef if kl_mode else (dummy, 0.0)
+    has_cnt = pair_coef is not None and ws is not None
+    pr_t, pr_s = pair_coef if has_cnt else (dummy, 0.0)
+    _rubric_bwd_kernel[(cdiv(rows, BLOCK_R),)](
+        x, x.stride(0), bins, k, rows, inv_tau, dx,
+        target if target is not None else dummy,
+        target_probs if target_probs is not None else dummy,
+        teacher if teacher is not None else dummy,
+        ignore_index,
+        ce_t, 0 if ce_t.dim() == 0 else 1, float(ce_s),
+        ce_mean_nv if ce_mean_nv is not None else dummy,
+        kl_t, 0 if kl_t.dim() == 0 else 1, float(kl_s),
+        pr_t, float(pr_s), ws if has_cnt else dummy,
+        dmu if dmu is not None else dummy,
+        dstd if dstd is not None else dummy,
+        dprobs if dprobs is not None else dummy,
+        BLOCK_R=BLOCK_R, BLOCK_K=next_pow2(k),
+        CE_MODE=ce_mode, CE_MEAN=ce_mean_nv is not None, KL_MODE=kl_mode,
+        HAS_CNT=has_cnt, HAS_DMU=dmu is not None, HAS_DSTD=dstd is not None, HAS_DP=dprobs is not None,
+    )
+    return dx
+
+
+def _contig(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def _skip_zero_grads(ctx) -> None:
+    """Let unused outputs arrive as ``None`` in backward (no zero-filled tensors, no extra launches).
+
+    Dynamo does not support ``set_materialize_grads``; under torch.compile the gradients arrive
+    materialised (possibly zeros) and the backward's general path handles them.
+    """
+    if not torch.compiler.is_compiling():
+        ctx.set_materialize_grads(False)
+
+
+def _save(ctx, **tensors) -> None:
+    """save_for_backward for optional tensors (only real tensors are saved; names remembered)."""
+    names = tuple(k for k, v in tensors.items() if v is not None)
+    ctx.saved_names = names
+    ctx.save_for_backward(*(tensors[k] for k in names))
+
+
+def _saved(ctx) -> dict:
+    return dict(zip(ctx.saved_names, ctx.saved_tensors))
+
+
+class _ScoreStatsFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bins, inv_tau):
+        out = _launch_fwd(x, bins, inv_tau, store_probs=True)
+        _save(ctx, x=x, bins=bins)
+        ctx.inv_tau = inv_tau
+        _skip_zero_grads(ctx)
+        return out["probs"], out["mean"], out["std"]
+
+    @staticmethod
+    def backward(ctx, g_probs, g_mean, g_std):
+        sv = _saved(ctx)
+        if g_probs is None and g_mean is None and g_std is None:
+            return None, None, None
+        dx = _launch_bwd(
+            sv["x"], sv["bins"], ctx.inv_tau,
+            dmu=_contig(g_mean), dstd=_contig(g_std), dprobs=_contig(g_probs),
+        )
+        return dx, None, None
+
+
+def score_stats_triton(logits: torch.Tensor, bins: torch.Tensor, temperature: float) -> ScoreStats:
+    lead = logits.shape[:-1]
+    k = logits.shape[-1]
+    x = logits.reshape(-1, k).contiguous()
+    probs, mean, std = _ScoreStatsFn.apply(x, bins, 1.0 / temperature)
+    return ScoreStats(probs.view(*lead, k), mean.view(lead), std.view(lead))
+
+
+def _combine(g_loss, weight, g_term):
+    """Coefficient of one term's gradient: ``g_loss * weight + g_term`` as ``(tensor, scale)``."""
+    if g_loss is not None and g_term is None:
+        return g_loss.float().contiguous(), weight
+    if g_loss is None and g_term is not None:
+        return g_term.float().contiguous(), 1.0
+    if g_loss is not None and g_term is not None:
+        return (g_loss.float() * weight + g_term.float()).contiguous(), 1.0
+    return None
+
+
+class _RubricLossFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bins, target, target_probs, teacher, pairs, gaps, inv_tau, kl_mode,
+                w_ce, w_kl, w_pair, ignore_index, reduction, needs_grad):
+        out = _launch_fwd(
+            x, bins, inv_tau, target=target, target_probs=target_probs, teacher=teacher,
+            kl_mode=kl_mode, pairs=pairs, gaps=gaps, ignore_index=ignore_index,
+            weights=(w_ce, w_kl, w_pair), reduction=reduction, needs_grad=needs_grad,
+        )
+        _skip_zero_grads(ctx)
+        ctx.inv_tau, ctx.kl_mode, ctx.ignore_index, ctx.reduction = inv_tau, kl_mode, ignore_index, reduction
+        ctx.weights = (w_ce, w_kl, w_pair)
+        ctx.rows = x.shape[0]
+        ctx.n_pairs = 0 if pairs is None else pairs.shape[0]
+        none_red = reduction == "none"
+        _save(
+            ctx, x=x, bins=bins, target=target, target_probs=target_probs, teacher=teacher,
+            pairs=pairs if none_red else None, ws=out["ws"],
+            sign=out["sign"] if (none_red and ctx.n_pairs > 0) else None,
+            nv=None if none_red else out["nv"],
+        )
+        if none_red:
+            return out["loss"], out["ce_rows"], out["kl_rows"], out["pair_terms"], out["mean"], out["std"]
+        return out["loss"], out["ce"], out["kl"], out["pair"], out["mean"], out["std"]
+
+    @staticmethod
+    def backward(ctx, g_loss, g_ce, g_kl, g_pair, g_mean, g_std):
+        sv = _saved(ctx)
+        x = sv["x"]
+        w_ce, w_kl, w_pair = ctx.weights
+        has_ce = "target" in sv or "target_probs" in sv
+        has_kl = "teacher" in sv
+        mean_red = ctx.reduction == "mean"
+        ce_coef = _combine(g_loss, w_ce, g_ce) if has_ce else None
+        kl_coef = _combine(g_loss, w_kl, g_kl) if has_kl else None
+        if kl_coef is not None and mean_red:
+            kl_coef = (kl_coef[0], kl_coef[1] / max(ctx.rows, 1))
+        pair_coef = None
+        dmu = g_mean.float().contiguous() if g_mean is not None else None
+        if ctx.n_pairs > 0:
+            if ctx.reduction == "none":
+                if g_pair is not None:
+                    pairs = sv["pairs"]
+                    contrib = g_pair.float() * sv["sign"]
+                    dmu_p = torch.zeros(ctx.rows, device=x.device, dtype=torch.float32)
+                    dmu_p.index_add_(0, pairs[:, 0].long(), contrib).index_add_(0, pairs[:, 1].long(), -contrib)
+                    dmu = dmu_p if dmu is None else dmu + dmu_p
+            else:
+                pair_coef = _combine(g_loss, w_pair, g_pair)
+                if pair_coef is not None and mean_red:
+                    pair_coef = (pair_coef[0], pair_coef[1] / ctx.n_pairs)
+        dx = _launch_bwd(
+            x, sv["bins"], ctx.inv_tau,
+            target=sv.get("target"), target_probs=sv.get("target_probs"), teacher=sv.get("teacher"),
+            kl_mode=ctx.kl_mode, ignore_index=ctx.ignore_index,
+            ce_coef=ce_coef, ce_mean_nv=sv["nv"] if (mean_red and ce_coef is not None) else None,
+            kl_coef=kl_coef, pair_coef=pair_coef, ws=sv.get("ws"),
+            dmu=dmu, dstd=g_std.float().contiguous() if g_std is not None else None,
+        )
+        return (dx,) + (None,) * 14
+
+
+def rubric_loss_triton(
+    logits: torch.Tensor,
+    bins: torch.Tensor,
+    *,
+    target=None,
+    target_probs=None,
+    teacher_logits=None,
+    teacher_probs=None,
+    pairs=None,
+    pair_gaps=None,
+    weight_ce=1.0,
+    weight_kl=1.0,
+    weight_pair=1.0,
+    ignore_index=-100,
+    reduction="mean",
+    temperature=1.0,
+) -> RubricLossOutput:
+    lead = logits.shape[:-1]
+    k = logits.shape[-1]
+    x = logits.reshape(-1, k).contiguous()
+    tgt = target.reshape(-1).contiguous() if target is not None else None
+    tp = target_probs.detach().reshape(-1, k).contiguous() if target_probs is not None else None
+    if teacher_logits is not None:
+        teacher, kl_mode = teacher_logits.detach().reshape(-1, k).contiguous(), _KL_LOGITS
+    elif teacher_probs is not None:
+        teacher, kl_mode = teacher_probs.detach().reshape(-1, k).contiguous(), _KL_PROBS
+    else:
+        teacher, kl_mode = None, _KL_NONE
+    has_pairs = pairs is not None and pairs.shape[0] > 0
+    prs = pairs.contiguous() if has_pairs else None
+    gaps = pair_gaps.detach().reshape(-1).contiguous() if has_pairs else None
+    needs_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, ce, kl, pair, mean, std = _RubricLossFn.apply(
+        x, bins, tgt, tp, teacher, prs, gaps, 1.0 / temperature, kl_mode,
+        float(weight_ce), float(weight_kl), float(weight_pair), int(ignore_index), reduction, needs_grad,
+    )
+    if reduction == "none":
+        loss, ce, kl = loss.view(lead), ce.view(lead), kl.view(lead)
+    return RubricLossOutput(loss, ce, kl, pair, mean.view(lead), std.view(lead))
