@@ -29,13 +29,17 @@ def main() -> None:
     table = defaultdict(dict)
     devices = set()
     torch_versions = set()
+    launch = []
     for b in data["benchmarks"]:
         ei = b.get("extra_info", {})
+        if "what" in ei:
+            launch.append((ei["what"], b["stats"]["median"] / ei["calls_per_round"] * 1e6))
         if "op" not in ei:
             continue
         devices.add(ei.get("device_name", "?"))
         torch_versions.add(ei.get("torch", "?"))
-        table[(ei["op"], ei["rows"])][ei["impl"]] = dict(
+        mode = ei.get("mode", "per call")
+        table[(ei["op"], ei["rows"], mode)][ei["impl"]] = dict(
             ms=b["stats"]["median"] * 1e3, mem=ei.get("peak_mem_bytes"),
             kf=ei.get("kernels_fwd"), kb=ei.get("kernels_bwd"),
         )
@@ -45,11 +49,11 @@ def main() -> None:
           f"pytest-benchmark {data.get('version', '?')}; {data.get('datetime', '')}\n")
     print("Forward+backward per call, median ms; peak extra memory of one call in MiB; "
           "kernel launches forward/backward (CUDA only).\n")
-    print("| op | rows | eager ms | compile ms | fused ms | fused vs eager | fused vs compile "
+    print("| op | rows | mode | eager ms | compile ms | fused ms | fused vs eager | fused vs compile "
           "| eager MiB | compile MiB | fused MiB | launches eager | launches compile | launches fused |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for (op, rows) in sorted(table, key=lambda k: (k[0], k[1])):
-        r = table[(op, rows)]
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for (op, rows, mode) in sorted(table, key=lambda k: (k[0], k[2], k[1])):
+        r = table[(op, rows, mode)]
         e, c, f = r.get("eager", {}), r.get("compile", {}), r.get("fused", {})
         sp_e = f"{e['ms'] / f['ms']:.1f}x" if e and f else "-"
         sp_c = f"{c['ms'] / f['ms']:.1f}x" if c and f else "-"
@@ -57,9 +61,17 @@ def main() -> None:
         def launches(d):
             return f"{d['kf']}/{d['kb']}" if d and d.get("kf") is not None else "-"
 
-        print(f"| {op} | {rows} | {_fmt_ms(e.get('ms'))} | {_fmt_ms(c.get('ms'))} | {_fmt_ms(f.get('ms'))} | "
+        print(f"| {op} | {rows} | {mode} | {_fmt_ms(e.get('ms'))} | {_fmt_ms(c.get('ms'))} | {_fmt_ms(f.get('ms'))} | "
               f"{sp_e} | {sp_c} | {_fmt_mb(e.get('mem'))} | {_fmt_mb(c.get('mem'))} | {_fmt_mb(f.get('mem'))} | "
               f"{launches(e)} | {launches(c)} | {launches(f)} |")
+
+
+    if launch:
+        print("\nHost cost of one call (median over rounds of 200 calls, one sync per round), microseconds:\n")
+        print("| call | us |")
+        print("|---|---|")
+        for what, us in launch:
+            print(f"| {what} | {us:.1f} |")
 
 
 if __name__ == "__main__":

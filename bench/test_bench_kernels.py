@@ -115,3 +115,40 @@ def test_fwd_bwd(benchmark, op, impl, rows):
         benchmark.extra_info.update(kernels_fwd=len(fwd), kernels_bwd=len(bwd), kernel_names_fwd=fwd,
                                     kernel_names_bwd=bwd)
     benchmark.pedantic(step, rounds=20 if rows >= 16384 else 50, iterations=1, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("rows", SIZES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("op", OPS)
+def test_fwd_bwd_cuda_graph(benchmark, op, impl, rows):
+    """The same forward+backward captured once in a CUDA graph and replayed: device time without
+    the per-call host overhead (Python, autograd, kernel-launch API) that dominates small calls."""
+    if DEVICE.type != "cuda":
+        pytest.skip("CUDA graphs need CUDA")
+    x0, kw = _case(op, rows)
+    x = x0.clone().requires_grad_(True)
+    fn = _impl(op, impl)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            x.grad = None
+            fn(x, **kw).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn(x, **kw).backward()
+    except Exception as exc:  # report, do not hide: a capture failure is a result too
+        pytest.skip(f"{impl} could not be captured in a CUDA graph: {type(exc).__name__}: {exc}"[:300])
+
+    def replay():
+        graph.replay()
+        sync()
+
+    replay()
+    benchmark.group = f"{op} rows={rows} (CUDA graph)"
+    benchmark.extra_info.update(op=op, impl=impl, rows=rows, mode="cuda-graph", device=str(DEVICE),
+                                torch=torch.__version__, device_name=torch.cuda.get_device_name(0))
+    benchmark.pedantic(replay, rounds=50, iterations=5, warmup_rounds=2)

@@ -14,7 +14,7 @@ Validation is split in two kinds:
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -45,8 +45,22 @@ def data_checks_enabled(validate: bool) -> bool:
     return bool(validate) and not _is_tracing()
 
 
+_NORM_CACHE: dict = {}
+
+
 def normalize_bins(bin_values) -> Tuple[float, ...]:
     """Return ``bin_values`` as a tuple of floats, checked to be a strictly increasing grid."""
+    if isinstance(bin_values, tuple):
+        hit = _NORM_CACHE.get(bin_values)
+        if hit is not None:
+            return hit
+        vals = _normalize_bins(bin_values)
+        _NORM_CACHE[bin_values] = vals
+        return vals
+    return _normalize_bins(bin_values)
+
+
+def _normalize_bins(bin_values) -> Tuple[float, ...]:
     if isinstance(bin_values, torch.Tensor):
         if bin_values.dim() != 1:
             raise ValueError(f"bin_values must be 1-D, got shape {tuple(bin_values.shape)}")
@@ -183,12 +197,3 @@ def scores_to_bins(scores: torch.Tensor, bins: Tuple[float, ...], *, check: bool
         raise ValueError(f"{name} must lie on the bin grid {bins}; found {float(bad)}")
 
 
-def leading_shape(logits: torch.Tensor) -> Tuple[int, ...]:
-    return tuple(logits.shape[:-1])
-
-
-def as_tuple(x: Iterable) -> tuple:
-    return tuple(x)
-
-
-__all__: Sequence[str] = ["BIN_VALUES"]

@@ -177,7 +177,7 @@ def rubric_loss(
 
 def bin_index(scores: torch.Tensor, bins: Tuple[float, ...]) -> torch.Tensor:
     """Index of the bin nearest to each score (exact for scores on the grid)."""
-    v = torch.tensor(bins, dtype=torch.float64, device=scores.device)
+    v = bins_tensor(bins, scores.device, torch.float64)
     return (scores.double().unsqueeze(-1) - v).abs().argmin(-1)
 
 

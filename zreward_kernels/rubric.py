@@ -273,14 +273,16 @@ def _launch_fwd(
     f32 = dict(device=dev, dtype=torch.float32)
     mean = torch.empty(rows, **f32)
     std = torch.empty(rows, **f32)
-    # buffers a configuration does not write are 0-element placeholders (never aliases)
+    # buffers a configuration never writes share one 0-element placeholder (none is returned)
+    unused = torch.empty(0, **f32)
+
     def buf(cond, *shape):
-        return torch.empty(*shape, **f32) if cond else torch.empty(0, **f32)
+        return torch.empty(*shape, **f32) if cond else unused
 
     probs = buf(store_probs, rows, k)
     ce_rows = buf(store_rows, rows)
     kl_rows = buf(store_rows, rows)
-    pair_terms = buf(store_rows, n_pairs)
+    pair_terms = torch.empty(n_pairs, **f32) if store_rows else unused  # returned under "none"
     sign = buf(store_sign, n_pairs)
     nprog = n_row_progs + n_pair_progs
     if reduce:

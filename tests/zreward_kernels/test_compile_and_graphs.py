@@ -79,26 +79,32 @@ def test_launch_counts_cuda():
         go = zk.gdso_loss(gr, scores, validate=False)
         go.loss.backward()
     holder = {}
+    xr.grad = None
+    gr.grad = None
+
+    def ours(names):
+        # autograd itself fills the seed gradient of a scalar .backward(): not one of our launches
+        return [n for n in names if "FillFunctor<float>" not in n]
 
     def fwd():
         holder["o"] = zk.rubric_loss(xr, target=t, teacher_logits=teacher, pairs=pairs, pair_gaps=gaps, validate=False)
 
     fwd_names = _count_kernels(fwd)
-    bwd_names = _count_kernels(lambda: holder["o"].loss.backward())
+    bwd_names = ours(_count_kernels(lambda: holder["o"].loss.backward()))
     triton_fwd = [n for n in fwd_names if "rubric_fwd" in n]
     print("rubric_loss fwd kernels:", fwd_names, "bwd kernels:", bwd_names)
     assert len(triton_fwd) == 1
     assert len(fwd_names) <= 2  # the fused kernel + the zero-fill of its int32 workspace
-    assert len([n for n in bwd_names if "rubric_bwd" in n]) == 1
+    assert len([n for n in bwd_names if "rubric_bwd" in n]) == 1 and len(bwd_names) == 1
 
     def gfwd():
         holder["g"] = zk.gdso_loss(gr, scores, validate=False)
 
     gf = _count_kernels(gfwd)
-    gb = _count_kernels(lambda: holder["g"].loss.backward())
+    gb = ours(_count_kernels(lambda: holder["g"].loss.backward()))
     print("gdso fwd kernels:", gf, "bwd kernels:", gb)
     assert len([n for n in gf if "gdso_fwd" in n]) == 1 and len(gf) <= 2
-    assert len(gb) <= 2  # the scale by grad_output (+ autograd's accumulation into .grad)
+    assert len(gb) == 1  # the device-side scale by grad_output
 
 
 @pytest.mark.cuda

@@ -1,0 +1,71 @@
+"""Where small calls spend their time: the host cost of one kernel launch.
+
+Compares, per call: a one-element torch op, a trivial Triton kernel with 2 arguments, the same
+with 40 arguments (about what the fused rubric kernel takes), and an empty autograd.Function
+round trip.  Each call is followed by nothing (no sync), and the timing loop syncs once at the end.
+"""
+
+import pytest
+import torch
+from conftest import DEVICE, sync
+
+from zreward_kernels._triton_utils import HAS_TRITON, tl, triton
+
+N_CALLS = 200
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _noop2(X, n):
+        pid = tl.program_id(0)
+        if pid < 0:
+            tl.store(X, n)
+
+    @triton.jit
+    def _noop40(X, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, a16, a17, a18, a19, a20,
+                b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, f1, f2, f3, f4, f5, f6, f7, f8, C1: tl.constexpr):
+        pid = tl.program_id(0)
+        if pid < 0:
+            tl.store(X, f1)
+
+
+class _Identity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 1
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+@pytest.mark.parametrize("what", ["torch_add", "triton_2_args", "triton_40_args", "autograd_function"])
+def test_host_cost_per_call(benchmark, what):
+    if DEVICE.type != "cuda":
+        pytest.skip("launch overhead is measured on CUDA")
+    x = torch.zeros(1, device=DEVICE)
+    ptrs = [torch.zeros(1, device=DEVICE) for _ in range(20)]
+    if what == "torch_add":
+        def call():
+            x.add_(1)
+    elif what == "triton_2_args":
+        def call():
+            _noop2[(1,)](x, 3)
+    elif what == "triton_40_args":
+        def call():
+            _noop40[(1,)](x, *ptrs, *range(10), *[0.5] * 8, C1=1)
+    else:
+        xr = torch.zeros(1, device=DEVICE, requires_grad=True)
+
+        def call():
+            _Identity.apply(xr).sum().backward()
+
+    def loop():
+        for _ in range(N_CALLS):
+            call()
+        sync()
+
+    loop()
+    benchmark.group = "host cost of one call"
+    benchmark.extra_info.update(what=what, calls_per_round=N_CALLS, device_name=torch.cuda.get_device_name(0))
+    benchmark.pedantic(loop, rounds=10, iterations=1, warmup_rounds=1)
