@@ -1,9 +1,14 @@
 """Fused Triton kernels for the row-wise rubric ops: ``score_stats`` and ``rubric_loss``.
 
-One forward kernel handles both ops.  Its grid has two kinds of programs:
+``score_stats`` has a lean forward kernel (softmax, expectation, standard deviation per tile of
+``BLOCK_R`` rows, bins padded to a power of two) and a lean backward kernel that reads the upstream
+gradients of ``probs``, ``mean`` and ``std`` in place (stride 0 for the expanded scalars that
+``.sum()`` produces, so no copies).
 
-* *row programs* (one per tile of ``BLOCK_R`` rows, bins padded to a power of two): softmax,
-  expectation, standard deviation, the pointwise CE (hard or soft target) and the RISD KL;
+``rubric_loss`` has one forward kernel whose grid holds two kinds of programs:
+
+* *row programs* (one per tile of ``BLOCK_R`` rows): softmax, expectation, standard deviation,
+  the pointwise CE (hard or soft target) and the RISD KL;
 * *pair programs* (one per tile of ``BLOCK_P`` pairs): they recompute the two rows' expectations
   (18 logits per pair), the gap term ``|(mu_a - mu_b) - gap|`` and its sign.  For the gradient each
   pair adds its integer sign to a per-row counter (int32 atomics: exact, so deterministic).
@@ -12,13 +17,14 @@ Each program writes its partial sums to its own slot; the last program to finish
 ticket counter) adds the slots in a fixed order and writes the reduced loss, so the forward is
 one kernel launch after one zero-fill of a small int32 workspace, with no host sync.
 
-Why the backward recomputes instead of storing the gradient in the forward (grad-in-forward):
-the ``mean`` CE normaliser is the number of non-ignored rows, which is only known once every row
-program has run.  Storing ``dL/dlogits`` during the forward would need that count up front (a host
-sync or an extra reduction launch).  Recomputing the softmax in the backward reads the same number
-of bytes as reading a stored gradient (logits instead of the gradient buffer), keeps no extra
-``[N, K]`` buffer alive between forward and backward, and lets one backward kernel serve every
-output's gradient (loss, ce, kl, pair, mean, std, probs).  The backward is one kernel launch.
+Why the ``rubric_loss`` backward recomputes instead of storing the gradient in the forward
+(grad-in-forward, as ``gdso_loss`` does): the ``mean`` CE normaliser is the number of non-ignored
+rows, which is only known once every row program has run.  Storing ``dL/dlogits`` during the
+forward would need that count up front (a host sync or an extra reduction launch).  Recomputing
+the softmax in the backward reads the same number of bytes as reading a stored gradient (logits
+instead of the gradient buffer), keeps no extra ``[N, K]`` buffer alive between forward and
+backward, and lets one backward kernel serve every output's gradient (loss, ce, kl, pair, mean,
+std).  The backward is one kernel launch.
 """
 
 from __future__ import annotations
@@ -55,16 +61,69 @@ if HAS_TRITON:
         return p, logp, mu, d, var
 
     @triton.jit
+    def _stats_grad(p, d, var, dmu, dstd):
+        """dL/dz of a row given upstream dL/dmean (``dmu``) and dL/dstd (``dstd``), per row."""
+        std = tl.sqrt(tl.maximum(var, 0.0))
+        dvar = tl.where(std > 0, dstd / (2.0 * std), 0.0)  # std'(0) := 0 at a point mass
+        return p * (d * dmu[:, None] + dvar[:, None] * (d * d - var[:, None]))
+
+    @triton.jit
+    def _stats_fwd_kernel(
+        X, stride_x, V, K, n_rows, inv_tau, PROBS, MEAN, STD,
+        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_K)
+        cmask = cols < K
+        v = tl.load(V + cols, mask=cmask, other=0.0).to(tl.float32)
+        rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = rows < n_rows
+        m2 = rmask[:, None] & cmask[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        p, logp, mu, d, var = _dist_stats(x, v, cmask, inv_tau)
+        tl.store(PROBS + rows[:, None] * K + cols[None, :], p, mask=m2)
+        tl.store(MEAN + rows, mu, mask=rmask)
+        tl.store(STD + rows, tl.sqrt(tl.maximum(var, 0.0)), mask=rmask)
+
+    @triton.jit
+    def _stats_bwd_kernel(
+        X, stride_x, V, K, n_rows, inv_tau, DX,
+        DP, s_dp_r, s_dp_c, DMU, s_dmu, DSTD, s_dstd,
+        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+        HAS_DP: tl.constexpr, HAS_DMU: tl.constexpr, HAS_DSTD: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_K)
+        cmask = cols < K
+        v = tl.load(V + cols, mask=cmask, other=0.0).to(tl.float32)
+        rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = rows < n_rows
+        m2 = rmask[:, None] & cmask[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        p, logp, mu, d, var = _dist_stats(x, v, cmask, inv_tau)
+        dmu = tl.zeros([BLOCK_R], tl.float32)
+        dstd = tl.zeros([BLOCK_R], tl.float32)
+        if HAS_DMU:
+            dmu = tl.load(DMU + rows * s_dmu, mask=rmask, other=0.0).to(tl.float32)
+        if HAS_DSTD:
+            dstd = tl.load(DSTD + rows * s_dstd, mask=rmask, other=0.0).to(tl.float32)
+        g = _stats_grad(p, d, var, dmu, dstd)
+        if HAS_DP:
+            gp = tl.load(DP + rows[:, None] * s_dp_r + cols[None, :] * s_dp_c, mask=m2, other=0.0).to(tl.float32)
+            g += p * (gp - tl.sum(p * gp, 1)[:, None])
+        tl.store(DX + rows[:, None] * K + cols[None, :], (g * inv_tau).to(DX.dtype.element_ty), mask=m2)
+
+    @triton.jit
     def _rubric_fwd_kernel(
         X, stride_x, V, K, n_rows, inv_tau,
         TGT, TP, TQ, ignore_index,
         PAIRS, GAPS, n_pairs,
-        PROBS, MEAN, STD, CE_ROWS, KL_ROWS, PAIR_TERMS, SIGN, WS,
+        MEAN, STD, CE_ROWS, KL_ROWS, PAIR_TERMS, SIGN, WS,
         PART, LOSS, CE_OUT, KL_OUT, PAIR_OUT, NV_OUT,
         w_ce, w_kl, w_pair, inv_rows, inv_pairs, n_row_progs,
         BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_RED: tl.constexpr,
         CE_MODE: tl.constexpr, KL_MODE: tl.constexpr, HAS_PAIRS: tl.constexpr,
-        STORE_PROBS: tl.constexpr, STORE_ROWS: tl.constexpr, STORE_SIGN: tl.constexpr,
+        STORE_ROWS: tl.constexpr, STORE_SIGN: tl.constexpr,
         STORE_CNT: tl.constexpr, REDUCE: tl.constexpr, MEAN_RED: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -80,8 +139,6 @@ if HAS_TRITON:
             p, logp, mu, d, var = _dist_stats(x, v, cmask, inv_tau)
             tl.store(MEAN + rows, mu, mask=rmask)
             tl.store(STD + rows, tl.sqrt(tl.maximum(var, 0.0)), mask=rmask)
-            if STORE_PROBS:
-                tl.store(PROBS + rows[:, None] * K + cols[None, :], p, mask=m2)
             if REDUCE or STORE_ROWS:
                 ko = rows[:, None] * K + cols[None, :]
                 ce_r = tl.zeros([BLOCK_R], tl.float32)
@@ -181,10 +238,10 @@ if HAS_TRITON:
         CE_COEF, ce_coef_stride, ce_scale, NV,
         KL_COEF, kl_coef_stride, kl_scale,
         PAIR_COEF, pair_scale, WS,
-        DMU, DSTD, DP,
+        DMU, s_dmu, DSTD, s_dstd,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
         CE_MODE: tl.constexpr, CE_MEAN: tl.constexpr, KL_MODE: tl.constexpr,
-        HAS_CNT: tl.constexpr, HAS_DMU: tl.constexpr, HAS_DSTD: tl.constexpr, HAS_DP: tl.constexpr,
+        HAS_CNT: tl.constexpr, HAS_DMU: tl.constexpr, HAS_DSTD: tl.constexpr,
     ):
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_K)
@@ -222,16 +279,11 @@ if HAS_TRITON:
             cnt = tl.load(WS + 1 + rows, mask=rmask, other=0).to(tl.float32)
             dmu += tl.load(PAIR_COEF).to(tl.float32) * pair_scale * cnt
         if HAS_DMU:
-            dmu += tl.load(DMU + rows, mask=rmask, other=0.0).to(tl.float32)
-        g += p * d * dmu[:, None]
+            dmu += tl.load(DMU + rows * s_dmu, mask=rmask, other=0.0).to(tl.float32)
+        dstd = tl.zeros([BLOCK_R], tl.float32)
         if HAS_DSTD:
-            std = tl.sqrt(tl.maximum(var, 0.0))
-            ds = tl.load(DSTD + rows, mask=rmask, other=0.0).to(tl.float32)
-            dvar = tl.where(std > 0, ds / (2.0 * std), 0.0)
-            g += p * dvar[:, None] * (d * d - var[:, None])
-        if HAS_DP:
-            gp = tl.load(DP + ko, mask=m2, other=0.0).to(tl.float32)
-            g += p * (gp - tl.sum(p * gp, 1)[:, None])
+            dstd = tl.load(DSTD + rows * s_dstd, mask=rmask, other=0.0).to(tl.float32)
+        g += _stats_grad(p, d, var, dmu, dstd)
         g = g * inv_tau
         tl.store(DX + ko, g.to(DX.dtype.element_ty), mask=m2)
 
@@ -253,11 +305,10 @@ def _launch_fwd(
     gaps=None,
     ignore_index: int = -100,
     weights=(1.0, 1.0, 1.0),
-    reduction: Optional[str] = None,
-    store_probs: bool = False,
+    reduction: str = "mean",
     needs_grad: bool = False,
 ):
-    """Launch the forward kernel.  ``reduction=None`` computes the row statistics only."""
+    """Launch the fused loss forward kernel."""
     rows, k = x.shape
     dev = x.device
     ce_mode = _CE_HARD if target is not None else (_CE_SOFT if target_probs is not None else _CE_NONE)
@@ -279,7 +330,6 @@ def _launch_fwd(
     def buf(cond, *shape):
         return torch.empty(*shape, **f32) if cond else unused
 
-    probs = buf(store_probs, rows, k)
     ce_rows = buf(store_rows, rows)
     kl_rows = buf(store_rows, rows)
     pair_terms = torch.empty(n_pairs, **f32) if store_rows else unused  # returned under "none"
@@ -304,17 +354,17 @@ def _launch_fwd(
         pairs if has_pairs else dummy,
         gaps if has_pairs else dummy,
         n_pairs,
-        probs, mean, std, ce_rows, kl_rows, pair_terms, sign, ws,
+        mean, std, ce_rows, kl_rows, pair_terms, sign, ws,
         part, loss, ce, kl, pair, nv,
         float(weights[0]), float(weights[1]), float(weights[2]), 1.0 / max(rows, 1), 1.0 / max(n_pairs, 1),
         n_row_progs,
         BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, BLOCK_K=next_pow2(k), BLOCK_RED=BLOCK_RED,
         CE_MODE=ce_mode, KL_MODE=kl_mode, HAS_PAIRS=has_pairs,
-        STORE_PROBS=store_probs, STORE_ROWS=store_rows, STORE_SIGN=store_sign,
+        STORE_ROWS=store_rows, STORE_SIGN=store_sign,
         STORE_CNT=store_cnt, REDUCE=reduce, MEAN_RED=(reduction == "mean"),
     )
     return dict(
-        probs=probs, mean=mean, std=std, ce_rows=ce_rows, kl_rows=kl_rows, pair_terms=pair_terms,
+        mean=mean, std=std, ce_rows=ce_rows, kl_rows=kl_rows, pair_terms=pair_terms,
         sign=sign, ws=ws if store_cnt else None, loss=loss, ce=ce, kl=kl, pair=pair, nv=nv,
     )
 
@@ -336,7 +386,6 @@ def _launch_bwd(
     ws: Optional[torch.Tensor] = None,
     dmu: Optional[torch.Tensor] = None,
     dstd: Optional[torch.Tensor] = None,
-    dprobs: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Launch the backward kernel; coefficients are ``(tensor, scale)`` with a 0-d or per-row tensor."""
     rows, k = x.shape
@@ -363,18 +412,24 @@ def _launch_bwd(
         ce_mean_nv if ce_mean_nv is not None else dummy,
         kl_t, 0 if kl_t.dim() == 0 else 1, float(kl_s),
         pr_t, float(pr_s), ws if has_cnt else dummy,
-        dmu if dmu is not None else dummy,
-        dstd if dstd is not None else dummy,
-        dprobs if dprobs is not None else dummy,
+        *_vec(dmu, dummy), *_vec(dstd, dummy),
         BLOCK_R=BLOCK_R, BLOCK_K=next_pow2(k),
         CE_MODE=ce_mode, CE_MEAN=ce_mean_nv is not None, KL_MODE=kl_mode,
-        HAS_CNT=has_cnt, HAS_DMU=dmu is not None, HAS_DSTD=dstd is not None, HAS_DP=dprobs is not None,
+        HAS_CNT=has_cnt, HAS_DMU=dmu is not None, HAS_DSTD=dstd is not None,
     )
     return dx
 
 
-def _contig(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if t is None else t.contiguous()
+def _vec(t: Optional[torch.Tensor], dummy: torch.Tensor):
+    """``(tensor, stride)`` of a per-row upstream gradient; stride 0 (an expanded scalar, as
+    ``.sum()`` produces) is read in place instead of being copied to a contiguous buffer."""
+    if t is None:
+        return dummy, 0
+    if t.dim() != 1:
+        t = t.reshape(-1)
+    if t.stride(0) not in (0, 1):
+        t = t.contiguous()
+    return t, t.stride(0)
 
 
 def _skip_zero_grads(ctx) -> None:
@@ -401,21 +456,35 @@ def _saved(ctx) -> dict:
 class _ScoreStatsFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bins, inv_tau):
-        out = _launch_fwd(x, bins, inv_tau, store_probs=True)
-        _save(ctx, x=x, bins=bins)
+        rows, k = x.shape
+        f32 = dict(device=x.device, dtype=torch.float32)
+        probs = torch.empty(rows, k, **f32)
+        mean = torch.empty(rows, **f32)
+        std = torch.empty(rows, **f32)
+        if rows:
+            _stats_fwd_kernel[(cdiv(rows, BLOCK_R),)](
+                x, x.stride(0), bins, k, rows, inv_tau, probs, mean, std, BLOCK_R=BLOCK_R, BLOCK_K=next_pow2(k),
+            )
+        ctx.save_for_backward(x, bins)
         ctx.inv_tau = inv_tau
         _skip_zero_grads(ctx)
-        return out["probs"], out["mean"], out["std"]
+        return probs, mean, std
 
     @staticmethod
     def backward(ctx, g_probs, g_mean, g_std):
-        sv = _saved(ctx)
+        x, bins = ctx.saved_tensors
         if g_probs is None and g_mean is None and g_std is None:
             return None, None, None
-        dx = _launch_bwd(
-            sv["x"], sv["bins"], ctx.inv_tau,
-            dmu=_contig(g_mean), dstd=_contig(g_std), dprobs=_contig(g_probs),
-        )
+        rows, k = x.shape
+        dx = torch.empty((rows, k), device=x.device, dtype=x.dtype)
+        if rows:
+            gp = g_probs if g_probs is not None else x
+            _stats_bwd_kernel[(cdiv(rows, BLOCK_R),)](
+                x, x.stride(0), bins, k, rows, ctx.inv_tau, dx,
+                gp, gp.stride(0), gp.stride(1), *_vec(g_mean, x), *_vec(g_std, x),
+                BLOCK_R=BLOCK_R, BLOCK_K=next_pow2(k),
+                HAS_DP=g_probs is not None, HAS_DMU=g_mean is not None, HAS_DSTD=g_std is not None,
+            )
         return dx, None, None
 
 
@@ -476,7 +545,7 @@ class _RubricLossFn(torch.autograd.Function):
         if kl_coef is not None and mean_red:
             kl_coef = (kl_coef[0], kl_coef[1] / max(ctx.rows, 1))
         pair_coef = None
-        dmu = g_mean.float().contiguous() if g_mean is not None else None
+        dmu = g_mean
         if ctx.n_pairs > 0:
             if ctx.reduction == "none":
                 if g_pair is not None:
@@ -495,7 +564,7 @@ class _RubricLossFn(torch.autograd.Function):
             kl_mode=ctx.kl_mode, ignore_index=ctx.ignore_index,
             ce_coef=ce_coef, ce_mean_nv=sv["nv"] if (mean_red and ce_coef is not None) else None,
             kl_coef=kl_coef, pair_coef=pair_coef, ws=sv.get("ws"),
-            dmu=dmu, dstd=g_std.float().contiguous() if g_std is not None else None,
+            dmu=dmu, dstd=g_std,
         )
         return (dx,) + (None,) * 14
 

@@ -197,3 +197,15 @@ def test_low_precision_against_fp32_reference(dtype):
         assert_close(a, b, atol=1e-4, rtol=1e-4, name=name)
     assert k_grad.dtype == dtype
     assert_close(k_grad, r_grad, atol=1e-2, rtol=2e-2, name="grad")
+
+
+def test_expanded_upstream_gradients(kdev):
+    data = _make(40, 2, p=30, seed=13, device=kdev)
+    kw = dict(target=data["target"], pairs=data["pairs"], pair_gaps=data["pair_gaps"])
+    grads = []
+    for be in ("reference", "triton"):
+        xx = data["x"].clone().requires_grad_(True)
+        out = rubric_loss(xx, backend=be, **kw)
+        (out.loss + out.mean.sum() * 0.3 + out.std.sum() * 0.7).backward()
+        grads.append(xx.grad)
+    assert_close(grads[1], grads[0], atol=2e-6, rtol=1e-5)
