@@ -7,10 +7,12 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: demo test bench bench-cpu gpu-check install clean
 
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q "torch>=2.11" numpy
+	# no build isolation: the C++/CUDA extensions (csrc/) build against the torch just installed
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

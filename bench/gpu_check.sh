@@ -3,7 +3,7 @@
 # Run on a CUDA machine from the repository root:  OUT=/some/dir bash bench/gpu_check.sh
 # It uses the machine's own python3 (torch, triton, pytest-benchmark preinstalled on the lent
 # GPU machines); wheels under .whl/ (if any) are installed to /tmp/site first.
-# Results land in $OUT: env.txt, tests.log, bench.json, bench.log, summary.md.
+# Results land in $OUT: env.txt, build.log, tests.log, bench.json, bench.log, summary.md.
 set -u
 OUT=${OUT:-/tmp/zreward_gpu_out}
 mkdir -p "$OUT"
@@ -19,6 +19,12 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 } 2>&1 | tee "$OUT/env.txt"
+
+echo "== build the compiled extension (csrc/)"
+( time $PY setup.py build_ext --inplace ) >"$OUT/build.log" 2>&1
+echo "build exit: $?" | tee -a "$OUT/build.log"
+tail -n 4 "$OUT/build.log"
+$PY -c "import zreward_kernels as z; print(z.backend_info()['compiled_extension'])" 2>&1 | tee -a "$OUT/build.log"
 
 XDIST=""
 $PY -c "import xdist" 2>/dev/null && XDIST="-n ${TEST_WORKERS:-6}"

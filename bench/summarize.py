@@ -30,8 +30,13 @@ def main() -> None:
     devices = set()
     torch_versions = set()
     launch = []
+    adv = defaultdict(dict)
     for b in data["benchmarks"]:
         ei = b.get("extra_info", {})
+        if ei.get("op") == "group_advantage":
+            devices.add(ei.get("device_name", "?"))
+            adv[(ei["groups"], ei["m"])][ei["impl"]] = b["stats"]["median"] * 1e3
+            continue
         if "what" in ei:
             launch.append((ei["what"], b["stats"]["median"] / ei["calls_per_round"] * 1e6))
         if "op" not in ei:
@@ -65,6 +70,20 @@ def main() -> None:
               f"{sp_e} | {sp_c} | {_fmt_mb(e.get('mem'))} | {_fmt_mb(c.get('mem'))} | {_fmt_mb(f.get('mem'))} | "
               f"{launches(e)} | {launches(c)} | {launches(f)} |")
 
+
+    if adv:
+        print("\n## group_advantage\n")
+        print("Median ms per call; speed-ups of the compiled op. verl_loop = verl's per-group Python loop "
+              "(CPU only, M <= 16384 and the goal point M = 2^20 in groups of 16).\n")
+        print("| groups | M | verl loop ms | vectorized ms | compiled ms | vs loop | vs vectorized |")
+        print("|---|---|---|---|---|---|---|")
+        order = {"2": 0, "16": 1, "64": 2, "var": 3}
+        for (grp, m) in sorted(adv, key=lambda k: (order.get(k[0], 9), k[1])):
+            r = adv[(grp, m)]
+            lo, ve, co = r.get("verl_loop"), r.get("vectorized"), r.get("compiled")
+            sl = f"{lo / co:.0f}x" if lo and co else "-"
+            sv = f"{ve / co:.1f}x" if ve and co else "-"
+            print(f"| {grp} | {m} | {_fmt_ms(lo)} | {_fmt_ms(ve)} | {_fmt_ms(co)} | {sl} | {sv} |")
 
     if launch:
         print("\nHost cost of one call (median over rounds of 200 calls, one sync per round), microseconds:\n")

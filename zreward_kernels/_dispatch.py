@@ -22,13 +22,26 @@ BACKENDS = ("auto", "reference", "triton")
 _LAST_BACKEND: dict = {}
 
 
-def _requested(backend: Optional[str]) -> str:
-    req = backend if backend is not None else os.environ.get("ZREWARD_BACKEND", "auto")
-    req = (req or "auto").lower()
-    if req not in BACKENDS:
-        src = "backend" if backend is not None else "ZREWARD_BACKEND"
-        raise ValueError(f"{src} must be one of {BACKENDS}, got {req!r}")
-    return req
+def requested_backend(backend: Optional[str], allowed=BACKENDS) -> str:
+    """The backend asked for by the call, else by ``ZREWARD_BACKEND``, else "auto".
+
+    ``ZREWARD_BACKEND`` names a backend of the Triton ops; for an op whose backends differ (the
+    compiled group advantage) a value it does not know means "auto".
+    """
+    if backend is not None:
+        req = backend.lower()
+        if req not in allowed:
+            raise ValueError(f"backend must be one of {allowed}, got {backend!r}")
+        return req
+    env = (os.environ.get("ZREWARD_BACKEND") or "auto").lower()
+    if env not in BACKENDS + ("compiled",):
+        raise ValueError(f"ZREWARD_BACKEND must be one of {BACKENDS + ('compiled',)}, got {env!r}")
+    return env if env in allowed else "auto"
+
+
+def record_backend(op: str, choice: str) -> None:
+    if not torch.compiler.is_compiling():
+        _LAST_BACKEND[op] = choice
 
 
 def _triton_unavailable_reason(x: torch.Tensor, extra: Optional[str]) -> Optional[str]:
@@ -50,7 +63,7 @@ def choose_backend(op: str, backend: Optional[str], x: torch.Tensor, unsupported
     ``unsupported`` is a reason the Triton kernel cannot take this particular input (for example a
     group size above the kernel's limit), or None.
     """
-    req = _requested(backend)
+    req = requested_backend(backend)
     if req == "reference":
         choice = "reference"
     else:
@@ -63,8 +76,7 @@ def choose_backend(op: str, backend: Optional[str], x: torch.Tensor, unsupported
         else:
             auto_ok = reason is None and x.device.type == "cuda"
             choice = "triton" if auto_ok else "reference"
-    if not torch.compiler.is_compiling():
-        _LAST_BACKEND[op] = choice
+    record_backend(op, choice)
     return choice
 
 
@@ -82,5 +94,12 @@ def backend_info() -> dict:
         "env_backend": os.environ.get("ZREWARD_BACKEND"),
         "default_backend_cuda": "triton" if HAS_TRITON else "reference",
         "default_backend_cpu": "reference",
+        "compiled_extension": _extension_status(),
         "last_backend": dict(_LAST_BACKEND),
     }
+
+
+def _extension_status() -> dict:
+    from .advantage import EXT_STATUS
+
+    return {k: ("loaded" if v is None else v) for k, v in EXT_STATUS.items()}

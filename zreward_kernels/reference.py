@@ -223,10 +223,87 @@ def gdso_loss(
         r_pt = 1 - (mu - s.unsqueeze(-1)).abs() / r_range
         r_pw = 1 - abs_e.sum(-1) / (g * r_range)
         r = lambda_pt * r_pt + lambda_pw * r_pw
-        if g > 1 and n_pairs > 0:
-            adv = (r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True, unbiased=True) + eps)
-        else:
-            adv = torch.zeros_like(r)
+        # advantage normalised within each side's group of G (the shared group-advantage reference)
+        adv = group_advantage(r.reshape(-1), group_size=g, mode="std", eps=eps)[0].to(dt).view_as(r)
     return GDSOOutput(
         loss, ce.detach(), pw.detach(), mu.detach(), std.detach(), r_pt, r_pw, r, adv
     )
+
+
+class GroupStats(NamedTuple):
+    """Per-group statistics of :func:`group_advantage`: ``mean [G]``, unbiased ``std [G]`` and
+    ``zero_std [G]`` (True where every reward of the group is equal, including groups of 0 or 1)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    zero_std: torch.Tensor
+
+
+ADV_MODES = ("std", "mean", "rloo")
+
+
+def group_advantage(
+    rewards: torch.Tensor,
+    *,
+    group_size: Optional[int] = None,
+    group_offsets: Optional[torch.Tensor] = None,
+    mode: str = "std",
+    eps: float = 1e-6,
+):
+    """Group-normalised advantages, vectorised PyTorch (segment reductions, no loop over groups).
+
+    ``std``: ``(r - mean) / (std + eps)`` (unbiased std); ``mean``: ``r - mean`` (Dr. GRPO);
+    ``rloo``: ``r - mean of the other members`` = ``n/(n-1) (r - mean)``.  A group of one gets 0 in
+    every mode; an empty group has mean 0, std 0, zero_std True.  Statistics are accumulated in
+    float64 after subtracting each group's first reward (exact for 1e6 + small noise).  Outputs are
+    float64 for float64 rewards, float32 otherwise.
+    """
+    out_dt = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    r = rewards.to(torch.float64)
+    m = r.shape[0]
+    dev = r.device
+    if group_offsets is None:
+        g = group_size
+        x = r.view(-1, g)
+        d = x - x[:, :1]
+        shift = d.mean(1, keepdim=True)
+        dv = d - shift
+        n = g
+        sd = (dv.pow(2).sum(1) / max(n - 1, 1)).sqrt() if n > 1 else torch.zeros(x.shape[0], dtype=r.dtype, device=dev)
+        mean = x[:, 0] + shift[:, 0]
+        zero_std = x.amax(1) == x.amin(1) if x.shape[0] else torch.zeros(0, dtype=torch.bool, device=dev)
+        if n <= 1:
+            adv = torch.zeros_like(x)
+        elif mode == "std":
+            adv = dv / (sd.unsqueeze(1) + eps)
+        elif mode == "mean":
+            adv = dv
+        else:
+            adv = dv * (n / (n - 1))
+        return adv.reshape(-1).to(out_dt), GroupStats(mean.to(out_dt), sd.to(out_dt), zero_std)
+
+    offs = group_offsets.long()
+    n_groups = offs.shape[0] - 1
+    counts = offs[1:] - offs[:-1]
+    ids = torch.repeat_interleave(torch.arange(n_groups, device=dev), counts, output_size=m)
+    n = counts.to(torch.float64)
+    first = r[offs[:-1].clamp(max=max(m - 1, 0))] if m > 0 else torch.zeros(n_groups, dtype=r.dtype, device=dev)
+    d = r - first[ids]
+    s1 = torch.zeros(n_groups, dtype=r.dtype, device=dev).index_add_(0, ids, d)
+    shift = s1 / n.clamp(min=1)
+    dv = d - shift[ids]
+    s2 = torch.zeros(n_groups, dtype=r.dtype, device=dev).index_add_(0, ids, dv * dv)
+    sd = torch.where(n > 1, s2 / (n - 1).clamp(min=1), torch.zeros_like(s2)).sqrt()
+    mn = torch.full((n_groups,), float("inf"), dtype=r.dtype, device=dev).scatter_reduce_(0, ids, r, "amin")
+    mx = torch.full((n_groups,), float("-inf"), dtype=r.dtype, device=dev).scatter_reduce_(0, ids, r, "amax")
+    zero_std = (mn == mx) | (counts == 0)
+    mean = torch.where(counts > 0, first + shift, torch.zeros_like(first))
+    ne = n[ids]
+    if mode == "std":
+        adv = dv / (sd[ids] + eps)
+    elif mode == "mean":
+        adv = dv
+    else:
+        adv = dv * ne / (ne - 1).clamp(min=1)
+    adv = torch.where(ne > 1, adv, torch.zeros_like(adv))
+    return adv.to(out_dt), GroupStats(mean.to(out_dt), sd.to(out_dt), zero_std)

@@ -1,0 +1,148 @@
+"""``group_advantage``: group-normalised advantages as a compiled op, with a PyTorch fallback.
+
+Backends, chosen per call (``backend=None`` / ``"auto"``, ``"compiled"``, ``"reference"``):
+
+* ``compiled``: ``torch.ops.zreward.group_advantage`` from ``csrc/`` -- C++ on CPU
+  (``zreward_kernels._C``), CUDA kernels on GPU (``zreward_kernels._C_cuda``), registered with
+  ``TORCH_LIBRARY`` and given a fake implementation here so ``torch.compile(fullgraph=True)``
+  traces it;
+* ``reference``: the vectorised PyTorch version in :mod:`zreward_kernels.reference`.
+
+Importing never fails when an extension is missing (or ``ZREWARD_DISABLE_EXTENSIONS=1``): auto
+falls back to the reference and :func:`zreward_kernels.backend_info` says so.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from ._common import check_float, data_checks_enabled
+from ._dispatch import record_backend, requested_backend
+from .reference import ADV_MODES, GroupStats
+from .reference import group_advantage as _reference
+
+EXT_STATUS = {"cpu": None, "cuda": None}  # None = loaded; otherwise the reason it is not
+_MODE_CODE = {"std": 0, "mean": 1, "rloo": 2}
+
+
+def _load() -> None:
+    if os.environ.get("ZREWARD_DISABLE_EXTENSIONS", "0") not in ("", "0"):
+        EXT_STATUS["cpu"] = EXT_STATUS["cuda"] = "disabled by ZREWARD_DISABLE_EXTENSIONS"
+        return
+    try:
+        from . import _C  # noqa: F401  (defines the op and its CPU kernel)
+    except Exception as exc:  # not built (ZREWARD_NO_EXT=1, no compiler, ABI mismatch, ...)
+        EXT_STATUS["cpu"] = f"zreward_kernels._C not loaded: {type(exc).__name__}: {exc}"
+        EXT_STATUS["cuda"] = "needs zreward_kernels._C"
+        return
+    try:
+        from . import _C_cuda  # noqa: F401  (adds the CUDA kernel)
+    except Exception as exc:
+        EXT_STATUS["cuda"] = f"zreward_kernels._C_cuda not loaded: {type(exc).__name__}: {exc}"
+
+    @torch.library.register_fake("zreward::group_advantage")
+    def _fake(rewards, offsets, group_size, mode, eps):
+        m = rewards.shape[0]
+        g = offsets.shape[0] - 1 if offsets is not None else m // group_size
+        dt = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+        return (
+            rewards.new_empty(m, dtype=dt),
+            rewards.new_empty(g, dtype=dt),
+            rewards.new_empty(g, dtype=dt),
+            rewards.new_empty(g, dtype=torch.bool),
+        )
+
+
+_load()
+
+
+def compiled_available(device: torch.device) -> Optional[str]:
+    """None when the compiled op can run on ``device``, else the reason it cannot."""
+    if device.type == "cpu":
+        return EXT_STATUS["cpu"]
+    if device.type == "cuda":
+        return EXT_STATUS["cpu"] or EXT_STATUS["cuda"]
+    return f"no compiled kernel for device type {device.type}"
+
+
+def group_advantage(
+    rewards: torch.Tensor,
+    *,
+    group_size: Optional[int] = None,
+    group_offsets: Optional[torch.Tensor] = None,
+    mode: str = "std",
+    eps: float = 1e-6,
+    validate: bool = True,
+    backend: Optional[str] = None,
+) -> Tuple[torch.Tensor, GroupStats]:
+    """Group-normalised advantages for GRPO-style trainers.
+
+    ``rewards [M]`` (fp16/bf16/fp32/fp64) are split into groups either of a fixed ``group_size``
+    (``M % group_size == 0``) or by ``group_offsets [G+1]`` (sorted, first 0, last M, like
+    FlashAttention's ``cu_seqlens``; empty groups allowed) -- exactly one of the two.
+
+    ``mode``: ``"std"`` -> ``(r - mean) / (std + eps)`` with the unbiased std; ``"mean"`` ->
+    ``r - mean`` (Dr. GRPO); ``"rloo"`` -> ``r - mean of the other members``.  A group of one gets
+    advantage 0 in every mode.
+
+    Returns ``(advantages [M], GroupStats(mean [G], std [G], zero_std [G]))``; advantages and stats
+    are float32 (float64 for float64 rewards); ``zero_std`` flags groups whose rewards are all equal.
+    Not differentiable (advantages are constants of the policy loss).  ``validate=True`` checks the
+    offsets and rejects NaN/inf rewards (host syncs); ``validate=False`` skips every check that reads
+    values so the op can sit in a compiled or CUDA-graph-captured loop.
+    """
+    if not isinstance(rewards, torch.Tensor):
+        raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
+    if not rewards.is_floating_point():
+        raise TypeError(f"rewards must be float16, bfloat16, float32 or float64, got {rewards.dtype}")
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [M], got shape {tuple(rewards.shape)}")
+    if mode not in ADV_MODES:
+        raise ValueError(f"mode must be one of {ADV_MODES}, got {mode!r}")
+    eps_ = check_float("eps", eps, nonneg=True)
+    m = rewards.shape[0]
+    if (group_size is None) == (group_offsets is None):
+        raise ValueError("give exactly one of group_size and group_offsets")
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int):
+            raise TypeError(f"group_size must be an int, got {group_size!r}")
+        if group_size <= 0:
+            raise ValueError(f"group_size must be positive, got {group_size}")
+        if m % group_size != 0:
+            raise ValueError(f"the number of rewards ({m}) is not a multiple of group_size ({group_size})")
+    else:
+        if not isinstance(group_offsets, torch.Tensor):
+            raise TypeError(f"group_offsets must be a torch.Tensor, got {type(group_offsets).__name__}")
+        if group_offsets.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"group_offsets must be int32 or int64, got {group_offsets.dtype}")
+        if group_offsets.dim() != 1 or group_offsets.shape[0] < 1:
+            raise ValueError(f"group_offsets must be 1-D [G + 1], got shape {tuple(group_offsets.shape)}")
+        if group_offsets.device != rewards.device:
+            raise ValueError(f"group_offsets is on {group_offsets.device} but rewards is on {rewards.device}")
+        group_offsets = group_offsets.long()
+    if data_checks_enabled(validate):
+        if m and not bool(torch.isfinite(rewards).all()):
+            raise ValueError("rewards contains NaN or inf")
+        if group_offsets is not None:
+            o = group_offsets
+            if int(o[0]) != 0 or int(o[-1]) != m:
+                raise ValueError(f"group_offsets must start at 0 and end at M={m}, got {int(o[0])} ... {int(o[-1])}")
+            if o.shape[0] > 1 and bool((o[1:] < o[:-1]).any()):
+                raise ValueError("group_offsets must be sorted (non-decreasing)")
+
+    req = requested_backend(backend, allowed=("auto", "compiled", "reference"))
+    reason = compiled_available(rewards.device)
+    if req == "compiled" and reason is not None:
+        raise RuntimeError(f"group_advantage: backend='compiled' was requested but cannot run: {reason}")
+    use_compiled = req != "reference" and reason is None
+    record_backend("group_advantage", "compiled" if use_compiled else "reference")
+    rewards = rewards.detach()
+    if use_compiled:
+        adv, mean, std, zs = torch.ops.zreward.group_advantage(
+            rewards, group_offsets, group_size if group_size is not None else 0, _MODE_CODE[mode], eps_
+        )
+        return adv, GroupStats(mean, std, zs)
+    return _reference(rewards, group_size=group_size, group_offsets=group_offsets, mode=mode, eps=eps_)
