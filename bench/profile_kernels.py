@@ -1,0 +1,53 @@
+"""Per-kernel device time (torch.profiler) of the fused ops and the compiled group advantage.
+
+Run on a CUDA machine after building the extension:  python bench/profile_kernels.py
+Prints one line per (case, kernel): total device microseconds per call, averaged over 20 calls.
+"""
+
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import zreward_kernels as zk
+
+dev = "cuda"
+K = 9
+
+
+def cases():
+    g = torch.Generator().manual_seed(0)
+    for m, grp in ((1 << 20, 16), (1 << 22, 16)):
+        r = torch.randn(m, generator=g).to(dev)
+        yield f"group_advantage M={m} g={grp}", lambda r=r, grp=grp: zk.group_advantage(r, group_size=grp, validate=False)
+        sizes = torch.full((m // 16,), 16)
+        offs = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)]).to(dev)
+        yield f"group_advantage M={m} offsets(16)", lambda r=r, o=offs: zk.group_advantage(r, group_offsets=o, validate=False)
+    rows = 262144
+    x = torch.randn(rows, K, generator=g).to(dev).requires_grad_(True)
+    kw = dict(target=torch.randint(0, K, (rows,), generator=g).to(dev), teacher_logits=torch.randn(rows, K, generator=g).to(dev),
+              pairs=torch.randint(0, rows, (rows // 2, 2), generator=g).to(dev), pair_gaps=torch.randn(rows // 2, generator=g).to(dev))
+    yield f"rubric_loss fwd+bwd rows={rows}", lambda: zk.rubric_loss(x, validate=False, **kw).loss.backward()
+    yield f"rubric_loss fwd+bwd rows={rows} no pairs", lambda: zk.rubric_loss(
+        x, validate=False, target=kw["target"], teacher_logits=kw["teacher_logits"]).loss.backward()
+    gx = torch.randn(rows // 16, 2, 8, K, generator=g).to(dev).requires_grad_(True)
+    sc = torch.full((rows // 16, 2), 3.0, device=dev)
+    yield f"gdso_loss fwd+bwd P={rows // 16} G=8", lambda: zk.gdso_loss(gx, sc, validate=False).loss.backward()
+    yield f"score_stats fwd+bwd rows={rows}", lambda: (lambda s: (s.mean.sum() + s.std.sum()).backward())(zk.score_stats(x, validate=False))
+
+
+for name, fn in cases():
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+    tot = defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            tot[e.name[:70]] += e.device_time / 20
+    print(f"== {name}: {sum(tot.values()):.1f} us device time per call")
+    for k, v in sorted(tot.items(), key=lambda kv: -kv[1]):
+        print(f"   {v:8.1f} us  {k}")
