@@ -1,9 +1,11 @@
 """Per-kernel device time (torch.profiler) of the fused ops and the compiled group advantage.
 
-Run on a CUDA machine after building the extension:  python bench/profile_kernels.py
+Run on a CUDA machine after building the extension:  python bench/profile_kernels.py [SUBSTRING]
 Prints one line per (case, kernel): total device microseconds per call, averaged over 20 calls.
+With SUBSTRING, only the cases whose name contains it.
 """
 
+import sys
 from collections import defaultdict
 
 import torch
@@ -23,6 +25,11 @@ def cases():
         sizes = torch.full((m // 16,), 16)
         offs = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)]).to(dev)
         yield f"group_advantage M={m} offsets(16)", lambda r=r, o=offs: zk.group_advantage(r, group_offsets=o, validate=False)
+        var = torch.randint(1, 32, (m // 16,), generator=g)
+        var[-1] += m - int(var.sum()) if int(var.sum()) < m else 0
+        vo = torch.cat([torch.zeros(1, dtype=torch.long), var.cumsum(0)]).clamp(max=m)
+        vo[-1] = m
+        yield f"group_advantage M={m} offsets(1-31)", lambda r=r, o=vo.to(dev): zk.group_advantage(r, group_offsets=o, validate=False)
     rows = 262144
     x = torch.randn(rows, K, generator=g).to(dev).requires_grad_(True)
     kw = dict(target=torch.randint(0, K, (rows,), generator=g).to(dev), teacher_logits=torch.randn(rows, K, generator=g).to(dev),
@@ -36,7 +43,10 @@ def cases():
     yield f"score_stats fwd+bwd rows={rows}", lambda: (lambda s: (s.mean.sum() + s.std.sum()).backward())(zk.score_stats(x, validate=False))
 
 
+only = sys.argv[1] if len(sys.argv) > 1 else ""
 for name, fn in cases():
+    if only not in name:
+        continue
     for _ in range(3):
         fn()
     torch.cuda.synchronize()

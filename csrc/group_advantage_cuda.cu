@@ -192,20 +192,20 @@ cudaError_t launch_seg(const T* r, const int64_t* offsets, int64_t G, int64_t gs
 }
 
 template <typename T, typename O>
-cudaError_t dispatch(const T* r, const int64_t* offsets, int64_t G, int64_t gsize, int mode, double eps, O* adv, O* mean,
-                     O* sd, bool* zs, cudaStream_t stream) {
+cudaError_t dispatch(const T* r, const int64_t* offsets, int64_t M, int64_t G, int64_t gsize, int mode, double eps,
+                     O* adv, O* mean, O* sd, bool* zs, cudaStream_t stream) {
   if (G == 0) return cudaSuccess;
-  if (offsets == nullptr && gsize >= 1024) {
+  // typical group size: the fixed size, or the average M / G for variable groups (known from the shapes, so
+  // no host sync); a segment loops over members beyond its lanes, so any actual size is handled
+  const int64_t typical = offsets == nullptr ? gsize : (M + G - 1) / G;
+  if (typical >= 1024) {
     block_kernel<T, O><<<static_cast<unsigned>(G), kBlock, 0, stream>>>(r, offsets, gsize, mode, eps, adv, mean, sd,
                                                                         zs);
     return cudaGetLastError();
   }
-  // lanes per group: the smallest power of two >= the fixed group size, capped at a warp
-  int lanes = 32;
-  if (offsets == nullptr) {
-    lanes = 1;
-    while (lanes < gsize && lanes < 32) lanes <<= 1;
-  }
+  // lanes per group: the smallest power of two >= the typical group size, capped at a warp
+  int lanes = 1;
+  while (lanes < typical && lanes < 32) lanes <<= 1;
   switch (lanes) {
     case 1: return launch_seg<T, O, 1>(r, offsets, G, gsize, mode, eps, adv, mean, sd, zs, stream);
     case 2: return launch_seg<T, O, 2>(r, offsets, G, gsize, mode, eps, adv, mean, sd, zs, stream);
@@ -221,27 +221,26 @@ cudaError_t dispatch(const T* r, const int64_t* offsets, int64_t G, int64_t gsiz
 int group_advantage_cuda_launch(const void* rewards, int in_dtype, const int64_t* offsets, int64_t M, int64_t G,
                                 int64_t group_size, int mode, double eps, void* adv, void* mean, void* stdv,
                                 bool* zero_std, void* stream) {
-  (void)M;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   cudaError_t err;
   switch (in_dtype) {
     case kFloat64:
-      err = dispatch<double, double>(static_cast<const double*>(rewards), offsets, G, group_size, mode, eps,
+      err = dispatch<double, double>(static_cast<const double*>(rewards), offsets, M, G, group_size, mode, eps,
                                      static_cast<double*>(adv), static_cast<double*>(mean), static_cast<double*>(stdv),
                                      zero_std, s);
       break;
     case kFloat32:
-      err = dispatch<float, float>(static_cast<const float*>(rewards), offsets, G, group_size, mode, eps,
+      err = dispatch<float, float>(static_cast<const float*>(rewards), offsets, M, G, group_size, mode, eps,
                                    static_cast<float*>(adv), static_cast<float*>(mean), static_cast<float*>(stdv),
                                    zero_std, s);
       break;
     case kFloat16:
-      err = dispatch<__half, float>(static_cast<const __half*>(rewards), offsets, G, group_size, mode, eps,
+      err = dispatch<__half, float>(static_cast<const __half*>(rewards), offsets, M, G, group_size, mode, eps,
                                     static_cast<float*>(adv), static_cast<float*>(mean), static_cast<float*>(stdv),
                                     zero_std, s);
       break;
     case kBFloat16:
-      err = dispatch<__nv_bfloat16, float>(static_cast<const __nv_bfloat16*>(rewards), offsets, G, group_size, mode,
+      err = dispatch<__nv_bfloat16, float>(static_cast<const __nv_bfloat16*>(rewards), offsets, M, G, group_size, mode,
                                            eps, static_cast<float*>(adv), static_cast<float*>(mean),
                                            static_cast<float*>(stdv), zero_std, s);
       break;

@@ -88,6 +88,22 @@ def test_variable_groups_with_sizes_0_1_2_and_10000(device, mode):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sizes", [
+    [1] * 200 + [500] + [0] * 50 + [2] * 30,  # small average (CUDA: few lanes per group) with one large group
+    [3000, 0, 1, 2000, 17],                   # large average (CUDA: a block per group) with empty and single groups
+])
+def test_variable_groups_far_from_the_average(device, sizes):
+    gen = torch.Generator().manual_seed(len(sizes))
+    offsets = [0]
+    for n in sizes:
+        offsets.append(offsets[-1] + n)
+    r = torch.randn(offsets[-1], generator=gen) * 2 + 5
+    for be in _backends(device):
+        for mode in ("std", "rloo"):
+            _check(r, offsets, mode, 1e-6, device, be)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_large_magnitude_rewards_keep_their_noise(device):
     gen = torch.Generator().manual_seed(1)
     r64 = 1e6 + torch.randn(4096, generator=gen, dtype=torch.float64) * 1e-3
