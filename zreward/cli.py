@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from zreward_kernels import BIN_VALUES, backend_info, gdso_loss, rubric_loss, score_stats
+from zreward_kernels import BIN_VALUES, backend_info, gdso_loss, group_advantage, rubric_loss, score_stats
 
 from .metrics import hpa, plcc, srcc, trimmed_mean
 
@@ -145,6 +145,14 @@ def _op_table(device, rows: int, gen: torch.Generator):
             times[be] = _time(step, device, 20)
         fused = times.get("triton")
         lines.append((name, times["reference"], fused))
+    # the compiled group advantage (C++ on CPU, CUDA kernels on GPU) against its PyTorch reference
+    rewards = torch.randn(rows * 16, generator=gen).to(device)
+    times = {}
+    for be in ("reference", "compiled"):
+        if be == "compiled" and backend_info()["compiled_extension"]["cpu" if device.type == "cpu" else "cuda"] != "loaded":
+            continue
+        times[be] = _time(lambda be=be: group_advantage(rewards, group_size=16, validate=False, backend=be), device, 20)
+    lines.append((f"group_advantage (M={rows * 16}, groups of 16; forward only)", times["reference"], times.get("compiled")))
     return lines
 
 
@@ -182,16 +190,16 @@ def demo(args) -> int:
     out = gdso_loss(samples.requires_grad_(True), ref_scores)
     out.loss.backward()
     print()
-    print(f"gdso_loss on {p} pairs x 2 sides x G={g}: loss {float(out.loss):.4f} (ce {float(out.ce.mean()):.4f}, "
+    print(f"gdso_loss on {p} pairs x 2 sides x G={g}: loss {float(out.loss.detach()):.4f} (ce {float(out.ce.mean()):.4f}, "
           f"pw {float(out.pw.mean()):.4f}); reward mean {float(out.reward.mean()):.4f}, "
           f"advantage mean {float(out.advantage.mean()):+.2e} std {float(out.advantage.std()):.3f}")
 
     print()
     print(f"forward+backward time per call on {device} ({args.op_rows} rows; ms):")
-    print("| op | reference (eager) | fused Triton |")
+    print("| op | reference (eager) | fused Triton / compiled op |")
     print("|---|---|---|")
     for name, ref_ms, fused_ms in _op_table(device, args.op_rows, gen):
-        fused = f"{fused_ms:.3f}" if fused_ms is not None else "n/a (needs CUDA)"
+        fused = f"{fused_ms:.3f}" if fused_ms is not None else "n/a (Triton needs CUDA)"
         print(f"| {name} | {ref_ms:.3f} | {fused} |")
     print()
     print(f"backends used: {backend_info()['last_backend']}; total {time.perf_counter() - t0:.1f} s")

@@ -61,6 +61,19 @@ if HAS_TRITON:
         return p, logp, mu, d, var
 
     @triton.jit
+    def _row_tile(X, stride_x, V, K, n_rows, inv_tau, pid, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Load program ``pid``'s tile of rows (bins padded to BLOCK_K) and its distribution statistics."""
+        cols = tl.arange(0, BLOCK_K)
+        cmask = cols < K
+        v = tl.load(V + cols, mask=cmask, other=0.0).to(tl.float32)
+        rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = rows < n_rows
+        m2 = rmask[:, None] & cmask[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        p, logp, mu, d, var = _dist_stats(x, v, cmask, inv_tau)
+        return rows, rmask, cols, cmask, m2, p, logp, mu, d, var
+
+    @triton.jit
     def _stats_grad(p, d, var, dmu, dstd):
         """dL/dz of a row given upstream dL/dmean (``dmu``) and dL/dstd (``dstd``), per row."""
         std = tl.sqrt(tl.maximum(var, 0.0))
@@ -72,15 +85,8 @@ if HAS_TRITON:
         X, stride_x, V, K, n_rows, inv_tau, PROBS, MEAN, STD,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        cols = tl.arange(0, BLOCK_K)
-        cmask = cols < K
-        v = tl.load(V + cols, mask=cmask, other=0.0).to(tl.float32)
-        rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-        rmask = rows < n_rows
-        m2 = rmask[:, None] & cmask[None, :]
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        p, logp, mu, d, var = _dist_stats(x, v, cmask, inv_tau)
+        rows, rmask, cols, cmask, m2, p, logp, mu, d, var = _row_tile(
+            X, stride_x, V, K, n_rows, inv_tau, tl.program_id(0), BLOCK_R, BLOCK_K)
         tl.store(PROBS + rows[:, None] * K + cols[None, :], p, mask=m2)
         tl.store(MEAN + rows, mu, mask=rmask)
         tl.store(STD + rows, tl.sqrt(tl.maximum(var, 0.0)), mask=rmask)
@@ -92,15 +98,8 @@ if HAS_TRITON:
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_DP: tl.constexpr, HAS_DMU: tl.constexpr, HAS_DSTD: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        cols = tl.arange(0, BLOCK_K)
-        cmask = cols < K
-        v = tl.load(V + cols, mask=cmask, other=0.0).to(tl.float32)
-        rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-        rmask = rows < n_rows
-        m2 = rmask[:, None] & cmask[None, :]
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        p, logp, mu, d, var = _dist_stats(x, v, cmask, inv_tau)
+        rows, rmask, cols, cmask, m2, p, logp, mu, d, var = _row_tile(
+            X, stride_x, V, K, n_rows, inv_tau, tl.program_id(0), BLOCK_R, BLOCK_K)
         dmu = tl.zeros([BLOCK_R], tl.float32)
         dstd = tl.zeros([BLOCK_R], tl.float32)
         if HAS_DMU:
@@ -127,16 +126,9 @@ if HAS_TRITON:
         STORE_CNT: tl.constexpr, REDUCE: tl.constexpr, MEAN_RED: tl.constexpr,
     ):
         pid = tl.program_id(0)
-        cols = tl.arange(0, BLOCK_K)
-        cmask = cols < K
-        v = tl.load(V + cols, mask=cmask, other=0.0).to(tl.float32)
         if pid < n_row_progs:
-            rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-            rmask = rows < n_rows
-            m2 = rmask[:, None] & cmask[None, :]
-            offs = rows[:, None] * stride_x + cols[None, :]
-            x = tl.load(X + offs, mask=m2, other=0.0).to(tl.float32)
-            p, logp, mu, d, var = _dist_stats(x, v, cmask, inv_tau)
+            rows, rmask, cols, cmask, m2, p, logp, mu, d, var = _row_tile(
+                X, stride_x, V, K, n_rows, inv_tau, pid, BLOCK_R, BLOCK_K)
             tl.store(MEAN + rows, mu, mask=rmask)
             tl.store(STD + rows, tl.sqrt(tl.maximum(var, 0.0)), mask=rmask)
             if REDUCE or STORE_ROWS:
@@ -171,6 +163,9 @@ if HAS_TRITON:
                     tl.store(PART + pid * 4 + 3, 0.0)
         else:
             if HAS_PAIRS:
+                cols = tl.arange(0, BLOCK_K)
+                cmask = cols < K
+                v = tl.load(V + cols, mask=cmask, other=0.0).to(tl.float32)
                 pidx = (pid - n_row_progs).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
                 pm = pidx < n_pairs
                 # clamp so that unvalidated indices can never read out of bounds
@@ -243,15 +238,8 @@ if HAS_TRITON:
         CE_MODE: tl.constexpr, CE_MEAN: tl.constexpr, KL_MODE: tl.constexpr,
         HAS_CNT: tl.constexpr, HAS_DMU: tl.constexpr, HAS_DSTD: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        cols = tl.arange(0, BLOCK_K)
-        cmask = cols < K
-        v = tl.load(V + cols, mask=cmask, other=0.0).to(tl.float32)
-        rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-        rmask = rows < n_rows
-        m2 = rmask[:, None] & cmask[None, :]
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        p, logp, mu, d, var = _dist_stats(x, v, cmask, inv_tau)
+        rows, rmask, cols, cmask, m2, p, logp, mu, d, var = _row_tile(
+            X, stride_x, V, K, n_rows, inv_tau, tl.program_id(0), BLOCK_R, BLOCK_K)
         ko = rows[:, None] * K + cols[None, :]
         g = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
         if CE_MODE > 0:
