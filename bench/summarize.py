@@ -31,8 +31,15 @@ def main() -> None:
     torch_versions = set()
     launch = []
     adv = defaultdict(dict)
+    head = defaultdict(dict)
     for b in data["benchmarks"]:
         ei = b.get("extra_info", {})
+        if ei.get("op") == "restricted_head":
+            devices.add(ei.get("device_name", "?"))
+            # the gradient of the hidden states is the backward's requested output, the same for both paths
+            grad = ei["n"] * ei["h"] * (4 if ei["dtype"].endswith("float32") else 2) if ei["mode"] == "fwd+bwd" else 0
+            head[(ei["mode"], ei["n"])][ei["impl"]] = (b["stats"]["median"] * 1e3, ei.get("peak_mem_bytes"), grad)
+            continue
         if ei.get("op") == "group_advantage":
             devices.add(ei.get("device_name", "?"))
             adv[(ei["groups"], ei["m"])][ei["impl"]] = b["stats"]["median"] * 1e3
@@ -84,6 +91,24 @@ def main() -> None:
             sl = f"{lo / co:.0f}x" if lo and co else "-"
             sv = f"{ve / co:.1f}x" if ve and co else "-"
             print(f"| {grp} | {m} | {_fmt_ms(lo)} | {_fmt_ms(ve)} | {_fmt_ms(co)} | {sl} | {sv} |")
+
+    if head:
+        print("\n## Vocab-restricted head (H = 3584, V = 152064, K = 9)\n")
+        print("Median ms and peak extra memory (MiB) of one call; ratios full / restricted. \"beyond dH\" subtracts "
+              "the hidden-state gradient (N x H), the output the backward is asked for, from both peaks.\n")
+        print("| mode | N | full head ms | restricted ms | time ratio | full MiB | restricted MiB | memory ratio "
+              "| memory ratio beyond dH |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for (mode, n) in sorted(head, key=lambda k: (k[0], k[1])):
+            r = head[(mode, n)]
+            f, rr = r.get("full_head"), r.get("restricted")
+            tr = f"{f[0] / rr[0]:,.0f}x" if f and rr else "-"
+            mr = f"{f[1] / rr[1]:,.0f}x" if f and rr and rr[1] else "-"
+            beyond = "-"
+            if f and rr and rr[1] - rr[2] > 0:
+                beyond = f"{(f[1] - f[2]) / (rr[1] - rr[2]):,.0f}x" if mode == "fwd+bwd" else mr
+            print(f"| {mode} | {n} | {_fmt_ms(f[0]) if f else '-'} | {_fmt_ms(rr[0]) if rr else '-'} | {tr} | "
+                  f"{_fmt_mb(f[1]) if f else '-'} | {_fmt_mb(rr[1]) if rr else '-'} | {mr} | {beyond} |")
 
     if launch:
         print("\nHost cost of one call (median over rounds of 200 calls, one sync per round), microseconds:\n")

@@ -5,8 +5,9 @@ The maths lives in :mod:`zreward_kernels`; this package imports it and never the
 
 from zreward_kernels import BIN_VALUES, backend_info, gdso_loss, rubric_loss, score_stats
 
+from .heads import RestrictedHead
 from .losses import GDSOLoss, RubricLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["BIN_VALUES", "GDSOLoss", "RubricLoss", "backend_info", "gdso_loss", "rubric_loss", "score_stats"]
+__all__ = ["BIN_VALUES", "GDSOLoss", "RestrictedHead", "RubricLoss", "backend_info", "gdso_loss", "rubric_loss", "score_stats"]

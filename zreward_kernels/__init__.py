@@ -11,6 +11,7 @@ from ._dispatch import backend_info
 from .advantage import group_advantage
 from .ops import gdso_loss, rubric_loss, score_stats
 from .reference import GDSOOutput, GroupStats, RubricLossOutput, ScoreStats
+from .restricted import gdso_loss_from_hidden, restricted_logits, rubric_loss_from_hidden, score_stats_from_hidden
 
 __version__ = "0.1.0"
 
@@ -22,7 +23,11 @@ __all__ = [
     "ScoreStats",
     "backend_info",
     "gdso_loss",
+    "gdso_loss_from_hidden",
     "group_advantage",
+    "restricted_logits",
+    "rubric_loss_from_hidden",
+    "score_stats_from_hidden",
     "rubric_loss",
     "score_stats",
 ]

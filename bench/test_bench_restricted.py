@@ -1,0 +1,64 @@
+"""Vocab-restricted score head vs full LM head then gather, at Qwen2.5-7B shapes.
+
+H = 3584, V = 152064, K = 9 score tokens, fp32 on CPU (bf16 on CUDA), N = 16 .. 4096 score
+positions; "fwd" = logits only, "fwd+bwd" = logits -> score_stats mean -> backward into the
+hidden states (the LM head frozen, as when only the backbone or adapters train).  The full head
+runs on CPU only up to N = 1024 (one N = 1024 forward is about 1.1 TFLOP).
+"""
+
+import pytest
+import torch
+from conftest import DEVICE, QUICK, peak_memory_bytes, sync
+
+from zreward_kernels import restricted_logits, score_stats
+
+H, V = 3584, 152064
+IDS = list(range(151665, 151674))  # nine ids near the end of the vocabulary, like added special tokens
+SIZES = [16, 64] if QUICK else [16, 64, 256, 1024, 4096]
+DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+_WEIGHT = {}
+
+
+def _weight():
+    if "w" not in _WEIGHT:
+        g = torch.Generator().manual_seed(0)
+        _WEIGHT["w"] = (torch.randn(V, H, generator=g) * 0.02).to(DEVICE, DTYPE)
+    return _WEIGHT["w"]
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("impl", ["full_head", "restricted"])
+def test_restricted_head(benchmark, impl, mode, n):
+    if impl == "full_head" and DEVICE.type == "cpu" and n > 1024:
+        pytest.skip("full head at N > 1024 on CPU takes minutes; the goal point is N = 1024")
+    weight = _weight()
+    ids = torch.tensor(IDS, device=DEVICE)
+    hidden = torch.randn(n, H, generator=torch.Generator().manual_seed(n)).to(DEVICE, DTYPE)
+    hidden.requires_grad_(mode == "fwd+bwd")
+
+    def logits():
+        if impl == "full_head":
+            return (hidden @ weight.t())[:, ids]
+        return restricted_logits(hidden, weight, ids, validate=False)
+
+    def step():
+        hidden.grad = None
+        if mode == "fwd":
+            with torch.no_grad():
+                out = logits()
+        else:
+            out = logits()
+            score_stats(out, validate=False).mean.sum().backward()
+        sync()
+        return out
+
+    slow = impl == "full_head" and DEVICE.type == "cpu" and n >= 256
+    if not slow:
+        step()
+    peak = peak_memory_bytes(step)
+    benchmark.group = f"restricted head {mode} N={n}"
+    benchmark.extra_info.update(op="restricted_head", impl=impl, mode=mode, n=n, h=H, v=V, dtype=str(DTYPE),
+                                peak_mem_bytes=peak, device=str(DEVICE), torch=torch.__version__,
+                                device_name=torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else "cpu")
+    benchmark.pedantic(step, rounds=1 if slow else 10, iterations=1, warmup_rounds=0)

@@ -1,0 +1,95 @@
+"""Hugging Face helpers and RestrictedHead on tiny models built from configs (no hub access)."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from zreward.heads import RestrictedHead  # noqa: E402
+from zreward.hf import final_hidden_states, lm_head_params  # noqa: E402
+from zreward_kernels import restricted_logits  # noqa: E402
+
+IDS = [11, 5, 90, 43, 77, 2, 60, 31, 19]
+
+
+def _tiny(kind: str, tied: bool):
+    torch.manual_seed(0)
+    common = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(**common)
+        model = transformers.LlamaForCausalLM(cfg)
+    else:
+        cfg = transformers.Qwen2Config(**common)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_restricted_equals_full_logits_at_positions(kind, tied):
+    model = _tiny(kind, tied)
+    ids = torch.randint(0, 128, (3, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # a padded sequence: its score position is 6
+    pos = torch.tensor([9, 6, -1])
+    weight, bias = lm_head_params(model)
+    if tied:
+        assert weight is model.get_input_embeddings().weight
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits  # [B, T, V]
+        h = final_hidden_states(model, pos, input_ids=ids, attention_mask=mask)
+        got = restricted_logits(h, weight, IDS, bias)
+    want = full[torch.arange(3), torch.tensor([9, 6, 9])][:, IDS]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # [B, P] positions and a boolean mask give the same rows
+    with torch.no_grad():
+        hp = final_hidden_states(model, torch.tensor([[9, 2]] * 3), input_ids=ids, attention_mask=mask)
+        bm = torch.zeros(3, 10, dtype=torch.bool)
+        bm[:, 2] = True
+        hb = final_hidden_states(model, bm, input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(hp[:, 1], hb)
+
+
+def test_tied_embedding_receives_only_score_row_gradients():
+    model = _tiny("llama", tied=True)
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(2))
+    weight, _ = lm_head_params(model)
+    h = final_hidden_states(model, torch.tensor([7, 7]), input_ids=ids)
+    restricted_logits(h, weight, IDS).sum().backward()
+    g = model.get_input_embeddings().weight.grad
+    assert g is not None
+    used = set(IDS) | set(ids.flatten().tolist())  # score rows (head) + looked-up rows (embedding)
+    untouched = [i for i in range(128) if i not in used]
+    assert float(g[untouched].abs().sum()) == 0.0
+    assert float(g[IDS].abs().sum()) > 0
+
+
+def test_bad_positions():
+    model = _tiny("llama", tied=False)
+    ids = torch.randint(0, 128, (2, 8))
+    with pytest.raises(ValueError, match=r"positions must lie in \[-8, 8\)"):
+        final_hidden_states(model, torch.tensor([8, 0]), input_ids=ids)
+    with pytest.raises(ValueError, match=r"positions must be \[B\] or \[B, P\] with B = 2"):
+        final_hidden_states(model, torch.tensor([1, 2, 3]), input_ids=ids)
+    with pytest.raises(TypeError, match="positions must be an integer or boolean tensor"):
+        final_hidden_states(model, torch.tensor([1.0, 2.0]), input_ids=ids)
+
+
+def test_restricted_head_trains_rows_and_writes_back():
+    model = _tiny("qwen2", tied=False)
+    weight, bias = lm_head_params(model)
+    head = RestrictedHead.from_lm_head(weight, IDS, bias)
+    h = torch.randn(5, 32)
+    torch.testing.assert_close(head(h), restricted_logits(h, weight, IDS, bias).detach())
+    opt = torch.optim.AdamW(head.parameters(), lr=0.1)
+    head(h).pow(2).mean().backward()
+    assert head.weight.grad.shape == (9, 32)
+    opt.step()
+    before = weight.detach().clone()
+    head.write_back(weight.data)
+    torch.testing.assert_close(weight.detach()[IDS], head.weight.detach())
+    others = [i for i in range(128) if i not in IDS]
+    assert torch.equal(weight.detach()[others], before[others])
+    with pytest.raises(ValueError, match="token_ids must be distinct"):
+        RestrictedHead.from_lm_head(weight, [1, 1])

@@ -1,0 +1,136 @@
+"""restricted_logits and the *_from_hidden ops against the full LM head followed by a gather."""
+
+import pytest
+import torch
+from kernel_helpers import assert_close
+
+from zreward_kernels import (
+    gdso_loss,
+    gdso_loss_from_hidden,
+    restricted_logits,
+    rubric_loss,
+    rubric_loss_from_hidden,
+    score_stats,
+    score_stats_from_hidden,
+)
+
+V, H = 300, 32
+IDS = [17, 3, 250, 99, 42, 7, 188, 120, 64]
+
+
+def _setup(dtype=torch.float32, seed=0, lead=(40,)):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*lead, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) * 0.2).to(dtype)
+    bias = (torch.randn(V, generator=g) * 0.1).to(dtype)
+    return hidden, weight, bias
+
+
+def _grads(fn, hidden, weight, bias):
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    b = bias.clone().requires_grad_(True)
+    out = fn(h, w, b)
+    out.backward()
+    return out.detach(), h.grad, w.grad, b.grad
+
+
+def _full(h, w, b):
+    return (h @ w.t() + b)[..., IDS]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_parity_with_full_head_through_rubric_loss(dtype, tol):
+    hidden, weight, bias = _setup(dtype, lead=(20, 3))
+    t = torch.randint(0, 9, (20, 3), generator=torch.Generator().manual_seed(1))
+    pairs = torch.tensor([[0, 5], [7, 59], [33, 2]])
+    gaps = torch.tensor([0.5, -1.0, 2.0])
+    kw = dict(target=t, pairs=pairs, pair_gaps=gaps)
+
+    def full(h, w, b):
+        return rubric_loss(_full(h, w, b).float(), **kw).loss
+
+    def restricted(h, w, b):
+        return rubric_loss_from_hidden(h, w, IDS, b, **kw).loss
+
+    ref = _grads(full, hidden, weight, bias)
+    got = _grads(restricted, hidden, weight, bias)
+    for name, a, e in zip(("loss", "hidden", "weight", "bias"), got, ref):
+        assert a.dtype == e.dtype, name
+        assert_close(a, e, atol=tol, rtol=tol, name=name)
+    # only the K used rows of the weight carry gradient
+    mask = torch.zeros(V, dtype=torch.bool)
+    mask[IDS] = True
+    assert float(got[2][~mask].abs().sum()) == 0.0 and float(got[2][mask].abs().sum()) > 0
+
+
+def test_sparse_weight_gradient_equals_dense_rows():
+    hidden, weight, bias = _setup()
+
+    def loss(mode):
+        h = hidden.clone().requires_grad_(True)
+        w = weight.clone().requires_grad_(True)
+        b = bias.clone().requires_grad_(True)
+        s = score_stats(restricted_logits(h, w, IDS, b, weight_grad=mode))
+        (s.mean.sum() + s.std.sum()).backward()
+        return h.grad, w.grad, b.grad
+
+    dh, dw, db = loss("dense")
+    sh, sw, sb = loss("sparse")
+    assert sw.is_sparse and sb.is_sparse and not dw.is_sparse
+    assert sw.coalesce().indices().shape[1] == len(IDS)  # K rows, never a dense [V, H] tensor
+    assert_close(sh, dh)
+    assert_close(sw.to_dense(), dw)
+    assert_close(sb.to_dense(), db)
+
+
+def test_frozen_weight_gets_no_gradient():
+    hidden, weight, _ = _setup()
+    h = hidden.clone().requires_grad_(True)
+    out = score_stats_from_hidden(h, weight, IDS)
+    out.mean.sum().backward()
+    assert weight.grad is None and h.grad is not None
+
+
+def test_score_stats_and_gdso_from_hidden():
+    hidden, weight, bias = _setup(lead=(4, 2, 3))
+    s1 = score_stats_from_hidden(hidden, weight, torch.tensor(IDS), bias)
+    s2 = score_stats(_full(hidden, weight, bias))
+    for a, b in zip(s1, s2):
+        assert_close(a, b)
+    scores = torch.tensor([[4.5, 2.0], [3.0, 3.0], [1.0, 5.0], [2.5, 2.0]])
+    g1 = gdso_loss_from_hidden(hidden, weight, IDS, scores, bias)
+    g2 = gdso_loss(_full(hidden, weight, bias), scores)
+    for a, b in zip(g1, g2):
+        assert_close(a, b)
+
+
+def test_mixed_dtypes_cast_rows_to_hidden():
+    hidden, weight, _ = _setup()
+    out = restricted_logits(hidden.to(torch.bfloat16), weight, IDS)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, (hidden.to(torch.bfloat16) @ weight[IDS].to(torch.bfloat16).t()), atol=1e-2, rtol=1e-2)
+
+
+def test_bad_inputs():
+    hidden, weight, bias = _setup()
+    with pytest.raises(ValueError, match="token_ids must be distinct"):
+        restricted_logits(hidden, weight, [3, 5, 3])
+    with pytest.raises(ValueError, match=r"token_ids must lie in \[0, 300\)"):
+        restricted_logits(hidden, weight, [3, 300])
+    with pytest.raises(ValueError, match=r"token_ids must lie in \[0, 300\)"):
+        restricted_logits(hidden, weight, [-1, 4])
+    with pytest.raises(TypeError, match="token_ids must be an int32/int64 tensor"):
+        restricted_logits(hidden, weight, torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="at least one id"):
+        restricted_logits(hidden, weight, [])
+    with pytest.raises(ValueError, match=r"hidden's last dimension \(31\) must equal lm_head_weight's H \(32\)"):
+        restricted_logits(hidden[:, :31], weight, IDS)
+    with pytest.raises(ValueError, match=r"lm_head_weight must be \[V, H\]"):
+        restricted_logits(hidden, weight[None], IDS)
+    with pytest.raises(ValueError, match=r"bias must be \[V\] = \[300\]"):
+        restricted_logits(hidden, weight, IDS, bias[:10])
+    with pytest.raises(ValueError, match="weight_grad must be one of"):
+        restricted_logits(hidden, weight, IDS, weight_grad="rows")
+    with pytest.raises(TypeError, match="hidden must be a floating-point tensor"):
+        restricted_logits(hidden.long(), weight, IDS)

@@ -1,0 +1,183 @@
+"""Vocab-restricted score head: the K score-token logits without the full-vocabulary projection.
+
+A reward VLM only needs the logits of its K score tokens at each score position; the usual path
+computes all V (about 152k for Qwen) and gathers K.  ``restricted_logits`` gathers the K rows of
+the LM head first and projects onto them: ``hidden [..., H] @ W[token_ids].T -> [..., K]``.
+
+Gradients reach ``hidden`` and, when the weight requires grad, the K used rows of the weight:
+
+* ``weight_grad="dense"`` (default): plain autograd; the weight's gradient is the dense ``[V, H]``
+  tensor the full head would also produce (zeros outside the K rows) -- what standard optimizers
+  such as AdamW expect;
+* ``weight_grad="sparse"``: the weight's gradient is a sparse COO tensor holding only the K rows
+  (as ``nn.Embedding(sparse=True)`` does), so no dense ``[V, H]`` gradient is ever allocated; use
+  an optimizer that accepts sparse gradients, or keep the rows as their own parameter
+  (:class:`zreward.heads.RestrictedHead`);
+* a frozen weight (``requires_grad=False``) gets no gradient at all.
+
+The ``*_from_hidden`` entry points compose the projection with the fused rubric ops.  The only
+row-proportional intermediate they add is the ``[N, K]`` logits tensor (K = 9: 36 bytes per row in
+fp32, against the ``H * 2`` bytes of each bf16 hidden row the caller already holds), so peak extra
+memory stays flat in V and tiny in N without chunking; ``bench/test_bench_restricted.py`` measures it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ._common import BIN_VALUES, check_float_tensor, check_same_device, data_checks_enabled
+from .ops import gdso_loss, rubric_loss, score_stats
+from .reference import GDSOOutput, RubricLossOutput, ScoreStats
+
+_WEIGHT_GRAD = ("dense", "sparse")
+
+
+class _SparseRowsFn(torch.autograd.Function):
+    """``hidden @ W[ids].T (+ b[ids])`` whose weight/bias gradients are sparse COO row tensors."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ids, bias):
+        rows = weight.index_select(0, ids)
+        out = hidden @ rows.to(hidden.dtype).t()
+        if bias is not None:
+            out = out + bias.index_select(0, ids).to(out.dtype)
+        ctx.save_for_backward(hidden, rows, ids)
+        ctx.weight_shape = weight.shape
+        ctx.bias_shape = None if bias is None else bias.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        hidden, rows, ids = ctx.saved_tensors
+        d_hidden = d_weight = d_bias = None
+        if ctx.needs_input_grad[0]:
+            d_hidden = g @ rows.to(g.dtype)
+        if ctx.needs_input_grad[1]:
+            d_rows = (g.t() @ hidden).to(rows.dtype)
+            d_weight = torch.sparse_coo_tensor(ids.unsqueeze(0), d_rows, ctx.weight_shape, check_invariants=False)
+        if ctx.needs_input_grad[3]:
+            d_bias = torch.sparse_coo_tensor(ids.unsqueeze(0), g.sum(0).to(ctx.bias_dtype), ctx.bias_shape,
+                                             check_invariants=False)
+        return d_hidden, d_weight, None, d_bias
+
+
+def _as_ids(token_ids, device: torch.device) -> torch.Tensor:
+    if isinstance(token_ids, torch.Tensor):
+        if token_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"token_ids must be an int32/int64 tensor, got {token_ids.dtype}")
+        if token_ids.dim() != 1:
+            raise ValueError(f"token_ids must be 1-D [K], got shape {tuple(token_ids.shape)}")
+        if token_ids.device != device:
+            raise ValueError(f"token_ids is on {token_ids.device} but hidden is on {device}")
+        return token_ids.long()
+    try:
+        ids = [int(t) for t in token_ids]
+    except TypeError as exc:
+        raise TypeError(f"token_ids must be a 1-D integer tensor or a sequence of ints, got {token_ids!r}") from exc
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def restricted_logits(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    token_ids: Union[torch.Tensor, Sequence[int]],
+    bias: Optional[torch.Tensor] = None,
+    *,
+    weight_grad: str = "dense",
+    validate: bool = True,
+) -> torch.Tensor:
+    """Logits of the K ``token_ids`` only: ``hidden [..., H] -> [..., K]``, in ``hidden``'s dtype.
+
+    Equal to ``(hidden @ lm_head_weight.T + bias)[..., token_ids]`` without the ``[..., V]``
+    intermediate.  ``token_ids`` must be distinct and inside ``[0, V)`` (checked when ``validate``;
+    the range check reads values, so it is skipped under ``validate=False`` / torch.compile /
+    CUDA-graph capture, where an out-of-range id is an indexing error of ``index_select``).  A
+    weight of another dtype than ``hidden`` (fp32 master weights, bf16 activations) is cast after
+    the K rows are gathered.  See the module docstring for ``weight_grad``.
+    """
+    check_float_tensor("hidden", hidden)
+    check_float_tensor("lm_head_weight", lm_head_weight)
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have a last dimension H")
+    if lm_head_weight.dim() != 2:
+        raise ValueError(f"lm_head_weight must be [V, H], got shape {tuple(lm_head_weight.shape)}")
+    v, h = lm_head_weight.shape
+    if hidden.shape[-1] != h:
+        raise ValueError(f"hidden's last dimension ({hidden.shape[-1]}) must equal lm_head_weight's H ({h})")
+    if weight_grad not in _WEIGHT_GRAD:
+        raise ValueError(f"weight_grad must be one of {_WEIGHT_GRAD}, got {weight_grad!r}")
+    if bias is not None:
+        check_float_tensor("bias", bias)
+        if tuple(bias.shape) != (v,):
+            raise ValueError(f"bias must be [V] = [{v}], got shape {tuple(bias.shape)}")
+    check_same_device("hidden", hidden, lm_head_weight=lm_head_weight, bias=bias)
+    ids = _as_ids(token_ids, hidden.device)
+    if ids.numel() == 0:
+        raise ValueError("token_ids must hold at least one id")
+    if data_checks_enabled(validate):
+        if bool(((ids < 0) | (ids >= v)).any()):
+            bad = ids[(ids < 0) | (ids >= v)][0]
+            raise ValueError(f"token_ids must lie in [0, {v}) (the LM head's vocabulary); found {int(bad)}")
+        if torch.unique(ids).numel() != ids.numel():
+            raise ValueError(f"token_ids must be distinct, got {ids.tolist()}")
+    lead = hidden.shape[:-1]
+    x = hidden.reshape(-1, h)
+    if weight_grad == "sparse" and torch.is_grad_enabled():
+        out = _SparseRowsFn.apply(x, lm_head_weight, ids, bias)
+    else:
+        out = x @ lm_head_weight.index_select(0, ids).to(x.dtype).t()
+        if bias is not None:
+            out = out + bias.index_select(0, ids).to(out.dtype)
+    return out.reshape(*lead, ids.numel())
+
+
+def score_stats_from_hidden(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    token_ids,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    weight_grad: str = "dense",
+    bin_values: Sequence[float] = BIN_VALUES,
+    temperature: float = 1.0,
+    backend: Optional[str] = None,
+    validate: bool = True,
+) -> ScoreStats:
+    """:func:`zreward_kernels.score_stats` of the restricted logits of ``hidden [..., H]``."""
+    logits = restricted_logits(hidden, lm_head_weight, token_ids, bias, weight_grad=weight_grad, validate=validate)
+    return score_stats(logits, bin_values=bin_values, temperature=temperature, backend=backend, validate=validate)
+
+
+def rubric_loss_from_hidden(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    token_ids,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    weight_grad: str = "dense",
+    **kwargs,
+) -> RubricLossOutput:
+    """:func:`zreward_kernels.rubric_loss` of the restricted logits of ``hidden [N, H]`` or
+    ``[N, D, H]``; every keyword of ``rubric_loss`` is accepted."""
+    logits = restricted_logits(hidden, lm_head_weight, token_ids, bias, weight_grad=weight_grad,
+                               validate=kwargs.get("validate", True))
+    return rubric_loss(logits, **kwargs)
+
+
+def gdso_loss_from_hidden(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    token_ids,
+    scores: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    weight_grad: str = "dense",
+    **kwargs,
+) -> GDSOOutput:
+    """:func:`zreward_kernels.gdso_loss` of the restricted logits of ``hidden [P, 2, G, H]``."""
+    logits = restricted_logits(hidden, lm_head_weight, token_ids, bias, weight_grad=weight_grad,
+                               validate=kwargs.get("validate", True))
+    return gdso_loss(logits, scores, **kwargs)
