@@ -93,3 +93,31 @@ def test_restricted_head_trains_rows_and_writes_back():
     assert torch.equal(weight.detach()[others], before[others])
     with pytest.raises(ValueError, match="token_ids must be distinct"):
         RestrictedHead.from_lm_head(weight, [1, 1])
+
+
+def test_vlm_with_an_image():
+    """Qwen2-VL: the backbone includes the vision tower, so image tokens are merged before the score position."""
+    import inspect
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2VLConfig(
+        text_config=dict(vocab_size=160, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
+        image_token_id=150, video_token_id=151, vision_start_token_id=152, vision_end_token_id=153)
+    model = transformers.Qwen2VLForConditionalGeneration(cfg).eval()
+    ids = torch.tensor([[1, 2, 152, 150, 153, 5, 6, 7]])
+    inputs = dict(input_ids=ids, pixel_values=torch.randn(4, 3 * 2 * 14 * 14), image_grid_thw=torch.tensor([[1, 2, 2]]))
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        inputs["mm_token_type_ids"] = (ids == 150).int()
+    weight, bias = lm_head_params(model)
+    with torch.no_grad():
+        full = model(**inputs).logits[:, 7, IDS]
+        got = restricted_logits(final_hidden_states(model, torch.tensor([7]), **inputs), weight, IDS, bias)
+        other = inputs["pixel_values"] + 1.0  # the image matters: another image changes the score logits
+        moved = restricted_logits(final_hidden_states(model, torch.tensor([7]), **{**inputs, "pixel_values": other}),
+                                  weight, IDS, bias)
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
+    assert float((moved - got).abs().max()) > 1e-6
