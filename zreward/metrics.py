@@ -1,88 +1,279 @@
-"""Evaluation metrics of SPEC section 5 (the core; the scoring-library issue extends this module).
+"""Evaluation metrics (SPEC section 5).
 
-* :func:`hpa`: human preference accuracy over same-group, same-dimension pairs whose reference
-  scores differ; a pair is correct iff ``(mu_a - mu_b)(s_a - s_b) > 0``, so a predicted tie is
-  wrong.  ``margin`` keeps only pairs with ``|s_a - s_b| > margin`` (margin HPA uses 0.5).
-* :func:`plcc` (Pearson, raw) and :func:`srcc` (Spearman, average ranks for ties).
+* :func:`hpa` -- human preference accuracy over pairs within the same group (prompt) and dimension
+  whose reference scores differ; a pair is correct iff ``(mu_a - mu_b)(s_a - s_b) > 0``, so a
+  predicted tie is wrong (``pred_ties="wrong"``, the SPEC).  Labelled alternatives:
+  ``pred_ties="half"`` (a predicted tie counts 0.5) and ``pred_ties="skip"`` (such pairs are left
+  out).  ``margin`` keeps only pairs with ``|s_a - s_b| > margin`` (margin HPA: 0.5).
+* :func:`plcc` (Pearson on the raw scores; ``logistic=True`` first maps the predictions through the
+  4-parameter logistic fitted to the references, as image-quality work does), :func:`srcc`
+  (Spearman), :func:`krcc` (Kendall tau-b).
+* Distribution metrics against rater histograms over the bins: :func:`kl_divergence`
+  ``KL(raters || model)``, :func:`js_divergence` (base 2, in [0, 1]) and :func:`wasserstein1`
+  (earth mover's distance on the score axis).
+* :func:`pairwise_ece` -- calibration of the pairwise preference probability
+  ``P(a > b) = P(X_a > X_b) + 0.5 P(X_a = X_b)`` with independent ``X ~`` each item's predicted
+  distribution, oriented towards the predicted winner and binned by confidence (10 bins).
+* :func:`trimmed_mean` -- the test-set reference: mean after dropping the highest and lowest rating.
+* :func:`evaluate` -- all of the above, pooled over dimensions and per dimension.
+
+Inputs may be tensors, arrays or lists; computation is float64 numpy/scipy.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import warnings
+from typing import Dict, Optional, Sequence
 
-import torch
+import numpy as np
+
+PRED_TIES = ("wrong", "half", "skip")
 
 
-def hpa(pred: torch.Tensor, ref: torch.Tensor, groups: torch.Tensor, margin: float = 0.0) -> float:
-    """HPA of predictions ``pred [N]`` against reference scores ``ref [N]`` within ``groups [N]``.
+def _np(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
 
-    Every unordered pair ``(a, b)`` with ``groups[a] == groups[b]`` and ``|ref_a - ref_b| > margin``
-    (and ``ref_a != ref_b``) counts once.  Returns NaN when there is no such pair.
-    """
-    pred, ref, groups = pred.detach().double().flatten(), ref.detach().double().flatten(), groups.flatten()
-    if not (pred.shape == ref.shape == groups.shape):
-        raise ValueError(f"pred, ref and groups must have the same length, got {pred.shape}, {ref.shape}, {groups.shape}")
-    order = torch.argsort(groups, stable=True)
-    pred, ref, groups = pred[order], ref[order], groups[order]
-    _, counts = torch.unique_consecutive(groups, return_counts=True)
-    correct = 0
-    total = 0
-    start = 0
-    for c in counts.tolist():  # groups are small (a prompt's candidates); pairs inside are vectorised
-        p, r = pred[start:start + c], ref[start:start + c]
-        start += c
-        if c < 2:
+
+def _pairs_within(groups: np.ndarray):
+    """Index pairs (a < b) of items sharing a group id."""
+    order = np.argsort(groups, kind="stable")
+    g = groups[order]
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+    ends = np.r_[starts[1:], len(g)]
+    aa, bb = [], []
+    for s, e in zip(starts, ends):
+        if e - s < 2:
             continue
-        iu = torch.triu_indices(c, c, offset=1)
-        dr = r[iu[0]] - r[iu[1]]
-        dp = p[iu[0]] - p[iu[1]]
-        keep = (dr != 0) & (dr.abs() > margin)
-        total += int(keep.sum())
-        correct += int(((dp * dr) > 0)[keep].sum())
-    return correct / total if total else float("nan")
+        iu, ju = np.triu_indices(e - s, k=1)
+        aa.append(order[s + iu])
+        bb.append(order[s + ju])
+    if not aa:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(aa), np.concatenate(bb)
 
 
-def plcc(pred: torch.Tensor, ref: torch.Tensor) -> float:
-    """Pearson linear correlation (raw, no logistic fit)."""
-    x = pred.detach().double().flatten()
-    y = ref.detach().double().flatten()
-    x = x - x.mean()
-    y = y - y.mean()
-    den = (x.norm() * y.norm()).item()
-    return float((x @ y).item() / den) if den > 0 else float("nan")
+def hpa(pred, ref, groups, margin: float = 0.0, pred_ties: str = "wrong") -> float:
+    """HPA of predictions against reference scores within groups (NaN when no pair qualifies).
 
-
-def _average_ranks(x: torch.Tensor) -> torch.Tensor:
-    sorted_x, order = torch.sort(x, stable=True)
-    ranks = torch.empty_like(x)
-    _, inverse, counts = torch.unique_consecutive(sorted_x, return_inverse=True, return_counts=True)
-    ends = torch.cumsum(counts, 0).double()
-    starts = ends - counts.double()
-    avg = (starts + ends - 1) / 2  # mean 0-based position of each tie block
-    ranks[order] = avg[inverse] + 1
-    return ranks
-
-
-def srcc(pred: torch.Tensor, ref: torch.Tensor) -> float:
-    """Spearman rank correlation (ties get average ranks, as scipy.stats.spearmanr)."""
-    x = pred.detach().double().flatten()
-    y = ref.detach().double().flatten()
-    return plcc(_average_ranks(x), _average_ranks(y))
-
-
-def trimmed_mean(ratings: torch.Tensor, dim: int = -1, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Reference score: mean after dropping one highest and one lowest rating (SPEC section 2).
-
-    With fewer than three ratings the plain mean is used.
+    ``groups`` must already separate dimensions (e.g. ``prompt_id * D + d``); every unordered pair in
+    a group with ``ref_a != ref_b`` and ``|ref_a - ref_b| > margin`` counts once.
     """
-    r = ratings.double()
-    if mask is None:
-        mask = torch.ones_like(r, dtype=torch.bool)
-    n = mask.sum(dim)
-    big = torch.finfo(torch.float64).max
-    total = torch.where(mask, r, 0).sum(dim)
-    hi = torch.where(mask, r, -big).max(dim).values
-    lo = torch.where(mask, r, big).min(dim).values
-    trimmed = (total - hi - lo) / (n - 2).clamp(min=1)
-    plain = total / n.clamp(min=1)
-    return torch.where(n >= 3, trimmed, plain)
+    if pred_ties not in PRED_TIES:
+        raise ValueError(f"pred_ties must be one of {PRED_TIES}, got {pred_ties!r}")
+    p, r = _np(pred).ravel(), _np(ref).ravel()
+    g = np.asarray(groups.detach().cpu() if hasattr(groups, "detach") else groups).ravel()
+    if not (p.shape == r.shape == g.shape):
+        raise ValueError(f"pred, ref and groups must have the same length, got {p.shape}, {r.shape}, {g.shape}")
+    a, b = _pairs_within(g)
+    dr = r[a] - r[b]
+    dp = p[a] - p[b]
+    keep = (dr != 0) & (np.abs(dr) > margin)
+    dr, dp = dr[keep], dp[keep]
+    correct = (dp * dr) > 0
+    tie = dp == 0
+    if pred_ties == "skip":
+        correct, tie = correct[~tie], tie[~tie]
+    if correct.size == 0:
+        return float("nan")
+    score = correct.sum() + (0.5 * tie.sum() if pred_ties == "half" else 0.0)
+    return float(score / correct.size)
+
+
+def _logistic4(x, b1, b2, b3, b4):
+    return (b1 - b2) / (1 + np.exp(-(x - b3) / np.abs(b4))) + b2
+
+
+def plcc(pred, ref, logistic: bool = False) -> float:
+    """Pearson correlation; with ``logistic=True`` after a fitted 4-parameter logistic mapping."""
+    from scipy.optimize import OptimizeWarning, curve_fit
+    from scipy.stats import pearsonr
+
+    x, y = _np(pred).ravel(), _np(ref).ravel()
+    if x.size < 2 or np.std(x) == 0 or np.std(y) == 0:
+        return float("nan")
+    if logistic:
+        p0 = [y.max(), y.min(), float(np.mean(x)), float(np.std(x)) or 1.0]
+        try:
+            with warnings.catch_warnings():  # an exact fit has no covariance estimate; that is fine here
+                warnings.simplefilter("ignore", OptimizeWarning)
+                params, _ = curve_fit(_logistic4, x, y, p0=p0, maxfev=20000)
+            x = _logistic4(x, *params)
+        except RuntimeError:  # the fit did not converge: report the raw correlation, not garbage
+            pass
+        if np.std(x) == 0:
+            return float("nan")
+    return float(pearsonr(x, y)[0])
+
+
+def srcc(pred, ref) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    from scipy.stats import spearmanr
+
+    x, y = _np(pred).ravel(), _np(ref).ravel()
+    if x.size < 2 or np.std(x) == 0 or np.std(y) == 0:
+        return float("nan")
+    return float(spearmanr(x, y)[0])
+
+
+def krcc(pred, ref) -> float:
+    """Kendall rank correlation (tau-b, which accounts for ties)."""
+    from scipy.stats import kendalltau
+
+    x, y = _np(pred).ravel(), _np(ref).ravel()
+    if x.size < 2 or np.std(x) == 0 or np.std(y) == 0:
+        return float("nan")
+    return float(kendalltau(x, y)[0])
+
+
+def rater_histograms(ratings: Sequence[Sequence[float]], bin_values: Sequence[float]) -> np.ndarray:
+    """Normalised histograms ``[N, K]`` of each item's ratings over the bins (nearest bin)."""
+    v = np.asarray(bin_values, dtype=np.float64)
+    out = np.zeros((len(ratings), len(v)))
+    for i, rs in enumerate(ratings):
+        for x in rs:
+            out[i, int(np.argmin(np.abs(v - float(x))))] += 1
+        s = out[i].sum()
+        if s > 0:
+            out[i] /= s
+    return out
+
+
+def kl_divergence(target_hist, pred_probs, eps: float = 1e-12) -> np.ndarray:
+    """Per-item ``KL(target || pred)`` in nats (``0 log 0 = 0``; ``pred`` floored at ``eps``)."""
+    t, p = _np(target_hist), np.maximum(_np(pred_probs), eps)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(t > 0, t * (np.log(np.where(t > 0, t, 1.0)) - np.log(p)), 0.0)
+    return terms.sum(-1)
+
+
+def js_divergence(target_hist, pred_probs) -> np.ndarray:
+    """Per-item Jensen-Shannon divergence, base 2 (in [0, 1])."""
+    t, p = _np(target_hist), _np(pred_probs)
+    m = 0.5 * (t + p)
+
+    def _kl(a, b):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(a > 0, a * (np.log2(np.where(a > 0, a, 1.0)) - np.log2(np.where(b > 0, b, 1.0))), 0.0).sum(-1)
+
+    return 0.5 * _kl(t, m) + 0.5 * _kl(p, m)
+
+
+def wasserstein1(target_hist, pred_probs, bin_values: Sequence[float]) -> np.ndarray:
+    """Per-item earth mover's distance on the score axis: ``sum_k |CDF_t - CDF_p|_k (v_{k+1} - v_k)``."""
+    t, p = _np(target_hist), _np(pred_probs)
+    v = np.asarray(bin_values, dtype=np.float64)
+    cdf = np.cumsum(t - p, axis=-1)[..., :-1]
+    return np.abs(cdf) @ np.diff(v)
+
+
+def preference_probability(probs_a, probs_b) -> np.ndarray:
+    """``P(X_a > X_b) + 0.5 P(X_a = X_b)`` for independent ``X_a ~ probs_a``, ``X_b ~ probs_b`` (per row)."""
+    pa, pb = _np(probs_a), _np(probs_b)
+    cb = np.cumsum(pb, axis=-1)
+    below = np.concatenate([np.zeros_like(cb[..., :1]), cb[..., :-1]], axis=-1)  # P(X_b < v_k)
+    return (pa * (below + 0.5 * pb)).sum(-1)
+
+
+def pairwise_ece(probs, ref, groups, n_bins: int = 10) -> float:
+    """Expected calibration error of pairwise preference probabilities (NaN without pairs).
+
+    Pairs as in :func:`hpa` (same group, reference scores differ).  Each pair is oriented so the
+    predicted winner comes first (confidence in [0.5, 1]); ECE = sum over confidence bins of
+    ``(n_bin / n) |accuracy_bin - confidence_bin|``.
+    """
+    pr = _np(probs)
+    r = _np(ref).ravel()
+    g = np.asarray(groups.detach().cpu() if hasattr(groups, "detach") else groups).ravel()
+    a, b = _pairs_within(g)
+    keep = r[a] != r[b]
+    a, b = a[keep], b[keep]
+    if a.size == 0:
+        return float("nan")
+    p_ab = preference_probability(pr[a], pr[b])
+    a_wins = r[a] > r[b]
+    conf = np.maximum(p_ab, 1 - p_ab)
+    correct = np.where(p_ab >= 0.5, a_wins, ~a_wins)
+    edges = np.linspace(0.5, 1.0, n_bins + 1)
+    idx = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
+    ece = 0.0
+    for k in range(n_bins):
+        m = idx == k
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)
+
+
+def trimmed_mean(ratings, dim: int = -1, mask=None):
+    """Reference score: mean after dropping one highest and one lowest rating (plain mean below 3).
+
+    Accepts a tensor (returns a float64 tensor) or an array / list of equal-length rows (returns an
+    array).  ``mask`` marks the valid ratings of ragged rows.
+    """
+    is_torch = hasattr(ratings, "detach")
+    r = _np(ratings)
+    m = np.ones_like(r, dtype=bool) if mask is None else np.asarray(mask.cpu() if hasattr(mask, "cpu") else mask, bool)
+    n = m.sum(dim)
+    total = np.where(m, r, 0.0).sum(dim)
+    hi = np.where(m, r, -np.inf).max(dim)
+    lo = np.where(m, r, np.inf).min(dim)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(n >= 3, (total - hi - lo) / np.maximum(n - 2, 1), total / np.maximum(n, 1))
+    if is_torch:
+        import torch
+
+        return torch.from_numpy(out)
+    return out
+
+
+def _block(pred, ref, groups, probs, hist, bin_values) -> Dict[str, float]:
+    out = {
+        "n": int(len(pred)),
+        "hpa": hpa(pred, ref, groups),
+        "margin_hpa": hpa(pred, ref, groups, margin=0.5),
+        "plcc": plcc(pred, ref),
+        "plcc_logistic": plcc(pred, ref, logistic=True),
+        "srcc": srcc(pred, ref),
+        "krcc": krcc(pred, ref),
+    }
+    if probs is not None:
+        out["pairwise_ece"] = pairwise_ece(probs, ref, groups)
+        if hist is not None:
+            out["kl"] = float(np.mean(kl_divergence(hist, probs)))
+            out["js"] = float(np.mean(js_divergence(hist, probs)))
+            out["wasserstein1"] = float(np.mean(wasserstein1(hist, probs, bin_values)))
+    return out
+
+
+def evaluate(
+    pred,
+    ref,
+    groups,
+    dimensions,
+    probs=None,
+    rater_hist=None,
+    bin_values: Optional[Sequence[float]] = None,
+) -> Dict[str, Dict[str, float]]:
+    """Metrics pooled over all items and per dimension.
+
+    ``pred``/``ref``/``groups``/``dimensions`` are per item (an item = one image on one dimension);
+    pairs are only formed within the same group *and* dimension.  ``probs [N, K]`` (predicted
+    distributions) adds the pairwise ECE; with ``rater_hist [N, K]`` also KL, JS and Wasserstein-1.
+    Returns ``{"pooled": {...}, "<dimension>": {...}, ...}``.
+    """
+    if bin_values is None:
+        from zreward_kernels import BIN_VALUES as bin_values  # noqa: N811
+    p, r = _np(pred).ravel(), _np(ref).ravel()
+    dims = np.asarray(list(dimensions), dtype=object)
+    grp = np.asarray([f"{d}\x00{g}" for g, d in zip(list(groups), dims)], dtype=object)
+    pr = None if probs is None else _np(probs)
+    hs = None if rater_hist is None else _np(rater_hist)
+    if not (p.shape[0] == r.shape[0] == len(dims) == len(grp)):
+        raise ValueError("pred, ref, groups and dimensions must have one entry per item")
+    report = {"pooled": _block(p, r, grp, pr, hs, bin_values)}
+    for d in sorted(set(dims.tolist())):
+        m = dims == d
+        report[str(d)] = _block(p[m], r[m], grp[m], None if pr is None else pr[m], None if hs is None else hs[m],
+                                bin_values)
+    return report

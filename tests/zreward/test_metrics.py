@@ -1,0 +1,121 @@
+"""Metrics against scipy and hand-computed cases, ties included."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from zreward import metrics as M
+
+BINS = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0)
+
+
+def test_hpa_hand_case_with_ties():
+    # group g1: refs 1, 2, 2 -> pairs (0,1), (0,2) count; (1,2) is a human tie and is skipped
+    # group g2: refs 5, 3 -> one pair; the prediction ties it -> wrong under the SPEC
+    pred = [1.0, 2.0, 0.5, 4.0, 4.0]
+    ref = [1.0, 2.0, 2.0, 5.0, 3.0]
+    groups = ["g1", "g1", "g1", "g2", "g2"]
+    # (0,1): dp=-1, dr=-1 -> correct; (0,2): dp=0.5, dr=-1 -> wrong; (3,4): dp=0 -> tie
+    assert M.hpa(pred, ref, groups) == pytest.approx(1 / 3)
+    assert M.hpa(pred, ref, groups, pred_ties="half") == pytest.approx(1.5 / 3)
+    assert M.hpa(pred, ref, groups, pred_ties="skip") == pytest.approx(1 / 2)
+    # margin 0.5: only |dr| > 0.5 -> (0,1) |1|, (0,2) |1|, (3,4) |2| all stay; margin 1.0 keeps only (3,4)
+    assert M.hpa(pred, ref, groups, margin=1.0) == 0.0
+    assert math.isnan(M.hpa([1.0, 2.0], [3.0, 3.0], ["a", "a"]))
+    with pytest.raises(ValueError, match="pred_ties must be one of"):
+        M.hpa(pred, ref, groups, pred_ties="random")
+    with pytest.raises(ValueError, match="same length"):
+        M.hpa(pred, ref[:4], groups)
+
+
+def test_hpa_pairs_never_cross_groups():
+    pred = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    ref = torch.tensor([2.0, 1.0, 2.0, 1.0])
+    assert M.hpa(pred, ref, [0, 0, 1, 1]) == 0.0  # both within-group pairs are inverted
+    # grouped the other way, both pairs are human ties (2 vs 2, 1 vs 1): no pair counts, HPA is undefined
+    assert math.isnan(M.hpa(pred, ref, [0, 1, 0, 1]))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_correlations_match_scipy_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    x = np.round(rng.normal(size=60), 1)  # rounding makes ties
+    y = np.round(x + rng.normal(scale=0.7, size=60), 0)
+    assert M.plcc(x, y) == pytest.approx(stats.pearsonr(x, y)[0])
+    assert M.srcc(x, y) == pytest.approx(stats.spearmanr(x, y)[0])
+    assert M.krcc(x, y) == pytest.approx(stats.kendalltau(x, y)[0])
+    assert math.isnan(M.plcc(np.ones(5), np.arange(5.0)))
+
+
+def test_logistic_plcc_linearises_a_monotone_map():
+    x = np.linspace(-3, 3, 50)
+    y = 1 + 4 / (1 + np.exp(-2 * x))  # a logistic function of x
+    assert M.plcc(x, y) < 0.98
+    assert M.plcc(x, y, logistic=True) > 0.999
+
+
+def test_distribution_metrics_hand_cases():
+    t = np.zeros((2, 9))
+    p = np.zeros((2, 9))
+    t[0, 0] = 1.0
+    p[0, 8] = 1.0  # all mass at 1.0 vs all at 5.0: W1 = 4, JS = 1 bit
+    t[1, 2] = t[1, 4] = 0.5
+    p[1] = t[1]
+    assert M.wasserstein1(t, p, BINS).tolist() == pytest.approx([4.0, 0.0])
+    assert M.js_divergence(t, p).tolist() == pytest.approx([1.0, 0.0])
+    kl = M.kl_divergence(t, p)
+    assert kl[1] == pytest.approx(0.0) and kl[0] > 20  # p floored at eps where t has mass
+    q = np.full(9, 1 / 9)
+    assert M.kl_divergence(t[1:], q[None])[0] == pytest.approx(math.log(9 / 2))
+
+
+def test_rater_histograms():
+    h = M.rater_histograms([[1, 1, 3], [5.0]], BINS)
+    assert h[0].tolist() == pytest.approx([2 / 3, 0, 0, 0, 1 / 3, 0, 0, 0, 0])
+    assert h[1, 8] == 1.0
+
+
+def test_preference_probability_and_ece():
+    a = np.zeros(9)
+    a[6] = 1.0  # 4.0 for sure
+    b = np.zeros(9)
+    b[2] = b[6] = 0.5  # 2.0 or 4.0
+    assert M.preference_probability(a[None], b[None])[0] == pytest.approx(0.5 + 0.5 * 0.5)
+    assert M.preference_probability(a[None], a[None])[0] == pytest.approx(0.5)
+    # two pairs, both predicted with confidence 0.75: one right, one wrong -> |0.5 - 0.75| = 0.25
+    probs = np.stack([a, b, a, b])
+    ref = [4.0, 2.0, 2.0, 4.0]
+    groups = ["x", "x", "y", "y"]
+    assert M.pairwise_ece(probs, ref, groups) == pytest.approx(0.25)
+
+
+def test_trimmed_mean():
+    assert M.trimmed_mean([[1, 2, 3, 10]])[0] == pytest.approx(2.5)
+    assert M.trimmed_mean([[4, 5]])[0] == pytest.approx(4.5)
+    t = M.trimmed_mean(torch.tensor([[1.0, 5.0, 3.0]]))
+    assert isinstance(t, torch.Tensor) and float(t[0]) == 3.0
+    ragged = M.trimmed_mean(np.array([[1, 2, 3, 0.0], [2, 2, 9, 9]]), mask=np.array([[1, 1, 1, 0], [1, 1, 1, 1]]))
+    assert ragged.tolist() == pytest.approx([2.0, 5.5])
+
+
+def test_evaluate_pooled_and_per_dimension():
+    rng = np.random.default_rng(0)
+    n = 40
+    ref = rng.integers(1, 6, size=n).astype(float)
+    pred = ref + rng.normal(scale=0.3, size=n)
+    groups = [f"p{i // 4}" for i in range(n)]
+    dims = ["alignment", "realism"] * (n // 2)
+    probs = np.full((n, 9), 1 / 9)
+    hist = M.rater_histograms([[r] for r in ref], BINS)
+    rep = M.evaluate(pred, ref, groups, dims, probs=probs, rater_hist=hist)
+    assert set(rep) == {"pooled", "alignment", "realism"}
+    assert rep["pooled"]["n"] == n and rep["alignment"]["n"] == n // 2
+    for key in ("hpa", "margin_hpa", "plcc", "plcc_logistic", "srcc", "krcc", "pairwise_ece", "kl", "js", "wasserstein1"):
+        assert key in rep["pooled"]
+    # pairs never mix dimensions: the pooled HPA equals the pair-weighted mean of the per-dimension ones
+    sub = [M.hpa(pred[i::2], ref[i::2], groups[i::2]) for i in (0, 1)]
+    assert min(sub) <= rep["pooled"]["hpa"] <= max(sub)
+    assert rep["pooled"]["srcc"] == pytest.approx(stats.spearmanr(pred, ref)[0])

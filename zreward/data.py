@@ -1,0 +1,180 @@
+"""Rated-item manifests (JSONL) and importers for per-rater rating tables.
+
+Manifest format: one JSON object per line, one line per (image, dimension)::
+
+    {"prompt": "a red car", "image": "images/sd/p01.jpg", "dimension": "alignment",
+     "score": 4.5, "ratings": [4, 5, 4, 5], "group": "p01", "id": "sd/p01"}
+
+* ``prompt`` (str) and ``image`` (path; relative paths are resolved against the manifest's folder)
+  are required; ``dimension`` is required and must be a rubric dimension when a rubric is given.
+* ``score`` (a number) and/or ``ratings`` (list of numbers, one per rater) are the labels; training
+  uses ``score`` (or the rater histogram as a soft label), evaluation uses the trimmed mean of
+  ``ratings`` when present (SPEC section 2), else ``score``.  Unlabelled lines are allowed for scoring.
+* ``group`` (optional) identifies same-prompt candidates for pairs; it defaults to the prompt text.
+* ``id`` (optional) names the image; it defaults to the image path.
+
+Loaders report the file and line of any bad record.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+from .metrics import trimmed_mean
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class RatedItem:
+    """One image judged on one rubric dimension."""
+
+    prompt: str
+    image: str
+    dimension: str
+    score: Optional[float] = None
+    ratings: List[float] = field(default_factory=list)
+    group: Optional[str] = None
+    id: Optional[str] = None
+
+    def __post_init__(self):
+        if self.group is None:
+            self.group = self.prompt
+        if self.id is None:
+            self.id = self.image
+
+    @property
+    def reference(self) -> Optional[float]:
+        """Trimmed mean of the ratings when there are any, else ``score``."""
+        if self.ratings:
+            return float(trimmed_mean([self.ratings])[0])
+        return self.score
+
+
+def _num(x, what: str, where: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(float(x)):
+        raise ValueError(f"{where}: {what} must be a finite number, got {x!r}")
+    return float(x)
+
+
+def parse_record(obj: Mapping, where: str = "record", base_dir: Optional[Path] = None,
+                 dimensions: Optional[Sequence[str]] = None) -> RatedItem:
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for key in ("prompt", "image", "dimension"):
+        if not isinstance(obj.get(key), str) or not obj.get(key):
+            raise ValueError(f"{where}: '{key}' must be a non-empty string")
+    unknown = set(obj) - {"prompt", "image", "dimension", "score", "ratings", "group", "id"}
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}")
+    if dimensions is not None and obj["dimension"] not in dimensions:
+        raise ValueError(f"{where}: dimension {obj['dimension']!r} is not one of {list(dimensions)}")
+    score = None if obj.get("score") is None else _num(obj["score"], "score", where)
+    ratings = obj.get("ratings") or []
+    if not isinstance(ratings, list):
+        raise ValueError(f"{where}: 'ratings' must be a list of numbers")
+    ratings = [_num(r, "each rating", where) for r in ratings]
+    image = obj["image"]
+    if base_dir is not None and not os.path.isabs(image):
+        image = str(base_dir / image)
+    group = obj.get("group")
+    return RatedItem(prompt=obj["prompt"], image=image, dimension=obj["dimension"], score=score, ratings=ratings,
+                     group=None if group is None else str(group), id=None if obj.get("id") is None else str(obj["id"]))
+
+
+def load_manifest(path: PathLike, dimensions: Optional[Sequence[str]] = None) -> List[RatedItem]:
+    """Read a JSONL manifest; relative image paths are resolved against the manifest's folder."""
+    path = Path(path)
+    base = path.parent
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: invalid JSON ({exc.msg})") from None
+            items.append(parse_record(obj, where, base, dimensions))
+    return items
+
+
+def write_manifest(items: Iterable[RatedItem], path: PathLike, relative_to: Optional[PathLike] = None) -> None:
+    """Write items as JSONL (image paths made relative to ``relative_to`` when given)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for it in items:
+            rec = asdict(it)
+            if relative_to is not None:
+                rec["image"] = os.path.relpath(rec["image"], relative_to)
+            rec = {k: v for k, v in rec.items() if v not in (None, [])}
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+#: AVT axis -> rubric dimension (SPEC section 1 / the data README); there is no plausibility axis.
+AVT_AXES = {"prompt_matching": "alignment", "realism": "realism", "appeal": "aesthetics"}
+
+
+def import_rating_table(
+    ratings_csv: PathLike,
+    *,
+    image_path_of: Callable[[str], str],
+    prompt_of: Callable[[str], str],
+    group_of: Callable[[str], str],
+    axis_map: Mapping[str, str],
+    image_col: str = "image",
+    axis_col: str = "axis",
+    rating_col: str = "rating",
+) -> List[RatedItem]:
+    """Turn a per-rater rating table (one row per single rating) into rated items.
+
+    Ratings of the same (image, axis) are collected into ``ratings``; ``score`` is their trimmed
+    mean.  Axes missing from ``axis_map`` are skipped.  Items are sorted by (image, dimension).
+    """
+    collected: Dict[tuple, List[float]] = {}
+    with open(ratings_csv, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        for col in (image_col, axis_col, rating_col):
+            if col not in (reader.fieldnames or []):
+                raise ValueError(f"{ratings_csv}: missing column {col!r} (columns: {reader.fieldnames})")
+        for n, row in enumerate(reader, 2):
+            axis = row[axis_col]
+            if axis not in axis_map:
+                continue
+            try:
+                value = float(row[rating_col])
+            except ValueError:
+                raise ValueError(f"{ratings_csv}:{n}: rating {row[rating_col]!r} is not a number") from None
+            collected.setdefault((row[image_col], axis_map[axis]), []).append(value)
+    items = []
+    for (key, dim), rs in sorted(collected.items()):
+        items.append(RatedItem(prompt=prompt_of(key), image=image_path_of(key), dimension=dim,
+                               score=float(trimmed_mean([rs])[0]), ratings=rs, group=group_of(key), id=key))
+    return items
+
+
+def import_avt(root: PathLike) -> List[RatedItem]:
+    """Items of the AVT AI-image set laid out as in ``shared/data/avt_ai_images`` (see its README).
+
+    Image keys are ``<generator>/<prompt_id>``; the group is the prompt id, so pairs compare the
+    generators' images of one prompt.  Keys without an image file are skipped (one is missing there).
+    """
+    root = Path(root)
+    prompts = {}
+    with open(root / "prompts.csv", newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            prompts[row["ID"]] = row["prompts"]
+    items = import_rating_table(
+        root / "ratings.csv",
+        image_path_of=lambda k: str(root / "images" / f"{k}.jpg"),
+        prompt_of=lambda k: prompts[k.split("/")[-1]],
+        group_of=lambda k: k.split("/")[-1],
+        axis_map=AVT_AXES,
+    )
+    return [it for it in items if os.path.exists(it.image)]
