@@ -1,0 +1,21 @@
+"""Tiny local tokenizers and models for the library tests (nothing is downloaded)."""
+
+import pytest
+
+WORDS = ["[UNK]", "[PAD]", "<s>", "</s>", "a", "red", "blue", "green", "car", "dog", "circle", "square", "on", "the",
+         "image", "rate", "for", "score", "from", "to", "in", "steps", "of", "answer", "with", "single", "prompt",
+         "alignment", "realism", "aesthetics", "plausibility", ":", ".", ",", "(", ")", "=", "-",
+         "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "x", "y"]
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Punctuation()])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                                bos_token="<s>", eos_token="</s>")

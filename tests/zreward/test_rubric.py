@@ -1,0 +1,87 @@
+"""Rubric questions and weights; score tokens (special and existing) on a tiny tokenizer and model."""
+
+import pytest
+import torch
+
+from zreward.rubric import DIMENSIONS, Rubric, ScoreTokens
+from zreward_kernels import BIN_VALUES
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_rubric_defaults_and_questions():
+    r = Rubric()
+    assert r.dimensions == DIMENSIONS and r.bin_values == BIN_VALUES
+    assert sum(r.weights) == pytest.approx(1.0)
+    q = r.question("realism")
+    assert "realism" in q and "1.0 to 5.0" in q and "steps of 0.5" in q
+    assert Rubric.from_dict(r.to_dict()) == r
+
+
+def test_rubric_reward_uses_weights_renormalised_to_the_scored_dimensions():
+    r = Rubric(weights=(2.0, 1.0, 1.0, 0.0))
+    mean = torch.tensor([[5.0, 3.0, 1.0, 4.0]])
+    assert float(r.reward(mean)) == pytest.approx((2 * 5 + 3 + 1) / 4)
+    assert float(r.reward(mean[:, 1:3], ["realism", "aesthetics"])) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="sum to zero"):
+        r.reward(mean[:, 3:], ["plausibility"])
+    with pytest.raises(ValueError, match="mean has 4 dimensions but 2 were named"):
+        r.reward(mean, ["realism", "aesthetics"])
+
+
+def test_rubric_validation():
+    with pytest.raises(ValueError, match="distinct"):
+        Rubric(dimensions=("a", "a"), descriptions={"a": "x"})
+    with pytest.raises(ValueError, match=r"descriptions missing for \['b'\]"):
+        Rubric(dimensions=("a", "b"), descriptions={"a": "x"})
+    with pytest.raises(ValueError, match="one entry per dimension"):
+        Rubric(weights=(1.0, 1.0))
+    with pytest.raises(ValueError, match="non-negative"):
+        Rubric(weights=(1.0, -1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="unknown placeholder"):
+        Rubric(instruction="Rate {colour}")
+    with pytest.raises(ValueError, match="unknown dimension 'beauty'"):
+        Rubric().question("beauty")
+
+
+def _tiny_model(tokenizer, tied):
+    cfg = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_special_score_tokens_are_single_and_initialised_from_the_number(tiny_tokenizer, tied, tmp_path):
+    model = _tiny_model(tiny_tokenizer, tied)
+    v0 = len(tiny_tokenizer)
+    st = ScoreTokens.add_special(tiny_tokenizer, model)
+    assert st.mode == "special" and len(st.token_ids) == 9
+    assert model.get_input_embeddings().weight.shape[0] == len(tiny_tokenizer) == v0 + 9
+    for lab, i in zip(st.labels, st.token_ids):
+        assert tiny_tokenizer(lab, add_special_tokens=False)["input_ids"] == [i]
+    emb = model.get_input_embeddings().weight
+    pieces = tiny_tokenizer("4.5", add_special_tokens=False)["input_ids"]
+    assert len(pieces) == 3  # "4", ".", "5": why special tokens are needed
+    torch.testing.assert_close(emb[st.token_ids[7]], emb[pieces].mean(0))
+    if not tied:
+        out = model.get_output_embeddings().weight
+        torch.testing.assert_close(out[st.token_ids[7]], out[pieces].mean(0))
+    # adding again is idempotent; the mapping survives a save/load of the tokenizer
+    again = ScoreTokens.add_special(tiny_tokenizer, model)
+    assert again.token_ids == st.token_ids and len(tiny_tokenizer) == v0 + 9
+    tiny_tokenizer.save_pretrained(tmp_path)
+    reloaded = transformers.AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    ScoreTokens.from_dict(st.to_dict()).verify(reloaded)
+
+
+def test_existing_tokens_must_be_single_and_distinct(tiny_tokenizer):
+    st = ScoreTokens.from_existing(tiny_tokenizer, ["1", "2", "3", "4", "5", "6", "7", "8", "9"])
+    assert st.mode == "existing" and len(set(st.token_ids)) == 9
+    with pytest.raises(ValueError, match=r"score label '4.5' is not a single token .* encodes to 3 tokens"):
+        ScoreTokens.from_existing(tiny_tokenizer, ["1", "1.5"[:1], "4.5"])
+    with pytest.raises(ValueError, match="map to repeated token ids"):
+        ScoreTokens.from_existing(tiny_tokenizer, ["1", "1"])
+    other = ScoreTokens("existing", ("1", "2"), (99, 98))
+    with pytest.raises(ValueError, match="maps to .* but the model was saved with 99"):
+        other.verify(tiny_tokenizer)

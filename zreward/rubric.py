@@ -1,0 +1,190 @@
+"""The rubric (dimensions, their anchor texts, bins, weights) and the nine score tokens.
+
+``Rubric`` builds the per-dimension question that follows the shared image+prompt prefix, so
+scoring D dimensions of one image shares everything up to the question (SPEC section 1).
+``ScoreTokens`` maps the bins to nine single tokens, either added special tokens (new embedding rows
+initialised from the embeddings of the label's text, e.g. the pieces of "4.5") or existing tokens
+that are checked to be exactly one token each.  Both serialise to plain dicts (JSON, no pickle).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from zreward_kernels import BIN_VALUES
+
+DIMENSIONS: Tuple[str, ...] = ("alignment", "realism", "aesthetics", "plausibility")
+
+DESCRIPTIONS: Dict[str, str] = {
+    "alignment": "how well the image matches the text prompt (1 = unrelated, 2 = mostly wrong, 3 = partly matches, "
+                 "4 = matches with small errors, 5 = matches every detail)",
+    "realism": "how real and free of artifacts the image looks (1 = broken or obviously synthetic, 2 = strong "
+               "artifacts, 3 = noticeable artifacts, 4 = minor flaws, 5 = flawless)",
+    "aesthetics": "visual appeal: composition, colour, contrast and lighting (1 = unpleasant, 2 = poor, 3 = ordinary, "
+                  "4 = pleasing, 5 = striking)",
+    "plausibility": "physical plausibility: support, contact, shadows and proportions (1 = impossible, 2 = clearly "
+                    "wrong, 3 = some errors, 4 = nearly plausible, 5 = fully plausible)",
+}
+
+INSTRUCTION = ("Rate the image for {dimension}: {description}. Answer with a single score from {low} to {high} "
+               "in steps of {step}.")
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.1f}"
+
+
+@dataclass
+class Rubric:
+    """Rubric dimensions, anchor descriptions, score bins and aggregation weights.
+
+    ``weights`` default to equal weights summing to one, so the reward ``sum_d w_d mu_d`` stays on
+    the score scale.  ``instruction`` is formatted with ``dimension``, ``description``, ``low``,
+    ``high`` and ``step``.
+    """
+
+    dimensions: Tuple[str, ...] = DIMENSIONS
+    descriptions: Dict[str, str] = field(default_factory=lambda: dict(DESCRIPTIONS))
+    bin_values: Tuple[float, ...] = BIN_VALUES
+    weights: Optional[Tuple[float, ...]] = None
+    instruction: str = INSTRUCTION
+
+    def __post_init__(self):
+        self.dimensions = tuple(str(d) for d in self.dimensions)
+        self.bin_values = tuple(float(v) for v in self.bin_values)
+        if not self.dimensions:
+            raise ValueError("a rubric needs at least one dimension")
+        if len(set(self.dimensions)) != len(self.dimensions):
+            raise ValueError(f"rubric dimensions must be distinct, got {self.dimensions}")
+        missing = [d for d in self.dimensions if d not in self.descriptions]
+        if missing:
+            raise ValueError(f"rubric descriptions missing for {missing}")
+        if len(self.bin_values) < 2 or any(b <= a for a, b in zip(self.bin_values, self.bin_values[1:])):
+            raise ValueError(f"bin_values must be at least two strictly increasing values, got {self.bin_values}")
+        if self.weights is None:
+            self.weights = tuple(1.0 / len(self.dimensions) for _ in self.dimensions)
+        self.weights = tuple(float(w) for w in self.weights)
+        if len(self.weights) != len(self.dimensions):
+            raise ValueError(f"weights must have one entry per dimension ({len(self.dimensions)}), got {self.weights}")
+        if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+            raise ValueError(f"weights must be non-negative with a positive sum, got {self.weights}")
+        try:
+            self.question(self.dimensions[0])
+        except (KeyError, IndexError) as exc:
+            raise ValueError(f"instruction has an unknown placeholder: {exc}") from None
+
+    def index(self, dimension: str) -> int:
+        if dimension not in self.dimensions:
+            raise ValueError(f"unknown dimension {dimension!r}; this rubric has {list(self.dimensions)}")
+        return self.dimensions.index(dimension)
+
+    def question(self, dimension: str) -> str:
+        """The dimension-specific text that follows the shared image+prompt prefix."""
+        self.index(dimension)
+        step = self.bin_values[1] - self.bin_values[0]
+        return self.instruction.format(dimension=dimension, description=self.descriptions[dimension],
+                                       low=_fmt(self.bin_values[0]), high=_fmt(self.bin_values[-1]), step=_fmt(step))
+
+    def reward(self, mean: torch.Tensor, dimensions: Optional[Sequence[str]] = None) -> torch.Tensor:
+        """``sum_d w_d mu_d`` over the last dimension of ``mean [..., D]``, weights renormalised to
+        the dimensions scored (so scoring a subset keeps the reward on the score scale)."""
+        dims = list(dimensions) if dimensions is not None else list(self.dimensions)
+        if mean.shape[-1] != len(dims):
+            raise ValueError(f"mean has {mean.shape[-1]} dimensions but {len(dims)} were named")
+        w = torch.tensor([self.weights[self.index(d)] for d in dims], dtype=mean.dtype, device=mean.device)
+        if float(w.sum()) <= 0:
+            raise ValueError(f"the weights of the scored dimensions {dims} sum to zero")
+        return (mean * (w / w.sum())).sum(-1)
+
+    def to_dict(self) -> dict:
+        return dict(dimensions=list(self.dimensions), descriptions=dict(self.descriptions),
+                    bin_values=list(self.bin_values), weights=list(self.weights), instruction=self.instruction)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Rubric":
+        return cls(dimensions=tuple(d["dimensions"]), descriptions=dict(d["descriptions"]),
+                   bin_values=tuple(d["bin_values"]), weights=tuple(d["weights"]), instruction=d["instruction"])
+
+
+@dataclass
+class ScoreTokens:
+    """The K score tokens: ``labels[k]`` is the text of bin k, ``token_ids[k]`` its single token id."""
+
+    mode: str
+    labels: Tuple[str, ...]
+    token_ids: Tuple[int, ...]
+
+    def __post_init__(self):
+        if self.mode not in ("special", "existing"):
+            raise ValueError(f"score token mode must be 'special' or 'existing', got {self.mode!r}")
+        if len(self.labels) != len(self.token_ids):
+            raise ValueError("labels and token_ids must have the same length")
+        if len(set(self.token_ids)) != len(self.token_ids):
+            raise ValueError(f"score token ids must be distinct, got {self.token_ids}")
+
+    @staticmethod
+    def special_labels(bin_values: Sequence[float]) -> List[str]:
+        return [f"<score_{_fmt(v)}>" for v in bin_values]
+
+    @classmethod
+    def add_special(cls, tokenizer, model, bin_values: Sequence[float] = BIN_VALUES) -> "ScoreTokens":
+        """Add one special token per bin, resize the model, initialise the new rows sensibly.
+
+        Each new input-embedding row (and output row, when the head is not tied) is the mean of the
+        existing embeddings of the bin's plain text (the pieces of "4.5"), so a fresh score token
+        starts next to the number it stands for.
+        """
+        labels = cls.special_labels(bin_values)
+        pieces = [tokenizer(_fmt(v), add_special_tokens=False)["input_ids"] for v in bin_values]
+        existing = [tokenizer.convert_tokens_to_ids(t) for t in labels]
+        unk = getattr(tokenizer, "unk_token_id", None)
+        to_add = [t for t, i in zip(labels, existing) if i is None or i == unk]
+        if to_add:
+            tokenizer.add_tokens(to_add, special_tokens=True)
+        ids = [tokenizer.convert_tokens_to_ids(t) for t in labels]
+        model.resize_token_embeddings(len(tokenizer))
+        with torch.no_grad():
+            tables = [model.get_input_embeddings().weight]
+            out = model.get_output_embeddings()
+            if out is not None and out.weight is not tables[0]:
+                tables.append(out.weight)
+            for table in tables:
+                for i, pc in zip(ids, pieces):
+                    if pc:
+                        table[i] = table[torch.tensor(pc, device=table.device)].mean(0)
+        return cls("special", tuple(labels), tuple(ids))
+
+    @classmethod
+    def from_existing(cls, tokenizer, labels: Sequence[str]) -> "ScoreTokens":
+        """Use nine existing tokens (zero-shot use of a base model); each must be exactly one token."""
+        ids = []
+        for lab in labels:
+            enc = tokenizer(lab, add_special_tokens=False)["input_ids"]
+            if len(enc) != 1:
+                raise ValueError(
+                    f"score label {lab!r} is not a single token for this tokenizer (it encodes to {len(enc)} tokens "
+                    f"{enc}); choose single-token labels or add special score tokens"
+                )
+            ids.append(int(enc[0]))
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"score labels {list(labels)} map to repeated token ids {ids}")
+        return cls("existing", tuple(labels), tuple(ids))
+
+    def verify(self, tokenizer) -> None:
+        """Check that a (re)loaded tokenizer still maps every label to its saved id."""
+        for lab, i in zip(self.labels, self.token_ids):
+            got = (tokenizer.convert_tokens_to_ids(lab) if self.mode == "special"
+                   else tokenizer(lab, add_special_tokens=False)["input_ids"])
+            got = got[0] if isinstance(got, list) and len(got) == 1 else got
+            if got != i:
+                raise ValueError(f"score token {lab!r} maps to {got} in this tokenizer, but the model was saved with {i}")
+
+    def to_dict(self) -> dict:
+        return dict(mode=self.mode, labels=list(self.labels), token_ids=list(self.token_ids))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ScoreTokens":
+        return cls(d["mode"], tuple(d["labels"]), tuple(int(i) for i in d["token_ids"]))
