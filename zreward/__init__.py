@@ -7,7 +7,8 @@ from zreward_kernels import BIN_VALUES, backend_info, gdso_loss, rubric_loss, sc
 
 from .heads import RestrictedHead
 from .losses import GDSOLoss, RubricLoss
+from .rubric import Rubric, ScoreTokens
 
 __version__ = "0.1.0"
 
-__all__ = ["BIN_VALUES", "GDSOLoss", "RestrictedHead", "RubricLoss", "backend_info", "gdso_loss", "rubric_loss", "score_stats"]
+__all__ = ["BIN_VALUES", "GDSOLoss", "RestrictedHead", "Rubric", "RubricLoss", "ScoreTokens", "backend_info", "gdso_loss", "rubric_loss", "score_stats"]

@@ -145,7 +145,7 @@ class ScoreTokens:
         if to_add:
             tokenizer.add_tokens(to_add, special_tokens=True)
         ids = [tokenizer.convert_tokens_to_ids(t) for t in labels]
-        model.resize_token_embeddings(len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows are set just below
         with torch.no_grad():
             tables = [model.get_input_embeddings().weight]
             out = model.get_output_embeddings()

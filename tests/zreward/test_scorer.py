@@ -1,0 +1,106 @@
+"""ZRewardModel + RewardScorer on tiny models of two families (Qwen2-VL, LLaVA), offline."""
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("torchvision")  # Qwen2-VL's processor imports it
+
+from tiny_vlm import FAMILIES  # noqa: E402
+
+from zreward.model import ZRewardModel  # noqa: E402
+from zreward.scorer import RewardScorer, as_reward_fn  # noqa: E402
+
+PROMPTS = ["a red car", "a blue dog on the square", "green circle", "a car"]
+
+
+def _images(n=4, seed=0):
+    rng = np.random.default_rng(seed)
+    sizes = [(56, 56), (84, 56), (28, 84), (56, 84)]
+    return [(rng.random((h, w, 3)) * 255).astype("uint8") for h, w in sizes[:n]]
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def zmodel(request):
+    model, proc = FAMILIES[request.param]()
+    return ZRewardModel(model, proc)
+
+
+def test_shared_prefix_equals_independent_queries(zmodel):
+    imgs = _images()
+    a = RewardScorer(zmodel, shared_prefix=True).score(imgs, PROMPTS)
+    b = RewardScorer(zmodel, shared_prefix=False).score(imgs, PROMPTS)
+    assert a.probs.shape == (4, 4, 9) and a.mean.shape == (4, 4) and a.reward.shape == (4,)
+    for x, y in zip((a.probs, a.mean, a.std, a.in_vocab_mass), (b.probs, b.mean, b.std, b.in_vocab_mass)):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_invariance_and_order(zmodel):
+    imgs = _images()
+    full = RewardScorer(zmodel, batch_size=4).score(imgs, PROMPTS)
+    one = RewardScorer(zmodel, batch_size=1).score(imgs, PROMPTS)
+    torch.testing.assert_close(full.probs, one.probs, atol=1e-4, rtol=1e-4)
+    alone = RewardScorer(zmodel).score([imgs[2]], [PROMPTS[2]])
+    torch.testing.assert_close(alone.probs[0], full.probs[2], atol=1e-4, rtol=1e-4)
+
+
+def test_output_contents(zmodel):
+    out = RewardScorer(zmodel).score(_images(2), PROMPTS[:2], dimensions=["realism", "alignment"])
+    assert out.dimensions == ("realism", "alignment")
+    torch.testing.assert_close(out.probs.sum(-1), torch.ones(2, 2))
+    v = torch.tensor(zmodel.rubric.bin_values)
+    torch.testing.assert_close(out.mean, (out.probs * v).sum(-1))
+    torch.testing.assert_close(out.reward, out.mean.mean(-1))  # equal weights over the scored dimensions
+    assert ((out.in_vocab_mass > 0) & (out.in_vocab_mass <= 1)).all()
+    # the question differs per dimension, so the distributions do
+    assert float((out.probs[:, 0] - out.probs[:, 1]).abs().max()) > 0
+
+
+def test_image_inputs_agree(zmodel):
+    arrays = _images(2)
+    t = torch.stack([torch.from_numpy(a).permute(2, 0, 1).float() / 255 for a in arrays[:1]] * 1)
+    from PIL import Image
+
+    s = RewardScorer(zmodel)
+    by_array = s.score(arrays[:1], PROMPTS[:1])
+    by_pil = s.score([Image.fromarray(arrays[0])], PROMPTS[:1])
+    by_tensor = s.score(t, PROMPTS[:1])
+    torch.testing.assert_close(by_pil.probs, by_array.probs)
+    torch.testing.assert_close(by_tensor.probs, by_array.probs)
+
+
+def test_save_and_reload_offline(zmodel, tmp_path):
+    before = RewardScorer(zmodel).score(_images(2), PROMPTS[:2])
+    zmodel.save_pretrained(tmp_path)
+    assert (tmp_path / "zreward_config.json").exists()
+    assert list(tmp_path.glob("*.safetensors")) and not list(tmp_path.glob("*.bin"))
+    loaded = ZRewardModel.from_pretrained(str(tmp_path))
+    assert loaded.score_tokens == zmodel.score_tokens and loaded.rubric == zmodel.rubric
+    after = RewardScorer(loaded).score(_images(2), PROMPTS[:2])
+    torch.testing.assert_close(after.probs, before.probs, atol=1e-6, rtol=1e-6)
+
+
+def test_bad_inputs(zmodel):
+    s = RewardScorer(zmodel)
+    with pytest.raises(ValueError, match=r"got 1 images for 2 prompts"):
+        s.score(_images(1), PROMPTS[:2])
+    with pytest.raises(ValueError, match=r"an image tensor must be \[B, 3, H, W\]"):
+        s.score(torch.rand(1, 4, 28, 28), PROMPTS[:1])
+    with pytest.raises(ValueError, match=r"must hold values in \[0, 1\]"):
+        s.score(torch.rand(1, 3, 28, 28) * 2, PROMPTS[:1])
+    with pytest.raises(TypeError, match="floating point"):
+        s.score(torch.zeros(1, 3, 28, 28, dtype=torch.uint8), PROMPTS[:1])
+    with pytest.raises(ValueError, match="arrays must be HxWx3 uint8"):
+        s.score([np.zeros((28, 28, 3), dtype=np.float32)], PROMPTS[:1])
+    with pytest.raises(ValueError, match="unknown dimension 'beauty'"):
+        s.score(_images(1), PROMPTS[:1], dimensions=["beauty"])
+    with pytest.raises(TypeError, match="prompts must be strings"):
+        s.score(_images(1), [3])
+
+
+def test_reward_fn_adapter(zmodel):
+    fn = as_reward_fn(RewardScorer(zmodel), dimensions=["alignment", "aesthetics"])
+    scores, info = fn(_images(2), PROMPTS[:2], {"step": 0})
+    assert scores.shape == (2,)
+    assert set(info["mean"]) == {"alignment", "aesthetics"} and info["std"]["alignment"].shape == (2,)

@@ -1,0 +1,73 @@
+"""Tiny image-text-to-text models of two families, built from configs with a local word-level
+tokenizer (no hub access): Qwen2-VL (M-RoPE positions) and LLaVA (CLIP vision + Llama)."""
+
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+WORDS = ["[UNK]", "[PAD]", "a", "an", "red", "blue", "green", "car", "dog", "circle", "square", "on", "the", "of",
+         "image", "rate", "for", "score", "from", "to", "in", "steps", "answer", "with", "single", "prompt", "Prompt",
+         "Rate", "Answer", "how", "well", "matches", "text", "real", "visual", "appeal", "physical", "alignment",
+         "realism", "aesthetics", "plausibility", ":", ".", ",", "(", ")", "=", "\n", "0", "1", "2", "3", "4", "5",
+         "6", "7", "8", "9", "user", "assistant", "USER", "ASSISTANT"]
+QWEN_SPECIAL = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+                "<|endoftext|>"]
+QWEN_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+                 "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}"
+                 "{% endif %}{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                 "{% endif %}")
+LLAVA_TEMPLATE = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+                  "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n"
+                  "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def _tokenizer(special, eos):
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split("\n", behavior="isolated"), pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Punctuation()])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+    fast.add_tokens(special, special_tokens=True)
+    fast.eos_token = eos
+    return fast
+
+
+def tiny_qwen2_vl(seed=0):
+    tok = _tokenizer(QWEN_SPECIAL, "<|endoftext|>")
+    ip = transformers.Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=84 * 84)
+    vp = transformers.Qwen2VLVideoProcessor()
+    proc = transformers.Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=QWEN_TEMPLATE)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    cfg = transformers.Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        pad_token_id=tok.pad_token_id, eos_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|im_start|>"])
+    torch.manual_seed(seed)
+    return transformers.Qwen2VLForConditionalGeneration(cfg).eval(), proc
+
+
+def tiny_llava(seed=0):
+    tok = _tokenizer(["<image>", "</s>"], "</s>")
+    ip = transformers.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    proc = transformers.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
+                                       vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE,
+                                       image_token="<image>", num_additional_image_tokens=1)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=28, patch_size=14)
+    text = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                    pad_token_id=tok.pad_token_id)
+    cfg = transformers.LlavaConfig(vision_config=vision, text_config=text,
+                                   image_token_index=tok.convert_tokens_to_ids("<image>"),
+                                   vision_feature_select_strategy="default", vision_feature_layer=-1)
+    torch.manual_seed(seed)
+    return transformers.LlavaForConditionalGeneration(cfg).eval(), proc
+
+
+FAMILIES = {"qwen2_vl": tiny_qwen2_vl, "llava": tiny_llava}

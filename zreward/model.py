@@ -1,0 +1,119 @@
+"""``ZRewardModel``: a Hugging Face image-text-to-text model + processor + rubric + score tokens.
+
+A query for (image, prompt, dimension) is laid out as ``prefix + suffix``:
+
+* ``prefix`` -- the chat template's text up to and including the user's prompt (the image comes
+  first in the user turn), the same for every dimension of an image;
+* ``suffix`` -- the dimension's question (:meth:`Rubric.question`), then the rest of the chat
+  template up to the assistant's turn.  The score token is the next token after the suffix.
+
+Prefix and suffix are tokenised separately and concatenated, in every scoring path, so the shared-
+prefix scorer and independent queries see identical token sequences.
+
+Saving writes the model and processor with ``save_pretrained`` (safetensors) and a small
+``zreward_config.json`` (rubric, score tokens, model class); loading is offline only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .rubric import Rubric, ScoreTokens
+
+CONFIG_NAME = "zreward_config.json"
+_SENTINEL = "\u2063ZREWARD_QUESTION\u2063"
+
+
+def _tokenizer_of(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+class ZRewardModel(nn.Module):
+    """Wraps ``model`` (a ``*ForConditionalGeneration`` / ``*ForCausalLM``) with its ``processor``."""
+
+    def __init__(self, model, processor, rubric: Optional[Rubric] = None, score_tokens: Optional[ScoreTokens] = None):
+        super().__init__()
+        self.model = model
+        self.processor = processor
+        self.rubric = rubric or Rubric()
+        if score_tokens is None:
+            score_tokens = ScoreTokens.add_special(self.tokenizer, model, self.rubric.bin_values)
+        if len(score_tokens.token_ids) != len(self.rubric.bin_values):
+            raise ValueError(f"{len(score_tokens.token_ids)} score tokens for {len(self.rubric.bin_values)} bins")
+        self.score_tokens = score_tokens
+        self._prefix_cache = None
+
+    # ---- text layout -------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        return _tokenizer_of(self.processor)
+
+    def _template(self) -> Tuple[str, str]:
+        """(text before the user's prompt text, text after the question) from the chat template."""
+        if self._prefix_cache is None:
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _SENTINEL}]}]
+            apply = getattr(self.processor, "apply_chat_template", None)
+            if apply is None or getattr(self.processor, "chat_template", None) is None:
+                raise ValueError("the processor has no chat template; set processor.chat_template")
+            text = apply(messages, add_generation_prompt=True, tokenize=False)
+            if text.count(_SENTINEL) != 1:
+                raise ValueError("the chat template does not place the user's text exactly once")
+            head, tail = text.split(_SENTINEL)
+            self._prefix_cache = (head, tail)
+        return self._prefix_cache
+
+    def prefix_text(self, prompt: str) -> str:
+        """Everything up to the image and the user's prompt (shared by all dimensions)."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompts must be strings, got {type(prompt).__name__}")
+        head, _ = self._template()
+        return f"{head}Prompt: {prompt}\n"
+
+    def suffix_ids(self, dimension: str) -> List[int]:
+        """Token ids of the dimension's question and the template's tail (ends before the score)."""
+        _, tail = self._template()
+        return self.tokenizer(self.rubric.question(dimension) + tail, add_special_tokens=False)["input_ids"]
+
+    # ---- persistence -------------------------------------------------------------------------
+    def save_pretrained(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.model.save_pretrained(directory, safe_serialization=True)
+        self.processor.save_pretrained(directory)
+        cfg = {"rubric": self.rubric.to_dict(), "score_tokens": self.score_tokens.to_dict(),
+               "model_class": type(self.model).__name__, "format": 1}
+        with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, directory: str, *, dtype: Optional[torch.dtype] = None,
+                        device: Optional[torch.device] = None) -> "ZRewardModel":
+        """Load offline from ``directory`` (written by :meth:`save_pretrained`)."""
+        import transformers
+
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; it was not saved by ZRewardModel")
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+        model_cls = getattr(transformers, cfg["model_class"], None)
+        if model_cls is None:
+            raise ValueError(f"transformers has no model class {cfg['model_class']!r} (installed {transformers.__version__})")
+        kw = dict(local_files_only=True)
+        if dtype is not None:
+            kw["dtype"] = dtype
+        model = model_cls.from_pretrained(directory, **kw)
+        processor = transformers.AutoProcessor.from_pretrained(directory, local_files_only=True)
+        if device is not None:
+            model = model.to(device)
+        tokens = ScoreTokens.from_dict(cfg["score_tokens"])
+        tokens.verify(_tokenizer_of(processor))
+        return cls(model.eval(), processor, Rubric.from_dict(cfg["rubric"]), tokens)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device

@@ -1,0 +1,245 @@
+"""``RewardScorer``: score images on rubric dimensions with one prefix pass per image.
+
+For a batch of B images and D dimensions the scorer runs the backbone once over the B shared
+prefixes (chat template, image, prompt) with a KV cache, repeats the cache D times, and runs the D
+dimension questions (the suffixes) against it in one batch of B x D short sequences.  The nine
+score logits at the end of each suffix come from the vocab-restricted head
+(:func:`zreward_kernels.restricted_logits`) and the distribution maths from
+:func:`zreward_kernels.score_stats`.  ``shared_prefix=False`` runs the B x D full queries instead
+(the baseline, and the check that both agree).
+
+Padding: prefixes are left-padded and suffixes right-padded; position ids are computed from the
+attention masks (and, for M-RoPE models such as Qwen2-VL, from the model's stored rope deltas), so
+an image's scores do not depend on what else is in the batch beyond floating-point reduction order
+(the tests bound the difference by 1e-4 in float32).  Batches are formed after sorting by prompt
+length to keep padding small; results come back in input order.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from zreward_kernels import restricted_logits, score_stats
+
+from .hf import backbone, lm_head_params
+from .model import ZRewardModel
+
+
+@dataclass
+class RewardOutput:
+    """Scores of B images on D dimensions (float32, on the model's device)."""
+
+    probs: torch.Tensor  # [B, D, K]
+    mean: torch.Tensor  # [B, D]
+    std: torch.Tensor  # [B, D]
+    reward: torch.Tensor  # [B]: rubric-weighted mean over the scored dimensions
+    in_vocab_mass: Optional[torch.Tensor]  # [B, D]: softmax mass of the K score tokens in the full vocabulary
+    dimensions: Tuple[str, ...]
+
+
+def _as_image_list(images, n: int) -> list:
+    """Validate images: PIL images, HxWx3 uint8 arrays, or a float tensor [B, 3, H, W] in [0, 1]."""
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"an image tensor must be [B, 3, H, W], got shape {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(f"an image tensor must be floating point in [0, 1], got {images.dtype}")
+        if images.numel() and (float(images.min()) < 0 or float(images.max()) > 1):
+            raise ValueError("an image tensor must hold values in [0, 1]")
+        out = [(img.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy() for img in images]
+    else:
+        out = []
+        for i, img in enumerate(list(images)):
+            if isinstance(img, np.ndarray):
+                if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+                    raise ValueError(f"image {i}: arrays must be HxWx3 uint8, got {img.dtype} {img.shape}")
+                out.append(img)
+            elif hasattr(img, "convert") and hasattr(img, "size"):  # PIL
+                out.append(np.array(img.convert("RGB")))
+            else:
+                raise TypeError(f"image {i}: expected a PIL image, an HxWx3 uint8 array or a [B,3,H,W] tensor, "
+                                f"got {type(img).__name__}")
+    if len(out) != n:
+        raise ValueError(f"got {len(out)} images for {n} prompts")
+    return out
+
+
+class RewardScorer:
+    """High-throughput scorer over a :class:`ZRewardModel`."""
+
+    def __init__(self, model: ZRewardModel, *, batch_size: int = 8, shared_prefix: bool = True,
+                 in_vocab_mass: bool = True, autocast_dtype: Optional[torch.dtype] = None,
+                 backend: Optional[str] = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.batch_size = batch_size
+        self.shared_prefix = shared_prefix
+        self.in_vocab_mass = in_vocab_mass
+        self.autocast_dtype = autocast_dtype
+        self.backend = backend
+        self._base = backbone(model.model)
+        params = inspect.signature(self._base.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._mrope = hasattr(self._base, "get_rope_index")
+
+    # ---- public API ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, images, prompts: Sequence[str], dimensions: Optional[Sequence[str]] = None) -> RewardOutput:
+        """Score ``images`` (PIL, HxWx3 uint8 arrays or a float tensor [B,3,H,W] in [0,1]) against
+        their ``prompts`` on ``dimensions`` (default: every rubric dimension)."""
+        prompts = list(prompts)
+        if not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be strings")
+        dims = tuple(dimensions) if dimensions is not None else self.model.rubric.dimensions
+        if not dims:
+            raise ValueError("dimensions must name at least one rubric dimension")
+        for d in dims:
+            self.model.rubric.index(d)
+        imgs = _as_image_list(images, len(prompts))
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        chunks = []
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s:s + self.batch_size]
+            chunks.append((idx, self._score_batch([imgs[i] for i in idx], [prompts[i] for i in idx], dims)))
+        dev = self.model.device
+        k = len(self.model.rubric.bin_values)
+        logits = torch.empty(len(prompts), len(dims), k, device=dev)
+        mass = torch.empty(len(prompts), len(dims), device=dev) if self.in_vocab_mass else None
+        for idx, (lg, ms) in chunks:
+            logits[idx] = lg
+            if mass is not None:
+                mass[idx] = ms
+        st = score_stats(logits, bin_values=self.model.rubric.bin_values, backend=self.backend)
+        reward = self.model.rubric.reward(st.mean, dims)
+        return RewardOutput(st.probs, st.mean, st.std, reward, mass, dims)
+
+    # ---- internals -----------------------------------------------------------------------------
+    def _processor_inputs(self, images: list, texts: List[str]) -> Dict[str, torch.Tensor]:
+        tok = self.model.tokenizer
+        side = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            enc = self.model.processor(text=texts, images=images, return_tensors="pt", padding=True)
+        finally:
+            tok.padding_side = side
+        dev = self.model.device
+        return {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in enc.items()}
+
+    def _suffixes(self, dims) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids = [self.model.suffix_ids(d) for d in dims]
+        length = max(len(x) for x in ids)
+        pad = self.model.tokenizer.pad_token_id or 0
+        dev = self.model.device
+        out = torch.full((len(dims), length), pad, dtype=torch.long, device=dev)
+        mask = torch.zeros((len(dims), length), dtype=torch.long, device=dev)
+        for j, x in enumerate(ids):
+            out[j, :len(x)] = torch.tensor(x, device=dev)
+            mask[j, :len(x)] = 1
+        return out, mask, torch.tensor([len(x) for x in ids], device=dev)
+
+    def _autocast(self):
+        dev = self.model.device
+        dt = self.autocast_dtype
+        if dt is None and dev.type == "cuda" and next(self.model.model.parameters()).dtype == torch.float32:
+            dt = torch.bfloat16
+        if dt is None:
+            return torch.autocast(dev.type, enabled=False)
+        return torch.autocast(dev.type, dtype=dt)
+
+    def _head(self, h: torch.Tensor):
+        weight, bias = lm_head_params(self.model.model)
+        ids = torch.tensor(self.model.score_tokens.token_ids, device=h.device)
+        logits = restricted_logits(h, weight, ids, bias, validate=False).float()
+        mass = None
+        if self.in_vocab_mass:
+            full = (h @ weight.to(h.dtype).t()).float()
+            if bias is not None:
+                full = full + bias.float()
+            mass = torch.exp(torch.logsumexp(logits, -1) - torch.logsumexp(full, -1))
+        return logits, mass
+
+    def _score_batch(self, images, prompts, dims):
+        b, d = len(prompts), len(dims)
+        suffix, suffix_mask, suffix_len = self._suffixes(dims)
+        prefix = self._processor_inputs(images, [self.model.prefix_text(p) for p in prompts])
+        with self._autocast():
+            if self.shared_prefix:
+                h = self._shared(prefix, suffix, suffix_mask, suffix_len, b, d)
+            else:
+                h = self._independent(images, prompts, suffix, suffix_mask, suffix_len, b, d)
+            logits, mass = self._head(h)
+        return logits.view(b, d, -1), (mass.view(b, d) if mass is not None else None)
+
+    def _text_positions(self, mask: torch.Tensor) -> torch.Tensor:
+        return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def _shared(self, prefix, suffix, suffix_mask, suffix_len, b, d):
+        from transformers import DynamicCache
+
+        try:
+            cache = DynamicCache(config=self.model.model.config)
+        except TypeError:  # older transformers
+            cache = DynamicCache()
+        pmask = prefix["attention_mask"]
+        kw = dict(prefix)
+        if not self._mrope:
+            kw["position_ids"] = self._text_positions(pmask)
+        self._base(**kw, use_cache=True, **{self._cache_kw: cache})
+        cache.batch_repeat_interleave(d)
+        n_valid = pmask.sum(1, keepdim=True)  # [B, 1]
+        steps = torch.arange(suffix.shape[1], device=suffix.device)
+        pos = n_valid + steps  # [B, Ls]: continues each prefix's text positions
+        if self._mrope:
+            deltas = getattr(self._base, "rope_deltas", None)
+            if deltas is not None:
+                pos = pos + deltas.to(pos.device)
+        pos = pos.repeat_interleave(d, 0)  # [B*D, Ls]
+        if self._mrope:
+            pos = pos.unsqueeze(0).expand(3, -1, -1)
+        ids = suffix.repeat(b, 1)  # row b*D + j holds dimension j
+        smask = suffix_mask.repeat(b, 1)
+        mask = torch.cat([pmask.repeat_interleave(d, 0), smask], dim=1)
+        out = self._base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                         **{self._cache_kw: cache})
+        last = suffix_len.repeat(b) - 1
+        return out.last_hidden_state[torch.arange(b * d, device=last.device), last]
+
+    def _independent(self, images, prompts, suffix, suffix_mask, suffix_len, b, d):
+        rep_images = [img for img in images for _ in range(d)]
+        rep_text = [self.model.prefix_text(p) for p in prompts for _ in range(d)]
+        enc = self._processor_inputs(rep_images, rep_text)
+        p = enc["input_ids"].shape[1]
+        ids = torch.cat([enc["input_ids"], suffix.repeat(b, 1)], dim=1)
+        mask = torch.cat([enc["attention_mask"], suffix_mask.repeat(b, 1)], dim=1)
+        kw = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+        if "mm_token_type_ids" in kw:
+            kw["mm_token_type_ids"] = torch.cat([kw["mm_token_type_ids"], torch.zeros_like(suffix.repeat(b, 1))], 1)
+        if not self._mrope:
+            kw["position_ids"] = self._text_positions(mask)
+        out = self._base(input_ids=ids, attention_mask=mask, **kw)
+        last = p + suffix_len.repeat(b) - 1
+        return out.last_hidden_state[torch.arange(b * d, device=last.device), last]
+
+
+def as_reward_fn(scorer: RewardScorer, dimensions: Optional[Sequence[str]] = None):
+    """Adapter for T2I RL loops: ``fn(images, prompts, metadata=None) -> (scores [B], info)``.
+
+    ``info`` holds per-dimension ``mean`` and ``std`` tensors and the in-vocabulary mass.
+    """
+
+    def fn(images, prompts, metadata=None):
+        out = scorer.score(images, prompts, dimensions)
+        info = {
+            "mean": {dim: out.mean[:, j] for j, dim in enumerate(out.dimensions)},
+            "std": {dim: out.std[:, j] for j, dim in enumerate(out.dimensions)},
+            "in_vocab_mass": out.in_vocab_mass,
+        }
+        return out.reward, info
+
+    return fn
