@@ -87,7 +87,10 @@ def bins_tensor(bins: Tuple[float, ...], device: torch.device, dtype: torch.dtyp
     key = (bins, str(device), dtype)
     t = _BINS_CACHE.get(key)
     if t is None:
-        t = torch.tensor(bins, device=device, dtype=dtype)
+        # a normal tensor even when first asked for inside torch.inference_mode(): an inference
+        # tensor in the cache would later be refused by autograd ("cannot be saved for backward")
+        with torch.inference_mode(False):
+            t = torch.tensor(bins, device=device, dtype=dtype)
         _BINS_CACHE[key] = t
     return t
 

@@ -139,3 +139,14 @@ def test_gdso_group_of_one_and_equal_rewards_give_zero_advantage():
     same = torch.randn(1, 1, 1, 9).expand(1, 2, 5, 9).contiguous()
     out = gdso_loss(same, torch.tensor([[3.0, 3.0]]), backend="reference")
     assert float(out.advantage.abs().max()) == 0.0
+
+
+def test_cached_bins_created_in_inference_mode_still_work_with_autograd():
+    from zreward_kernels._common import _BINS_CACHE
+
+    _BINS_CACHE.clear()
+    with torch.inference_mode():
+        score_stats(torch.randn(2, 9), backend="reference")  # first use of the cached bins
+    x = torch.randn(2, 9, requires_grad=True)
+    score_stats(x, backend="reference").mean.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
