@@ -32,8 +32,13 @@ def main() -> None:
     launch = []
     adv = defaultdict(dict)
     head = defaultdict(dict)
+    scorer = {}
     for b in data["benchmarks"]:
         ei = b.get("extra_info", {})
+        if ei.get("op") == "scorer":
+            devices.add(ei.get("device_name", "?"))
+            scorer[ei["impl"]] = (ei["images_per_s"], b["stats"]["median"] * 1e3, ei["images"])
+            continue
         if ei.get("op") == "restricted_head":
             devices.add(ei.get("device_name", "?"))
             # the gradient of the hidden states is the backward's requested output, the same for both paths
@@ -91,6 +96,17 @@ def main() -> None:
             sl = f"{lo / co:.0f}x" if lo and co else "-"
             sv = f"{ve / co:.1f}x" if ve and co else "-"
             print(f"| {grp} | {m} | {_fmt_ms(lo)} | {_fmt_ms(ve)} | {_fmt_ms(co)} | {sl} | {sv} |")
+
+    if scorer:
+        print("\n## Scorer (4 dimensions per image)\n")
+        base = scorer.get("shared_prefix", (None,))[0]
+        print("| path | images/s | ms per batch | shared prefix is |")
+        print("|---|---|---|---|")
+        for impl in ("shared_prefix", "independent", "generate_parse_8", "reasoning_trace_256"):
+            if impl in scorer:
+                ips, ms, n = scorer[impl]
+                rel = "-" if impl == "shared_prefix" or not base else f"{base / ips:.1f}x faster"
+                print(f"| {impl} | {ips:.2f} | {ms:.1f} ({n} images) | {rel} |")
 
     if head:
         print("\n## Vocab-restricted head (H = 3584, V = 152064, K = 9)\n")

@@ -2,10 +2,10 @@
 
 A query for (image, prompt, dimension) is laid out as ``prefix + suffix``:
 
-* ``prefix`` -- the chat template's text up to and including the user's prompt (the image comes
-  first in the user turn), the same for every dimension of an image;
-* ``suffix`` -- the dimension's question (:meth:`Rubric.question`), then the rest of the chat
-  template up to the assistant's turn.  The score token is the next token after the suffix.
+* ``prefix`` -- the chat template's text up to the user's text, the image, ``Prompt: <prompt>``
+  and the rubric preamble (every dimension's anchors), the same for every dimension of an image;
+* ``suffix`` -- the short per-dimension question (:meth:`Rubric.question`), then the rest of the
+  chat template up to the assistant's turn.  The score token is the next token after the suffix.
 
 Prefix and suffix are tokenised separately and concatenated, in every scoring path, so the shared-
 prefix scorer and independent queries see identical token sequences.
@@ -72,7 +72,7 @@ class ZRewardModel(nn.Module):
         if not isinstance(prompt, str):
             raise TypeError(f"prompts must be strings, got {type(prompt).__name__}")
         head, _ = self._template()
-        return f"{head}Prompt: {prompt}\n"
+        return f"{head}Prompt: {prompt}\n{self.rubric.preamble_text()}"
 
     def suffix_ids(self, dimension: str) -> List[int]:
         """Token ids of the dimension's question and the template's tail (ends before the score)."""

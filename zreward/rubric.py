@@ -29,8 +29,11 @@ DESCRIPTIONS: Dict[str, str] = {
                     "wrong, 3 = some errors, 4 = nearly plausible, 5 = fully plausible)",
 }
 
-INSTRUCTION = ("Rate the image for {dimension}: {description}. Answer with a single score from {low} to {high} "
-               "in steps of {step}.")
+#: Shared by every dimension of an image (goes into the prefix, after the image and the prompt).
+PREAMBLE = ("Score the image against the prompt on a scale from {low} to {high} in steps of {step}, one rubric "
+            "dimension at a time.\n{rubric}\n")
+#: The per-dimension question (the suffix); the score token follows it.
+QUESTION = "Rate the image for {dimension}."
 
 
 def _fmt(v: float) -> str:
@@ -42,15 +45,19 @@ class Rubric:
     """Rubric dimensions, anchor descriptions, score bins and aggregation weights.
 
     ``weights`` default to equal weights summing to one, so the reward ``sum_d w_d mu_d`` stays on
-    the score scale.  ``instruction`` is formatted with ``dimension``, ``description``, ``low``,
-    ``high`` and ``step``.
+    the score scale.  The rubric text (every dimension's anchors, the scale) is the ``preamble``,
+    shared by all dimensions of an image; each query then names its one dimension with the short
+    ``question``.  Keeping the per-dimension part short is what makes one shared prefix pay off.
+    ``preamble`` may use ``{low}``, ``{high}``, ``{step}`` and ``{rubric}``; ``question`` uses
+    ``{dimension}`` (and may use ``{description}``).
     """
 
     dimensions: Tuple[str, ...] = DIMENSIONS
     descriptions: Dict[str, str] = field(default_factory=lambda: dict(DESCRIPTIONS))
     bin_values: Tuple[float, ...] = BIN_VALUES
     weights: Optional[Tuple[float, ...]] = None
-    instruction: str = INSTRUCTION
+    preamble: str = PREAMBLE
+    question_template: str = QUESTION
 
     def __post_init__(self):
         self.dimensions = tuple(str(d) for d in self.dimensions)
@@ -73,20 +80,26 @@ class Rubric:
             raise ValueError(f"weights must be non-negative with a positive sum, got {self.weights}")
         try:
             self.question(self.dimensions[0])
+            self.preamble_text()
         except (KeyError, IndexError) as exc:
-            raise ValueError(f"instruction has an unknown placeholder: {exc}") from None
+            raise ValueError(f"preamble or question_template has an unknown placeholder: {exc}") from None
 
     def index(self, dimension: str) -> int:
         if dimension not in self.dimensions:
             raise ValueError(f"unknown dimension {dimension!r}; this rubric has {list(self.dimensions)}")
         return self.dimensions.index(dimension)
 
-    def question(self, dimension: str) -> str:
-        """The dimension-specific text that follows the shared image+prompt prefix."""
-        self.index(dimension)
+    def preamble_text(self) -> str:
+        """The rubric text shared by all dimensions (every dimension's anchors and the scale)."""
         step = self.bin_values[1] - self.bin_values[0]
-        return self.instruction.format(dimension=dimension, description=self.descriptions[dimension],
-                                       low=_fmt(self.bin_values[0]), high=_fmt(self.bin_values[-1]), step=_fmt(step))
+        rubric = "\n".join(f"- {d}: {self.descriptions[d]}" for d in self.dimensions)
+        return self.preamble.format(low=_fmt(self.bin_values[0]), high=_fmt(self.bin_values[-1]), step=_fmt(step),
+                                    rubric=rubric)
+
+    def question(self, dimension: str) -> str:
+        """The dimension-specific text that ends the query; the score token follows it."""
+        self.index(dimension)
+        return self.question_template.format(dimension=dimension, description=self.descriptions[dimension])
 
     def reward(self, mean: torch.Tensor, dimensions: Optional[Sequence[str]] = None) -> torch.Tensor:
         """``sum_d w_d mu_d`` over the last dimension of ``mean [..., D]``, weights renormalised to
@@ -101,12 +114,14 @@ class Rubric:
 
     def to_dict(self) -> dict:
         return dict(dimensions=list(self.dimensions), descriptions=dict(self.descriptions),
-                    bin_values=list(self.bin_values), weights=list(self.weights), instruction=self.instruction)
+                    bin_values=list(self.bin_values), weights=list(self.weights), preamble=self.preamble,
+                    question_template=self.question_template)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Rubric":
         return cls(dimensions=tuple(d["dimensions"]), descriptions=dict(d["descriptions"]),
-                   bin_values=tuple(d["bin_values"]), weights=tuple(d["weights"]), instruction=d["instruction"])
+                   bin_values=tuple(d["bin_values"]), weights=tuple(d["weights"]), preamble=d["preamble"],
+                   question_template=d["question_template"])
 
 
 @dataclass

@@ -14,7 +14,10 @@ def test_rubric_defaults_and_questions():
     assert r.dimensions == DIMENSIONS and r.bin_values == BIN_VALUES
     assert sum(r.weights) == pytest.approx(1.0)
     q = r.question("realism")
-    assert "realism" in q and "1.0 to 5.0" in q and "steps of 0.5" in q
+    assert q == "Rate the image for realism."
+    pre = r.preamble_text()
+    assert "1.0 to 5.0" in pre and "steps of 0.5" in pre
+    assert all(f"- {d}: {r.descriptions[d]}" in pre for d in DIMENSIONS)
     assert Rubric.from_dict(r.to_dict()) == r
 
 
@@ -39,7 +42,9 @@ def test_rubric_validation():
     with pytest.raises(ValueError, match="non-negative"):
         Rubric(weights=(1.0, -1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match="unknown placeholder"):
-        Rubric(instruction="Rate {colour}")
+        Rubric(question_template="Rate {colour}")
+    with pytest.raises(ValueError, match="unknown placeholder"):
+        Rubric(preamble="Scale {lowest}")
     with pytest.raises(ValueError, match="unknown dimension 'beauty'"):
         Rubric().question("beauty")
 

@@ -7,7 +7,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("torchvision")  # Qwen2-VL's processor imports it
 
-from tiny_vlm import FAMILIES  # noqa: E402
+from zreward.tiny import FAMILIES  # noqa: E402
 
 from zreward.model import ZRewardModel  # noqa: E402
 from zreward.scorer import RewardScorer, as_reward_fn  # noqa: E402

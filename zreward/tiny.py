@@ -1,5 +1,9 @@
 """Tiny image-text-to-text models of two families, built from configs with a local word-level
-tokenizer (no hub access): Qwen2-VL (M-RoPE positions) and LLaVA (CLIP vision + Llama)."""
+tokenizer (no hub access): Qwen2-VL (M-RoPE positions) and LLaVA (CLIP vision + Llama).
+
+Used by the tests and benchmarks, and as a starting point for models trained from scratch here
+(no pretrained weights can be downloaded).  ``hidden``/``layers``/``vision_depth`` size them.
+"""
 
 import torch
 import transformers
@@ -33,17 +37,19 @@ def _tokenizer(special, eos):
     return fast
 
 
-def tiny_qwen2_vl(seed=0):
+def tiny_qwen2_vl(seed=0, hidden=32, layers=2, vision_depth=2, max_pixels=84 * 84):
     tok = _tokenizer(QWEN_SPECIAL, "<|endoftext|>")
-    ip = transformers.Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=84 * 84)
+    ip = transformers.Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=max_pixels)
     vp = transformers.Qwen2VLVideoProcessor()
     proc = transformers.Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=QWEN_TEMPLATE)
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    hd = hidden // 4  # head dim; M-RoPE splits its half into (temporal, height, width) sections
     cfg = transformers.Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=14,
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|endoftext|>"],
+                         rope_scaling={"type": "mrope", "mrope_section": [hd // 4, hd // 8, hd // 8]}),
+        vision_config=dict(depth=vision_depth, embed_dim=hidden, hidden_size=hidden, num_heads=4, mlp_ratio=2, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
@@ -52,16 +58,17 @@ def tiny_qwen2_vl(seed=0):
     return transformers.Qwen2VLForConditionalGeneration(cfg).eval(), proc
 
 
-def tiny_llava(seed=0):
+def tiny_llava(seed=0, hidden=32, layers=2, vision_depth=2):
     tok = _tokenizer(["<image>", "</s>"], "</s>")
     ip = transformers.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
     proc = transformers.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
                                        vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE,
                                        image_token="<image>", num_additional_image_tokens=1)
-    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    vision = transformers.CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=vision_depth,
                                            num_attention_heads=4, image_size=28, patch_size=14)
-    text = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    text = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                                    num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=2048,
                                     pad_token_id=tok.pad_token_id)
     cfg = transformers.LlavaConfig(vision_config=vision, text_config=text,
                                    image_token_index=tok.convert_tokens_to_ids("<image>"),
