@@ -42,8 +42,10 @@ class RewardOutput:
     dimensions: Tuple[str, ...]
 
 
-def _as_image_list(images, n: int) -> list:
-    """Validate images: PIL images, HxWx3 uint8 arrays, or a float tensor [B, 3, H, W] in [0, 1]."""
+def _as_images(images, n: int):
+    """Validate images.  A float tensor [B, 3, H, W] in [0, 1] is returned as is (it is preprocessed
+    by the processor's torch backend on its own device: no PIL or numpy round trip, and gradients
+    flow); PIL images and HxWx3 uint8 arrays are returned as a list of uint8 arrays."""
     if isinstance(images, torch.Tensor):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"an image tensor must be [B, 3, H, W], got shape {tuple(images.shape)}")
@@ -51,7 +53,9 @@ def _as_image_list(images, n: int) -> list:
             raise TypeError(f"an image tensor must be floating point in [0, 1], got {images.dtype}")
         if images.numel() and (float(images.min()) < 0 or float(images.max()) > 1):
             raise ValueError("an image tensor must hold values in [0, 1]")
-        out = [(img.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy() for img in images]
+        if images.shape[0] != n:
+            raise ValueError(f"got {images.shape[0]} images for {n} prompts")
+        return images
     else:
         out = []
         for i, img in enumerate(list(images)):
@@ -89,11 +93,26 @@ class RewardScorer:
         self._mrope = hasattr(self._base, "get_rope_index")
 
     # ---- public API ----------------------------------------------------------------------------
-    @torch.inference_mode()
-    def score(self, images, prompts: Sequence[str], dimensions: Optional[Sequence[str]] = None) -> RewardOutput:
+    def score(self, images, prompts: Sequence[str], dimensions: Optional[Sequence[str]] = None,
+              differentiable: bool = False) -> RewardOutput:
         """Score ``images`` (PIL, HxWx3 uint8 arrays or a float tensor [B,3,H,W] in [0,1]) against
-        their ``prompts`` on ``dimensions`` (default: every rubric dimension)."""
+        their ``prompts`` on ``dimensions`` (default: every rubric dimension).
+
+        By default this runs under ``torch.inference_mode()``.  ``differentiable=True`` (tensor
+        images only) keeps the graph, so ``out.reward.sum().backward()`` reaches the input pixels
+        through the processor's torch preprocessing (resize, normalise, patchify) -- the ReFL /
+        DRaFT use of SPEC section 6.  The model's own parameters get gradients too unless frozen.
+        """
+        if differentiable and not isinstance(images, torch.Tensor):
+            raise TypeError("differentiable=True needs images as a float tensor [B, 3, H, W] in [0, 1]")
+        ctx = torch.enable_grad() if differentiable else torch.inference_mode()
+        with ctx:
+            return self._score(images, prompts, dimensions)
+
+    def _score(self, images, prompts, dimensions) -> RewardOutput:
         prompts = list(prompts)
+        if not prompts:
+            raise ValueError("score() needs at least one image and prompt")
         if not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be strings")
         dims = tuple(dimensions) if dimensions is not None else self.model.rubric.dimensions
@@ -101,31 +120,36 @@ class RewardScorer:
             raise ValueError("dimensions must name at least one rubric dimension")
         for d in dims:
             self.model.rubric.index(d)
-        imgs = _as_image_list(images, len(prompts))
+        imgs = _as_images(images, len(prompts))
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        chunks = []
+        parts, masses, where = [], [], []
         for s in range(0, len(order), self.batch_size):
             idx = order[s:s + self.batch_size]
-            chunks.append((idx, self._score_batch([imgs[i] for i in idx], [prompts[i] for i in idx], dims)))
-        dev = self.model.device
-        k = len(self.model.rubric.bin_values)
-        logits = torch.empty(len(prompts), len(dims), k, device=dev)
-        mass = torch.empty(len(prompts), len(dims), device=dev) if self.in_vocab_mass else None
-        for idx, (lg, ms) in chunks:
-            logits[idx] = lg
-            if mass is not None:
-                mass[idx] = ms
+            batch = imgs[torch.tensor(idx, device=imgs.device)] if isinstance(imgs, torch.Tensor) else [imgs[i] for i in idx]
+            lg, ms = self._score_batch(batch, [prompts[i] for i in idx], dims)
+            parts.append(lg)
+            masses.append(ms)
+            where.extend(idx)
+        inverse = torch.empty(len(where), dtype=torch.long)
+        inverse[torch.tensor(where)] = torch.arange(len(where))
+        inverse = inverse.to(parts[0].device)
+        logits = torch.cat(parts)[inverse]  # back to input order (differentiable)
+        mass = torch.cat(masses)[inverse] if self.in_vocab_mass else None
         st = score_stats(logits, bin_values=self.model.rubric.bin_values, backend=self.backend)
         reward = self.model.rubric.reward(st.mean, dims)
         return RewardOutput(st.probs, st.mean, st.std, reward, mass, dims)
 
     # ---- internals -----------------------------------------------------------------------------
-    def _processor_inputs(self, images: list, texts: List[str]) -> Dict[str, torch.Tensor]:
+    def _processor_inputs(self, images, texts: List[str]) -> Dict[str, torch.Tensor]:
         tok = self.model.tokenizer
         side = tok.padding_side
         tok.padding_side = "left"
+        extra = {}
+        if isinstance(images, torch.Tensor):
+            extra["do_rescale"] = False  # values are already in [0, 1]
+            images = list(images)
         try:
-            enc = self.model.processor(text=texts, images=images, return_tensors="pt", padding=True)
+            enc = self.model.processor(text=texts, images=images, return_tensors="pt", padding=True, **extra)
         finally:
             tok.padding_side = side
         dev = self.model.device
@@ -211,7 +235,10 @@ class RewardScorer:
         return out.last_hidden_state[torch.arange(b * d, device=last.device), last]
 
     def _independent(self, images, prompts, suffix, suffix_mask, suffix_len, b, d):
-        rep_images = [img for img in images for _ in range(d)]
+        if isinstance(images, torch.Tensor):
+            rep_images = images.repeat_interleave(d, 0)
+        else:
+            rep_images = [img for img in images for _ in range(d)]
         rep_text = [self.model.prefix_text(p) for p in prompts for _ in range(d)]
         enc = self._processor_inputs(rep_images, rep_text)
         p = enc["input_ids"].shape[1]

@@ -58,16 +58,33 @@ def test_output_contents(zmodel):
 
 
 def test_image_inputs_agree(zmodel):
-    arrays = _images(2)
-    t = torch.stack([torch.from_numpy(a).permute(2, 0, 1).float() / 255 for a in arrays[:1]] * 1)
+    # an image of the size each tiny processor keeps as is (no resize): every input route sees the same pixels
+    side = 56 if "Qwen2VL" in type(zmodel.model).__name__ else 28
+    arr = (np.random.default_rng(3).random((side, side, 3)) * 255).astype("uint8")
     from PIL import Image
 
     s = RewardScorer(zmodel)
-    by_array = s.score(arrays[:1], PROMPTS[:1])
-    by_pil = s.score([Image.fromarray(arrays[0])], PROMPTS[:1])
-    by_tensor = s.score(t, PROMPTS[:1])
+    by_array = s.score([arr], PROMPTS[:1])
+    by_pil = s.score([Image.fromarray(arr)], PROMPTS[:1])
+    by_tensor = s.score(torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 255, PROMPTS[:1])
     torch.testing.assert_close(by_pil.probs, by_array.probs)
-    torch.testing.assert_close(by_tensor.probs, by_array.probs)
+    torch.testing.assert_close(by_tensor.probs, by_array.probs, atol=1e-5, rtol=1e-5)
+
+
+def test_differentiable_scoring_reaches_the_pixels(zmodel):
+    for p in zmodel.model.parameters():
+        p.requires_grad_(False)
+    images = torch.rand(3, 3, 56, 56, requires_grad=True)
+    out = RewardScorer(zmodel, batch_size=2).score(images, PROMPTS[:3], differentiable=True)
+    out.reward.sum().backward()
+    g = images.grad
+    assert g is not None and torch.isfinite(g).all() and float(g.abs().sum()) > 0
+    assert all(float(g[i].abs().sum()) > 0 for i in range(3))  # every image gets its own gradient
+    plain = RewardScorer(zmodel, batch_size=2).score(images.detach(), PROMPTS[:3])
+    torch.testing.assert_close(out.reward.detach(), plain.reward, atol=1e-6, rtol=1e-6)
+    assert not plain.reward.requires_grad
+    with pytest.raises(TypeError, match="differentiable=True needs images as a float tensor"):
+        RewardScorer(zmodel).score(_images(1), PROMPTS[:1], differentiable=True)
 
 
 def test_save_and_reload_offline(zmodel, tmp_path):
