@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -209,6 +210,64 @@ def demo(args) -> int:
     return 0
 
 
+def _load_scorer(args):
+    from .model import ZRewardModel
+    from .scorer import RewardScorer
+
+    if not os.path.isdir(args.model):
+        raise SystemExit(f"--model {args.model!r} is not a directory (a ZRewardModel saved with save_pretrained)")
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = ZRewardModel.from_pretrained(args.model, device=device)
+    return RewardScorer(model, batch_size=args.batch_size)
+
+
+def score_cmd(args) -> int:
+    from PIL import Image
+
+    prompts = args.prompt
+    if len(prompts) == 1 and len(args.images) > 1:
+        prompts = prompts * len(args.images)
+    if len(prompts) != len(args.images):
+        raise SystemExit(f"give one --prompt, or one per image ({len(args.images)}), got {len(prompts)}")
+    pics = []
+    for path in args.images:
+        if not os.path.exists(path):
+            raise SystemExit(f"image not found: {path}")
+        with Image.open(path) as im:
+            pics.append(im.convert("RGB"))
+    scorer = _load_scorer(args)
+    out = scorer.score(pics, prompts, args.dimensions)
+    rows = []
+    for i, path in enumerate(args.images):
+        row = {"image": path, "prompt": prompts[i], "reward": float(out.reward[i])}
+        for j, d in enumerate(out.dimensions):
+            row[d] = {"mean": float(out.mean[i, j]), "std": float(out.std[i, j]),
+                      "probs": [round(float(x), 6) for x in out.probs[i, j]]}
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print("| image | reward | " + " | ".join(f"{d} (mean +- std)" for d in out.dimensions) + " |")
+        print("|---|---|" + "---|" * len(out.dimensions))
+        for r in rows:
+            cells = " | ".join(f"{r[d]['mean']:.3f} +- {r[d]['std']:.3f}" for d in out.dimensions)
+            print(f"| {r['image']} | {r['reward']:.3f} | {cells} |")
+    return 0
+
+
+def eval_cmd(args) -> int:
+    from .data import load_manifest
+    from .evaluate import evaluate_items, format_table
+
+    scorer = _load_scorer(args)
+    items = load_manifest(args.manifest, dimensions=scorer.model.rubric.dimensions)
+    report = evaluate_items(scorer, items, out_dir=args.out, batch_size=args.batch_size, plots=not args.no_plots)
+    print(format_table(report))
+    print(f"\nwrote {os.path.join(args.out, 'metrics.json')}" + (
+        "" if args.no_plots else f" and plots: {', '.join(report['_meta'].get('plots', [])) or 'none'}"))
+    return 0
+
+
 def info(_args) -> int:
     print(json.dumps(backend_info(), indent=2))
     return 0
@@ -230,5 +289,21 @@ def main(argv=None) -> int:
     p.set_defaults(fn=demo)
     p = sub.add_parser("info", help="print which kernel backends are available")
     p.set_defaults(fn=info)
+    for name, fn, helptext in (("score", score_cmd, "score images against a prompt with a saved reward model"),
+                               ("eval", eval_cmd, "evaluate a saved reward model on a JSONL manifest")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--model", required=True, help="directory written by ZRewardModel.save_pretrained")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--batch-size", type=int, default=16)
+        if name == "score":
+            p.add_argument("images", nargs="+", help="image files")
+            p.add_argument("--prompt", action="append", required=True, help="the prompt (once, or once per image)")
+            p.add_argument("--dimensions", nargs="+", default=None)
+            p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        else:
+            p.add_argument("--manifest", required=True, help="JSONL manifest (see zreward.data)")
+            p.add_argument("--out", required=True, help="folder for metrics.json, predictions.jsonl and plots")
+            p.add_argument("--no-plots", action="store_true")
+        p.set_defaults(fn=fn)
     args = parser.parse_args(argv)
     return args.fn(args)

@@ -82,7 +82,8 @@ def hpa(pred, ref, groups, margin: float = 0.0, pred_ties: str = "wrong") -> flo
 
 
 def _logistic4(x, b1, b2, b3, b4):
-    return (b1 - b2) / (1 + np.exp(-(x - b3) / np.abs(b4))) + b2
+    with np.errstate(over="ignore"):  # exp overflow -> inf -> the curve's asymptote, as intended
+        return (b1 - b2) / (1 + np.exp(-(x - b3) / np.abs(b4))) + b2
 
 
 def plcc(pred, ref, logistic: bool = False) -> float:
@@ -176,12 +177,12 @@ def preference_probability(probs_a, probs_b) -> np.ndarray:
     return (pa * (below + 0.5 * pb)).sum(-1)
 
 
-def pairwise_ece(probs, ref, groups, n_bins: int = 10) -> float:
-    """Expected calibration error of pairwise preference probabilities (NaN without pairs).
+def pairwise_calibration(probs, ref, groups, n_bins: int = 10) -> Optional[Dict[str, np.ndarray]]:
+    """Reliability data of pairwise preference probabilities (None without pairs).
 
     Pairs as in :func:`hpa` (same group, reference scores differ).  Each pair is oriented so the
-    predicted winner comes first (confidence in [0.5, 1]); ECE = sum over confidence bins of
-    ``(n_bin / n) |accuracy_bin - confidence_bin|``.
+    predicted winner comes first (confidence in [0.5, 1]); returns per confidence bin the ``count``,
+    mean ``confidence`` and ``accuracy`` (NaN for empty bins), and the bin ``edges``.
     """
     pr = _np(probs)
     r = _np(ref).ravel()
@@ -190,19 +191,29 @@ def pairwise_ece(probs, ref, groups, n_bins: int = 10) -> float:
     keep = r[a] != r[b]
     a, b = a[keep], b[keep]
     if a.size == 0:
-        return float("nan")
+        return None
     p_ab = preference_probability(pr[a], pr[b])
     a_wins = r[a] > r[b]
     conf = np.maximum(p_ab, 1 - p_ab)
     correct = np.where(p_ab >= 0.5, a_wins, ~a_wins)
     edges = np.linspace(0.5, 1.0, n_bins + 1)
     idx = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
-    ece = 0.0
-    for k in range(n_bins):
-        m = idx == k
-        if m.any():
-            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
-    return float(ece)
+    count = np.bincount(idx, minlength=n_bins)
+    with np.errstate(invalid="ignore"):
+        confidence = np.bincount(idx, weights=conf, minlength=n_bins) / count
+        accuracy = np.bincount(idx, weights=correct.astype(float), minlength=n_bins) / count
+    return {"edges": edges, "count": count, "confidence": confidence, "accuracy": accuracy}
+
+
+def pairwise_ece(probs, ref, groups, n_bins: int = 10) -> float:
+    """Expected calibration error of pairwise preference probabilities (NaN without pairs):
+    ``sum over confidence bins of (n_bin / n) |accuracy_bin - confidence_bin|``."""
+    cal = pairwise_calibration(probs, ref, groups, n_bins)
+    if cal is None:
+        return float("nan")
+    m = cal["count"] > 0
+    w = cal["count"][m] / cal["count"].sum()
+    return float((w * np.abs(cal["accuracy"][m] - cal["confidence"][m])).sum())
 
 
 def trimmed_mean(ratings, dim: int = -1, mask=None):

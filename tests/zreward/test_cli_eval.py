@@ -1,0 +1,69 @@
+"""`zreward score` and `zreward eval` end to end on a tiny saved model and a small manifest."""
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("torchvision")
+
+from PIL import Image  # noqa: E402
+
+from zreward.cli import main  # noqa: E402
+from zreward.data import RatedItem, write_manifest  # noqa: E402
+from zreward.model import ZRewardModel  # noqa: E402
+from zreward.tiny import tiny_qwen2_vl  # noqa: E402
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model, proc = tiny_qwen2_vl()
+    ZRewardModel(model, proc).save_pretrained(tmp_path / "model")
+    rng = np.random.default_rng(0)
+    items = []
+    for g in range(3):
+        for c in range(3):
+            path = tmp_path / "img" / f"{g}_{c}.png"
+            path.parent.mkdir(exist_ok=True)
+            Image.fromarray((rng.random((56, 56, 3)) * 255).astype("uint8")).save(path)
+            for dim in ("alignment", "realism"):
+                items.append(RatedItem(prompt=f"a red car {g}", image=str(path), dimension=dim, group=f"p{g}",
+                                       ratings=[float(x) for x in rng.integers(1, 6, size=5)]))
+    write_manifest(items, tmp_path / "m.jsonl", relative_to=tmp_path)
+    return tmp_path
+
+
+def test_eval_writes_metrics_predictions_and_plots(saved, capsys):
+    out = saved / "eval"
+    assert main(["eval", "--model", str(saved / "model"), "--manifest", str(saved / "m.jsonl"), "--out", str(out)]) == 0
+    rep = json.loads((out / "metrics.json").read_text())
+    assert set(rep) >= {"pooled", "alignment", "realism", "_meta"}
+    assert rep["_meta"]["items"] == 18 and rep["_meta"]["images"] == 9
+    for key in ("hpa", "margin_hpa", "plcc", "srcc", "krcc", "pairwise_ece", "kl", "js", "wasserstein1"):
+        assert key in rep["pooled"]
+    assert 0.0 <= rep["pooled"]["hpa"] <= 1.0
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 18 and abs(sum(preds[0]["probs"]) - 1) < 1e-4
+    pytest.importorskip("matplotlib")
+    for name in ("reliability.png", "scatter.png", "dimensions.png"):
+        assert (out / name).stat().st_size > 1000
+    assert "| pooled | 18 |" in capsys.readouterr().out
+
+
+def test_score_prints_json(saved, capsys):
+    img = str(saved / "img" / "0_0.png")
+    assert main(["score", "--model", str(saved / "model"), img, img, "--prompt", "a red car", "--json",
+                 "--dimensions", "realism"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 2 and rows[0]["realism"]["mean"] == pytest.approx(rows[1]["realism"]["mean"])
+    assert rows[0]["reward"] == pytest.approx(rows[0]["realism"]["mean"])
+
+
+def test_cli_errors(saved):
+    with pytest.raises(SystemExit, match="is not a directory"):
+        main(["score", "--model", str(saved / "nope"), str(saved / "img" / "0_0.png"), "--prompt", "x"])
+    with pytest.raises(SystemExit, match="image not found"):
+        main(["score", "--model", str(saved / "model"), str(saved / "missing.png"), "--prompt", "x"])
+    with pytest.raises(SystemExit, match="give one --prompt, or one per image"):
+        main(["score", "--model", str(saved / "model"), "a.png", "b.png", "c.png", "--prompt", "x", "--prompt", "y"])

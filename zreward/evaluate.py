@@ -1,0 +1,160 @@
+"""Evaluate a reward model on a manifest: score every image once, compute metrics, write plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .data import RatedItem
+from .metrics import evaluate, pairwise_calibration, rater_histograms
+from .scorer import RewardScorer
+
+
+def _progress(iterable, total: int, desc: str):
+    try:
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, unit="img")
+    except ImportError:  # tqdm comes with transformers; without it, no bar
+        return iterable
+
+
+def score_items(scorer: RewardScorer, items: List[RatedItem], batch_size: int = 16, progress: bool = True):
+    """Score each distinct (image, prompt) once on the dimensions its items ask for.
+
+    Returns per item: predicted mean ``[N]`` and distribution ``[N, K]`` (numpy float64).
+    """
+    from PIL import Image
+
+    rubric = scorer.model.rubric
+    for it in items:
+        rubric.index(it.dimension)
+    images: "OrderedDict[tuple, List[int]]" = OrderedDict()
+    for i, it in enumerate(items):
+        images.setdefault((it.image, it.prompt), []).append(i)
+    keys = list(images)
+    dims = tuple(d for d in rubric.dimensions if any(it.dimension == d for it in items))
+    mean = np.zeros(len(items))
+    probs = np.zeros((len(items), len(rubric.bin_values)))
+    batches = range(0, len(keys), batch_size)
+    for s in (_progress(batches, len(batches), "scoring") if progress else batches):
+        chunk = keys[s:s + batch_size]
+        pics = []
+        for path, _ in chunk:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"image not found: {path}")
+            with Image.open(path) as im:
+                pics.append(np.array(im.convert("RGB")))
+        out = scorer.score(pics, [p for _, p in chunk], dims)
+        for j, key in enumerate(chunk):
+            for i in images[key]:
+                d = dims.index(items[i].dimension)
+                mean[i] = float(out.mean[j, d])
+                probs[i] = out.probs[j, d].float().cpu().numpy()
+    return mean, probs
+
+
+def evaluate_items(scorer: RewardScorer, items: List[RatedItem], out_dir: Optional[str] = None,
+                   batch_size: int = 16, plots: bool = True, progress: bool = True) -> Dict:
+    """Metrics (pooled and per dimension) of the scorer on the items that have a reference score."""
+    labelled = [it for it in items if it.reference is not None]
+    if not labelled:
+        raise ValueError("no item has a score or ratings to evaluate against")
+    mean, probs = score_items(scorer, labelled, batch_size, progress)
+    ref = np.array([it.reference for it in labelled])
+    groups = [it.group for it in labelled]
+    dims = [it.dimension for it in labelled]
+    hist = None
+    if all(it.ratings for it in labelled):
+        hist = rater_histograms([it.ratings for it in labelled], scorer.model.rubric.bin_values)
+    report = evaluate(mean, ref, groups, dims, probs=probs, rater_hist=hist, bin_values=scorer.model.rubric.bin_values)
+    report["_meta"] = {"items": len(labelled), "skipped_unlabelled": len(items) - len(labelled),
+                       "images": len({(it.image, it.prompt) for it in labelled})}
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump(report, f, indent=2, default=float)
+        with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
+            for it, m, p in zip(labelled, mean, probs):
+                f.write(json.dumps({"id": it.id, "dimension": it.dimension, "group": it.group, "mean": m,
+                                    "reference": it.reference, "probs": [round(x, 6) for x in p]}) + "\n")
+        if plots:
+            report["_meta"]["plots"] = write_plots(out_dir, mean, ref, probs, groups, dims, report)
+    return report
+
+
+def write_plots(out_dir, mean, ref, probs, groups, dims, report) -> List[str]:
+    """Reliability diagram, predicted-vs-reference scatter, per-dimension bars (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install 'zreward[plots]')")
+        return []
+    written = []
+    grp = [f"{d}/{g}" for g, d in zip(groups, dims)]
+    cal = pairwise_calibration(probs, ref, grp)
+    if cal is not None:
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        m = cal["count"] > 0
+        centers = 0.5 * (cal["edges"][1:] + cal["edges"][:-1])
+        ax.bar(centers[m], cal["accuracy"][m], width=0.045, alpha=0.7, label="accuracy")
+        ax.plot([0.5, 1], [0.5, 1], "k--", lw=1, label="perfect calibration")
+        ax.plot(cal["confidence"][m], cal["accuracy"][m], "o-", color="C3", label="mean confidence")
+        ax.set_xlabel("predicted preference probability (winner)")
+        ax.set_ylabel("fraction of pairs ordered correctly")
+        ax.set_title(f"pairwise calibration, ECE {report['pooled'].get('pairwise_ece', float('nan')):.3f}")
+        ax.set_xlim(0.5, 1)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(os.path.join(out_dir, "reliability.png"))
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    for d in sorted(set(dims)):
+        sel = np.array([x == d for x in dims])
+        ax.scatter(ref[sel], mean[sel], s=12, alpha=0.7, label=d)
+    ax.set_xlabel("reference score")
+    ax.set_ylabel("predicted mean")
+    ax.set_title(f"pooled SRCC {report['pooled']['srcc']:.3f}, PLCC {report['pooled']['plcc']:.3f}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(os.path.join(out_dir, "scatter.png"))
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    names = [d for d in report if not d.startswith("_") and d != "pooled"]
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.5))
+    x = np.arange(len(names))
+    for j, key in enumerate(("hpa", "margin_hpa", "srcc")):
+        ax.bar(x + (j - 1) * 0.27, [report[n][key] for n in names], width=0.27, label=key)
+    ax.set_xticks(x, names)
+    ax.axhline(0.5, color="k", lw=0.8, ls=":")
+    ax.set_ylim(min(0.0, np.nanmin([report[n]["srcc"] for n in names]) - 0.05), 1)
+    ax.legend(fontsize=8)
+    ax.set_title("per dimension")
+    fig.tight_layout()
+    written.append(os.path.join(out_dir, "dimensions.png"))
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    return written
+
+
+def format_table(report: Dict) -> str:
+    keys = ("hpa", "margin_hpa", "plcc", "srcc", "krcc", "pairwise_ece")
+    lines = ["| set | n | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for name, r in report.items():
+        if name.startswith("_"):
+            continue
+        vals = " | ".join(f"{r.get(k, float('nan')):.4f}" for k in keys)
+        lines.append(f"| {name} | {r['n']} | {vals} |")
+    return "\n".join(lines)
+
+
+__all__ = ["evaluate_items", "format_table", "score_items", "write_plots"]
