@@ -91,9 +91,21 @@ class ZRewardModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str, *, dtype: Optional[torch.dtype] = None,
-                        device: Optional[torch.device] = None) -> "ZRewardModel":
-        """Load offline from ``directory`` (written by :meth:`save_pretrained`)."""
+                        device: Optional[torch.device] = None,
+                        attn_implementation: Optional[str] = None) -> "ZRewardModel":
+        """Load offline from ``directory`` (written by :meth:`save_pretrained`).
+
+        ``attn_implementation`` defaults to ``"flash_attention_2"`` when the ``flash_attn`` package is
+        installed and ``device`` is CUDA, else ``"sdpa"``.
+        """
+        import importlib.util
+
         import transformers
+
+        if attn_implementation is None:
+            on_cuda = device is not None and torch.device(device).type == "cuda"
+            has_fa = importlib.util.find_spec("flash_attn") is not None
+            attn_implementation = "flash_attention_2" if (on_cuda and has_fa) else "sdpa"
 
         path = os.path.join(directory, CONFIG_NAME)
         if not os.path.exists(path):
@@ -103,7 +115,7 @@ class ZRewardModel(nn.Module):
         model_cls = getattr(transformers, cfg["model_class"], None)
         if model_cls is None:
             raise ValueError(f"transformers has no model class {cfg['model_class']!r} (installed {transformers.__version__})")
-        kw = dict(local_files_only=True)
+        kw = dict(local_files_only=True, attn_implementation=attn_implementation)
         if dtype is not None:
             kw["dtype"] = dtype
         model = model_cls.from_pretrained(directory, **kw)
