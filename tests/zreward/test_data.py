@@ -9,7 +9,15 @@ import pytest
 from zreward.data import RatedItem, import_avt, load_manifest, write_manifest
 from zreward.metrics import evaluate, hpa
 
-SHARED = Path(os.environ.get("ZREWARD_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+def _shared_data() -> Path:
+    """The real rating data: $ZREWARD_SHARED_DATA, else shared/data beside the checkout, else /work/shared/data."""
+    if os.environ.get("ZREWARD_SHARED_DATA"):
+        return Path(os.environ["ZREWARD_SHARED_DATA"])
+    beside = Path(__file__).resolve().parents[3] / "shared" / "data"
+    return beside if beside.exists() else Path("/work/shared/data")
+
+
+SHARED = _shared_data()
 AVT = SHARED / "avt_ai_images"
 
 
