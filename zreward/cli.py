@@ -268,6 +268,15 @@ def eval_cmd(args) -> int:
     return 0
 
 
+def train_cmd(args) -> int:
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig.from_file(args.config, method=args.method)
+    last = train(cfg, resume=args.resume)
+    print(json.dumps(last, indent=2))
+    return 0
+
+
 def info(_args) -> int:
     print(json.dumps(backend_info(), indent=2))
     return 0
@@ -289,6 +298,11 @@ def main(argv=None) -> int:
     p.set_defaults(fn=demo)
     p = sub.add_parser("info", help="print which kernel backends are available")
     p.set_defaults(fn=info)
+    p = sub.add_parser("train", help="train a reward model (sft, risd; gdso, grpo, opd planned)")
+    p.add_argument("method", help="sft | risd | gdso | grpo | opd (overrides the config's method)")
+    p.add_argument("--config", required=True, help="JSON config (see zreward.train.config for every key)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.set_defaults(fn=train_cmd)
     for name, fn, helptext in (("score", score_cmd, "score images against a prompt with a saved reward model"),
                                ("eval", eval_cmd, "evaluate a saved reward model on a JSONL manifest")):
         p = sub.add_parser(name, help=helptext)

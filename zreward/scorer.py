@@ -78,7 +78,10 @@ class RewardScorer:
 
     def __init__(self, model: ZRewardModel, *, batch_size: int = 8, shared_prefix: bool = True,
                  in_vocab_mass: bool = True, autocast_dtype: Optional[torch.dtype] = None,
-                 backend: Optional[str] = None):
+                 autocast: bool = True, backend: Optional[str] = None):
+        """``autocast``: run the model under ``torch.autocast`` -- ``autocast_dtype`` if given, else
+        bf16 for float32 models on CUDA; off elsewhere.  Trainers pass ``autocast=False`` and let
+        accelerate's ``mixed_precision`` decide."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
@@ -86,6 +89,7 @@ class RewardScorer:
         self.shared_prefix = shared_prefix
         self.in_vocab_mass = in_vocab_mass
         self.autocast_dtype = autocast_dtype
+        self.autocast = autocast
         self.backend = backend
         self._base = backbone(model.model)
         params = inspect.signature(self._base.forward).parameters
@@ -170,6 +174,8 @@ class RewardScorer:
     def _autocast(self):
         dev = self.model.device
         dt = self.autocast_dtype
+        if not self.autocast:
+            return torch.autocast(dev.type, enabled=False)
         if dt is None and dev.type == "cuda" and next(self.model.model.parameters()).dtype == torch.float32:
             dt = torch.bfloat16
         if dt is None:
@@ -239,19 +245,41 @@ class RewardScorer:
             rep_images = images.repeat_interleave(d, 0)
         else:
             rep_images = [img for img in images for _ in range(d)]
-        rep_text = [self.model.prefix_text(p) for p in prompts for _ in range(d)]
-        enc = self._processor_inputs(rep_images, rep_text)
+        rep_prompts = [p for p in prompts for _ in range(d)]
+        return self._rows_hidden(rep_images, rep_prompts, suffix.repeat(b, 1), suffix_mask.repeat(b, 1),
+                                 suffix_len.repeat(b))
+
+    def _rows_hidden(self, images, prompts, suffix, suffix_mask, suffix_len):
+        """Backbone hidden state at the score position of full queries, one row per (image, prompt,
+        suffix); left-padded prefixes, right-padded suffixes."""
+        enc = self._processor_inputs(images, [self.model.prefix_text(p) for p in prompts])
         p = enc["input_ids"].shape[1]
-        ids = torch.cat([enc["input_ids"], suffix.repeat(b, 1)], dim=1)
-        mask = torch.cat([enc["attention_mask"], suffix_mask.repeat(b, 1)], dim=1)
+        ids = torch.cat([enc["input_ids"], suffix], dim=1)
+        mask = torch.cat([enc["attention_mask"], suffix_mask], dim=1)
         kw = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
         if "mm_token_type_ids" in kw:
-            kw["mm_token_type_ids"] = torch.cat([kw["mm_token_type_ids"], torch.zeros_like(suffix.repeat(b, 1))], 1)
+            kw["mm_token_type_ids"] = torch.cat([kw["mm_token_type_ids"], torch.zeros_like(suffix)], 1)
         if not self._mrope:
             kw["position_ids"] = self._text_positions(mask)
         out = self._base(input_ids=ids, attention_mask=mask, **kw)
-        last = p + suffix_len.repeat(b) - 1
-        return out.last_hidden_state[torch.arange(b * d, device=last.device), last]
+        last = p + suffix_len - 1
+        return out.last_hidden_state[torch.arange(ids.shape[0], device=last.device), last]
+
+    def query_logits(self, images, prompts: Sequence[str], dimensions: Sequence[str]) -> torch.Tensor:
+        """Score-token logits ``[N, K]`` (float32) of N full queries, row i = (images[i], prompts[i],
+        dimensions[i]).  Runs in the caller's grad mode (no inference mode): the training forward."""
+        prompts = list(prompts)
+        dims = list(dimensions)
+        if len(dims) != len(prompts):
+            raise ValueError(f"got {len(dims)} dimensions for {len(prompts)} prompts")
+        imgs = _as_images(images, len(prompts))
+        order = sorted(set(dims), key=self.model.rubric.index)
+        suffix, smask, slen = self._suffixes(order)
+        row = torch.tensor([order.index(d) for d in dims], device=suffix.device)
+        with self._autocast():
+            h = self._rows_hidden(imgs, prompts, suffix[row], smask[row], slen[row])
+            logits, _ = self._head(h)
+        return logits
 
 
 def as_reward_fn(scorer: RewardScorer, dimensions: Optional[Sequence[str]] = None):

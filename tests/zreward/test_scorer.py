@@ -121,3 +121,18 @@ def test_reward_fn_adapter(zmodel):
     scores, info = fn(_images(2), PROMPTS[:2], {"step": 0})
     assert scores.shape == (2,)
     assert set(info["mean"]) == {"alignment", "aesthetics"} and info["std"]["alignment"].shape == (2,)
+
+
+def test_query_logits_rows_match_scoring_and_train(zmodel):
+    imgs = _images(3)
+    dims = ["realism", "alignment", "realism"]
+    scorer = RewardScorer(zmodel)
+    rows = scorer.query_logits(imgs, PROMPTS[:3], dims)
+    full = scorer.score(imgs, PROMPTS[:3])
+    want = torch.stack([full.probs[i, zmodel.rubric.index(d)] for i, d in enumerate(dims)])
+    torch.testing.assert_close(torch.softmax(rows, -1), want, atol=1e-5, rtol=1e-5)
+    # it keeps the graph: a loss on it reaches the model's parameters
+    rows.logsumexp(-1).sum().backward()
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in zmodel.model.parameters())
+    with pytest.raises(ValueError, match="got 2 dimensions for 3 prompts"):
+        scorer.query_logits(imgs, PROMPTS[:3], dims[:2])

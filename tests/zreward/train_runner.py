@@ -1,0 +1,46 @@
+"""Runs a small deterministic training job; used by the trainer tests in subprocesses.
+
+usage: python train_runner.py BASE_MODEL_DIR OUT_DIR MAX_STEPS [--resume] [--kill-at N] [--batch B] [--save-every S]
+"""
+
+import argparse
+import os
+import signal
+
+import numpy as np
+
+from zreward.data import RatedItem
+from zreward.train import TrainConfig, train
+
+
+def toy_items(n=32, seed=0):
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in range(n):
+        red = i % 2 == 0
+        a = np.zeros((56, 56, 3), np.uint8)
+        a[..., 0 if red else 2] = 200
+        a += rng.integers(0, 40, a.shape, dtype=np.uint8)
+        items.append(RatedItem(prompt="a car", image=a, dimension="realism", score=5.0 if red else 1.0,
+                               ratings=[5.0, 4.5, 5.0] if red else [1.0, 1.5, 1.0], group=f"g{i // 2}", id=str(i)))
+    return items
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("base")
+    ap.add_argument("out")
+    ap.add_argument("steps", type=int)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--kill-at", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--save-every", type=int, default=2)
+    a = ap.parse_args()
+    cfg = TrainConfig(method="sft", model=a.base, output_dir=a.out, max_steps=a.steps, batch_size=a.batch, lr=3e-3,
+                      log_every=1, save_every=a.save_every, device="cpu", seed=1)
+
+    def on_step(step, _):
+        if a.kill_at and step == a.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no final checkpoint
+
+    train(cfg, items=toy_items(), resume=a.resume, on_step=on_step)

@@ -1,0 +1,128 @@
+"""Training configuration: one JSON file (or a ``TrainConfig`` in Python), validated up front.
+
+Every field has a documented default; ``TrainConfig.from_file`` rejects unknown keys.  Validation
+(``validate``) runs before any model is loaded, so a bad config fails in milliseconds.
+
+Common fields
+    method            one of ``sft``, ``risd`` (implemented), ``gdso``, ``grpo``, ``opd`` (planned)
+    model             directory of a ``ZRewardModel`` (the model trained: the student for ``risd``)
+    output_dir        checkpoints (``checkpoint-<step>/``), ``metrics.jsonl``, ``final/``
+    train_manifest    JSONL manifest (``zreward.data``); or pass items to ``train()`` from Python
+    eval_manifest     optional manifest evaluated every ``eval_every`` steps with ``zreward.metrics``
+    max_steps=100, batch_size=8 (items per optimizer step, over all processes), grad_accum=1,
+    lr=1e-4, weight_decay=0.0, warmup_steps=0, schedule="cosine" | "linear" | "constant",
+    max_grad_norm=1.0, mixed_precision="no" | "bf16" | "fp16", grad_checkpointing=False,
+    save_every=50 (0: only at the end), keep_checkpoints=2, eval_every=0, log_every=10, seed=0,
+    device="auto" | "cpu" | "cuda"
+
+``sft``
+    soft_labels=False   cross-entropy to the rater histogram instead of the annotated bin
+    weight_pair=0.0     add the pairwise gap term over same-group, same-dimension pairs in a batch
+
+``risd``
+    teacher             directory of the frozen teacher ``ZRewardModel``; or
+    teacher_cache       a file of cached teacher distributions (``zreward.train.teacher``)
+    temperature=1.0     student and teacher logits divided by it; the KL term is scaled by its square
+    weight_ce=0.0       optional extra CE to the human labels (then items need labels)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+METHODS = ("sft", "risd", "gdso", "grpo", "opd")
+IMPLEMENTED = ("sft", "risd")
+
+
+@dataclass
+class TrainConfig:
+    method: str
+    model: str
+    output_dir: str
+    train_manifest: Optional[str] = None
+    eval_manifest: Optional[str] = None
+    max_steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    grad_checkpointing: bool = False
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    eval_every: int = 0
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    # sft
+    soft_labels: bool = False
+    weight_pair: float = 0.0
+    # risd
+    teacher: Optional[str] = None
+    teacher_cache: Optional[str] = None
+    temperature: float = 1.0
+    weight_ce: float = 0.0
+
+    @classmethod
+    def from_file(cls, path: str, **overrides) -> "TrainConfig":
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the config must be a JSON object")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown config key(s) {unknown}; known: {sorted(known)}")
+        missing = [k for k in ("method", "model", "output_dir") if k not in data]
+        if missing:
+            raise ValueError(f"{path}: missing required key(s) {missing}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self, has_items: bool = False) -> None:
+        """Everything that can be checked without loading a model."""
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if self.method not in IMPLEMENTED:
+            raise NotImplementedError(f"method {self.method!r} is not implemented yet (implemented: {IMPLEMENTED})")
+        if not has_items and not self.train_manifest:
+            raise ValueError("give train_manifest in the config, or pass items to train() from Python")
+        for name in ("max_steps", "batch_size", "grad_accum", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("save_every", "eval_every", "warmup_steps", "keep_checkpoints"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError("weight_decay and max_grad_norm must be >= 0")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+        if self.weight_pair < 0 or self.weight_ce < 0:
+            raise ValueError("weight_pair and weight_ce must be >= 0")
+        if self.method == "risd":
+            if not self.teacher and not self.teacher_cache:
+                raise ValueError("risd needs a teacher model directory ('teacher') or cached targets ('teacher_cache')")
+            if not self.temperature > 0:
+                raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+
+    def needs_labels(self) -> bool:
+        return self.method == "sft" or (self.method == "risd" and self.weight_ce > 0)

@@ -1,0 +1,299 @@
+"""The training loop shared by every method, on accelerate (DDP / FSDP / DeepSpeed by its config).
+
+* Data order is a function of (seed, epoch): each epoch is a fixed permutation of the items, cut
+  into global batches of ``batch_size`` (the last partial batch of an epoch is dropped); process r
+  of W takes every W-th item of the global batch, then splits its share into ``grad_accum``
+  micro-batches.  Step s therefore always sees the same items, which makes resuming exact without
+  storing sampler state.
+* Checkpoints (``checkpoint-<step>/``) hold accelerate's state (model weights as safetensors,
+  optimizer, scheduler, RNG) and ``trainer_state.json``; ``resume=True`` continues from the newest
+  one.  Only our own checkpoints are loaded (accelerate unpickles its optimizer state).
+* Metrics go to ``metrics.jsonl`` (and TensorBoard when installed); ``final/`` holds the trained
+  ``ZRewardModel``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from zreward_kernels import rubric_loss
+
+from ..data import RatedItem, load_manifest
+from ..metrics import rater_histograms
+from .config import TrainConfig
+from .teacher import compute_targets, load_image, load_targets
+
+
+class ScoreModule(nn.Module):
+    """The trainable forward (images, prompts, dimensions) -> score logits, as one module so that
+    accelerate's wrappers (DDP, FSDP) see every call."""
+
+    def __init__(self, zmodel):
+        super().__init__()
+        from ..scorer import RewardScorer
+
+        self.model = zmodel.model  # registers the HF model's parameters
+        self._zmodel = [zmodel]  # a list keeps it out of the module tree
+        self._scorer = RewardScorer(zmodel, in_vocab_mass=False, autocast=False)
+
+    def forward(self, images, prompts, dimensions):
+        return self._scorer.query_logits(images, prompts, dimensions)
+
+
+def _bin_index(score: float, bins: Sequence[float]) -> int:
+    return int(np.argmin([abs(score - v) for v in bins]))
+
+
+def _schedule(cfg: TrainConfig):
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        span = max(cfg.max_steps - cfg.warmup_steps, 1)
+        t = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+        return 0.5 * (1 + math.cos(math.pi * t)) if cfg.schedule == "cosine" else 1.0 - t
+
+    return factor
+
+
+def batch_indices(n_items: int, cfg: TrainConfig, step: int, rank: int, world: int) -> List[List[int]]:
+    """This process's micro-batches (item indices) for optimizer step ``step`` (0-based)."""
+    per_epoch = n_items // cfg.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the {n_items} training items")
+    epoch, b = divmod(step, per_epoch)
+    perm = np.random.default_rng(cfg.seed + 7919 * epoch).permutation(n_items)
+    global_batch = perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+    mine = global_batch[rank::world]
+    return [list(map(int, c)) for c in np.array_split(mine, cfg.grad_accum)]
+
+
+def _checkpoints(output_dir: str) -> List[str]:
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), d) for d in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", d))]
+    return [os.path.join(output_dir, d) for _, d in sorted(found)]
+
+
+def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items: Optional[List[RatedItem]] = None,
+          resume: bool = False, on_step: Optional[Callable[[int, Dict], None]] = None) -> Dict:
+    """Run ``cfg.method``; returns the last logged metrics.  See the module docstring."""
+    cfg.validate(has_items=items is not None)
+    from ..model import ZRewardModel  # imported late: config errors must not wait for transformers
+
+    if items is None:
+        items = load_manifest(cfg.train_manifest)
+    if eval_items is None and cfg.eval_manifest:
+        eval_items = load_manifest(cfg.eval_manifest)
+    if cfg.needs_labels():
+        unlabelled = [it for it in items if it.reference is None]
+        if unlabelled:
+            raise ValueError(f"method {cfg.method!r} needs a score or ratings on every item; "
+                             f"{len(unlabelled)} item(s) have neither, e.g. {unlabelled[0].id!r}")
+        if cfg.method == "sft" and cfg.soft_labels and any(not it.ratings for it in items):
+            raise ValueError("soft_labels=True needs 'ratings' on every item")
+    if cfg.batch_size > len(items):
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(items)} training items")
+
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    acc = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
+    if cfg.batch_size % (acc.num_processes * cfg.grad_accum):
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of processes x grad_accum "
+                         f"({acc.num_processes} x {cfg.grad_accum})")
+    set_seed(cfg.seed)
+    zm = ZRewardModel.from_pretrained(cfg.model, device=acc.device)
+    zm.model.train()
+    if cfg.grad_checkpointing:  # the newer name where transformers has it
+        (getattr(zm.model, "activation_checkpointing_enable", None) or zm.model.gradient_checkpointing_enable)()
+    bins = zm.rubric.bin_values
+
+    targets = None
+    if cfg.method == "risd":
+        if cfg.teacher_cache and os.path.exists(cfg.teacher_cache):
+            targets = load_targets(cfg.teacher_cache, items, bins)
+        else:
+            teacher = ZRewardModel.from_pretrained(cfg.teacher, device=acc.device).eval()
+            if teacher.rubric.bin_values != bins:
+                raise ValueError("teacher and student use different score bins")
+            targets = compute_targets(teacher, items)
+            del teacher
+            if cfg.teacher_cache and acc.is_main_process:
+                from .teacher import save_targets
+
+                save_targets(cfg.teacher_cache, targets, items, cfg.teacher, bins)
+
+    module = ScoreModule(zm)
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
+    module, opt, sched = acc.prepare(module, opt, sched)
+
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    start = 0
+    if resume:
+        ckpts = _checkpoints(cfg.output_dir)
+        if ckpts:
+            acc.load_state(ckpts[-1])
+            with open(os.path.join(ckpts[-1], "trainer_state.json")) as f:
+                start = json.load(f)["step"]
+            acc.print(f"resumed from {ckpts[-1]} at step {start}")
+    log_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    tb = _tensorboard(cfg.output_dir) if acc.is_main_process else None
+
+    def loss_for(idx: List[int]):
+        chunk = [items[i] for i in idx]
+        logits = module([load_image(it) for it in chunk], [it.prompt for it in chunk], [it.dimension for it in chunk])
+        kw = {}
+        if cfg.method == "sft":
+            if cfg.soft_labels:
+                hist = rater_histograms([it.ratings for it in chunk], bins)
+                kw["target_probs"] = torch.tensor(hist, dtype=torch.float32, device=logits.device)
+            else:
+                kw["target"] = torch.tensor([_bin_index(it.reference, bins) for it in chunk], device=logits.device)
+            if cfg.weight_pair > 0:
+                pairs, gaps = _batch_pairs(chunk)
+                if pairs:
+                    kw.update(pairs=torch.tensor(pairs, device=logits.device),
+                              pair_gaps=torch.tensor(gaps, dtype=torch.float32, device=logits.device),
+                              weight_pair=cfg.weight_pair)
+        else:  # risd: forward KL to the teacher at temperature tau, scaled by tau^2 (Hinton)
+            kw.update(teacher_probs=targets[idx].to(logits.device), temperature=cfg.temperature,
+                      weight_kl=cfg.temperature ** 2)
+            if cfg.weight_ce > 0:
+                kw.update(target=torch.tensor([_bin_index(it.reference, bins) for it in chunk], device=logits.device),
+                          weight_ce=cfg.weight_ce)
+        return rubric_loss(logits, bin_values=bins, **kw)
+
+    last: Dict = {}
+    t0 = time.time()
+    progress = _progress(acc, start, cfg.max_steps)
+    for step in range(start, cfg.max_steps):
+        module.train()
+        micro = batch_indices(len(items), cfg, step, acc.process_index, acc.num_processes)
+        totals = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "pair": 0.0}
+        for j, idx in enumerate(micro):
+            sync = j == len(micro) - 1
+            ctx = acc.no_sync(module) if not sync else _null()
+            with ctx:
+                out = loss_for(idx)
+                acc.backward(out.loss / len(micro))
+            for k in totals:
+                totals[k] += float(getattr(out, k).detach()) / len(micro)
+        if cfg.max_grad_norm > 0:
+            grad_norm = float(acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm))
+        else:
+            grad_norm = float("nan")
+        lr_used = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.max_steps or done == start + 1:
+            vals = acc.reduce(torch.tensor(list(totals.values()), device=acc.device), reduction="mean").tolist()
+            last = {"step": done, **dict(zip(totals, vals)), "grad_norm": grad_norm, "lr": lr_used,
+                    "elapsed_s": round(time.time() - t0, 2)}
+            if acc.is_main_process:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+                if tb is not None:
+                    for k, v in last.items():
+                        if k != "step":
+                            tb.add_scalar(f"train/{k}", v, done)
+        if eval_items and cfg.eval_every and done % cfg.eval_every == 0:
+            last.update(_evaluate(acc, module, zm, eval_items, done, log_path))
+        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
+            _save_checkpoint(acc, cfg, done)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{totals['loss']:.4f}")
+        if on_step is not None:
+            on_step(done, last)
+    if progress is not None:
+        progress.close()
+    _save_checkpoint(acc, cfg, cfg.max_steps)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        zm.model = acc.unwrap_model(module).model
+        zm.save_pretrained(os.path.join(cfg.output_dir, "final"))
+    acc.wait_for_everyone()
+    return last
+
+
+def _batch_pairs(chunk: Sequence[RatedItem]):
+    pairs, gaps = [], []
+    for a in range(len(chunk)):
+        for b in range(a + 1, len(chunk)):
+            x, y = chunk[a], chunk[b]
+            if x.group == y.group and x.dimension == y.dimension and x.reference != y.reference:
+                pairs.append([a, b])
+                gaps.append(x.reference - y.reference)
+    return pairs, gaps
+
+
+def _save_checkpoint(acc, cfg: TrainConfig, step: int) -> None:
+    path = os.path.join(cfg.output_dir, f"checkpoint-{step}")
+    acc.save_state(path, safe_serialization=True)
+    if acc.is_main_process:
+        with open(os.path.join(path, "trainer_state.json"), "w") as f:
+            json.dump({"step": step, "config": cfg.to_dict()}, f, indent=2)
+        old = _checkpoints(cfg.output_dir)
+        for d in old[:-cfg.keep_checkpoints] if cfg.keep_checkpoints else []:
+            shutil.rmtree(d, ignore_errors=True)
+    acc.wait_for_everyone()
+
+
+def _evaluate(acc, module, zm, eval_items, step, log_path) -> Dict:
+    from ..evaluate import evaluate_items
+    from ..scorer import RewardScorer
+
+    module.eval()
+    out = {}
+    if acc.is_main_process:
+        zm.model = acc.unwrap_model(module).model
+        rep = evaluate_items(RewardScorer(zm, in_vocab_mass=False), eval_items, plots=False, progress=False)
+        out = {f"eval_{k}": v for k, v in rep["pooled"].items() if k != "n"}
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"step": step, **out}) + "\n")
+    acc.wait_for_everyone()
+    module.train()
+    return out
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _progress(acc, start, total):
+    if not acc.is_main_process:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=start, desc="train", unit="step")
+
+
+def _tensorboard(output_dir):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard not installed
+        return None
+    return SummaryWriter(os.path.join(output_dir, "tb"))

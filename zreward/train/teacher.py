@@ -1,0 +1,73 @@
+"""RISD teacher targets: the frozen teacher's score distributions, computed once and cached.
+
+Cache format: a safetensors file with one tensor ``probs`` ``[N, K]`` (float32) and metadata
+``keys`` (a JSON list of ``"<id>\\t<dimension>\\t<prompt>"`` item keys, row order), ``teacher``
+(where the targets came from) and ``bin_values``.  Loading matches rows to items by key, so a
+manifest may be reordered or subset.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import List, Sequence
+
+import numpy as np
+import torch
+
+from ..data import RatedItem
+
+
+def item_key(it: RatedItem) -> str:
+    return f"{it.id}\t{it.dimension}\t{it.prompt}"
+
+
+def load_image(it: RatedItem) -> np.ndarray:
+    """The item's image as an HxWx3 uint8 array (``image`` may be a path or, in memory, an array)."""
+    if isinstance(it.image, np.ndarray):
+        return it.image
+    from PIL import Image
+
+    with Image.open(it.image) as im:
+        return np.array(im.convert("RGB"))
+
+
+@torch.no_grad()
+def compute_targets(teacher, items: Sequence[RatedItem], batch_size: int = 16) -> torch.Tensor:
+    """Teacher distributions ``[N, K]`` over the bins, one row per item (``teacher`` a ZRewardModel)."""
+    from ..scorer import RewardScorer
+
+    scorer = RewardScorer(teacher, in_vocab_mass=False)
+    rows = []
+    for s in range(0, len(items), batch_size):
+        chunk = items[s:s + batch_size]
+        logits = scorer.query_logits([load_image(it) for it in chunk], [it.prompt for it in chunk],
+                                     [it.dimension for it in chunk])
+        rows.append(torch.softmax(logits.float(), -1).cpu())
+    return torch.cat(rows) if rows else torch.zeros(0, len(teacher.rubric.bin_values))
+
+
+def save_targets(path: str, probs: torch.Tensor, items: Sequence[RatedItem], teacher: str,
+                 bin_values: Sequence[float]) -> None:
+    from safetensors.torch import save_file
+
+    meta = {"keys": json.dumps([item_key(it) for it in items]), "teacher": str(teacher),
+            "bin_values": json.dumps(list(bin_values)), "format": "1"}
+    save_file({"probs": probs.float().contiguous()}, path, metadata=meta)
+
+
+def load_targets(path: str, items: Sequence[RatedItem], bin_values: Sequence[float]) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        probs = f.get_tensor("probs")
+    if "keys" not in meta:
+        raise ValueError(f"{path} is not a zreward teacher-target file (no 'keys' metadata)")
+    saved_bins = json.loads(meta.get("bin_values", "[]"))
+    if [float(v) for v in saved_bins] != [float(v) for v in bin_values]:
+        raise ValueError(f"{path} was made for bins {saved_bins}, the student uses {list(bin_values)}")
+    index = {k: i for i, k in enumerate(json.loads(meta["keys"]))}
+    missing: List[str] = [item_key(it) for it in items if item_key(it) not in index]
+    if missing:
+        raise ValueError(f"{path} has no teacher target for {len(missing)} item(s), e.g. {missing[0]!r}")
+    return probs[[index[item_key(it)] for it in items]]
