@@ -249,21 +249,27 @@ class RewardScorer:
         return self._rows_hidden(rep_images, rep_prompts, suffix.repeat(b, 1), suffix_mask.repeat(b, 1),
                                  suffix_len.repeat(b))
 
-    def _rows_hidden(self, images, prompts, suffix, suffix_mask, suffix_len):
-        """Backbone hidden state at the score position of full queries, one row per (image, prompt,
-        suffix); left-padded prefixes, right-padded suffixes."""
+    def rows_states(self, images, prompts, tails: torch.Tensor, tail_mask: torch.Tensor):
+        """Backbone states ``[N, P + L, H]`` of rows ``prefix(image, prompt) + tail``; returns
+        ``(states, P)``.  Prefixes are left-padded by the processor, tails (token ids after the
+        prefix: a question, or a question + trace + marker) must be right-padded."""
         enc = self._processor_inputs(images, [self.model.prefix_text(p) for p in prompts])
         p = enc["input_ids"].shape[1]
-        ids = torch.cat([enc["input_ids"], suffix], dim=1)
-        mask = torch.cat([enc["attention_mask"], suffix_mask], dim=1)
+        ids = torch.cat([enc["input_ids"], tails], dim=1)
+        mask = torch.cat([enc["attention_mask"], tail_mask], dim=1)
         kw = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
         if "mm_token_type_ids" in kw:
-            kw["mm_token_type_ids"] = torch.cat([kw["mm_token_type_ids"], torch.zeros_like(suffix)], 1)
+            kw["mm_token_type_ids"] = torch.cat([kw["mm_token_type_ids"], torch.zeros_like(tails)], 1)
         if not self._mrope:
             kw["position_ids"] = self._text_positions(mask)
         out = self._base(input_ids=ids, attention_mask=mask, **kw)
+        return out.last_hidden_state, p
+
+    def _rows_hidden(self, images, prompts, suffix, suffix_mask, suffix_len):
+        """Backbone hidden state at the score position of full queries (one row per image, prompt, suffix)."""
+        states, p = self.rows_states(images, prompts, suffix, suffix_mask)
         last = p + suffix_len - 1
-        return out.last_hidden_state[torch.arange(ids.shape[0], device=last.device), last]
+        return states[torch.arange(states.shape[0], device=last.device), last]
 
     def query_logits(self, images, prompts: Sequence[str], dimensions: Sequence[str]) -> torch.Tensor:
         """Score-token logits ``[N, K]`` (float32) of N full queries, row i = (images[i], prompts[i],

@@ -136,7 +136,11 @@ def test_bad_configs_fail_fast_before_loading_a_model(tmp_path):
     items = toy_items(4)
     cases = [
         (dict(method="ppo"), ValueError, "unknown method 'ppo'"),
-        (dict(method="gdso"), NotImplementedError, "not implemented yet"),
+        (dict(method="gdso", group_size=1), ValueError, r"gdso needs group_size >= 2"),
+        (dict(method="grpo", reward_source="text"), ValueError, "reward_source must be"),
+        (dict(method="gdso", reward_source="parsed"), ValueError, "grpo ablation"),
+        (dict(method="opd"), ValueError, "opd needs a teacher"),
+        (dict(method="gdso", grad_accum=2, batch_size=4), ValueError, "use grad_accum=1"),
         (dict(method="risd"), ValueError, "risd needs a teacher"),
         (dict(method="sft", batch_size=6, grad_accum=4), ValueError, "multiple of grad_accum"),
         (dict(method="sft", lr=0.0), ValueError, "lr must be positive"),

@@ -24,6 +24,15 @@ Common fields
     teacher_cache       a file of cached teacher distributions (``zreward.train.teacher``)
     temperature=1.0     student and teacher logits divided by it; the KL term is scaled by its square
     weight_ce=0.0       optional extra CE to the human labels (then items need labels)
+
+``gdso``, ``grpo`` (same-prompt pairs; ``batch_size`` = pairs per step) and ``opd`` (``batch_size`` = items)
+    group_size=4        traces sampled per query (G >= 2 for gdso and grpo)
+    max_trace_tokens=32 the trace ends at the ``<|score|>`` marker or after this many tokens
+    sample_temperature=1.0, inner_updates=2, clip_eps=0.2, beta=0.04 (KL to the per-iteration reference)
+    lambda_pt=1.0, lambda_pw=1.0 (reward mix), alpha_pt=1.0, alpha_pw=1.0 (gdso direct losses)
+    reward_source="expectation" | "parsed" (grpo: reward from the expectation, or from a number parsed
+                        from the trace text -- the report's ablation)
+    teacher             opd: the frozen teacher ``ZRewardModel`` (same tokenizer)
 """
 
 from __future__ import annotations
@@ -33,7 +42,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 METHODS = ("sft", "risd", "gdso", "grpo", "opd")
-IMPLEMENTED = ("sft", "risd")
+IMPLEMENTED = METHODS
+RL_METHODS = ("gdso", "grpo", "opd")
 
 
 @dataclass
@@ -67,6 +77,18 @@ class TrainConfig:
     teacher_cache: Optional[str] = None
     temperature: float = 1.0
     weight_ce: float = 0.0
+    # gdso / grpo / opd
+    group_size: int = 4
+    max_trace_tokens: int = 32
+    sample_temperature: float = 1.0
+    inner_updates: int = 2
+    clip_eps: float = 0.2
+    beta: float = 0.04
+    lambda_pt: float = 1.0
+    lambda_pw: float = 1.0
+    alpha_pt: float = 1.0
+    alpha_pw: float = 1.0
+    reward_source: str = "expectation"
 
     @classmethod
     def from_file(cls, path: str, **overrides) -> "TrainConfig":
@@ -123,6 +145,23 @@ class TrainConfig:
                 raise ValueError("risd needs a teacher model directory ('teacher') or cached targets ('teacher_cache')")
             if not self.temperature > 0:
                 raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if self.method in RL_METHODS:
+            if self.method in ("gdso", "grpo") and (not isinstance(self.group_size, int) or self.group_size < 2):
+                raise ValueError(f"{self.method} needs group_size >= 2 (the group advantage of one sample is 0), "
+                                 f"got {self.group_size!r}")
+            if self.grad_accum != 1:
+                raise ValueError(f"{self.method} takes inner_updates optimizer steps per batch; use grad_accum=1")
+            for name in ("max_trace_tokens", "inner_updates"):
+                if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                    raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+            if not self.sample_temperature > 0 or not 0 < self.clip_eps < 1 or self.beta < 0:
+                raise ValueError("sample_temperature must be > 0, clip_eps in (0, 1), beta >= 0")
+            if self.reward_source not in ("expectation", "parsed"):
+                raise ValueError(f"reward_source must be expectation or parsed, got {self.reward_source!r}")
+            if self.reward_source == "parsed" and self.method != "grpo":
+                raise ValueError("reward_source='parsed' is the grpo ablation; gdso rewards use the expectation")
+            if self.method == "opd" and not self.teacher:
+                raise ValueError("opd needs a teacher model directory ('teacher')")
 
     def needs_labels(self) -> bool:
-        return self.method == "sft" or (self.method == "risd" and self.weight_ce > 0)
+        return self.method in ("sft", "gdso", "grpo") or (self.method == "risd" and self.weight_ce > 0)

@@ -34,6 +34,40 @@ from .config import TrainConfig
 from .teacher import compute_targets, load_image, load_targets
 
 
+class TraceModule(nn.Module):
+    """The trainable forward of the policy methods: (queries, traces) -> (token log-probs, mask, score logits)."""
+
+    def __init__(self, zmodel):
+        super().__init__()
+        from ..scorer import RewardScorer
+
+        self.model = zmodel.model
+        self._scorer = RewardScorer(zmodel, in_vocab_mass=False, autocast=False)
+        self._ids = list(zmodel.score_tokens.token_ids)
+
+    def forward(self, images, prompts, dims, traces, forced, extra=None):
+        from .rl import trace_forward
+
+        ids = torch.tensor(self._ids, device=next(self.model.parameters()).device)
+        return trace_forward(self._scorer, images, prompts, dims, traces, forced, ids, extra)
+
+
+def make_pairs(items: Sequence[RatedItem]) -> List[tuple]:
+    """Same-group, same-dimension pairs with different references, the better-rated item first."""
+    by = {}
+    for it in items:
+        by.setdefault((it.group, it.dimension), []).append(it)
+    pairs = []
+    for key in sorted(by):
+        grp = by[key]
+        for a in range(len(grp)):
+            for b in range(a + 1, len(grp)):
+                x, y = grp[a], grp[b]
+                if x.reference != y.reference:
+                    pairs.append((x, y) if x.reference > y.reference else (y, x))
+    return pairs
+
+
 class ScoreModule(nn.Module):
     """The trainable forward (images, prompts, dimensions) -> score logits, as one module so that
     accelerate's wrappers (DDP, FSDP) see every call."""
@@ -103,8 +137,16 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
                              f"{len(unlabelled)} item(s) have neither, e.g. {unlabelled[0].id!r}")
         if cfg.method == "sft" and cfg.soft_labels and any(not it.ratings for it in items):
             raise ValueError("soft_labels=True needs 'ratings' on every item")
-    if cfg.batch_size > len(items):
-        raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(items)} training items")
+    rl = cfg.method in ("gdso", "grpo", "opd")
+    units = items
+    if cfg.method in ("gdso", "grpo"):
+        units = make_pairs(items)
+        if not units:
+            raise ValueError(f"{cfg.method} needs same-prompt pairs (same group and dimension, different scores); "
+                             "the training items have none")
+    if cfg.batch_size > len(units):
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(units)} training "
+                         f"{'pairs' if units is not items else 'items'}")
 
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -136,7 +178,18 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
 
                 save_targets(cfg.teacher_cache, targets, items, cfg.teacher, bins)
 
-    module = ScoreModule(zm)
+    marker = teacher_zm = None
+    if rl:
+        from .rl import ensure_marker
+
+        marker = ensure_marker(zm)  # before the optimizer: it may add an embedding row
+        if cfg.method == "opd":
+            teacher_zm = ZRewardModel.from_pretrained(cfg.teacher, device=acc.device).eval()
+            if ensure_marker(teacher_zm) != marker or teacher_zm.score_tokens.token_ids != zm.score_tokens.token_ids:
+                raise ValueError("opd needs a teacher with the student's tokenizer (marker and score tokens differ)")
+            for p_ in teacher_zm.model.parameters():
+                p_.requires_grad_(False)
+    module = TraceModule(zm) if rl else ScoreModule(zm)
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
@@ -178,11 +231,47 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
                           weight_ce=cfg.weight_ce)
         return rubric_loss(logits, bin_values=bins, **kw)
 
+    method = None
+    if rl:
+        from types import SimpleNamespace
+
+        from ..scorer import RewardScorer
+        from .rl import RLMethod
+
+        def scorer_for(hf_model):
+            return RewardScorer(ZRewardModel(hf_model, zm.processor, zm.rubric, zm.score_tokens), in_vocab_mass=False,
+                                autocast=False)
+
+        ctx = SimpleNamespace(cfg=cfg, zm=zm, acc=acc, module=module, opt=opt, marker=marker, scorer_for=scorer_for,
+                              module_scorer=RewardScorer(zm, in_vocab_mass=False, autocast=False),
+                              teacher=teacher_zm, teacher_scorer=(RewardScorer(teacher_zm, in_vocab_mass=False,
+                                                                               autocast=False) if teacher_zm else None),
+                              gen=torch.Generator().manual_seed(cfg.seed))
+        method = RLMethod(ctx)
+
     last: Dict = {}
     t0 = time.time()
     progress = _progress(acc, start, cfg.max_steps)
     for step in range(start, cfg.max_steps):
         module.train()
+        if rl:
+            idx = [i for c in batch_indices(len(units), cfg, step, acc.process_index, acc.num_processes) for i in c]
+            lr_used = sched.get_last_lr()[0]
+            totals = method.step(step, [units[i] for i in idx])
+            sched.step()
+            grad_norm = float("nan")
+            done = step + 1
+            _log_step(acc, cfg, done, start, totals, grad_norm, lr_used, t0, log_path, tb, last)
+            if eval_items and cfg.eval_every and done % cfg.eval_every == 0:
+                last.update(_evaluate(acc, module, zm, eval_items, done, log_path))
+            if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
+                _save_checkpoint(acc, cfg, done)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(reward=f"{totals.get('reward', float('nan')):.4f}")
+            if on_step is not None:
+                on_step(done, last)
+            continue
         micro = batch_indices(len(items), cfg, step, acc.process_index, acc.num_processes)
         totals = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "pair": 0.0}
         for j, idx in enumerate(micro):
@@ -202,17 +291,7 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
         sched.step()
         opt.zero_grad(set_to_none=True)
         done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.max_steps or done == start + 1:
-            vals = acc.reduce(torch.tensor(list(totals.values()), device=acc.device), reduction="mean").tolist()
-            last = {"step": done, **dict(zip(totals, vals)), "grad_norm": grad_norm, "lr": lr_used,
-                    "elapsed_s": round(time.time() - t0, 2)}
-            if acc.is_main_process:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(last) + "\n")
-                if tb is not None:
-                    for k, v in last.items():
-                        if k != "step":
-                            tb.add_scalar(f"train/{k}", v, done)
+        _log_step(acc, cfg, done, start, totals, grad_norm, lr_used, t0, log_path, tb, last)
         if eval_items and cfg.eval_every and done % cfg.eval_every == 0:
             last.update(_evaluate(acc, module, zm, eval_items, done, log_path))
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
@@ -231,6 +310,24 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
         zm.save_pretrained(os.path.join(cfg.output_dir, "final"))
     acc.wait_for_everyone()
     return last
+
+
+def _log_step(acc, cfg, done, start, totals, grad_norm, lr_used, t0, log_path, tb, last: Dict) -> None:
+    """Average the step's metrics over processes and append them to metrics.jsonl (in place into ``last``)."""
+    if not (done % cfg.log_every == 0 or done == cfg.max_steps or done == start + 1):
+        return
+    keys = sorted(totals)
+    vals = acc.reduce(torch.tensor([float(totals[k]) for k in keys], device=acc.device), reduction="mean").tolist()
+    last.clear()
+    last.update({"step": done, **dict(zip(keys, vals)), "grad_norm": grad_norm, "lr": lr_used,
+                 "elapsed_s": round(time.time() - t0, 2)})
+    if acc.is_main_process:
+        with open(log_path, "a") as f:
+            f.write(json.dumps(last) + "\n")
+        if tb is not None:
+            for k, v in last.items():
+                if k != "step":
+                    tb.add_scalar(f"train/{k}", v, done)
 
 
 def _batch_pairs(chunk: Sequence[RatedItem]):

@@ -1,0 +1,308 @@
+"""Reasoning traces and the policy-gradient methods: GDSO, GRPO (baseline) and OPD (baseline).
+
+A *trace query* is ``prefix(image, prompt) + question(dimension)`` followed by tokens the policy
+samples, ending at the trace marker ``<|score|>`` (a special token added on first use; if the
+policy has not emitted it after ``max_trace_tokens`` tokens it is appended and is not part of the
+policy loss).  The score distribution is always read at the marker, through the restricted head,
+so every sample has one (SPEC section 3).
+
+Per outer iteration (one ``step`` of the loop):
+
+1. the reference policy is reset to the current policy (``beta * KL(pi || pi_ref)``);
+2. each query of the batch gets ``group_size`` sampled traces from the current (old) policy;
+3. old and reference token log-probabilities and the rewards / advantages are computed once,
+   without gradient (``gdso_loss`` for GDSO and GRPO; per-token teacher-student log-ratios for OPD);
+4. ``inner_updates`` optimizer steps each run the current policy on the fixed traces and minimise
+   the clipped GRPO surrogate (:func:`grpo_token_loss`, the one implementation of it) plus, for GDSO,
+   ``alpha_pt * ce + alpha_pw * pw`` from ``gdso_loss`` on the current score logits.
+
+This is the PyTorch path; it computes full-vocabulary logits for the trace tokens only (never for
+the prompt).  Liger-Kernel's fused linear GRPO loss for CUDA is not wired in yet.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from zreward_kernels import gdso_loss
+
+MARKER = "<|score|>"
+
+
+# ---------------------------------------------------------------------------------------------
+# the policy-gradient loss
+def grpo_token_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_ref: Optional[torch.Tensor],
+                    advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float = 0.2,
+                    beta: float = 0.0) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """Clipped GRPO surrogate with a k3 KL penalty, averaged over each sequence's tokens, then over sequences.
+
+    ``logp``, ``logp_old``, ``logp_ref``, ``mask``: ``[N, T]`` (sampled tokens' log-probabilities
+    under the current, sampling and reference policies; ``mask`` marks the tokens the policy
+    sampled); ``advantages``: ``[N]`` (one per sequence) or ``[N, T]`` (per token).
+    ``loss_t = -min(r_t A, clip(r_t, 1 - eps, 1 + eps) A) + beta (exp(d_t) - d_t - 1)`` with
+    ``r_t = exp(logp - logp_old)`` and ``d_t = logp_ref - logp``.
+    """
+    adv = advantages if advantages.dim() == 2 else advantages.unsqueeze(1)
+    ratio = torch.exp(logp - logp_old)
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
+    per_tok = -torch.minimum(ratio * adv, clipped * adv)
+    kl = torch.zeros_like(logp)
+    if logp_ref is not None and beta > 0:
+        d = logp_ref - logp
+        kl = torch.exp(d) - d - 1
+        per_tok = per_tok + beta * kl
+    m = mask.to(logp.dtype)
+    n = m.sum(1).clamp(min=1)
+    loss = ((per_tok * m).sum(1) / n).mean()
+    with torch.no_grad():
+        tot = m.sum().clamp(min=1)
+        stats = {"policy_kl": float((kl * m).sum() / tot),
+                 "clip_frac": float((((ratio - 1).abs() > clip_eps).to(m.dtype) * m).sum() / tot)}
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# traces
+def ensure_marker(zm) -> int:
+    """The trace marker's token id, adding ``<|score|>`` (initialised from the text "Score") if needed."""
+    tok = zm.tokenizer
+    tid = tok.convert_tokens_to_ids(MARKER)
+    if tid is None or tid == getattr(tok, "unk_token_id", None):
+        pieces = tok("Score", add_special_tokens=False)["input_ids"]
+        tok.add_tokens([MARKER], special_tokens=True)
+        tid = tok.convert_tokens_to_ids(MARKER)
+        zm.model.resize_token_embeddings(len(tok), mean_resizing=False)
+        with torch.no_grad():
+            for table in {id(t): t for t in (zm.model.get_input_embeddings().weight,
+                                             zm.model.get_output_embeddings().weight)}.values():
+                table[tid] = table[torch.tensor(pieces, device=table.device)].mean(0)
+    return int(tid)
+
+
+def structural_tokens(tokenizer, marker: int) -> List[int]:
+    """Special tokens a trace must never contain (image / video placeholders, chat markers, padding):
+    every special token of the tokenizer except the trace marker."""
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for tid, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if getattr(added, "special", False):
+            ids.add(int(tid))
+    ids.discard(marker)
+    return sorted(ids)
+
+
+def _generation_inputs(scorer, images, prompts, dims) -> Dict[str, torch.Tensor]:
+    """Left-padded full queries (prefix + question) for ``generate``."""
+    zm = scorer.model
+    enc = scorer._processor_inputs(images, [zm.prefix_text(p) for p in prompts])
+    pad = zm.tokenizer.pad_token_id or 0
+    rows, types = [], []
+    for i, d in enumerate(dims):
+        keep = enc["attention_mask"][i].bool()
+        rows.append(torch.cat([enc["input_ids"][i][keep], torch.tensor(zm.suffix_ids(d), device=keep.device)]))
+        if "mm_token_type_ids" in enc:
+            types.append(torch.cat([enc["mm_token_type_ids"][i][keep], torch.zeros(len(zm.suffix_ids(d)),
+                                    dtype=enc["mm_token_type_ids"].dtype, device=keep.device)]))
+    length = max(len(r) for r in rows)
+    dev = enc["input_ids"].device
+    ids = torch.full((len(rows), length), pad, dtype=torch.long, device=dev)
+    mask = torch.zeros((len(rows), length), dtype=torch.long, device=dev)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r):] = r
+        mask[i, length - len(r):] = 1
+    out = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    out.update(input_ids=ids, attention_mask=mask)
+    if types:
+        tt = torch.zeros_like(ids, dtype=types[0].dtype)
+        for i, r in enumerate(types):
+            tt[i, length - len(r):] = r
+        out["mm_token_type_ids"] = tt
+    return out
+
+
+@torch.no_grad()
+def sample_traces(scorer, model, images, prompts, dims, group_size: int, max_new: int, temperature: float,
+                  marker: int) -> Tuple[List[List[int]], List[bool]]:
+    """``group_size`` sampled traces per query, rows ordered query-major; each ends with the marker.
+    Returns the token lists and whether the marker had to be appended (not sampled)."""
+    enc = _generation_inputs(scorer, images, prompts, dims)
+    tok = scorer.model.tokenizer
+    pad = tok.pad_token_id or 0
+    seq = model.generate(**enc, do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
+                         max_new_tokens=max_new, num_return_sequences=group_size, eos_token_id=marker,
+                         pad_token_id=pad, suppress_tokens=structural_tokens(tok, marker))
+    new = seq[:, enc["input_ids"].shape[1]:].tolist()
+    traces, forced = [], []
+    for row in new:
+        if marker in row:
+            traces.append(row[:row.index(marker) + 1])
+            forced.append(False)
+        else:
+            traces.append(row + [marker])
+            forced.append(True)
+    return traces, forced
+
+
+def trace_forward(scorer, images, prompts, dims, traces: Sequence[Sequence[int]], forced: Sequence[bool],
+                  score_ids: torch.Tensor, extra_tokens: Optional[Sequence[int]] = None):
+    """Run the policy on ``prefix + question + trace``; returns ``(logp [N, T], mask [N, T],
+    score_logits [N, K])``: the sampled tokens' log-probabilities (``mask`` covers the tokens the
+    policy sampled) and the score logits at the marker.  ``extra_tokens`` (one per row) appends a
+    token after the marker whose log-probability is included (OPD's sampled score token)."""
+    from ..hf import lm_head_params
+
+    zm = scorer.model
+    dev = zm.device
+    suf = [zm.suffix_ids(d) for d in dims]
+    tails = [s + list(t) + ([extra_tokens[i]] if extra_tokens is not None else []) for i, (s, t) in
+             enumerate(zip(suf, traces))]
+    length = max(len(t) for t in tails)
+    pad = zm.tokenizer.pad_token_id or 0
+    tail = torch.full((len(tails), length), pad, dtype=torch.long, device=dev)
+    tmask = torch.zeros_like(tail)
+    for i, t in enumerate(tails):
+        tail[i, :len(t)] = torch.tensor(t, device=dev)
+        tmask[i, :len(t)] = 1
+    states, p = scorer.rows_states(images, prompts, tail, tmask)
+    n_tok = max(len(t) for t in traces) + (1 if extra_tokens is not None else 0)
+    idx = torch.zeros((len(tails), n_tok), dtype=torch.long, device=dev)
+    tok = torch.zeros_like(idx)
+    mask = torch.zeros((len(tails), n_tok), dtype=torch.bool, device=dev)
+    marker_pos = torch.zeros(len(tails), dtype=torch.long, device=dev)
+    for i, (s, t) in enumerate(zip(suf, traces)):
+        toks = list(t) + ([extra_tokens[i]] if extra_tokens is not None else [])
+        start = p + len(s)  # absolute index of the first trace token
+        idx[i, :len(toks)] = torch.arange(start - 1, start - 1 + len(toks), device=dev)  # predicting states
+        tok[i, :len(toks)] = torch.tensor(toks, device=dev)
+        mask[i, :len(toks)] = True
+        if forced[i]:
+            mask[i, len(t) - 1] = False  # the appended marker was not sampled
+        marker_pos[i] = start + len(t) - 1
+    weight, bias = lm_head_params(zm.model)
+    h = states.gather(1, idx.unsqueeze(-1).expand(-1, -1, states.shape[-1]))
+    logits = (h @ weight.to(h.dtype).t()).float()
+    if bias is not None:
+        logits = logits + bias.float()
+    logp = torch.log_softmax(logits, -1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+    h_m = states[torch.arange(len(tails), device=dev), marker_pos]
+    from zreward_kernels import restricted_logits
+
+    score_logits = restricted_logits(h_m, weight, score_ids, bias, validate=False).float()
+    return logp, mask, score_logits
+
+
+def parse_score(text: str) -> float:
+    """The last number written in a trace (the report's parsed-text reward), NaN if none."""
+    found = re.findall(r"\d+(?:\.\d+)?", text)
+    return float(found[-1]) if found else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+class RLMethod:
+    """One outer iteration of GDSO / GRPO / OPD (see the module docstring)."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        cfg = ctx.cfg
+        self.zm = ctx.zm
+        self.scorer = ctx.module_scorer
+        self.marker = ctx.marker
+        self.score_ids = torch.tensor(self.zm.score_tokens.token_ids, device=self.zm.device)
+        self.cfg = cfg
+        self.teacher = ctx.teacher
+
+    def _policy(self):
+        return self.ctx.acc.unwrap_model(self.ctx.module).model
+
+    def step(self, step: int, batch: List) -> Dict[str, float]:
+        cfg, acc, module, opt = self.cfg, self.ctx.acc, self.ctx.module, self.ctx.opt
+        policy = self._policy()
+        ref = copy.deepcopy(policy).eval() if cfg.beta > 0 else None  # reset pi_ref <- pi (this iteration)
+        for p_ in (ref.parameters() if ref is not None else []):
+            p_.requires_grad_(False)
+        from .teacher import load_image
+
+        if cfg.method == "opd":
+            images = [load_image(b) for b in batch]
+            prompts = [b.prompt for b in batch]
+            dims = [b.dimension for b in batch]
+        else:  # rows: pair-major, side w then l
+            images = [x for b in batch for x in (load_image(b[0]), load_image(b[1]))]
+            prompts = [x for b in batch for x in (b[0].prompt, b[1].prompt)]
+            dims = [x for b in batch for x in (b[0].dimension, b[1].dimension)]
+        g = cfg.group_size if cfg.method != "opd" else 1
+        policy.eval()
+        traces, forced = sample_traces(self.scorer, policy, images, prompts, dims, g, cfg.max_trace_tokens,
+                                       cfg.sample_temperature, self.marker)
+        rep = lambda xs: [x for x in xs for _ in range(g)]  # noqa: E731  (query-major, like generate)
+        r_images, r_prompts, r_dims = rep(images), rep(prompts), rep(dims)
+        extra = None
+        with torch.no_grad():
+            logp_old, mask, score_old = trace_forward(self.scorer, r_images, r_prompts, r_dims, traces, forced,
+                                                      self.score_ids)
+            if cfg.method == "opd":
+                probs = torch.softmax(score_old, -1)
+                pick = torch.multinomial(probs, 1, generator=self.ctx.gen).squeeze(1).tolist()
+                extra = [int(self.score_ids[k]) for k in pick]
+                logp_old, mask, _ = trace_forward(self.scorer, r_images, r_prompts, r_dims, traces, forced,
+                                                  self.score_ids, extra)
+                t_scorer = self.ctx.teacher_scorer
+                logp_t, _, _ = trace_forward(t_scorer, r_images, r_prompts, r_dims, traces, forced,
+                                             self.score_ids, extra)
+                adv_tok = (logp_t - logp_old) * mask
+                rewards = adv_tok.sum(1) / mask.sum(1).clamp(min=1)
+                advantages = adv_tok
+            else:
+                scores = torch.tensor([[b[0].reference, b[1].reference] for b in batch], device=score_old.device)
+                k = score_old.shape[-1]
+                shaped = score_old.view(len(batch), 2, g, k)
+                out = gdso_loss(shaped, scores, lambda_pt=cfg.lambda_pt, lambda_pw=cfg.lambda_pw,
+                                bin_values=self.zm.rubric.bin_values, validate=False)
+                rewards = out.reward.reshape(-1)
+                if cfg.method == "grpo" and cfg.reward_source == "parsed":
+                    text = self.zm.tokenizer.batch_decode(traces, skip_special_tokens=True)
+                    parsed = torch.tensor([parse_score(t) for t in text], device=rewards.device)
+                    s_rows = scores.repeat_interleave(g, 1).reshape(-1)
+                    r_range = self.zm.rubric.bin_values[-1] - self.zm.rubric.bin_values[0]
+                    rewards = torch.where(torch.isnan(parsed), torch.zeros_like(parsed),
+                                          1 - (parsed - s_rows).abs() / r_range)
+                    from zreward_kernels import group_advantage
+
+                    advantages = group_advantage(rewards.float(), group_size=g, validate=False)[0]
+                else:
+                    advantages = out.advantage.reshape(-1)
+            logp_ref = None
+            if ref is not None:
+                r_scorer = self.ctx.scorer_for(ref)
+                logp_ref, _, _ = trace_forward(r_scorer, r_images, r_prompts, r_dims, traces, forced,
+                                               self.score_ids, extra)
+        policy.train()
+        stats: Dict[str, float] = {"reward": float(rewards.mean()), "trace_len": float(mask.sum(1).float().mean()),
+                                   "forced_marker": float(np.mean(forced))}
+        for u in range(cfg.inner_updates):
+            logp, _, score_logits = module(r_images, r_prompts, r_dims, traces, forced, extra)
+            pol, pstats = grpo_token_loss(logp, logp_old, logp_ref, advantages, mask, cfg.clip_eps, cfg.beta)
+            loss = pol
+            if cfg.method == "gdso":
+                k = score_logits.shape[-1]
+                direct = gdso_loss(score_logits.view(len(batch), 2, g, k), scores, lambda_pt=cfg.lambda_pt,
+                                   lambda_pw=cfg.lambda_pw, alpha_pt=cfg.alpha_pt, alpha_pw=cfg.alpha_pw,
+                                   bin_values=self.zm.rubric.bin_values, validate=False)
+                loss = loss + direct.loss
+                if u == 0:
+                    stats.update(ce=float(direct.ce.mean()), pw=float(direct.pw.mean()))
+            acc.backward(loss)
+            if cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if u == 0:
+                stats.update(policy_loss=float(pol.detach()), loss=float(loss.detach()),
+                             kl_first_inner=pstats["policy_kl"], clip_frac=pstats["clip_frac"])
+        stats["policy_kl_last"] = pstats["policy_kl"]
+        del ref
+        return stats
