@@ -183,3 +183,18 @@ def test_train_cli_on_a_manifest(base, tmp_path, capsys):
     last = json.loads(capsys.readouterr().out)
     assert last["step"] == 3 and last["kl"] == 0.0 and last["ce"] > 0  # it ran sft, not the file's risd
     assert (tmp_path / "run" / "final" / "zreward_config.json").exists()
+
+
+def test_teacher_targets_averaged_over_sampled_traces(base):
+    teacher = ZRewardModel.from_pretrained(base)
+    items = toy_items(3)
+    torch.manual_seed(0)
+    one = compute_targets(teacher, items, traces=1, trace_tokens=4, temperature=1.5)
+    torch.manual_seed(0)
+    four = compute_targets(teacher, items, traces=4, trace_tokens=4, temperature=1.5)
+    direct = compute_targets(teacher, items)
+    for t in (one, four):
+        assert t.shape == (3, 9)
+        torch.testing.assert_close(t.sum(-1), torch.ones(3))
+    # reading after a trace differs from reading right after the question, and averaging changes it again
+    assert float((one - direct).abs().max()) > 1e-4 and float((four - one).abs().max()) > 1e-6

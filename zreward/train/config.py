@@ -24,6 +24,8 @@ Common fields
     teacher_cache       a file of cached teacher distributions (``zreward.train.teacher``)
     temperature=1.0     student and teacher logits divided by it; the KL term is scaled by its square
     weight_ce=0.0       optional extra CE to the human labels (then items need labels)
+    teacher_traces=0    0: the teacher's distribution right after the question; n: averaged over n sampled
+                        reasoning traces (read at the <|score|> marker; max_trace_tokens, sample_temperature)
 
 ``gdso``, ``grpo`` (same-prompt pairs; ``batch_size`` = pairs per step) and ``opd`` (``batch_size`` = items)
     group_size=4        traces sampled per query (G >= 2 for gdso and grpo)
@@ -77,6 +79,7 @@ class TrainConfig:
     teacher_cache: Optional[str] = None
     temperature: float = 1.0
     weight_ce: float = 0.0
+    teacher_traces: int = 0
     # gdso / grpo / opd
     group_size: int = 4
     max_trace_tokens: int = 32
@@ -145,6 +148,8 @@ class TrainConfig:
                 raise ValueError("risd needs a teacher model directory ('teacher') or cached targets ('teacher_cache')")
             if not self.temperature > 0:
                 raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+            if not isinstance(self.teacher_traces, int) or self.teacher_traces < 0:
+                raise ValueError(f"teacher_traces must be a non-negative integer, got {self.teacher_traces!r}")
         if self.method in RL_METHODS:
             if self.method in ("gdso", "grpo") and (not isinstance(self.group_size, int) or self.group_size < 2):
                 raise ValueError(f"{self.method} needs group_size >= 2 (the group advantage of one sample is 0), "

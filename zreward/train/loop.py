@@ -171,12 +171,15 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
             teacher = ZRewardModel.from_pretrained(cfg.teacher, device=acc.device).eval()
             if teacher.rubric.bin_values != bins:
                 raise ValueError("teacher and student use different score bins")
-            targets = compute_targets(teacher, items)
+            targets = compute_targets(teacher, items, traces=cfg.teacher_traces, trace_tokens=cfg.max_trace_tokens,
+                                      temperature=cfg.sample_temperature)
             del teacher
             if cfg.teacher_cache and acc.is_main_process:
                 from .teacher import save_targets
 
-                save_targets(cfg.teacher_cache, targets, items, cfg.teacher, bins)
+                source = f"{cfg.teacher} (traces={cfg.teacher_traces}, trace_tokens={cfg.max_trace_tokens}, " \
+                         f"temperature={cfg.sample_temperature})"
+                save_targets(cfg.teacher_cache, targets, items, source, bins)
 
     marker = teacher_zm = None
     if rl:

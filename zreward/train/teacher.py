@@ -2,7 +2,7 @@
 
 Cache format: a safetensors file with one tensor ``probs`` ``[N, K]`` (float32) and metadata
 ``keys`` (a JSON list of ``"<id>\\t<dimension>\\t<prompt>"`` item keys, row order), ``teacher``
-(where the targets came from) and ``bin_values``.  Loading matches rows to items by key, so a
+(where the targets came from, with the trace settings) and ``bin_values``.  Loading matches rows to items by key, so a
 manifest may be reordered or subset.
 """
 
@@ -32,17 +32,36 @@ def load_image(it: RatedItem) -> np.ndarray:
 
 
 @torch.no_grad()
-def compute_targets(teacher, items: Sequence[RatedItem], batch_size: int = 16) -> torch.Tensor:
-    """Teacher distributions ``[N, K]`` over the bins, one row per item (``teacher`` a ZRewardModel)."""
+def compute_targets(teacher, items: Sequence[RatedItem], batch_size: int = 16, traces: int = 0,
+                    trace_tokens: int = 32, temperature: float = 1.0) -> torch.Tensor:
+    """Teacher distributions ``[N, K]`` over the bins, one row per item (``teacher`` a ZRewardModel).
+
+    ``traces=0`` reads the distribution right after the question; ``traces=n`` samples n reasoning
+    traces per item (ending at the ``<|score|>`` marker, at most ``trace_tokens`` tokens, sampling
+    ``temperature``), reads q_T(s | p, I, d, rho) at each marker and averages the n distributions.
+    """
     from ..scorer import RewardScorer
 
     scorer = RewardScorer(teacher, in_vocab_mass=False)
     rows = []
+    if traces:
+        from .rl import ensure_marker, sample_traces, trace_forward
+
+        marker = ensure_marker(teacher)
+        ids = torch.tensor(teacher.score_tokens.token_ids, device=teacher.device)
     for s in range(0, len(items), batch_size):
         chunk = items[s:s + batch_size]
-        logits = scorer.query_logits([load_image(it) for it in chunk], [it.prompt for it in chunk],
-                                     [it.dimension for it in chunk])
-        rows.append(torch.softmax(logits.float(), -1).cpu())
+        images, prompts, dims = [load_image(it) for it in chunk], [it.prompt for it in chunk], [it.dimension for it in chunk]
+        if not traces:
+            logits = scorer.query_logits(images, prompts, dims)
+            rows.append(torch.softmax(logits.float(), -1).cpu())
+            continue
+        tr, forced = sample_traces(scorer, teacher.model, images, prompts, dims, traces, trace_tokens, temperature,
+                                   marker)
+        rep = lambda xs: [x for x in xs for _ in range(traces)]  # noqa: E731
+        _, _, logits = trace_forward(scorer, rep(images), rep(prompts), rep(dims), tr, forced, ids)
+        probs = torch.softmax(logits.float(), -1).view(len(chunk), traces, -1).mean(1)
+        rows.append(probs.cpu())
     return torch.cat(rows) if rows else torch.zeros(0, len(teacher.rubric.bin_values))
 
 
