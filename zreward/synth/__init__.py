@@ -1,0 +1,1 @@
+"""The embedded default: a synthetic rubric world (see zreward.synth.world)."""
