@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench bench-cpu gpu-check install clean
+.PHONY: demo demo-full test bench install clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,10 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m zreward demo
+	$(BIN)/python -m zreward demo --preset quick --out demo_out
+
+demo-full: $(STAMP)
+	$(BIN)/python -m zreward demo --preset full --out demo_full
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q
@@ -27,4 +30,4 @@ bench: $(STAMP)
 	$(BIN)/python -m pytest bench --benchmark-only
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks demo_out demo_full

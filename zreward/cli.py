@@ -1,12 +1,5 @@
-"""Command line: ``zreward demo`` (the main job on the embedded default) and ``zreward info``.
-
-Until the synthetic-world pipeline lands, ``demo`` runs a small but real experiment on the fused
-ops: a linear score head over noisy per-item features is trained three ways -- SFT (cross-entropy
-to one noisy rater label per item), SFT plus the pairwise gap term, and RISD (forward KL to a
-better-informed teacher's score distribution) -- and evaluated on held-out items against trimmed
-means of five raters.  It then runs ``gdso_loss`` on sampled groups and times every op on the
-device at hand.
-"""
+"""Command line: ``zreward demo`` (the main job: the pipeline on the synthetic world), ``score``,
+``eval``, ``train``, ``ops`` (fused-op timings) and ``info`` (backends)."""
 
 from __future__ import annotations
 
@@ -18,87 +11,6 @@ import time
 import torch
 
 from zreward_kernels import BIN_VALUES, backend_info, gdso_loss, group_advantage, rubric_loss, score_stats
-
-from .metrics import hpa, plcc, srcc, trimmed_mean
-
-DIMENSIONS = ("alignment", "realism", "aesthetics", "plausibility")
-
-
-def _snap(x: torch.Tensor) -> torch.Tensor:
-    """Round to the half-point grid and clamp to [1, 5]."""
-    return (x * 2).round().div(2).clamp(1.0, 5.0)
-
-
-def _world(n: int, feat_dim: int, gen: torch.Generator, mix: torch.Tensor, group: int):
-    d = len(DIMENSIONS)
-    latent = 1 + 4 * torch.rand(n, d, generator=gen)
-    # what the student sees: a noisy, mixed view of the latent quality
-    feats = (latent - 3 + 0.7 * torch.randn(n, d, generator=gen)) @ mix + 0.3 * torch.randn(n, feat_dim, generator=gen)
-    raters = _snap(latent.unsqueeze(-1) + 0.9 * torch.randn(n, d, 5, generator=gen))
-    label = raters[..., 0]  # training data carries one rater's score per item
-    reference = trimmed_mean(raters)  # test reference: trimmed mean of five raters
-    # the teacher has reasoned about the item: a sharper, less noisy distribution
-    centre = latent + 0.35 * torch.randn(n, d, generator=gen)
-    v = torch.tensor(BIN_VALUES)
-    teacher_logits = -((v - centre.unsqueeze(-1)) ** 2) / (2 * 0.45**2)
-    groups = torch.arange(n) // group
-    return dict(feats=feats, label=label, reference=reference, teacher_logits=teacher_logits, groups=groups)
-
-
-def _pairs(groups: torch.Tensor, label: torch.Tensor, d: int):
-    """All same-group, same-dimension pairs as flattened row indices ``n * D + d`` and gaps."""
-    n = groups.numel()
-    a, b = torch.triu_indices(n, n, offset=1)
-    same = groups[a] == groups[b]
-    a, b = a[same], b[same]
-    dims = torch.arange(d)
-    ra = (a.unsqueeze(1) * d + dims).flatten()
-    rb = (b.unsqueeze(1) * d + dims).flatten()
-    flat = label.flatten()
-    return torch.stack([ra, rb], 1), flat[ra] - flat[rb]
-
-
-def _train(method: str, train: dict, feat_dim: int, steps: int, device, seed: int, log_every: int):
-    torch.manual_seed(seed)
-    d, k = len(DIMENSIONS), len(BIN_VALUES)
-    head = torch.nn.Linear(feat_dim, d * k).to(device)
-    opt = torch.optim.Adam(head.parameters(), lr=0.05)
-    feats = train["feats"].to(device)
-    target = (train["label"] * 2 - 2).long().to(device)  # score -> bin index
-    teacher = train["teacher_logits"].to(device)
-    pairs, gaps = _pairs(train["groups"], train["label"], d)
-    pairs, gaps = pairs.to(device), gaps.to(device)
-    terms = {
-        "sft": dict(target=target),
-        "sft+pair": dict(target=target, pairs=pairs, pair_gaps=gaps, weight_pair=1.0),
-        "risd": dict(teacher_logits=teacher),
-    }[method]
-    curve = []
-    for step in range(steps):
-        logits = head(feats).view(-1, d, k)
-        out = rubric_loss(logits, validate=step == 0, **terms)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        if step % log_every == 0 or step == steps - 1:
-            curve.append((step, float(out.loss.detach())))
-    return head, curve
-
-
-def _evaluate(head, test: dict, device) -> dict:
-    d, k = len(DIMENSIONS), len(BIN_VALUES)
-    with torch.inference_mode():
-        stats = score_stats(head(test["feats"].to(device)).view(-1, d, k))
-    mu = stats.mean.cpu()
-    ref = test["reference"]
-    groups = test["groups"].unsqueeze(1).expand_as(mu) * d + torch.arange(d)  # pairs within prompt and dimension
-    return {
-        "HPA": hpa(mu, ref, groups),
-        "margin HPA": hpa(mu, ref, groups, margin=0.5),
-        "PLCC": plcc(mu, ref),
-        "SRCC": srcc(mu, ref),
-        "mean std": float(stats.std.mean()),
-    }
 
 
 def _time(fn, device, reps: int) -> float:
@@ -158,55 +70,27 @@ def _op_table(device, rows: int, gen: torch.Generator):
 
 
 def demo(args) -> int:
+    """The main job: the whole pipeline on the synthetic world (see zreward.synth.pipeline)."""
+    from dataclasses import replace
+
+    from .synth.pipeline import PRESETS, run
+
+    cfg = replace(PRESETS[args.preset], out_dir=args.out, seed=args.seed)
+    run(cfg)
+    return 0
+
+
+def ops(args) -> int:
+    """Forward+backward time of every fused op against its reference on this device."""
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    gen = torch.Generator().manual_seed(args.seed)
-    d = len(DIMENSIONS)
-    mix = torch.linalg.qr(torch.randn(args.feat_dim, args.feat_dim, generator=gen))[0][:d]
-    train = _world(args.items, args.feat_dim, gen, mix, args.group)
-    test = _world(args.test_items, args.feat_dim, gen, mix, args.group)
-    print(f"zreward demo on {device} | train items {args.items} x {d} dimensions, test items {args.test_items}, "
-          f"groups of {args.group}, {args.steps} steps")
-    t0 = time.perf_counter()
-    results = {}
-    for method in ("sft", "sft+pair", "risd"):
-        head, curve = _train(method, train, args.feat_dim, args.steps, device, args.seed, max(args.steps // 4, 1))
-        res = _evaluate(head, test, device)
-        res["loss curve"] = curve
-        results[method] = res
-    print()
-    print("| head trained with | test HPA | margin HPA | PLCC | SRCC | mean std | loss (first -> last) |")
-    print("|---|---|---|---|---|---|---|")
-    for method, r in results.items():
-        c = r["loss curve"]
-        print(f"| {method} | {r['HPA']:.4f} | {r['margin HPA']:.4f} | {r['PLCC']:.4f} | {r['SRCC']:.4f} | "
-              f"{r['mean std']:.3f} | {c[0][1]:.3f} -> {c[-1][1]:.3f} |")
-
-    # GDSO on sampled groups: G noisy samples per side from the RISD head's logits
-    g = 8
-    p = min(64, args.test_items // 2)
-    with torch.no_grad():
-        base = head(test["feats"][: 2 * p].to(device)).view(p, 2, 1, d, len(BIN_VALUES))[:, :, :, 0]
-    samples = base + torch.randn(p, 2, g, len(BIN_VALUES), generator=gen).to(device)
-    ref_scores = _snap(test["reference"][: 2 * p, 0].view(p, 2)).to(device)
-    out = gdso_loss(samples.requires_grad_(True), ref_scores)
-    out.loss.backward()
-    print()
-    print(f"gdso_loss on {p} pairs x 2 sides x G={g}: loss {float(out.loss.detach()):.4f} (ce {float(out.ce.mean()):.4f}, "
-          f"pw {float(out.pw.mean()):.4f}); reward mean {float(out.reward.mean()):.4f}, "
-          f"advantage mean {float(out.advantage.mean()):+.2e} std {float(out.advantage.std()):.3f}")
-
-    print()
-    print(f"forward+backward time per call on {device} ({args.op_rows} rows; ms):")
+    gen = torch.Generator().manual_seed(0)
+    print(f"forward+backward time per call on {device} ({args.rows} rows; ms):")
     print("| op | reference (eager) | fused Triton / compiled op |")
     print("|---|---|---|")
-    for name, ref_ms, fused_ms in _op_table(device, args.op_rows, gen):
+    for name, ref_ms, fused_ms in _op_table(device, args.rows, gen):
         fused = f"{fused_ms:.3f}" if fused_ms is not None else "n/a (Triton needs CUDA)"
         print(f"| {name} | {ref_ms:.3f} | {fused} |")
-    print()
-    print(f"backends used: {backend_info()['last_backend']}; total {time.perf_counter() - t0:.1f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    print(f"backends used: {backend_info()['last_backend']}")
     return 0
 
 
@@ -285,17 +169,16 @@ def info(_args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="zreward", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="run the main job on the embedded default data")
-    p.add_argument("--items", type=int, default=2048)
-    p.add_argument("--test-items", type=int, default=1024)
-    p.add_argument("--group", type=int, default=4, help="candidates per prompt")
-    p.add_argument("--feat-dim", type=int, default=32)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--op-rows", type=int, default=16384)
-    p.add_argument("--device", default="auto")
+    p = sub.add_parser("demo", help="the main job: the Z-Reward pipeline on the synthetic world")
+    p.add_argument("--preset", choices=["quick", "full"], default="quick",
+                   help="quick: about 1.5 min on 2 CPU cores; full: the README's table (about 40 min)")
+    p.add_argument("--out", default="demo_out", help="folder for models, results.md/json and plots")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="also write the results table as JSON")
     p.set_defaults(fn=demo)
+    p = sub.add_parser("ops", help="time every fused op against its reference on this device")
+    p.add_argument("--rows", type=int, default=16384)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(fn=ops)
     p = sub.add_parser("info", help="print which kernel backends are available")
     p.set_defaults(fn=info)
     p = sub.add_parser("train", help="train a reward model (sft, risd; gdso, grpo, opd planned)")

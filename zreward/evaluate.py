@@ -28,14 +28,17 @@ def score_items(scorer: RewardScorer, items: List[RatedItem], batch_size: int = 
 
     Returns per item: predicted mean ``[N]`` and distribution ``[N, K]`` (numpy float64).
     """
-    from PIL import Image
+    from .train.teacher import load_image
 
     rubric = scorer.model.rubric
     for it in items:
         rubric.index(it.dimension)
     images: "OrderedDict[tuple, List[int]]" = OrderedDict()
+    first: Dict[tuple, RatedItem] = {}
     for i, it in enumerate(items):
-        images.setdefault((it.image, it.prompt), []).append(i)
+        key = (it.image if isinstance(it.image, str) else ("in-memory", it.id), it.prompt)
+        images.setdefault(key, []).append(i)
+        first.setdefault(key, it)
     keys = list(images)
     dims = tuple(d for d in rubric.dimensions if any(it.dimension == d for it in items))
     mean = np.zeros(len(items))
@@ -44,11 +47,11 @@ def score_items(scorer: RewardScorer, items: List[RatedItem], batch_size: int = 
     for s in (_progress(batches, len(batches), "scoring") if progress else batches):
         chunk = keys[s:s + batch_size]
         pics = []
-        for path, _ in chunk:
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"image not found: {path}")
-            with Image.open(path) as im:
-                pics.append(np.array(im.convert("RGB")))
+        for key in chunk:
+            it = first[key]
+            if isinstance(it.image, str) and not os.path.exists(it.image):
+                raise FileNotFoundError(f"image not found: {it.image}")
+            pics.append(load_image(it))
         out = scorer.score(pics, [p for _, p in chunk], dims)
         for j, key in enumerate(chunk):
             for i in images[key]:
@@ -73,7 +76,7 @@ def evaluate_items(scorer: RewardScorer, items: List[RatedItem], out_dir: Option
         hist = rater_histograms([it.ratings for it in labelled], scorer.model.rubric.bin_values)
     report = evaluate(mean, ref, groups, dims, probs=probs, rater_hist=hist, bin_values=scorer.model.rubric.bin_values)
     report["_meta"] = {"items": len(labelled), "skipped_unlabelled": len(items) - len(labelled),
-                       "images": len({(it.image, it.prompt) for it in labelled})}
+                       "images": len({(it.image if isinstance(it.image, str) else it.id, it.prompt) for it in labelled})}
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:
@@ -84,6 +87,29 @@ def evaluate_items(scorer: RewardScorer, items: List[RatedItem], out_dir: Option
                                     "reference": it.reference, "probs": [round(x, 6) for x in p]}) + "\n")
         if plots:
             report["_meta"]["plots"] = write_plots(out_dir, mean, ref, probs, groups, dims, report)
+    return report
+
+
+def evaluate_with_traces(zm, items: List[RatedItem], traces: int = 1, trace_tokens: int = 32,
+                         temperature: float = 1.0, batch_size: int = 16) -> Dict:
+    """Metrics of a reasoning model: each item's distribution is read after ``traces`` sampled
+    reasoning traces and averaged (``zreward.train.teacher.compute_targets``)."""
+    from .train.teacher import compute_targets
+
+    labelled = [it for it in items if it.reference is not None]
+    if not labelled:
+        raise ValueError("no item has a score or ratings to evaluate against")
+    probs = compute_targets(zm, labelled, batch_size, traces=traces, trace_tokens=trace_tokens,
+                            temperature=temperature).numpy().astype(np.float64)
+    v = np.asarray(zm.rubric.bin_values)
+    mean = probs @ v
+    ref = np.array([it.reference for it in labelled])
+    hist = None
+    if all(it.ratings for it in labelled):
+        hist = rater_histograms([it.ratings for it in labelled], zm.rubric.bin_values)
+    report = evaluate(mean, ref, [it.group for it in labelled], [it.dimension for it in labelled], probs=probs,
+                      rater_hist=hist, bin_values=zm.rubric.bin_values)
+    report["_meta"] = {"items": len(labelled), "traces": traces}
     return report
 
 

@@ -25,8 +25,9 @@ LLAVA_TEMPLATE = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m
                   "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
 
 
-def _tokenizer(special, eos):
-    vocab = {w: i for i, w in enumerate(WORDS)}
+def _tokenizer(special, eos, extra_words=()):
+    words = list(WORDS) + [w for w in extra_words if w not in WORDS]
+    vocab = {w: i for i, w in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split("\n", behavior="isolated"), pre_tokenizers.WhitespaceSplit(),
@@ -37,8 +38,9 @@ def _tokenizer(special, eos):
     return fast
 
 
-def tiny_qwen2_vl(seed=0, hidden=32, layers=2, vision_depth=2, max_pixels=84 * 84):
-    tok = _tokenizer(QWEN_SPECIAL, "<|endoftext|>")
+def tiny_qwen2_vl(seed=0, hidden=32, layers=2, vision_depth=2, max_pixels=84 * 84, extra_words=()):
+    """``extra_words``: more whole words for the word-level tokenizer (e.g. a synthetic world's vocabulary)."""
+    tok = _tokenizer(QWEN_SPECIAL, "<|endoftext|>", extra_words)
     ip = transformers.Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=max_pixels)
     vp = transformers.Qwen2VLVideoProcessor()
     proc = transformers.Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=QWEN_TEMPLATE)
@@ -58,8 +60,8 @@ def tiny_qwen2_vl(seed=0, hidden=32, layers=2, vision_depth=2, max_pixels=84 * 8
     return transformers.Qwen2VLForConditionalGeneration(cfg).eval(), proc
 
 
-def tiny_llava(seed=0, hidden=32, layers=2, vision_depth=2):
-    tok = _tokenizer(["<image>", "</s>"], "</s>")
+def tiny_llava(seed=0, hidden=32, layers=2, vision_depth=2, extra_words=()):
+    tok = _tokenizer(["<image>", "</s>"], "</s>", extra_words)
     ip = transformers.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
     proc = transformers.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
                                        vision_feature_select_strategy="default", chat_template=LLAVA_TEMPLATE,

@@ -67,6 +67,7 @@ def test_descriptions_use_the_world_vocabulary():
         words = s.description().split() + s.prompt.split()
         assert set(words) <= vocab, set(words) - vocab
     assert "shadow wrong" in " ".join(s.description() for s in samples if s.defects.wrong_shadow)
+    assert any(s.description().endswith("clean .") for s in samples)
 
 
 def test_judge_agrees_with_latent_scores():

@@ -52,27 +52,28 @@ def _level_words(v: float) -> str:
 
 
 def describe(scene: Scene, d: Defects) -> str:
-    """What a careful observer would write: objects, relation, ground, and the visible defects."""
+    """What a careful observer would write: objects, relation, ground, then the visible defects
+    (only those present, with a level; "clean" when there are none)."""
     if len(scene.objects) == 1:
         objs = f"a {scene.objects[0].words()}"
     else:
         a, b = scene.objects
         objs = f"a {a.words()} {scene.relation} a {b.words()}"
-    parts = [f"{objs} on {scene.ground} ."]
-    parts.append(f"noise {_level_words(d.noise)} , banding {_level_words(d.banding)} , blocks {_level_words(d.blocks)} , "
-                 f"cast {_level_words(d.cast)} .")
-    parts.append(f"offcenter {_level_words(d.offcenter)} , contrast {'low' if d.low_contrast > 0.05 else 'good'} , "
-                 f"clutter {_level_words(d.clutter)} .")
-    parts.append(f"floating {_level_words(d.floating)} , overlap {_level_words(d.overlap)} , shadow "
-                 f"{'wrong' if d.wrong_shadow else 'right'} .")
-    return " ".join(parts)
+    seen = [(name, v) for name, v in (("noise", d.noise), ("banding", d.banding), ("blocks", d.blocks),
+                                      ("cast", d.cast), ("offcenter", d.offcenter), ("contrast", d.low_contrast),
+                                      ("clutter", d.clutter), ("floating", d.floating), ("overlap", d.overlap))
+            if v > 0.05]
+    words = [f"{name} {_level_words(v)}" for name, v in seen]
+    if d.wrong_shadow:
+        words.append("shadow wrong")
+    return f"{objs} on {scene.ground} . " + (" , ".join(words) if words else "clean") + " ."
 
 
 #: every word the prompts and descriptions use (for a word-level tokenizer)
 WORLD_WORDS = sorted({
     "a", "on", "of", "left", "right", "small", "big", "circle", "square", "triangle", "red", "green", "blue", "yellow",
     "grass", "sand", "noise", "banding", "blocks", "cast", "offcenter", "contrast", "clutter", "floating", "overlap",
-    "shadow", "none", "low", "medium", "high", "good", "wrong", ".", ",",
+    "shadow", "none", "low", "medium", "high", "good", "wrong", "clean", ".", ",",
 })
 
 

@@ -13,7 +13,9 @@ Common fields
     lr=1e-4, weight_decay=0.0, warmup_steps=0, schedule="cosine" | "linear" | "constant",
     max_grad_norm=1.0, mixed_precision="no" | "bf16" | "fp16", grad_checkpointing=False,
     save_every=50 (0: only at the end), keep_checkpoints=2, eval_every=0, log_every=10, seed=0,
-    device="auto" | "cpu" | "cuda"
+    device="auto" | "cpu" | "cuda",
+    eval_traces=0       0: evaluate by reading the score right after the question; n: average the
+                        distributions read after n sampled traces (how a reasoning teacher is judged)
 
 ``sft``
     soft_labels=False   cross-entropy to the rater histogram instead of the annotated bin
@@ -71,6 +73,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"
+    eval_traces: int = 0
     # sft
     soft_labels: bool = False
     weight_pair: float = 0.0

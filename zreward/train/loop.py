@@ -266,7 +266,7 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
             done = step + 1
             _log_step(acc, cfg, done, start, totals, grad_norm, lr_used, t0, log_path, tb, last)
             if eval_items and cfg.eval_every and done % cfg.eval_every == 0:
-                last.update(_evaluate(acc, module, zm, eval_items, done, log_path))
+                last.update(_evaluate(acc, module, zm, eval_items, done, log_path, cfg))
             if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
                 _save_checkpoint(acc, cfg, done)
             if progress is not None:
@@ -296,7 +296,7 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
         done = step + 1
         _log_step(acc, cfg, done, start, totals, grad_norm, lr_used, t0, log_path, tb, last)
         if eval_items and cfg.eval_every and done % cfg.eval_every == 0:
-            last.update(_evaluate(acc, module, zm, eval_items, done, log_path))
+            last.update(_evaluate(acc, module, zm, eval_items, done, log_path, cfg))
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
             _save_checkpoint(acc, cfg, done)
         if progress is not None:
@@ -356,15 +356,19 @@ def _save_checkpoint(acc, cfg: TrainConfig, step: int) -> None:
     acc.wait_for_everyone()
 
 
-def _evaluate(acc, module, zm, eval_items, step, log_path) -> Dict:
-    from ..evaluate import evaluate_items
+def _evaluate(acc, module, zm, eval_items, step, log_path, cfg: Optional[TrainConfig] = None) -> Dict:
+    from ..evaluate import evaluate_items, evaluate_with_traces
     from ..scorer import RewardScorer
 
     module.eval()
     out = {}
     if acc.is_main_process:
         zm.model = acc.unwrap_model(module).model
-        rep = evaluate_items(RewardScorer(zm, in_vocab_mass=False), eval_items, plots=False, progress=False)
+        if cfg is not None and cfg.eval_traces:
+            rep = evaluate_with_traces(zm, eval_items, traces=cfg.eval_traces, trace_tokens=cfg.max_trace_tokens,
+                                       temperature=cfg.sample_temperature)
+        else:
+            rep = evaluate_items(RewardScorer(zm, in_vocab_mass=False), eval_items, plots=False, progress=False)
         out = {f"eval_{k}": v for k, v in rep["pooled"].items() if k != "n"}
         with open(log_path, "a") as f:
             f.write(json.dumps({"step": step, **out}) + "\n")
