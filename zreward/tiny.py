@@ -50,7 +50,7 @@ def tiny_qwen2_vl(seed=0, hidden=32, layers=2, vision_depth=2, max_pixels=84 * 8
         text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                          bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|endoftext|>"],
-                         rope_scaling={"type": "mrope", "mrope_section": [hd // 4, hd // 8, hd // 8]}),
+                         rope_scaling={"type": "mrope", "mrope_section": [hd // 2 - 2 * (hd // 8), hd // 8, hd // 8]}),
         vision_config=dict(depth=vision_depth, embed_dim=hidden, hidden_size=hidden, num_heads=4, mlp_ratio=2, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],

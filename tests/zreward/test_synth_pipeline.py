@@ -33,3 +33,16 @@ def test_miniature_pipeline(tmp_path):
     assert table.count("| teacher |") == 6 and table.count("| student |") == 6  # two tables, three rows each
     pytest.importorskip("matplotlib")
     assert (tmp_path / "hpa_over_steps.png").exists() and (tmp_path / "risd_eval" / "reliability.png").exists()
+
+
+def test_pipeline_is_reproducible_run_to_run(tmp_path):
+    cfg = DemoConfig(preset="mini", n_prompts=8, candidates=4, teacher_hidden=32, student_hidden=32, pretrain_steps=6,
+                     cold_start_steps=4, direct_steps=4, direct_batch=8, rl_steps=2, rl_pairs=2, group_size=2,
+                     max_trace_tokens=8, eval_traces=1, curve_points=1, methods=["sft_teacher", "gdso_teacher"])
+    from dataclasses import replace
+
+    a = run(replace(cfg, out_dir=str(tmp_path / "a")))
+    b = run(replace(cfg, out_dir=str(tmp_path / "b")))
+    for name in a["results"]:
+        ra, rb = a["results"][name]["report"], b["results"][name]["report"]
+        assert json.dumps(ra, sort_keys=True, default=str) == json.dumps(rb, sort_keys=True, default=str), name

@@ -316,15 +316,20 @@ def write_demo_plots(out_dir: str, summary: Dict, test_items: List[RatedItem]) -
     except ImportError:
         return []
     written = []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, r in summary["results"].items():
-        c = r["curve"]
-        if c:
-            ax.plot([x["step"] for x in c], [x["eval_hpa"] for x in c], "o-", label=" ".join(ROLE.get(name, ("", name))[::-1]))
-    ax.axhline(0.5, color="k", lw=0.8, ls=":")
-    ax.set_xlabel("training step (outer iterations for GRPO / GDSO / OPD)")
-    ax.set_ylabel("HPA (half of the test prompts)")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    panels = {"direct": ("sft_teacher", "sft_student", "risd_student"), "policy": ("grpo_teacher", "gdso_teacher",
+                                                                                   "opd_student")}
+    for ax, (kind, names) in zip(axes, panels.items()):
+        for name in names:
+            c = summary["results"].get(name, {}).get("curve", [])
+            if c:
+                ax.plot([x["step"] for x in c], [x["eval_hpa"] for x in c], "o-",
+                        label=" ".join(ROLE.get(name, ("", name))[::-1]))
+        ax.axhline(0.5, color="k", lw=0.8, ls=":")
+        ax.set_xlabel("optimizer step" if kind == "direct" else "outer iteration (sample + inner updates)")
+        ax.set_title("direct losses" if kind == "direct" else "policy methods (read after traces)")
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("HPA on half of the test prompts")
     fig.tight_layout()
     written.append(os.path.join(out_dir, "hpa_over_steps.png"))
     fig.savefig(written[-1], dpi=120)
@@ -336,7 +341,35 @@ def write_demo_plots(out_dir: str, summary: Dict, test_items: List[RatedItem]) -
                        plots=True, progress=False)
         written.append(os.path.join(out_dir, "risd_eval", "reliability.png"))
         written.append(os.path.join(out_dir, "risd_eval", "scatter.png"))
+        written.append(_distribution_plot(out_dir, test_items, plt))
     return written
+
+
+def _distribution_plot(out_dir: str, test_items: List[RatedItem], plt) -> str:
+    """Per dimension: the RISD student's mean predicted distribution over the bins against the raters' histogram."""
+    from ..metrics import rater_histograms
+
+    with open(os.path.join(out_dir, "risd_eval", "predictions.jsonl")) as f:
+        preds = [json.loads(x) for x in f]
+    by_key = {(it.id, it.dimension): it for it in test_items}
+    bins = WORLD_RUBRIC.bin_values
+    fig, axes = plt.subplots(1, len(DIMENSIONS), figsize=(3.2 * len(DIMENSIONS), 3), sharey=True)
+    for ax, d in zip(axes, DIMENSIONS):
+        rows = [p for p in preds if p["dimension"] == d]
+        model = np.mean([p["probs"] for p in rows], axis=0)
+        raters = rater_histograms([by_key[(p["id"], d)].ratings for p in rows], bins).mean(0)
+        x = np.arange(len(bins))
+        ax.bar(x - 0.2, raters, width=0.4, label="raters")
+        ax.bar(x + 0.2, model, width=0.4, label="RISD student")
+        ax.set_xticks(x[::2], [f"{v:.0f}" for v in bins[::2]])
+        ax.set_title(d)
+    axes[0].set_ylabel("share of test items")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "score_distributions.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 __all__ = ["DemoConfig", "PRESETS", "run", "replace"]

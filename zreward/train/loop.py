@@ -257,42 +257,28 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
     progress = _progress(acc, start, cfg.max_steps)
     for step in range(start, cfg.max_steps):
         module.train()
-        if rl:
+        if rl:  # one outer iteration: sample, then inner_updates optimizer steps (inside the method)
             idx = [i for c in batch_indices(len(units), cfg, step, acc.process_index, acc.num_processes) for i in c]
             lr_used = sched.get_last_lr()[0]
             totals = method.step(step, [units[i] for i in idx])
             sched.step()
             grad_norm = float("nan")
-            done = step + 1
-            _log_step(acc, cfg, done, start, totals, grad_norm, lr_used, t0, log_path, tb, last)
-            if eval_items and cfg.eval_every and done % cfg.eval_every == 0:
-                last.update(_evaluate(acc, module, zm, eval_items, done, log_path, cfg))
-            if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
-                _save_checkpoint(acc, cfg, done)
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(reward=f"{totals.get('reward', float('nan')):.4f}")
-            if on_step is not None:
-                on_step(done, last)
-            continue
-        micro = batch_indices(len(items), cfg, step, acc.process_index, acc.num_processes)
-        totals = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "pair": 0.0}
-        for j, idx in enumerate(micro):
-            sync = j == len(micro) - 1
-            ctx = acc.no_sync(module) if not sync else _null()
-            with ctx:
-                out = loss_for(idx)
-                acc.backward(out.loss / len(micro))
-            for k in totals:
-                totals[k] += float(getattr(out, k).detach()) / len(micro)
-        if cfg.max_grad_norm > 0:
-            grad_norm = float(acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm))
         else:
-            grad_norm = float("nan")
-        lr_used = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+            micro = batch_indices(len(items), cfg, step, acc.process_index, acc.num_processes)
+            totals = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "pair": 0.0}
+            for j, idx in enumerate(micro):
+                ctx = acc.no_sync(module) if j < len(micro) - 1 else _null()
+                with ctx:
+                    out = loss_for(idx)
+                    acc.backward(out.loss / len(micro))
+                for k in totals:
+                    totals[k] += float(getattr(out, k).detach()) / len(micro)
+            grad_norm = (float(acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm))
+                         if cfg.max_grad_norm > 0 else float("nan"))
+            lr_used = sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
         done = step + 1
         _log_step(acc, cfg, done, start, totals, grad_norm, lr_used, t0, log_path, tb, last)
         if eval_items and cfg.eval_every and done % cfg.eval_every == 0:
@@ -301,7 +287,8 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
             _save_checkpoint(acc, cfg, done)
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{totals['loss']:.4f}")
+            key = "reward" if rl else "loss"
+            progress.set_postfix({key: f"{totals.get(key, float('nan')):.4f}"})
         if on_step is not None:
             on_step(done, last)
     if progress is not None:
