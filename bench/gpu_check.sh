@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # One-shot GPU check for the whole package: every GPU test and every GPU benchmark.
 # Run on a CUDA machine from the repository root:  OUT=/some/dir bash bench/gpu_check.sh
-# It uses the machine's own python3 (torch, triton, pytest-benchmark preinstalled on the lent
-# GPU machines); wheels under .whl/ (if any) are installed to /tmp/site first.
+# It uses the machine's own python3 (torch, triton, transformers, accelerate, pytest-benchmark are
+# preinstalled on the lent GPU machines); wheels under .whl/ (if any) are installed to /tmp/site
+# first -- carry liger-kernel that way (the device README says how):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl liger-kernel==0.8.5
 # Results land in $OUT: env.txt, build.log, tests.log, bench.json, bench.log, summary.md.
 set -u
 OUT=${OUT:-/tmp/zreward_gpu_out}

@@ -141,6 +141,8 @@ def test_bad_configs_fail_fast_before_loading_a_model(tmp_path):
         (dict(method="gdso", reward_source="parsed"), ValueError, "grpo ablation"),
         (dict(method="opd"), ValueError, "opd needs a teacher"),
         (dict(method="gdso", grad_accum=2, batch_size=4), ValueError, "use grad_accum=1"),
+        (dict(method="opd", teacher="t", policy_loss="liger"), ValueError, "opd's are per token"),
+        (dict(method="gdso", policy_loss="triton"), ValueError, "policy_loss must be"),
         (dict(method="risd"), ValueError, "risd needs a teacher"),
         (dict(method="sft", batch_size=6, grad_accum=4), ValueError, "multiple of grad_accum"),
         (dict(method="sft", lr=0.0), ValueError, "lr must be positive"),

@@ -37,6 +37,8 @@ Common fields
     reward_source="expectation" | "parsed" (grpo: reward from the expectation, or from a number parsed
                         from the trace text -- the report's ablation)
     teacher             opd: the frozen teacher ``ZRewardModel`` (same tokenizer)
+    policy_loss="auto" | "torch" | "liger" (gdso, grpo: Liger-Kernel's fused linear GRPO loss; auto uses it
+                        on CUDA when liger-kernel is installed; the two are parity-tested)
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ class TrainConfig:
     alpha_pt: float = 1.0
     alpha_pw: float = 1.0
     reward_source: str = "expectation"
+    policy_loss: str = "auto"
 
     @classmethod
     def from_file(cls, path: str, **overrides) -> "TrainConfig":
@@ -170,6 +173,15 @@ class TrainConfig:
                 raise ValueError("reward_source='parsed' is the grpo ablation; gdso rewards use the expectation")
             if self.method == "opd" and not self.teacher:
                 raise ValueError("opd needs a teacher model directory ('teacher')")
+            if self.policy_loss not in ("auto", "torch", "liger"):
+                raise ValueError(f"policy_loss must be auto, torch or liger, got {self.policy_loss!r}")
+            if self.policy_loss == "liger":
+                if self.method == "opd":
+                    raise ValueError("policy_loss='liger' takes per-sequence advantages; opd's are per token")
+                from .rl import liger_available
+
+                if not liger_available():
+                    raise ValueError("policy_loss='liger' needs liger-kernel (pip install liger-kernel)")
 
     def needs_labels(self) -> bool:
         return self.method in ("sft", "gdso", "grpo") or (self.method == "risd" and self.weight_ce > 0)

@@ -45,11 +45,11 @@ class TraceModule(nn.Module):
         self._scorer = RewardScorer(zmodel, in_vocab_mass=False, autocast=False)
         self._ids = list(zmodel.score_tokens.token_ids)
 
-    def forward(self, images, prompts, dims, traces, forced, extra=None):
+    def forward(self, images, prompts, dims, traces, forced, extra=None, fused_head=False):
         from .rl import trace_forward
 
         ids = torch.tensor(self._ids, device=next(self.model.parameters()).device)
-        return trace_forward(self._scorer, images, prompts, dims, traces, forced, ids, extra)
+        return trace_forward(self._scorer, images, prompts, dims, traces, forced, ids, extra, fused_head)
 
 
 def make_pairs(items: Sequence[RatedItem]) -> List[tuple]:
@@ -245,7 +245,12 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
             return RewardScorer(ZRewardModel(hf_model, zm.processor, zm.rubric, zm.score_tokens), in_vocab_mass=False,
                                 autocast=False)
 
+        from .rl import liger_available
+
+        use_liger = cfg.method != "opd" and (cfg.policy_loss == "liger" or (
+            cfg.policy_loss == "auto" and acc.device.type == "cuda" and liger_available()))
         ctx = SimpleNamespace(cfg=cfg, zm=zm, acc=acc, module=module, opt=opt, marker=marker, scorer_for=scorer_for,
+                              use_liger=use_liger,
                               module_scorer=RewardScorer(zm, in_vocab_mass=False, autocast=False),
                               teacher=teacher_zm, teacher_scorer=(RewardScorer(teacher_zm, in_vocab_mass=False,
                                                                                autocast=False) if teacher_zm else None),

@@ -16,8 +16,11 @@ Per outer iteration (one ``step`` of the loop):
    the clipped GRPO surrogate (:func:`grpo_token_loss`, the one implementation of it) plus, for GDSO,
    ``alpha_pt * ce + alpha_pw * pw`` from ``gdso_loss`` on the current score logits.
 
-This is the PyTorch path; it computes full-vocabulary logits for the trace tokens only (never for
-the prompt).  Liger-Kernel's fused linear GRPO loss for CUDA is not wired in yet.
+The policy loss has two equal implementations: :func:`grpo_token_loss` (PyTorch; full-vocabulary
+logits for the trace tokens only, never for the prompt) and :func:`liger_token_loss` (Liger-Kernel's
+fused linear GRPO loss, which computes those logits chunk by chunk).  ``policy_loss="auto"`` uses
+Liger on CUDA when it is installed (GDSO and GRPO: per-sequence advantages) and PyTorch elsewhere;
+OPD's per-token advantages always use PyTorch.
 """
 
 from __future__ import annotations
@@ -63,6 +66,29 @@ def grpo_token_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_ref: Option
         tot = m.sum().clamp(min=1)
         stats = {"policy_kl": float((kl * m).sum() / tot),
                  "clip_frac": float((((ratio - 1).abs() > clip_eps).to(m.dtype) * m).sum() / tot)}
+    return loss, stats
+
+
+def liger_available() -> bool:
+    try:
+        import liger_kernel.chunked_loss  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def liger_token_loss(hidden: torch.Tensor, tokens: torch.Tensor, weight: torch.Tensor, bias, logp_old, logp_ref,
+                     advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float, beta: float, compiled: bool):
+    """The same loss as :func:`grpo_token_loss` through Liger-Kernel's fused linear GRPO loss: the
+    ``[N, T, V]`` logits of the trace tokens are computed chunk by chunk and never stored whole."""
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    fn = LigerFusedLinearGRPOLoss(beta=beta, compiled=compiled, use_ref_model=beta > 0 and logp_ref is not None,
+                                  epsilon_low=clip_eps, epsilon_high=clip_eps, loss_type="grpo", chunk_size=1)
+    loss, metrics = fn(hidden, weight, tokens, mask.long(), advantages.float(), bias=bias,
+                       ref_per_token_logps=logp_ref if beta > 0 else None, old_per_token_logps=logp_old)
+    m = [float(x) for x in metrics]
+    stats = {"policy_kl": m[0] if beta > 0 and len(m) > 1 else 0.0, "clip_frac": m[-1] if m else float("nan")}
     return loss, stats
 
 
@@ -148,11 +174,14 @@ def sample_traces(scorer, model, images, prompts, dims, group_size: int, max_new
 
 
 def trace_forward(scorer, images, prompts, dims, traces: Sequence[Sequence[int]], forced: Sequence[bool],
-                  score_ids: torch.Tensor, extra_tokens: Optional[Sequence[int]] = None):
+                  score_ids: torch.Tensor, extra_tokens: Optional[Sequence[int]] = None, fused_head: bool = False):
     """Run the policy on ``prefix + question + trace``; returns ``(logp [N, T], mask [N, T],
     score_logits [N, K])``: the sampled tokens' log-probabilities (``mask`` covers the tokens the
     policy sampled) and the score logits at the marker.  ``extra_tokens`` (one per row) appends a
-    token after the marker whose log-probability is included (OPD's sampled score token)."""
+    token after the marker whose log-probability is included (OPD's sampled score token).
+
+    ``fused_head=True`` returns ``((hidden [N, T, H], tokens [N, T]), mask, score_logits)`` instead of
+    the log-probabilities, for a fused linear loss (Liger) that never builds the ``[N, T, V]`` logits."""
     from ..hf import lm_head_params
 
     zm = scorer.model
@@ -184,14 +213,16 @@ def trace_forward(scorer, images, prompts, dims, traces: Sequence[Sequence[int]]
         marker_pos[i] = start + len(t) - 1
     weight, bias = lm_head_params(zm.model)
     h = states.gather(1, idx.unsqueeze(-1).expand(-1, -1, states.shape[-1]))
-    logits = (h @ weight.to(h.dtype).t()).float()
-    if bias is not None:
-        logits = logits + bias.float()
-    logp = torch.log_softmax(logits, -1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
     h_m = states[torch.arange(len(tails), device=dev), marker_pos]
     from zreward_kernels import restricted_logits
 
     score_logits = restricted_logits(h_m, weight, score_ids, bias, validate=False).float()
+    if fused_head:
+        return (h, tok), mask, score_logits
+    logits = (h @ weight.to(h.dtype).t()).float()
+    if bias is not None:
+        logits = logits + bias.float()
+    logp = torch.log_softmax(logits, -1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
     return logp, mask, score_logits
 
 
@@ -283,9 +314,18 @@ class RLMethod:
         policy.train()
         stats: Dict[str, float] = {"reward": float(rewards.mean()), "trace_len": float(mask.sum(1).float().mean()),
                                    "forced_marker": float(np.mean(forced))}
+        use_liger = self.ctx.use_liger
         for u in range(cfg.inner_updates):
-            logp, _, score_logits = module(r_images, r_prompts, r_dims, traces, forced, extra)
-            pol, pstats = grpo_token_loss(logp, logp_old, logp_ref, advantages, mask, cfg.clip_eps, cfg.beta)
+            if use_liger:
+                from ..hf import lm_head_params
+
+                (h, tok), _, score_logits = module(r_images, r_prompts, r_dims, traces, forced, extra, True)
+                weight, bias = lm_head_params(policy)
+                pol, pstats = liger_token_loss(h, tok, weight, bias, logp_old, logp_ref, advantages, mask,
+                                               cfg.clip_eps, cfg.beta, compiled=h.is_cuda)
+            else:
+                logp, _, score_logits = module(r_images, r_prompts, r_dims, traces, forced, extra)
+                pol, pstats = grpo_token_loss(logp, logp_old, logp_ref, advantages, mask, cfg.clip_eps, cfg.beta)
             loss = pol
             if cfg.method == "gdso":
                 k = score_logits.shape[-1]
