@@ -38,17 +38,13 @@ def _setup():
 
 
 def _generate_inputs(zm, images, prompts):
-    """The B x D full queries as generate() inputs (same tokens as the scorer's independent path)."""
+    """The B x D full queries as generate() inputs: the tokens the scorer's independent path scores,
+    left-padded as whole queries (zreward.train.rl builds the same inputs for sampling traces)."""
+    from zreward.train.rl import _generation_inputs
+
     dims = zm.rubric.dimensions
-    scorer = RewardScorer(zm)
-    suffix, smask, _ = scorer._suffixes(dims)
-    enc = scorer._processor_inputs([im for im in images for _ in dims], [zm.prefix_text(p) for p in prompts for _ in dims])
-    b = len(images)
-    enc["input_ids"] = torch.cat([enc["input_ids"], suffix.repeat(b, 1)], 1)
-    enc["attention_mask"] = torch.cat([enc["attention_mask"], smask.repeat(b, 1)], 1)
-    if "mm_token_type_ids" in enc:
-        enc["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"], torch.zeros_like(suffix.repeat(b, 1))], 1)
-    return enc
+    return _generation_inputs(RewardScorer(zm), [im for im in images for _ in dims],
+                              [p for p in prompts for _ in dims], [d for _ in prompts for d in dims])
 
 
 def _parse(texts):

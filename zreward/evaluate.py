@@ -61,6 +61,16 @@ def score_items(scorer: RewardScorer, items: List[RatedItem], batch_size: int = 
     return mean, probs
 
 
+def _report(labelled: List[RatedItem], mean: np.ndarray, probs: np.ndarray, bin_values) -> Dict:
+    """Pooled and per-dimension metrics of predictions against the items' references (rater
+    histograms too when every item has ratings)."""
+    hist = None
+    if all(it.ratings for it in labelled):
+        hist = rater_histograms([it.ratings for it in labelled], bin_values)
+    return evaluate(mean, np.array([it.reference for it in labelled]), [it.group for it in labelled],
+                    [it.dimension for it in labelled], probs=probs, rater_hist=hist, bin_values=bin_values)
+
+
 def evaluate_items(scorer: RewardScorer, items: List[RatedItem], out_dir: Optional[str] = None,
                    batch_size: int = 16, plots: bool = True, progress: bool = True) -> Dict:
     """Metrics (pooled and per dimension) of the scorer on the items that have a reference score."""
@@ -71,10 +81,7 @@ def evaluate_items(scorer: RewardScorer, items: List[RatedItem], out_dir: Option
     ref = np.array([it.reference for it in labelled])
     groups = [it.group for it in labelled]
     dims = [it.dimension for it in labelled]
-    hist = None
-    if all(it.ratings for it in labelled):
-        hist = rater_histograms([it.ratings for it in labelled], scorer.model.rubric.bin_values)
-    report = evaluate(mean, ref, groups, dims, probs=probs, rater_hist=hist, bin_values=scorer.model.rubric.bin_values)
+    report = _report(labelled, mean, probs, scorer.model.rubric.bin_values)
     report["_meta"] = {"items": len(labelled), "skipped_unlabelled": len(items) - len(labelled),
                        "images": len({(it.image if isinstance(it.image, str) else it.id, it.prompt) for it in labelled})}
     if out_dir is not None:
@@ -101,14 +108,7 @@ def evaluate_with_traces(zm, items: List[RatedItem], traces: int = 1, trace_toke
         raise ValueError("no item has a score or ratings to evaluate against")
     probs = compute_targets(zm, labelled, batch_size, traces=traces, trace_tokens=trace_tokens,
                             temperature=temperature).numpy().astype(np.float64)
-    v = np.asarray(zm.rubric.bin_values)
-    mean = probs @ v
-    ref = np.array([it.reference for it in labelled])
-    hist = None
-    if all(it.ratings for it in labelled):
-        hist = rater_histograms([it.ratings for it in labelled], zm.rubric.bin_values)
-    report = evaluate(mean, ref, [it.group for it in labelled], [it.dimension for it in labelled], probs=probs,
-                      rater_hist=hist, bin_values=zm.rubric.bin_values)
+    report = _report(labelled, probs @ np.asarray(zm.rubric.bin_values), probs, zm.rubric.bin_values)
     report["_meta"] = {"items": len(labelled), "traces": traces}
     return report
 

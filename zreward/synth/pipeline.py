@@ -42,6 +42,7 @@ from ..tiny import tiny_qwen2_vl
 from ..train import TrainConfig, train
 from ..train.rl import ensure_marker, trace_forward
 from zreward_kernels import rubric_loss
+from zreward_kernels.reference import bin_index
 from .dataset import WORLD_WORDS, WorldConfig, build_world, to_items
 from .world import DIMENSIONS
 
@@ -134,8 +135,8 @@ def pretrain(zm: ZRewardModel, samples, steps: int, batch: int, lr: float, seed:
                                                  traces, [False] * len(rows), ids)
         loss = -(logp * mask).sum() / mask.sum()
         if score_weight > 0:
-            bins = np.asarray(zm.rubric.bin_values)
-            target = torch.tensor([int(np.abs(bins - s.ratings[d][0]).argmin()) for s, d in zip(rows, dims)])
+            target = bin_index(torch.tensor([s.ratings[d][0] for s, d in zip(rows, dims)], dtype=torch.float64),
+                               zm.rubric.bin_values)
             loss = loss + score_weight * rubric_loss(score_logits, target=target, bin_values=zm.rubric.bin_values,
                                                      validate=False).loss
         opt.zero_grad(set_to_none=True)

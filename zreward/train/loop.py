@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from zreward_kernels import rubric_loss
+from zreward_kernels.reference import bin_index
 
 from ..data import RatedItem, load_manifest
 from ..metrics import rater_histograms
@@ -52,20 +53,22 @@ class TraceModule(nn.Module):
         return trace_forward(self._scorer, images, prompts, dims, traces, forced, ids, extra, fused_head)
 
 
+def _pair_indices(items: Sequence[RatedItem]) -> List[tuple]:
+    """Index pairs (a < b) of items in the same group and dimension whose references differ."""
+    by = {}
+    for i, it in enumerate(items):
+        by.setdefault((it.group, it.dimension), []).append(i)
+    out = []
+    for key in sorted(by):
+        idx = by[key]
+        out.extend((a, b) for j, a in enumerate(idx) for b in idx[j + 1:] if items[a].reference != items[b].reference)
+    return out
+
+
 def make_pairs(items: Sequence[RatedItem]) -> List[tuple]:
     """Same-group, same-dimension pairs with different references, the better-rated item first."""
-    by = {}
-    for it in items:
-        by.setdefault((it.group, it.dimension), []).append(it)
-    pairs = []
-    for key in sorted(by):
-        grp = by[key]
-        for a in range(len(grp)):
-            for b in range(a + 1, len(grp)):
-                x, y = grp[a], grp[b]
-                if x.reference != y.reference:
-                    pairs.append((x, y) if x.reference > y.reference else (y, x))
-    return pairs
+    return [(items[a], items[b]) if items[a].reference > items[b].reference else (items[b], items[a])
+            for a, b in _pair_indices(items)]
 
 
 class ScoreModule(nn.Module):
@@ -84,8 +87,9 @@ class ScoreModule(nn.Module):
         return self._scorer.query_logits(images, prompts, dimensions)
 
 
-def _bin_index(score: float, bins: Sequence[float]) -> int:
-    return int(np.argmin([abs(score - v) for v in bins]))
+def _targets(chunk: Sequence[RatedItem], bins, device) -> torch.Tensor:
+    """Hard CE targets: the bin nearest to each item's reference score."""
+    return bin_index(torch.tensor([it.reference for it in chunk], dtype=torch.float64), bins).to(device)
 
 
 def _schedule(cfg: TrainConfig):
@@ -219,7 +223,7 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
                 hist = rater_histograms([it.ratings for it in chunk], bins)
                 kw["target_probs"] = torch.tensor(hist, dtype=torch.float32, device=logits.device)
             else:
-                kw["target"] = torch.tensor([_bin_index(it.reference, bins) for it in chunk], device=logits.device)
+                kw["target"] = _targets(chunk, bins, logits.device)
             if cfg.weight_pair > 0:
                 pairs, gaps = _batch_pairs(chunk)
                 if pairs:
@@ -230,7 +234,7 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
             kw.update(teacher_probs=targets[idx].to(logits.device), temperature=cfg.temperature,
                       weight_kl=cfg.temperature ** 2)
             if cfg.weight_ce > 0:
-                kw.update(target=torch.tensor([_bin_index(it.reference, bins) for it in chunk], device=logits.device),
+                kw.update(target=_targets(chunk, bins, logits.device),
                           weight_ce=cfg.weight_ce)
         return rubric_loss(logits, bin_values=bins, **kw)
 
@@ -326,14 +330,9 @@ def _log_step(acc, cfg, done, start, totals, grad_norm, lr_used, t0, log_path, t
 
 
 def _batch_pairs(chunk: Sequence[RatedItem]):
-    pairs, gaps = [], []
-    for a in range(len(chunk)):
-        for b in range(a + 1, len(chunk)):
-            x, y = chunk[a], chunk[b]
-            if x.group == y.group and x.dimension == y.dimension and x.reference != y.reference:
-                pairs.append([a, b])
-                gaps.append(x.reference - y.reference)
-    return pairs, gaps
+    """Pairs inside a batch (row indices) and their annotated gaps, for the pairwise term."""
+    pairs = _pair_indices(chunk)
+    return [list(p) for p in pairs], [chunk[a].reference - chunk[b].reference for a, b in pairs]
 
 
 def _save_checkpoint(acc, cfg: TrainConfig, step: int) -> None:
