@@ -37,6 +37,7 @@ def main() -> None:
         ei = b.get("extra_info", {})
         if ei.get("op") == "scorer":
             devices.add(ei.get("device_name", "?"))
+            torch_versions.add(ei.get("torch", "?"))
             scorer[ei["impl"]] = (ei["images_per_s"], b["stats"]["median"] * 1e3, ei["images"])
             continue
         if ei.get("op") == "restricted_head":
@@ -64,24 +65,24 @@ def main() -> None:
     print(f"# {title}\n")
     print(f"Device: {', '.join(sorted(devices))}; torch {', '.join(sorted(torch_versions))}; "
           f"pytest-benchmark {data.get('version', '?')}; {data.get('datetime', '')}\n")
-    print("Forward+backward per call, median ms; peak extra memory of one call in MiB; "
-          "kernel launches forward/backward (CUDA only).\n")
-    print("| op | rows | mode | eager ms | compile ms | fused ms | fused vs eager | fused vs compile "
-          "| eager MiB | compile MiB | fused MiB | launches eager | launches compile | launches fused |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for (op, rows, mode) in sorted(table, key=lambda k: (k[0], k[2], k[1])):
-        r = table[(op, rows, mode)]
-        e, c, f = r.get("eager", {}), r.get("compile", {}), r.get("fused", {})
-        sp_e = f"{e['ms'] / f['ms']:.1f}x" if e and f else "-"
-        sp_c = f"{c['ms'] / f['ms']:.1f}x" if c and f else "-"
+    if table:
+        print("Forward+backward per call, median ms; peak extra memory of one call in MiB; "
+              "kernel launches forward/backward (CUDA only).\n")
+        print("| op | rows | mode | eager ms | compile ms | fused ms | fused vs eager | fused vs compile "
+              "| eager MiB | compile MiB | fused MiB | launches eager | launches compile | launches fused |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for (op, rows, mode) in sorted(table, key=lambda k: (k[0], k[2], k[1])):
+            r = table[(op, rows, mode)]
+            e, c, f = r.get("eager", {}), r.get("compile", {}), r.get("fused", {})
+            sp_e = f"{e['ms'] / f['ms']:.1f}x" if e and f else "-"
+            sp_c = f"{c['ms'] / f['ms']:.1f}x" if c and f else "-"
 
-        def launches(d):
-            return f"{d['kf']}/{d['kb']}" if d and d.get("kf") is not None else "-"
+            def launches(d):
+                return f"{d['kf']}/{d['kb']}" if d and d.get("kf") is not None else "-"
 
-        print(f"| {op} | {rows} | {mode} | {_fmt_ms(e.get('ms'))} | {_fmt_ms(c.get('ms'))} | {_fmt_ms(f.get('ms'))} | "
-              f"{sp_e} | {sp_c} | {_fmt_mb(e.get('mem'))} | {_fmt_mb(c.get('mem'))} | {_fmt_mb(f.get('mem'))} | "
-              f"{launches(e)} | {launches(c)} | {launches(f)} |")
-
+            print(f"| {op} | {rows} | {mode} | {_fmt_ms(e.get('ms'))} | {_fmt_ms(c.get('ms'))} | {_fmt_ms(f.get('ms'))} | "
+                  f"{sp_e} | {sp_c} | {_fmt_mb(e.get('mem'))} | {_fmt_mb(c.get('mem'))} | {_fmt_mb(f.get('mem'))} | "
+                  f"{launches(e)} | {launches(c)} | {launches(f)} |")
 
     if adv:
         print("\n## group_advantage\n")
@@ -102,7 +103,8 @@ def main() -> None:
         base = scorer.get("shared_prefix", (None,))[0]
         print("| path | images/s | ms per batch | shared prefix is |")
         print("|---|---|---|---|")
-        for impl in ("shared_prefix", "independent", "generate_parse_8", "reasoning_trace_256"):
+        for impl in ("shared_prefix", "shared_prefix_repeat", "independent", "generate_parse_8",
+                     "reasoning_trace_256"):
             if impl in scorer:
                 ips, ms, n = scorer[impl]
                 rel = "-" if impl == "shared_prefix" or not base else f"{base / ips:.1f}x faster"

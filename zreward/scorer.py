@@ -1,8 +1,9 @@
 """``RewardScorer``: score images on rubric dimensions with one prefix pass per image.
 
 For a batch of B images and D dimensions the scorer runs the backbone once over the B shared
-prefixes (chat template, image, prompt) with a KV cache, repeats the cache D times, and runs the D
-dimension questions (the suffixes) against it in one batch of B x D short sequences.  The nine
+prefixes (chat template, image, prompt, rubric preamble) with a KV cache, then runs the D dimension
+questions (the suffixes) against it: packed end to end in one row per image under a block mask
+(SDPA / eager attention), or as B x D short rows against a cache repeated D times (FlashAttention).  The nine
 score logits at the end of each suffix come from the vocab-restricted head
 (:func:`zreward_kernels.restricted_logits`) and the distribution maths from
 :func:`zreward_kernels.score_stats`.  ``shared_prefix=False`` runs the B x D full queries instead
@@ -78,12 +79,17 @@ class RewardScorer:
 
     def __init__(self, model: ZRewardModel, *, batch_size: int = 8, shared_prefix: bool = True,
                  in_vocab_mass: bool = True, autocast_dtype: Optional[torch.dtype] = None,
-                 autocast: bool = True, backend: Optional[str] = None):
+                 autocast: bool = True, backend: Optional[str] = None, layout: str = "auto"):
         """``autocast``: run the model under ``torch.autocast`` -- ``autocast_dtype`` if given, else
         bf16 for float32 models on CUDA; off elsewhere.  Trainers pass ``autocast=False`` and let
-        accelerate's ``mixed_precision`` decide."""
+        accelerate's ``mixed_precision`` decide.  ``layout`` places the D dimension suffixes after
+        the shared prefix: ``"packed"`` (one row per image, block mask), ``"repeat"`` (the cache
+        repeated D times) or ``"auto"`` (packed under SDPA and eager attention, repeat otherwise)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if layout not in ("auto", "packed", "repeat"):
+            raise ValueError(f"layout must be 'auto', 'packed' or 'repeat', got {layout!r}")
+        self.layout = layout
         self.model = model
         self.batch_size = batch_size
         self.shared_prefix = shared_prefix
@@ -209,7 +215,19 @@ class RewardScorer:
     def _text_positions(self, mask: torch.Tensor) -> torch.Tensor:
         return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
+    def _attn_impl(self) -> str:
+        cfg = getattr(getattr(self._base, "language_model", None), "config", None) or self._base.config
+        return str(getattr(cfg, "_attn_implementation", None) or "eager")
+
     def _shared(self, prefix, suffix, suffix_mask, suffix_len, b, d):
+        """Prefix pass with a KV cache, then the D suffixes against it.
+
+        ``layout="packed"`` (SDPA and eager attention): the D suffixes of an image are laid end to end
+        in one row of ``D * Ls`` tokens with a block mask (each suffix sees the prefix and its own
+        earlier tokens, never another suffix) and position ids that restart after the prefix for
+        every suffix, so the cache is neither repeated D times nor copied D times per layer.
+        ``layout="repeat"`` (FlashAttention, which takes no custom mask): the cache is repeated D
+        times and the suffixes run as B x D short rows.  Both give the full queries' states."""
         from transformers import DynamicCache
 
         try:
@@ -221,14 +239,40 @@ class RewardScorer:
         if not self._mrope:
             kw["position_ids"] = self._text_positions(pmask)
         self._base(**kw, use_cache=True, **{self._cache_kw: cache})
-        cache.batch_repeat_interleave(d)
+        deltas = getattr(self._base, "rope_deltas", None) if self._mrope else None
         n_valid = pmask.sum(1, keepdim=True)  # [B, 1]
-        steps = torch.arange(suffix.shape[1], device=suffix.device)
-        pos = n_valid + steps  # [B, Ls]: continues each prefix's text positions
-        if self._mrope:
-            deltas = getattr(self._base, "rope_deltas", None)
+        ls = suffix.shape[1]
+        dev = suffix.device
+        impl = self._attn_impl()
+        packed = self.layout == "packed" or (self.layout == "auto" and impl in ("sdpa", "eager"))
+        if packed and impl not in ("sdpa", "eager"):
+            raise ValueError(f"layout='packed' needs SDPA or eager attention (a custom mask); the model uses {impl!r}")
+        if packed:
+            step = torch.arange(ls, device=dev).repeat(d)  # position of each packed token in its suffix
+            pos = n_valid + step  # [B, D*Ls]
             if deltas is not None:
                 pos = pos + deltas.to(pos.device)
+            if self._mrope:
+                pos = pos.unsqueeze(0).expand(3, -1, -1)
+            block = torch.arange(d, device=dev).repeat_interleave(ls)
+            own = (block[:, None] == block[None, :]) & (step[:, None] >= step[None, :])
+            own = own & suffix_mask.reshape(1, -1).bool()  # [D*Ls, D*Ls]
+            see_prefix = pmask.bool()[:, None, :].expand(b, d * ls, pmask.shape[1])
+            allowed = torch.cat([see_prefix, own.unsqueeze(0).expand(b, -1, -1)], dim=2).unsqueeze(1)
+            if impl == "sdpa":
+                mask = allowed
+            else:  # additive mask for eager attention
+                dt = next(self._base.parameters()).dtype
+                mask = torch.zeros(allowed.shape, dtype=dt, device=dev).masked_fill_(~allowed, torch.finfo(dt).min)
+            ids = suffix.reshape(1, d * ls).expand(b, -1)
+            out = self._base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                             **{self._cache_kw: cache})
+            last = torch.arange(d, device=dev) * ls + suffix_len - 1  # [D]
+            return out.last_hidden_state[:, last].reshape(b * d, -1)
+        cache.batch_repeat_interleave(d)
+        pos = n_valid + torch.arange(ls, device=dev)  # [B, Ls]: continues each prefix's text positions
+        if deltas is not None:
+            pos = pos + deltas.to(pos.device)
         pos = pos.repeat_interleave(d, 0)  # [B*D, Ls]
         if self._mrope:
             pos = pos.unsqueeze(0).expand(3, -1, -1)

@@ -36,6 +36,30 @@ def test_shared_prefix_equals_independent_queries(zmodel):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_suffix_layouts_agree_with_unequal_questions(attn):
+    """Packed suffixes (block mask) and the repeated cache give the full queries' scores, also when
+    the dimension questions differ in length (padded suffixes) and under eager attention."""
+    from zreward.rubric import Rubric
+
+    rubric = Rubric(question_template="{dimension} : {description} . score")  # lengths differ per dimension
+    for family in sorted(FAMILIES):
+        model, proc = FAMILIES[family]()
+        model.set_attn_implementation(attn)
+        zm = ZRewardModel(model, proc, rubric=rubric)
+        lengths = {len(zm.suffix_ids(d)) for d in rubric.dimensions}
+        assert len(lengths) > 1, lengths
+        imgs = _images()
+        full = RewardScorer(zm, shared_prefix=False).score(imgs, PROMPTS)
+        for layout in ("packed", "repeat", "auto"):
+            out = RewardScorer(zm, layout=layout, batch_size=3).score(imgs, PROMPTS)
+            torch.testing.assert_close(out.probs, full.probs, atol=1e-5, rtol=1e-5, msg=f"{family} {layout}")
+        sub = RewardScorer(zm, layout="packed").score(imgs[:2], PROMPTS[:2], dimensions=["plausibility", "realism"])
+        torch.testing.assert_close(sub.probs, full.probs[:2, [3, 1]], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="layout must be"):
+        RewardScorer(zm, layout="stacked")
+
+
 def test_batch_invariance_and_order(zmodel):
     imgs = _images()
     full = RewardScorer(zmodel, batch_size=4).score(imgs, PROMPTS)
