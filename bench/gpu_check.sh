@@ -7,8 +7,13 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl liger-kernel==0.8.5
-# Results land in $OUT: env.txt, build.log, tests.log, bench.json, bench.log, summary.md.
+# Results land in $OUT: env.txt, build.log, tests.log, tune.md/tune.json, profile.txt, bench.json,
+# bench.log, summary.md.  STEPS picks the steps (default: "tests tune profile bench"; the build always
+# runs); TEST_TIMEOUT, TUNE_TIMEOUT, BENCH_TIMEOUT (seconds) bound them -- keep their sum under the
+# device's per-command limit.
 set -u
+STEPS=${STEPS:-"tests tune profile bench"}
+has_step() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 OUT=${OUT:-/tmp/zreward_gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -30,18 +35,36 @@ echo "build exit: $?" | tee -a "$OUT/build.log"
 tail -n 4 "$OUT/build.log"
 $PY -c "import zreward_kernels as z; print(z.backend_info()['compiled_extension'])" 2>&1 | tee -a "$OUT/build.log"
 
-XDIST=""
-$PY -c "import xdist" 2>/dev/null && XDIST="-n ${TEST_WORKERS:-6}"
-echo "== tests ($XDIST)"
-timeout "${TEST_TIMEOUT:-240}" $PY -m pytest tests -q -rs $XDIST -p no:cacheprovider >"$OUT/tests.log" 2>&1
-echo "tests exit: $?" | tee -a "$OUT/tests.log"
-tail -n 25 "$OUT/tests.log"
+if has_step tests; then
+  XDIST=""
+  $PY -c "import xdist" 2>/dev/null && XDIST="-n ${TEST_WORKERS:-6}"
+  echo "== tests ($XDIST)"
+  timeout "${TEST_TIMEOUT:-240}" $PY -m pytest tests -q -rs $XDIST -p no:cacheprovider >"$OUT/tests.log" 2>&1
+  echo "tests exit: $?" | tee -a "$OUT/tests.log"
+  tail -n 25 "$OUT/tests.log"
+fi
 
-echo "== benchmarks"
-timeout "${BENCH_TIMEOUT:-300}" $PY -m pytest bench --benchmark-only -q -p no:cacheprovider \
-  --benchmark-json="$OUT/bench.json" --benchmark-columns=median,iqr,rounds >"$OUT/bench.log" 2>&1
-echo "bench exit: $?" | tee -a "$OUT/bench.log"
-tail -n 5 "$OUT/bench.log"
+if has_step tune; then
+  echo "== launch-configuration sweep (bench/tune_kernels.py)"
+  timeout "${TUNE_TIMEOUT:-150}" $PY bench/tune_kernels.py --json "$OUT/tune.json" >"$OUT/tune.md" 2>&1
+  echo "tune exit: $?" | tee -a "$OUT/tune.md"
+  grep -A4 "^###" "$OUT/tune.md" | head -n 60
+fi
+
+if has_step profile; then
+  echo "== per-kernel device time (bench/profile_kernels.py)"
+  timeout 90 $PY bench/profile_kernels.py >"$OUT/profile.txt" 2>&1
+  echo "profile exit: $?" | tee -a "$OUT/profile.txt"
+  cat "$OUT/profile.txt"
+fi
+
+if has_step bench; then
+  echo "== benchmarks"
+  timeout "${BENCH_TIMEOUT:-300}" $PY -m pytest bench --benchmark-only -q -p no:cacheprovider \
+    --benchmark-json="$OUT/bench.json" --benchmark-columns=median,iqr,rounds >"$OUT/bench.log" 2>&1
+  echo "bench exit: $?" | tee -a "$OUT/bench.log"
+  tail -n 5 "$OUT/bench.log"
+fi
 if [ -f "$OUT/bench.json" ]; then
   $PY bench/summarize.py "$OUT/bench.json" --title "Fused kernels on $($PY -c 'import torch; print(torch.cuda.get_device_name(0))')" \
     >"$OUT/summary.md" && cat "$OUT/summary.md"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, QUICK, kernel_names, peak_memory_bytes, sync
+from conftest import DEVICE, QUICK, capture_fwd_bwd, kernel_names, peak_memory_bytes, sync
 
 from zreward_kernels import BIN_VALUES, gdso_loss, rubric_loss, score_stats
 from zreward_kernels import reference as ref
@@ -128,18 +128,8 @@ def test_fwd_bwd_cuda_graph(benchmark, op, impl, rows):
     x0, kw = _case(op, rows)
     x = x0.clone().requires_grad_(True)
     fn = _impl(op, impl)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            x.grad = None
-            fn(x, **kw).backward()
-    torch.cuda.current_stream().wait_stream(side)
-    x.grad = None
-    graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph):
-            fn(x, **kw).backward()
+        graph = capture_fwd_bwd(fn, x, kw)
     except Exception as exc:  # report, do not hide: a capture failure is a result too
         pytest.skip(f"{impl} could not be captured in a CUDA graph: {type(exc).__name__}: {exc}"[:300])
 

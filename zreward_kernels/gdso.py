@@ -1,8 +1,8 @@
 """Fused Triton kernel for ``gdso_loss`` (SPEC section 3).
 
-One program per pair holds that pair's ``2 G`` rows (side ``w`` then side ``l``), so the
-``G x G`` gap terms, both group advantages and the direct losses come out of one pass over the
-logits.  The gradient of the (P-averaged) loss is written during the forward (grad-in-forward):
+A program holds whole pairs (``_tuning.CONFIGS["gdso_fwd"]["PAIRS"]`` of them, one by default),
+each pair's ``2 G`` rows (side ``w`` then side ``l``), so the ``G x G`` gap terms, both group
+advantages and the direct losses come out of one pass over the logits.  The gradient of the (P-averaged) loss is written during the forward (grad-in-forward):
 every normaliser is static here (``1/P``, ``1/2G``, ``1/(2 G^2 R)``), so the backward is a single
 device-side multiply by ``grad_output``.  The scalar loss is reduced by the last program to finish,
 in a fixed order (deterministic, no float atomics).
@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_utils import HAS_TRITON, next_pow2, tl, triton
+from ._triton_utils import HAS_TRITON, cdiv, next_pow2, tl, triton
+from ._tuning import CONFIGS
 from .reference import GDSOOutput
 
 #: Largest group size the kernel handles (one program holds 2G rows; 2G is padded to a power of two).
@@ -24,28 +25,34 @@ if HAS_TRITON:
 
     @triton.jit
     def _gdso_fwd_kernel(
-        X, S, V, K, G, inv_tau,
+        X, S, V, K, G, n_pairs, inv_tau,
         DX, MEAN, STD, RPT, RPW, RWD, ADV, CE, PW, PART, COUNTER, LOSS,
         lambda_pt, lambda_pw, alpha_pt, alpha_pw, eps,
         inv_g, inv_gm1, inv_r, adv_on, inv_p,
-        BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_RED: tl.constexpr, NEEDS_GRAD: tl.constexpr,
+        PAIRS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_RED: tl.constexpr,
+        NEEDS_GRAD: tl.constexpr,
     ):
+        # A program holds PAIRS pairs.  Row-wise maths runs on the flat [PAIRS * BLOCK_S, BLOCK_K]
+        # tile (slot s of pair j at flat row j * BLOCK_S + s; 2G rows per pair padded to BLOCK_S);
+        # group maths on its [PAIRS, BLOCK_S] view and the [PAIRS, BLOCK_S, BLOCK_S] gap matrices.
         pid = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_K)
         cmask = cols < K
         v = tl.load(V + cols, mask=cmask, other=0.0).to(tl.float32)
 
-        s_idx = tl.arange(0, BLOCK_S)
-        smask = s_idx < 2 * G
-        side = s_idx // G
-        rows = pid * 2 * G + s_idx
-        m2 = smask[:, None] & cmask[None, :]
+        f = tl.arange(0, PAIRS * BLOCK_S)
+        slot = f % BLOCK_S
+        pair = pid * PAIRS + f // BLOCK_S
+        fmask = (slot < 2 * G) & (pair < n_pairs)
+        side = slot // G
+        rows = pair * 2 * G + slot
+        m2 = fmask[:, None] & cmask[None, :]
         ko = rows[:, None] * K + cols[None, :]
         x = tl.load(X + ko, mask=m2, other=0.0).to(tl.float32)
         p, logp, mu, d, var = _dist_stats(x, v, cmask, inv_tau)
 
-        sc0 = tl.load(S + 2 * pid).to(tl.float32)
-        sc1 = tl.load(S + 2 * pid + 1).to(tl.float32)
+        sc0 = tl.load(S + 2 * pair, mask=fmask, other=0.0).to(tl.float32)
+        sc1 = tl.load(S + 2 * pair + 1, mask=fmask, other=0.0).to(tl.float32)
         s_j = tl.where(side == 0, sc0, sc1)
         gap = tl.where(side == 0, sc0 - sc1, sc1 - sc0)  # gap_j = s_j - s_jbar
 
@@ -53,49 +60,60 @@ if HAS_TRITON:
         dist = tl.where(cmask[None, :], tl.abs(v[None, :] - s_j[:, None]), float("inf"))
         bidx = tl.argmin(dist, 1)
         onehot = cols[None, :] == bidx[:, None]
-        logp_t = tl.sum(tl.where(onehot, logp, 0.0), 1)
-        ce = -tl.sum(tl.where(smask, logp_t, 0.0), 0) * (0.5 * inv_g)
+        logp_t = tl.where(fmask, tl.sum(tl.where(onehot, logp, 0.0), 1), 0.0)
+
+        # per-pair [PAIRS, BLOCK_S] views
+        mu2 = tl.reshape(mu, (PAIRS, BLOCK_S))
+        gap2 = tl.reshape(gap, (PAIRS, BLOCK_S))
+        sj2 = tl.reshape(s_j, (PAIRS, BLOCK_S))
+        ok2 = tl.reshape(fmask, (PAIRS, BLOCK_S))
+        s_i = tl.arange(0, BLOCK_S)
+        side2 = (s_i // G)[None, :]
+        ce = -tl.sum(tl.reshape(logp_t, (PAIRS, BLOCK_S)), 1) * (0.5 * inv_g)  # [PAIRS]
 
         # G x G gap terms: e[s, s'] = (mu_s - mu_s') - gap_s for s' on the other side
-        s2 = tl.arange(0, BLOCK_S)
-        valid = smask[:, None] & (s2 < 2 * G)[None, :] & (side[:, None] != (s2 // G)[None, :])
-        e = (mu[:, None] - mu[None, :]) - gap[:, None]
+        other = (s_i < 2 * G)[None, :] & ((s_i // G)[:, None] != (s_i // G)[None, :])  # [BLOCK_S, BLOCK_S]
+        valid = ok2[:, :, None] & other[None, :, :]
+        e = (mu2[:, :, None] - mu2[:, None, :]) - gap2[:, :, None]
         abs_e = tl.where(valid, tl.abs(e), 0.0)
-        row_abs = tl.sum(abs_e, 1)
-        row_sgn = tl.sum(tl.where(valid, tl.where(e > 0, 1.0, tl.where(e < 0, -1.0, 0.0)), 0.0), 1)
-        pw = tl.sum(row_abs, 0) * (0.5 * inv_g * inv_g * inv_r)
+        row_abs = tl.sum(abs_e, 2)
+        row_sgn = tl.sum(tl.where(valid, tl.where(e > 0, 1.0, tl.where(e < 0, -1.0, 0.0)), 0.0), 2)
+        pw = tl.sum(row_abs, 1) * (0.5 * inv_g * inv_g * inv_r)  # [PAIRS]
 
         # rewards and group-normalised advantages (unbiased std per side; a group of one gets 0)
-        r_pt = 1.0 - tl.abs(mu - s_j) * inv_r
+        r_pt = 1.0 - tl.abs(mu2 - sj2) * inv_r
         r_pw = 1.0 - row_abs * (inv_g * inv_r)
         r = lambda_pt * r_pt + lambda_pw * r_pw
-        in0 = smask & (side == 0)
-        in1 = smask & (side == 1)
-        m0 = tl.sum(tl.where(in0, r, 0.0), 0) * inv_g
-        m1 = tl.sum(tl.where(in1, r, 0.0), 0) * inv_g
-        dev = r - tl.where(side == 0, m0, m1)
-        sd0 = tl.sqrt(tl.sum(tl.where(in0, dev * dev, 0.0), 0) * inv_gm1)
-        sd1 = tl.sqrt(tl.sum(tl.where(in1, dev * dev, 0.0), 0) * inv_gm1)
-        adv = dev / (tl.where(side == 0, sd0, sd1) + eps)
+        in0 = ok2 & (side2 == 0)
+        in1 = ok2 & (side2 == 1)
+        m0 = tl.sum(tl.where(in0, r, 0.0), 1) * inv_g
+        m1 = tl.sum(tl.where(in1, r, 0.0), 1) * inv_g
+        dev = r - tl.where(side2 == 0, m0[:, None], m1[:, None])
+        sd0 = tl.sqrt(tl.sum(tl.where(in0, dev * dev, 0.0), 1) * inv_gm1)
+        sd1 = tl.sqrt(tl.sum(tl.where(in1, dev * dev, 0.0), 1) * inv_gm1)
+        adv = dev / (tl.where(side2 == 0, sd0[:, None], sd1[:, None]) + eps)
         adv = tl.where(adv_on > 0.5, adv, 0.0)  # a group of one gets advantage 0
 
-        tl.store(MEAN + rows, mu, mask=smask)
-        tl.store(STD + rows, tl.sqrt(tl.maximum(var, 0.0)), mask=smask)
-        tl.store(RPT + rows, r_pt, mask=smask)
-        tl.store(RPW + rows, r_pw, mask=smask)
-        tl.store(RWD + rows, r, mask=smask)
-        tl.store(ADV + rows, adv, mask=smask)
-        tl.store(CE + pid, ce)
-        tl.store(PW + pid, pw)
+        rows2 = tl.reshape(rows, (PAIRS, BLOCK_S))
+        tl.store(MEAN + rows, mu, mask=fmask)
+        tl.store(STD + rows, tl.sqrt(tl.maximum(var, 0.0)), mask=fmask)
+        tl.store(RPT + rows2, r_pt, mask=ok2)
+        tl.store(RPW + rows2, r_pw, mask=ok2)
+        tl.store(RWD + rows2, r, mask=ok2)
+        tl.store(ADV + rows2, adv, mask=ok2)
+        pairs1 = pid * PAIRS + tl.arange(0, PAIRS)
+        pmask = pairs1 < n_pairs
+        tl.store(CE + pairs1, ce, mask=pmask)
+        tl.store(PW + pairs1, pw, mask=pmask)
 
         if NEEDS_GRAD:
             # d/dmu_s of sum_j sum_i sum_k |e| is 2 * sum_s' sign(e[s, s'])
-            dmu = (alpha_pw * inv_g * inv_g * inv_r) * row_sgn
+            dmu = tl.reshape((alpha_pw * inv_g * inv_g * inv_r) * row_sgn, (PAIRS * BLOCK_S,))
             gx = (alpha_pt * 0.5 * inv_g) * (p - onehot.to(tl.float32)) + p * d * dmu[:, None]
             gx = gx * (inv_tau * inv_p)
             tl.store(DX + ko, gx.to(DX.dtype.element_ty), mask=m2)
 
-        tl.store(PART + pid, alpha_pt * ce + alpha_pw * pw)
+        tl.store(PART + pid, tl.sum(tl.where(pmask, alpha_pt * ce + alpha_pw * pw, 0.0), 0))
         tl.debug_barrier()
         nprog = tl.num_programs(0)
         ticket = tl.atomic_add(COUNTER, 1, sem="acq_rel")
@@ -108,6 +126,16 @@ if HAS_TRITON:
             tl.store(LOSS, tl.sum(acc, 0) * inv_p)
 
 
+def _gdso_launch_config(g: int):
+    """``(pairs per program, warps)`` from ``_tuning.CONFIGS["gdso_fwd"]``; a program holds at most
+    256 rows (``PAIRS * next_pow2(2G)``)."""
+    cfg = CONFIGS["gdso_fwd"]
+    block_s = next_pow2(2 * g)
+    pairs = max(1, min(cfg["PAIRS"], 256 // block_s))
+    warps = cfg["num_warps"] or (4 if g <= 16 else 8)
+    return pairs, block_s, warps
+
+
 class _GDSOFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scores, bins, r_range, inv_tau, lambda_pt, lambda_pw, alpha_pt, alpha_pw, eps, needs_grad):
@@ -118,17 +146,19 @@ class _GDSOFn(torch.autograd.Function):
         mean, std, r_pt, r_pw, r, adv = (torch.empty(shp, **f32) for _ in range(6))
         ce = torch.empty(n_pairs, **f32)
         pw = torch.empty(n_pairs, **f32)
-        part = torch.empty(n_pairs, **f32)
+        pairs, block_s, warps = _gdso_launch_config(g)
+        nprog = cdiv(n_pairs, pairs)
+        part = torch.empty(nprog, **f32)
         loss = torch.empty((), **f32)
         counter = torch.zeros(1, device=dev, dtype=torch.int32)
         dx = torch.empty_like(x) if needs_grad else torch.empty(0, device=dev, dtype=x.dtype)
-        _gdso_fwd_kernel[(n_pairs,)](
-            x, scores, bins, k, g, inv_tau,
+        _gdso_fwd_kernel[(nprog,)](
+            x, scores, bins, k, g, n_pairs, inv_tau,
             dx, mean, std, r_pt, r_pw, r, adv, ce, pw, part, counter, loss,
             float(lambda_pt), float(lambda_pw), float(alpha_pt), float(alpha_pw), float(eps),
             1.0 / g, 1.0 / max(g - 1, 1), 1.0 / r_range, 1.0 if g > 1 else 0.0, 1.0 / n_pairs,
-            BLOCK_S=next_pow2(2 * g), BLOCK_K=next_pow2(k), BLOCK_RED=BLOCK_RED, NEEDS_GRAD=needs_grad,
-            num_warps=4 if g <= 16 else 8,
+            PAIRS=pairs, BLOCK_S=block_s, BLOCK_K=next_pow2(k), BLOCK_RED=BLOCK_RED, NEEDS_GRAD=needs_grad,
+            num_warps=warps,
         )
         ctx.save_for_backward(dx)
         ctx.mark_non_differentiable(ce, pw, mean, std, r_pt, r_pw, r, adv)

@@ -34,10 +34,11 @@ from typing import Optional, Tuple
 import torch
 
 from ._triton_utils import HAS_TRITON, cdiv, next_pow2, tl, triton
+from ._tuning import CONFIGS
 from .reference import RubricLossOutput, ScoreStats
 
-BLOCK_R = 128  # rows per row program
-BLOCK_P = 128  # pairs per pair program
+# Tile sizes and warps per kernel live in ``_tuning.CONFIGS`` (rows per row program ``BLOCK_R``,
+# pairs per pair program ``BLOCK_P``), read at launch time.
 BLOCK_RED = 256  # partial slots reduced per step by the last program
 
 if HAS_TRITON:
@@ -171,9 +172,9 @@ if HAS_TRITON:
                 # clamp so that unvalidated indices can never read out of bounds
                 a = tl.minimum(tl.maximum(tl.load(PAIRS + 2 * pidx, mask=pm, other=0).to(tl.int64), 0), n_rows - 1)
                 b = tl.minimum(tl.maximum(tl.load(PAIRS + 2 * pidx + 1, mask=pm, other=0).to(tl.int64), 0), n_rows - 1)
-                m2 = pm[:, None] & cmask[None, :]
-                xa = tl.load(X + a[:, None] * stride_x + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-                xb = tl.load(X + b[:, None] * stride_x + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+                pm2 = pm[:, None] & cmask[None, :]  # (names differ from the row branch's: shapes differ)
+                xa = tl.load(X + a[:, None] * stride_x + cols[None, :], mask=pm2, other=0.0).to(tl.float32)
+                xb = tl.load(X + b[:, None] * stride_x + cols[None, :], mask=pm2, other=0.0).to(tl.float32)
                 pa, _la = _log_softmax(xa, cmask, inv_tau)
                 pb, _lb = _log_softmax(xb, cmask, inv_tau)
                 mua = tl.sum(pa * v[None, :], 1)
@@ -306,8 +307,10 @@ def _launch_fwd(
     store_rows = reduction == "none"
     store_cnt = has_pairs and reduce and needs_grad
     store_sign = has_pairs and store_rows and needs_grad
-    n_row_progs = max(1, cdiv(rows, BLOCK_R))
-    n_pair_progs = cdiv(n_pairs, BLOCK_P) if has_pairs else 0
+    cfg = CONFIGS["rubric_fwd"]
+    block_r, block_p = cfg["BLOCK_R"], cfg["BLOCK_P"]
+    n_row_progs = max(1, cdiv(rows, block_r))
+    n_pair_progs = cdiv(n_pairs, block_p) if has_pairs else 0
 
     f32 = dict(device=dev, dtype=torch.float32)
     mean = torch.empty(rows, **f32)
@@ -346,10 +349,11 @@ def _launch_fwd(
         part, loss, ce, kl, pair, nv,
         float(weights[0]), float(weights[1]), float(weights[2]), 1.0 / max(rows, 1), 1.0 / max(n_pairs, 1),
         n_row_progs,
-        BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, BLOCK_K=next_pow2(k), BLOCK_RED=BLOCK_RED,
+        BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_K=next_pow2(k), BLOCK_RED=BLOCK_RED,
         CE_MODE=ce_mode, KL_MODE=kl_mode, HAS_PAIRS=has_pairs,
         STORE_ROWS=store_rows, STORE_SIGN=store_sign,
         STORE_CNT=store_cnt, REDUCE=reduce, MEAN_RED=(reduction == "mean"),
+        num_warps=cfg["num_warps"],
     )
     return dict(
         mean=mean, std=std, ce_rows=ce_rows, kl_rows=kl_rows, pair_terms=pair_terms,
@@ -390,7 +394,8 @@ def _launch_bwd(
     kl_t, kl_s = kl_coef if kl_mode else (dummy, 0.0)
     has_cnt = pair_coef is not None and ws is not None
     pr_t, pr_s = pair_coef if has_cnt else (dummy, 0.0)
-    _rubric_bwd_kernel[(cdiv(rows, BLOCK_R),)](
+    cfg = CONFIGS["rubric_bwd"]
+    _rubric_bwd_kernel[(cdiv(rows, cfg["BLOCK_R"]),)](
         x, x.stride(0), bins, k, rows, inv_tau, dx,
         target if target is not None else dummy,
         target_probs if target_probs is not None else dummy,
@@ -401,9 +406,10 @@ def _launch_bwd(
         kl_t, 0 if kl_t.dim() == 0 else 1, float(kl_s),
         pr_t, float(pr_s), ws if has_cnt else dummy,
         *_vec(dmu, dummy), *_vec(dstd, dummy),
-        BLOCK_R=BLOCK_R, BLOCK_K=next_pow2(k),
+        BLOCK_R=cfg["BLOCK_R"], BLOCK_K=next_pow2(k),
         CE_MODE=ce_mode, CE_MEAN=ce_mean_nv is not None, KL_MODE=kl_mode,
         HAS_CNT=has_cnt, HAS_DMU=dmu is not None, HAS_DSTD=dstd is not None,
+        num_warps=cfg["num_warps"],
     )
     return dx
 
@@ -450,8 +456,10 @@ class _ScoreStatsFn(torch.autograd.Function):
         mean = torch.empty(rows, **f32)
         std = torch.empty(rows, **f32)
         if rows:
-            _stats_fwd_kernel[(cdiv(rows, BLOCK_R),)](
-                x, x.stride(0), bins, k, rows, inv_tau, probs, mean, std, BLOCK_R=BLOCK_R, BLOCK_K=next_pow2(k),
+            cfg = CONFIGS["stats_fwd"]
+            _stats_fwd_kernel[(cdiv(rows, cfg["BLOCK_R"]),)](
+                x, x.stride(0), bins, k, rows, inv_tau, probs, mean, std,
+                BLOCK_R=cfg["BLOCK_R"], BLOCK_K=next_pow2(k), num_warps=cfg["num_warps"],
             )
         ctx.save_for_backward(x, bins)
         ctx.inv_tau = inv_tau
@@ -467,11 +475,13 @@ class _ScoreStatsFn(torch.autograd.Function):
         dx = torch.empty((rows, k), device=x.device, dtype=x.dtype)
         if rows:
             gp = g_probs if g_probs is not None else x
-            _stats_bwd_kernel[(cdiv(rows, BLOCK_R),)](
+            cfg = CONFIGS["stats_bwd"]
+            _stats_bwd_kernel[(cdiv(rows, cfg["BLOCK_R"]),)](
                 x, x.stride(0), bins, k, rows, ctx.inv_tau, dx,
                 gp, gp.stride(0), gp.stride(1), *_vec(g_mean, x), *_vec(g_std, x),
-                BLOCK_R=BLOCK_R, BLOCK_K=next_pow2(k),
+                BLOCK_R=cfg["BLOCK_R"], BLOCK_K=next_pow2(k),
                 HAS_DP=g_probs is not None, HAS_DMU=g_mean is not None, HAS_DSTD=g_std is not None,
+                num_warps=cfg["num_warps"],
             )
         return dx, None, None
 

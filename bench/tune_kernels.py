@@ -1,0 +1,119 @@
+"""Sweep the Triton kernels' launch configurations (``zreward_kernels._tuning.SWEEP``) on a GPU.
+
+For each kernel and candidate configuration, the op that launches the kernel runs forward+backward
+on the benchmark suite's inputs (``bench/test_bench_kernels.py``), captured in a CUDA graph with
+the other kernels at their defaults; the median replay time over several batches of replays is the
+op's device time under that configuration.  Prints one markdown table per kernel and size, fastest
+first, with the speed-up over the current default, and writes everything to ``--json``.  A
+candidate that fails to compile or capture is reported, not fatal.
+
+    python bench/tune_kernels.py [--json FILE] [--reps 50] [--quick] [KERNEL ...]
+
+Pick new defaults in ``zreward_kernels/_tuning.py`` from the tables, then re-run the benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from conftest import capture_fwd_bwd  # noqa: E402
+from test_bench_kernels import _case, _fused_loss  # noqa: E402
+
+from zreward_kernels._tuning import CONFIGS, SWEEP, override  # noqa: E402
+
+OP = {"stats_fwd": "score_stats", "stats_bwd": "score_stats", "rubric_fwd": "rubric_loss",
+      "rubric_bwd": "rubric_loss", "gdso_fwd": "gdso_loss"}
+ROWS = (16384, 262144)  # rows of 9 logits; gdso_loss: P = rows / 16 pairs of 2 x 8 (8192 rows: the goal's P = 512)
+GDSO_ROWS = (8192, 262144)
+
+
+def graph_ms(op: str, rows: int, reps: int) -> float:
+    x0, kw = _case(op, rows)
+    x = x0.clone().requires_grad_(True)
+    graph = capture_fwd_bwd(_fused_loss(op), x, kw)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return statistics.median(times)
+
+
+def sweep(kernel: str, reps: int, quick: bool) -> list:
+    op = OP[kernel]
+    sizes = (GDSO_ROWS if op == "gdso_loss" else ROWS)[: 1 if quick else None]
+    default = dict(CONFIGS[kernel])
+    cands = [default] + [c for c in SWEEP[kernel] if {**default, **c} != default]
+    results = []
+    for rows in sizes:
+        for cfg in cands:
+            rec = dict(kernel=kernel, op=op, rows=rows, config={**default, **cfg}, default=cfg is default)
+            try:
+                with override(kernel, **cfg):
+                    rec["ms"] = graph_ms(op, rows, reps)
+            except Exception as exc:  # noqa: BLE001 - a failing candidate is a result
+                rec["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            results.append(rec)
+            msg = f"{rec['ms'] * 1e3:.1f} us" if "ms" in rec else rec["error"]
+            print(f"  {kernel} rows={rows} {rec['config']}: {msg}", flush=True)
+    return results
+
+
+def report(results: list) -> str:
+    lines = []
+    keys = sorted({(r["kernel"], r["rows"]) for r in results})
+    for kernel, rows in keys:
+        rs = [r for r in results if r["kernel"] == kernel and r["rows"] == rows]
+        base = next((r.get("ms") for r in rs if r["default"]), None)
+        lines += [f"\n### {kernel} ({rs[0]['op']} fwd+bwd, {rows} rows, CUDA graph)\n",
+                  "| config | us | vs default |", "|---|---|---|"]
+        for r in sorted(rs, key=lambda r: r.get("ms", float("inf"))):
+            cfg = ", ".join(f"{k}={v}" for k, v in r["config"].items()) + (" (default)" if r["default"] else "")
+            if "ms" in r:
+                rel = f"{base / r['ms']:.2f}x" if base else "-"
+                lines.append(f"| {cfg} | {r['ms'] * 1e3:.1f} | {rel} |")
+            else:
+                lines.append(f"| {cfg} | failed: {r['error'][:120]} | - |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("kernels", nargs="*", default=list(SWEEP), help=f"kernels to sweep (default: all of {list(SWEEP)})")
+    ap.add_argument("--json", default=None, help="write all results to this JSON file")
+    ap.add_argument("--reps", type=int, default=50, help="graph replays per timed batch (5 batches)")
+    ap.add_argument("--quick", action="store_true", help="the smaller size only")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("tune_kernels needs a CUDA device", file=sys.stderr)
+        return 2
+    unknown = [k for k in args.kernels if k not in SWEEP]
+    if unknown:
+        ap.error(f"unknown kernels {unknown}; known: {list(SWEEP)}")
+    results = []
+    for kernel in args.kernels:
+        results += sweep(kernel, args.reps, args.quick)
+    text = f"# Launch-configuration sweep on {torch.cuda.get_device_name(0)}\n" + report(results)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, results=results), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

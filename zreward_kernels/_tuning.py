@@ -1,0 +1,83 @@
+"""Launch configurations of the Triton kernels, in one table.
+
+Each kernel's tile size and warp count are read from :data:`CONFIGS` at launch time.  The defaults
+are the configurations the committed H200 figures were measured with (``bench/results/h200*``);
+``bench/tune_kernels.py`` times alternatives on a GPU through :func:`override`, so a GPU session
+can pick better defaults from measurements rather than guesses.
+
+Keys:
+
+* ``BLOCK_R``: rows per program (``score_stats`` and ``rubric_loss`` row programs), a power of two;
+* ``BLOCK_P``: pairs per pair program of the ``rubric_loss`` forward, a power of two;
+* ``PAIRS``: same-prompt pairs per ``gdso_loss`` program (each pair holds ``2 G`` rows), a power
+  of two; the launcher lowers it so one program never holds more than 256 rows;
+* ``num_warps``: warps per program; 0 for the ``gdso_loss`` default (4 up to ``G = 16``, else 8).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterator
+
+CONFIGS: Dict[str, Dict[str, int]] = {
+    "stats_fwd": {"BLOCK_R": 128, "num_warps": 4},
+    "stats_bwd": {"BLOCK_R": 128, "num_warps": 4},
+    "rubric_fwd": {"BLOCK_R": 128, "BLOCK_P": 128, "num_warps": 4},
+    "rubric_bwd": {"BLOCK_R": 128, "num_warps": 4},
+    "gdso_fwd": {"PAIRS": 1, "num_warps": 0},
+}
+
+_POW2_KEYS = ("BLOCK_R", "BLOCK_P", "PAIRS")
+
+#: Candidates ``bench/tune_kernels.py`` times on a GPU (each kernel swept with the others at their
+#: defaults).  Tiles are limited to at most 32 (``score_stats``) or 16 (``rubric_loss``,
+#: ``gdso_loss``) padded elements per thread: beyond that ``ptxas`` spills registers for sm_90
+#: (``python -m zreward_kernels.aot_check --sweep all --verbose`` prints the register use);
+#: 16 warps only for tiles of 256 rows or more.
+SWEEP: Dict[str, list] = {
+    "stats_fwd": [dict(BLOCK_R=r, num_warps=w) for r in (64, 128, 256, 512) for w in (2, 4, 8, 16)
+                  if r * 16 <= 32 * 32 * w and (w < 16 or r >= 256)],
+    "stats_bwd": [dict(BLOCK_R=r, num_warps=w) for r in (64, 128, 256, 512) for w in (2, 4, 8, 16)
+                  if r * 16 <= 32 * 32 * w and (w < 16 or r >= 256)],
+    "rubric_fwd": [dict(BLOCK_R=r, BLOCK_P=bp, num_warps=w)
+                   for r, bp in ((64, 64), (128, 128), (256, 128), (256, 256), (512, 256)) for w in (2, 4, 8, 16)
+                   if r * 16 <= 16 * 32 * w and (w < 16 or r >= 256)],
+    "rubric_bwd": [dict(BLOCK_R=r, num_warps=w) for r in (64, 128, 256, 512) for w in (2, 4, 8, 16)
+                   if r * 16 <= 16 * 32 * w and (w < 16 or r >= 256)],
+    "gdso_fwd": [dict(PAIRS=n, num_warps=w) for n in (1, 2, 4, 8, 16) for w in (1, 2, 4, 8)
+                 if n * 16 * 16 <= 16 * 32 * w],  # rows per program = PAIRS * 16 at G = 8
+}
+
+
+def config(kernel: str) -> Dict[str, int]:
+    """The current launch configuration of ``kernel`` (a key of :data:`CONFIGS`)."""
+    return CONFIGS[kernel]
+
+
+def _check(kernel: str, cfg: Dict[str, int]) -> None:
+    if kernel not in CONFIGS:
+        raise KeyError(f"unknown kernel {kernel!r}; known: {sorted(CONFIGS)}")
+    for key, val in cfg.items():
+        if key not in CONFIGS[kernel]:
+            raise KeyError(f"kernel {kernel!r} has no setting {key!r}; settings: {sorted(CONFIGS[kernel])}")
+        if not isinstance(val, int) or isinstance(val, bool):
+            raise TypeError(f"{kernel}.{key} must be an int, got {val!r}")
+        if key in _POW2_KEYS and (val < 1 or val & (val - 1)):
+            raise ValueError(f"{kernel}.{key} must be a power of two >= 1, got {val}")
+        if key == "num_warps" and val not in ((0, 1, 2, 4, 8, 16) if kernel == "gdso_fwd" else (1, 2, 4, 8, 16)):
+            raise ValueError(f"{kernel}.num_warps must be one of 1, 2, 4, 8, 16, got {val}")
+
+
+@contextlib.contextmanager
+def override(kernel: str, **cfg: int) -> Iterator[Dict[str, int]]:
+    """Run a block with some settings of ``kernel`` changed (restored on exit), e.g.
+    ``with override("rubric_fwd", BLOCK_R=256, num_warps=8): ...``.  Not thread-safe: meant for
+    benchmarks and tests, not for concurrent training code."""
+    _check(kernel, cfg)
+    old = dict(CONFIGS[kernel])
+    CONFIGS[kernel].update(cfg)
+    try:
+        yield CONFIGS[kernel]
+    finally:
+        CONFIGS[kernel].clear()
+        CONFIGS[kernel].update(old)

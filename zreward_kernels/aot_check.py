@@ -1,0 +1,249 @@
+"""Compile every Triton kernel launch the fused ops make, for a CUDA target, without a GPU.
+
+The CPU interpreter (``TRITON_INTERPRET=1``) checks what the kernels compute, not whether they
+compile: it accepts, for example, a variable whose shape differs between the two branches of an
+``if``, which the compiler rejects.  This check runs the public ops on small CPU tensors with the
+kernel launches intercepted (nothing is computed), records each launch's argument types,
+constexprs and warps, and compiles it with ``triton.compile`` for the chosen architecture (PTX and
+cubin through Triton's bundled ``ptxas``).  ``--sweep`` adds the candidate configurations in
+``_tuning.SWEEP`` (``all``, or a ``sample``: each kernel's smallest, middle and largest tile).
+With ``--verbose``, ``ptxas -v`` register and spill counts are printed per launch.
+
+    python -m zreward_kernels.aot_check [--arch 90] [--sweep none|sample|all] [--verbose]
+
+Needs Triton with its NVIDIA backend and must run without ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Callable, Dict, Iterator, List, Tuple
+
+import torch
+
+from . import _tuning
+from . import gdso as _gdso
+from . import ops as _ops
+from . import rubric as _rubric
+from ._triton_utils import HAS_TRITON, interpreter_enabled
+
+_KERNELS = (
+    (_rubric, "_stats_fwd_kernel", "stats_fwd"),
+    (_rubric, "_stats_bwd_kernel", "stats_bwd"),
+    (_rubric, "_rubric_fwd_kernel", "rubric_fwd"),
+    (_rubric, "_rubric_bwd_kernel", "rubric_bwd"),
+    (_gdso, "_gdso_fwd_kernel", "gdso_fwd"),
+)
+
+_PTR = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+        torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+
+
+def _arg_type(v) -> str:
+    if isinstance(v, torch.Tensor):
+        return "*" + _PTR[v.dtype]
+    if isinstance(v, bool):
+        return "i1"
+    if isinstance(v, int):
+        return "i32" if -(2 ** 31) <= v < 2 ** 31 else "i64"
+    if isinstance(v, float):
+        return "fp32"
+    raise TypeError(f"cannot type a kernel argument of type {type(v).__name__}")
+
+
+class _Recorder:
+    def __init__(self, fn, name: str, log: list):
+        self.fn, self.name, self.log = fn, name, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            names = self.fn.arg_names
+            consts = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+            sig = {}
+            for i, n in enumerate(names):
+                if n in consts:
+                    sig[n] = "constexpr"
+                else:
+                    sig[n] = _arg_type(args[i])
+            self.log.append((self.name, self.fn, sig, consts, kwargs.get("num_warps", 4)))
+
+        return launch
+
+
+@contextlib.contextmanager
+def _recording() -> Iterator[list]:
+    log: list = []
+    saved = [(mod, attr, getattr(mod, attr)) for mod, attr, _ in _KERNELS]
+    old_choose = _ops.choose_backend
+    try:
+        for mod, attr, name in _KERNELS:
+            setattr(mod, attr, _Recorder(getattr(mod, attr), name, log))
+        _ops.choose_backend = lambda *a, **k: "triton"
+        yield log
+    finally:
+        for mod, attr, fn in saved:
+            setattr(mod, attr, fn)
+        _ops.choose_backend = old_choose
+
+
+def _workloads() -> Dict[str, List[Tuple[str, Callable[[], None]]]]:
+    """Small calls of the public ops that together make every kind of launch, grouped by the
+    kernels whose sweeps they represent."""
+    from . import gdso_loss, rubric_loss, score_stats
+
+    g = torch.Generator().manual_seed(0)
+    n, p = 24, 6
+
+    def x_(dtype=torch.float32, shape=(n, 9)):
+        return torch.randn(*shape, generator=g).to(dtype).requires_grad_(True)
+
+    tgt = torch.randint(0, 9, (n,), generator=g)
+    probs = torch.softmax(torch.randn(n, 9, generator=g), -1)
+    pairs = torch.randint(0, n, (p, 2), generator=g)
+    gaps = torch.zeros(p)
+
+    def stats(dtype=torch.float32, all_grads=True):
+        def run():
+            s = score_stats(x_(dtype), validate=False)
+            (s.probs.sum() + s.mean.sum() + s.std.sum() if all_grads else s.mean.sum()).backward()
+        return run
+
+    def rubric(dtype=torch.float32, grad=True, **kw):
+        def run():
+            x = x_(dtype)
+            with torch.set_grad_enabled(grad):
+                out = rubric_loss(x, validate=False, **kw)
+            if grad:
+                (out.loss.sum() + out.pair.sum() + out.mean.sum() + out.std.sum()).backward()
+        return run
+
+    def gdso(G=8, dtype=torch.float32, grad=True):
+        def run():
+            x = x_(dtype, (3, 2, G, 9))
+            scores = torch.full((3, 2), 3.0)
+            with torch.set_grad_enabled(grad):
+                out = gdso_loss(x, scores, validate=False)
+            if grad:
+                out.loss.backward()
+        return run
+
+    main_rubric = ("rubric CE+KL+pairs mean", rubric(target=tgt, teacher_logits=torch.randn(n, 9, generator=g),
+                                                     pairs=pairs, pair_gaps=gaps))
+    return {
+        "stats": [("score_stats", stats()), ("score_stats bf16, mean only", stats(torch.bfloat16, False))],
+        "rubric": [
+            main_rubric,
+            ("rubric soft CE+KL probs none", rubric(target_probs=probs, teacher_probs=probs, pairs=pairs,
+                                                    pair_gaps=gaps, reduction="none")),
+            ("rubric pairs sum", rubric(pairs=pairs, pair_gaps=gaps, reduction="sum")),
+            ("rubric bf16", rubric(torch.bfloat16, target=tgt, pairs=pairs, pair_gaps=gaps)),
+            ("rubric fp16 no grad", rubric(torch.float16, grad=False, target=tgt, teacher_probs=probs)),
+        ],
+        "gdso": [("gdso G=8", gdso()), ("gdso G=1", gdso(1)), ("gdso G=3 bf16", gdso(3, torch.bfloat16)),
+                 ("gdso G=64", gdso(64)), ("gdso no grad", gdso(grad=False))],
+    }
+
+
+_SWEEP_WORKLOADS = {"stats_fwd": "stats", "stats_bwd": "stats", "rubric_fwd": "rubric", "rubric_bwd": "rubric",
+                    "gdso_fwd": "gdso"}
+
+
+def _candidates(kernel: str, sweep: str) -> list:
+    cands = _tuning.SWEEP[kernel]
+    if sweep == "all":
+        return cands
+    if sweep == "sample":  # smallest, middle and largest tile: one of each code shape
+        return [cands[i] for i in sorted({0, len(cands) // 2, len(cands) - 1})]
+    if sweep == "none":
+        return []
+    raise ValueError(f"sweep must be 'none', 'sample' or 'all', got {sweep!r}")
+
+
+def record_launches(sweep: str = "none") -> list:
+    """Every distinct launch of the default configurations, and of the candidate configurations in
+    ``_tuning.SWEEP`` (``sweep="all"``, or ``"sample"``: the smallest, middle and largest of each
+    kernel), as ``(kernel, fn, signature, constexprs, warps)``."""
+    work = _workloads()
+    cands = {kernel: _candidates(kernel, sweep) for kernel in _tuning.SWEEP}
+    with _recording() as log:
+        for group in work.values():
+            for _, run in group:
+                run()
+        for kernel, cfgs in cands.items():
+            if cfgs:
+                _, run = work[_SWEEP_WORKLOADS[kernel]][0]
+                for cfg in cfgs:
+                    with _tuning.override(kernel, **cfg):
+                        run()
+    seen, out = set(), []
+    for name, fn, sig, consts, warps in log:
+        key = (name, tuple(sorted(sig.items())), tuple(sorted(consts.items())), warps)
+        if key not in seen:
+            seen.add(key)
+            out.append((name, fn, sig, consts, warps))
+    return out
+
+
+def _ptxas_usage(ptx: str, arch: int) -> str:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(arch).path
+    except Exception:  # noqa: BLE001 - report only
+        return "ptxas n/a"
+    suffix = "a" if arch >= 90 else ""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([ptxas, f"-arch=sm_{arch}{suffix}", "-v", path, "-o", os.devnull],
+                           capture_output=True, text=True)
+    regs = re.search(r"Used (\d+) registers", r.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", r.stderr)
+    return f"{regs.group(1) if regs else '?'} regs, {spill.group(1) if spill else '?'} B spilled"
+
+
+def compile_all(arch: int = 90, sweep: str = "none", verbose: bool = False) -> int:
+    """Compile every recorded launch for ``sm_<arch>``; returns the number compiled.  Raises on
+    the first launch that does not compile, naming it."""
+    if not HAS_TRITON:
+        raise RuntimeError("Triton is not installed")
+    if interpreter_enabled():
+        raise RuntimeError("aot_check must run without TRITON_INTERPRET=1 (the kernels must be JIT functions)")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", arch, 32)
+    launches = record_launches(sweep)
+    for i, (name, fn, sig, consts, warps) in enumerate(launches):
+        desc = f"{name} warps={warps} " + " ".join(f"{k}={v}" for k, v in consts.items())
+        try:
+            k = triton.compile(ASTSource(fn, sig, consts), target=target, options=dict(num_warps=warps))
+        except Exception as exc:
+            raise RuntimeError(f"{desc}: does not compile for sm_{arch}: {exc}") from exc
+        if verbose:
+            print(f"[{i + 1}/{len(launches)}] {desc}: {_ptxas_usage(k.asm['ptx'], arch)}", flush=True)
+    return len(launches)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (80, 90, ...)")
+    ap.add_argument("--sweep", choices=("none", "sample", "all"), default="none",
+                    help="also compile the tuning candidates in _tuning.SWEEP (all, or a sample of each kernel's)")
+    ap.add_argument("--verbose", action="store_true", help="one line per launch with ptxas register use")
+    args = ap.parse_args(argv)
+    n = compile_all(args.arch, args.sweep, args.verbose)
+    print(f"compiled {n} kernel launches for sm_{args.arch}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
