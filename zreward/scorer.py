@@ -52,7 +52,7 @@ def _as_images(images, n: int):
             raise ValueError(f"an image tensor must be [B, 3, H, W], got shape {tuple(images.shape)}")
         if not images.is_floating_point():
             raise TypeError(f"an image tensor must be floating point in [0, 1], got {images.dtype}")
-        if images.numel() and (float(images.min()) < 0 or float(images.max()) > 1):
+        if images.numel() and (float(images.detach().min()) < 0 or float(images.detach().max()) > 1):
             raise ValueError("an image tensor must hold values in [0, 1]")
         if images.shape[0] != n:
             raise ValueError(f"got {images.shape[0]} images for {n} prompts")

@@ -1,5 +1,7 @@
-"""Tiny image-text-to-text models of two families, built from configs with a local word-level
-tokenizer (no hub access): Qwen2-VL (M-RoPE positions) and LLaVA (CLIP vision + Llama).
+"""Tiny image-text-to-text models of four families, built from configs with a local word-level
+tokenizer (no hub access): Qwen2-VL (M-RoPE positions), Qwen2.5-VL (windowed vision attention),
+Qwen3-VL (interleaved M-RoPE, DeepStack visual features, 16-pixel patches) and LLaVA (CLIP vision
++ Llama).
 
 Used by the tests and benchmarks, and as a starting point for models trained from scratch here
 (no pretrained weights can be downloaded).  ``hidden``/``layers``/``vision_depth`` size them.
@@ -38,26 +40,75 @@ def _tokenizer(special, eos, extra_words=()):
     return fast
 
 
+def _qwen_parts(processor_cls, extra_words, image_processor, video_processor):
+    tok = _tokenizer(QWEN_SPECIAL, "<|endoftext|>", extra_words)
+    proc = processor_cls(image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
+                         chat_template=QWEN_TEMPLATE)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    special = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    return tok, proc, ids, special
+
+
+def _mrope_section(head_dim):
+    """(temporal, height, width) split of half the head dimension."""
+    return [head_dim // 2 - 2 * (head_dim // 8), head_dim // 8, head_dim // 8]
+
+
+def _qwen2_text_config(tok, ids, hidden, layers):
+    """Text config shared by the tiny Qwen2-VL and Qwen2.5-VL (head dim = hidden / 4, M-RoPE)."""
+    return dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|endoftext|>"],
+                rope_scaling={"type": "mrope", "mrope_section": _mrope_section(hidden // 4)})
+
+
 def tiny_qwen2_vl(seed=0, hidden=32, layers=2, vision_depth=2, max_pixels=84 * 84, extra_words=()):
     """``extra_words``: more whole words for the word-level tokenizer (e.g. a synthetic world's vocabulary)."""
-    tok = _tokenizer(QWEN_SPECIAL, "<|endoftext|>", extra_words)
-    ip = transformers.Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=max_pixels)
-    vp = transformers.Qwen2VLVideoProcessor()
-    proc = transformers.Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=QWEN_TEMPLATE)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
-    hd = hidden // 4  # head dim; M-RoPE splits its half into (temporal, height, width) sections
+    tok, proc, ids, special = _qwen_parts(
+        transformers.Qwen2VLProcessor, extra_words,
+        transformers.Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=max_pixels), transformers.Qwen2VLVideoProcessor())
     cfg = transformers.Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|endoftext|>"],
-                         rope_scaling={"type": "mrope", "mrope_section": [hd // 2 - 2 * (hd // 8), hd // 8, hd // 8]}),
+        text_config=_qwen2_text_config(tok, ids, hidden, layers),
         vision_config=dict(depth=vision_depth, embed_dim=hidden, hidden_size=hidden, num_heads=4, mlp_ratio=2, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        pad_token_id=tok.pad_token_id, eos_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|im_start|>"])
+        pad_token_id=tok.pad_token_id, eos_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|im_start|>"], **special)
     torch.manual_seed(seed)
     return transformers.Qwen2VLForConditionalGeneration(cfg).eval(), proc
+
+
+def tiny_qwen2_5_vl(seed=0, hidden=32, layers=2, vision_depth=2, max_pixels=84 * 84, extra_words=()):
+    tok, proc, ids, special = _qwen_parts(
+        transformers.Qwen2_5_VLProcessor, extra_words,
+        transformers.Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=max_pixels), transformers.Qwen2VLVideoProcessor())
+    cfg = transformers.Qwen2_5_VLConfig(
+        text_config=_qwen2_text_config(tok, ids, hidden, layers),
+        vision_config=dict(depth=vision_depth, hidden_size=hidden, intermediate_size=2 * hidden, num_heads=4,
+                           out_hidden_size=hidden, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                           window_size=56, fullatt_block_indexes=[vision_depth - 1]),
+        pad_token_id=tok.pad_token_id, eos_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|im_start|>"], **special)
+    torch.manual_seed(seed)
+    return transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval(), proc
+
+
+def tiny_qwen3_vl(seed=0, hidden=32, layers=2, vision_depth=2, max_pixels=96 * 96, extra_words=()):
+    tok, proc, ids, special = _qwen_parts(
+        transformers.Qwen3VLProcessor, extra_words,
+        transformers.Qwen2VLImageProcessor(min_pixels=32 * 32, max_pixels=max_pixels, patch_size=16, merge_size=2),
+        transformers.Qwen3VLVideoProcessor(patch_size=16))
+    hd = hidden // 4
+    cfg = transformers.Qwen3VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=hd, max_position_embeddings=2048,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_interleaved": True,
+                                          "mrope_section": _mrope_section(hd)},
+                         pad_token_id=tok.pad_token_id),
+        vision_config=dict(depth=vision_depth, hidden_size=hidden, intermediate_size=2 * hidden, num_heads=4,
+                           out_hidden_size=hidden, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                           num_position_embeddings=64, deepstack_visual_indexes=[0]),
+        **special)
+    torch.manual_seed(seed)
+    return transformers.Qwen3VLForConditionalGeneration(cfg).eval(), proc
 
 
 def tiny_llava(seed=0, hidden=32, layers=2, vision_depth=2, extra_words=()):
@@ -79,4 +130,6 @@ def tiny_llava(seed=0, hidden=32, layers=2, vision_depth=2, extra_words=()):
     return transformers.LlavaForConditionalGeneration(cfg).eval(), proc
 
 
-FAMILIES = {"qwen2_vl": tiny_qwen2_vl, "llava": tiny_llava}
+FAMILIES = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl, "llava": tiny_llava}
+#: Image side (pixels) each tiny processor keeps as is: a multiple of its patch x merge size.
+NATIVE_SIDE = {"qwen2_vl": 56, "qwen2_5_vl": 56, "qwen3_vl": 64, "llava": 28}

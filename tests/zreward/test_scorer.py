@@ -7,7 +7,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("torchvision")  # Qwen2-VL's processor imports it
 
-from zreward.tiny import FAMILIES  # noqa: E402
+from zreward.tiny import FAMILIES, NATIVE_SIDE  # noqa: E402
 
 from zreward.model import ZRewardModel  # noqa: E402
 from zreward.scorer import RewardScorer, as_reward_fn  # noqa: E402
@@ -24,7 +24,9 @@ def _images(n=4, seed=0):
 @pytest.fixture(params=sorted(FAMILIES))
 def zmodel(request):
     model, proc = FAMILIES[request.param]()
-    return ZRewardModel(model, proc)
+    zm = ZRewardModel(model, proc)
+    zm.tiny_family = request.param
+    return zm
 
 
 def test_shared_prefix_equals_independent_queries(zmodel):
@@ -60,6 +62,22 @@ def test_suffix_layouts_agree_with_unequal_questions(attn):
         RewardScorer(zm, layout="stacked")
 
 
+def test_scores_are_the_models_own_next_token_logits(zmodel):
+    """The restricted head on the backbone's states equals the full model's next-token logits at
+    the score position, gathered at the score tokens (one unpadded query at a time)."""
+    from zreward.train.rl import _generation_inputs
+
+    imgs, dims = _images(2), ["alignment", "plausibility"]
+    scorer = RewardScorer(zmodel)
+    got = scorer.query_logits(imgs, PROMPTS[:2], dims)
+    ids = list(zmodel.score_tokens.token_ids)
+    for i in range(2):
+        enc = _generation_inputs(scorer, [imgs[i]], [PROMPTS[i]], [dims[i]])
+        with torch.no_grad():
+            full = zmodel.model(**enc).logits[0, -1]
+        torch.testing.assert_close(got[i].detach(), full[ids].float(), atol=1e-5, rtol=1e-5)
+
+
 def test_batch_invariance_and_order(zmodel):
     imgs = _images()
     full = RewardScorer(zmodel, batch_size=4).score(imgs, PROMPTS)
@@ -83,7 +101,7 @@ def test_output_contents(zmodel):
 
 def test_image_inputs_agree(zmodel):
     # an image of the size each tiny processor keeps as is (no resize): every input route sees the same pixels
-    side = 56 if "Qwen2VL" in type(zmodel.model).__name__ else 28
+    side = NATIVE_SIDE[zmodel.tiny_family]
     arr = (np.random.default_rng(3).random((side, side, 3)) * 255).astype("uint8")
     from PIL import Image
 
