@@ -7,7 +7,7 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl liger-kernel==0.8.5
-# Results land in $OUT: env.txt, build.log, tests.log, tune.md/tune.json, profile.txt, bench.json,
+# Results land in $OUT: env.txt, build.log, tests.log, tune.md/tune.json/kernel_configs.json, profile.txt, bench.json,
 # bench.log, summary.md.  STEPS picks the steps (default: "tests tune profile bench"; the build always
 # runs); TEST_TIMEOUT, TUNE_TIMEOUT, BENCH_TIMEOUT (seconds) bound them -- keep their sum under the
 # device's per-command limit.
@@ -46,7 +46,8 @@ fi
 
 if has_step tune; then
   echo "== launch-configuration sweep (bench/tune_kernels.py)"
-  timeout "${TUNE_TIMEOUT:-150}" $PY bench/tune_kernels.py --json "$OUT/tune.json" >"$OUT/tune.md" 2>&1
+  timeout "${TUNE_TIMEOUT:-150}" $PY bench/tune_kernels.py --json "$OUT/tune.json" \
+    --write-config "$OUT/kernel_configs.json" >"$OUT/tune.md" 2>&1
   echo "tune exit: $?" | tee -a "$OUT/tune.md"
   grep -A4 "^###" "$OUT/tune.md" | head -n 60
 fi

@@ -7,15 +7,19 @@ op's device time under that configuration.  Prints one markdown table per kernel
 first, with the speed-up over the current default, and writes everything to ``--json``.  A
 candidate that fails to compile or capture is reported, not fatal.
 
-    python bench/tune_kernels.py [--json FILE] [--reps 50] [--quick] [KERNEL ...]
+    python bench/tune_kernels.py [--json FILE] [--write-config FILE] [--reps 50] [--quick] [KERNEL ...]
 
-Pick new defaults in ``zreward_kernels/_tuning.py`` from the tables, then re-run the benchmarks.
+``--write-config`` writes, per kernel, the candidate with the best geometric-mean speed-up over the
+sizes (among those that ran at every size) as a file ``ZREWARD_KERNEL_CONFIGS`` /
+``zreward_kernels._tuning.load_configs`` apply; or pick new defaults in ``_tuning.py`` from the
+tables, then re-run the benchmarks.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -91,10 +95,38 @@ def report(results: list) -> str:
     return "\n".join(lines)
 
 
+def best_configs(results: list) -> dict:
+    """Per kernel: the config with the best geometric-mean speed-up over the default across sizes,
+    among the configs measured at every size; ``(config, speed-up)``."""
+    out = {}
+    for kernel in sorted({r["kernel"] for r in results}):
+        rs = [r for r in results if r["kernel"] == kernel]
+        sizes = sorted({r["rows"] for r in rs})
+        base = {r["rows"]: r.get("ms") for r in rs if r["default"]}
+        if any(base.get(n) is None for n in sizes):
+            continue
+        by_cfg = {}
+        for r in rs:
+            by_cfg.setdefault(json.dumps(r["config"], sort_keys=True), {})[r["rows"]] = r.get("ms")
+        best = None
+        for key, times in by_cfg.items():
+            if any(times.get(n) is None for n in sizes):
+                continue
+            logs = [math.log(base[n] / times[n]) for n in sizes]
+            score = math.exp(sum(logs) / len(logs))
+            if best is None or score > best[1]:
+                best = (json.loads(key), score)
+        if best is not None:
+            out[kernel] = best
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("kernels", nargs="*", default=list(SWEEP), help=f"kernels to sweep (default: all of {list(SWEEP)})")
     ap.add_argument("--json", default=None, help="write all results to this JSON file")
+    ap.add_argument("--write-config", default=None,
+                    help="write the best config per kernel to this file (for ZREWARD_KERNEL_CONFIGS)")
     ap.add_argument("--reps", type=int, default=50, help="graph replays per timed batch (5 batches)")
     ap.add_argument("--quick", action="store_true", help="the smaller size only")
     args = ap.parse_args()
@@ -112,6 +144,15 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, results=results), f, indent=1)
+    if args.write_config:
+        best = best_configs(results)
+        print("\nBest per kernel (geometric-mean speed-up over the default across sizes):")
+        for kernel, (cfg, score) in best.items():
+            print(f"  {kernel}: {cfg} ({score:.2f}x)")
+        with open(args.write_config, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(0), torch=torch.__version__,
+                           configs={k: c for k, (c, _) in best.items()},
+                           speedup={k: round(v, 3) for k, (_, v) in best.items()}), f, indent=1)
     return 0
 
 

@@ -12,12 +12,19 @@ Keys:
 * ``PAIRS``: same-prompt pairs per ``gdso_loss`` program (each pair holds ``2 G`` rows), a power
   of two; the launcher lowers it so one program never holds more than 256 rows;
 * ``num_warps``: warps per program; 0 for the ``gdso_loss`` default (4 up to ``G = 16``, else 8).
+
+Configurations tuned for a particular GPU (``bench/tune_kernels.py --write-config FILE``) are applied
+with :func:`load_configs` or, at import, from the file named by ``ZREWARD_KERNEL_CONFIGS``.  They
+are launch parameters only: every configuration computes the same values (tested), so a config file
+made on another GPU can cost speed, never correctness.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator
+import json
+import os
+from typing import Dict, Iterator, Optional
 
 CONFIGS: Dict[str, Dict[str, int]] = {
     "stats_fwd": {"BLOCK_R": 128, "num_warps": 4},
@@ -81,3 +88,32 @@ def override(kernel: str, **cfg: int) -> Iterator[Dict[str, int]]:
     finally:
         CONFIGS[kernel].clear()
         CONFIGS[kernel].update(old)
+
+
+def load_configs(path: str, *, strict_device: Optional[str] = None) -> Dict[str, Dict[str, int]]:
+    """Apply the launch configurations in the JSON file ``path`` (``{"configs": {kernel: {setting:
+    value}}}``, as ``bench/tune_kernels.py --write-config`` writes it) and return them.  Every
+    kernel and setting is checked before anything changes; an unknown kernel or setting, or a bad
+    value, raises naming it.  With ``strict_device``, a file tuned on another device (its
+    ``"device"`` field) is refused."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("configs"), dict):
+        raise ValueError(f"{path}: expected an object with a 'configs' object mapping kernels to settings")
+    if strict_device is not None and data.get("device") != strict_device:
+        raise ValueError(f"{path}: tuned on {data.get('device')!r}, not on {strict_device!r}")
+    configs = data["configs"]
+    for kernel, cfg in configs.items():
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{path}: settings of {kernel!r} must be an object, got {cfg!r}")
+        _check(kernel, cfg)
+    for kernel, cfg in configs.items():
+        CONFIGS[kernel].update(cfg)
+    return configs
+
+
+if os.environ.get("ZREWARD_KERNEL_CONFIGS"):
+    load_configs(os.environ["ZREWARD_KERNEL_CONFIGS"])

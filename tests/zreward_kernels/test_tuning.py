@@ -82,3 +82,70 @@ def test_override_rejects_bad_settings():
             assert CONFIGS["rubric_fwd"]["BLOCK_R"] == 64
             raise RuntimeError
     assert CONFIGS["rubric_fwd"] == before  # restored after an error too
+
+
+@pytest.fixture
+def restore_configs():
+    saved = {k: dict(v) for k, v in CONFIGS.items()}
+    yield
+    for k, v in saved.items():
+        CONFIGS[k].clear()
+        CONFIGS[k].update(v)
+
+
+def test_load_configs_applies_a_tuned_file(tmp_path, restore_configs, kdev):
+    import json
+
+    from zreward_kernels._tuning import load_configs
+
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({"device": "NVIDIA H200", "configs": {
+        "rubric_fwd": {"BLOCK_R": 64, "BLOCK_P": 32, "num_warps": 2}, "gdso_fwd": {"PAIRS": 4}}}))
+    with pytest.raises(ValueError, match="tuned on 'NVIDIA H200', not on 'NVIDIA H100'"):
+        load_configs(str(path), strict_device="NVIDIA H100")
+    assert CONFIGS["rubric_fwd"]["BLOCK_R"] == 128  # nothing applied
+    load_configs(str(path))
+    assert CONFIGS["rubric_fwd"] == {"BLOCK_R": 64, "BLOCK_P": 32, "num_warps": 2}
+    assert CONFIGS["gdso_fwd"] == {"PAIRS": 4, "num_warps": 0}
+    # the tuned launch still computes the reference's values
+    x = torch.randn(3, 2, 8, 9, generator=torch.Generator().manual_seed(0)).to(kdev)
+    scores = torch.full((3, 2), 3.0, device=kdev)
+    a = gdso_loss(x, scores, backend="triton")
+    b = gdso_loss(x, scores, backend="reference")
+    assert_close(a.loss, b.loss, name="loss")
+
+
+@pytest.mark.parametrize("content,match", [
+    ('{"configs": {"rubric_fwd": {"BLOCK_R": 96}}}', "rubric_fwd.BLOCK_R must be a power of two"),
+    ('{"configs": {"softmax": {"BLOCK_R": 64}}}', "unknown kernel 'softmax'"),
+    ('{"configs": {"gdso_fwd": {"BLOCK_R": 64}}}', "has no setting 'BLOCK_R'"),
+    ('{"rubric_fwd": {"BLOCK_R": 64}}', "expected an object with a 'configs' object"),
+    ('{"configs": {"rubric_fwd": 64}}', "settings of 'rubric_fwd' must be an object"),
+    ("{not json", "not valid JSON"),
+])
+def test_load_configs_rejects_bad_files_before_changing_anything(tmp_path, restore_configs, content, match):
+    from zreward_kernels._tuning import load_configs
+
+    path = tmp_path / "bad.json"
+    path.write_text('{"configs": {"stats_fwd": {"BLOCK_R": 64}, ' + content[len('{"configs": {'):]
+                    if content.startswith('{"configs": {') else content)
+    before = {k: dict(v) for k, v in CONFIGS.items()}
+    with pytest.raises((KeyError, ValueError), match=match):
+        load_configs(str(path))
+    assert CONFIGS == before
+
+
+def test_environment_variable_applies_a_file_at_import(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({"configs": {"stats_bwd": {"BLOCK_R": 256, "num_warps": 8}}}))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, ZREWARD_KERNEL_CONFIGS=str(path), PYTHONPATH=root)
+    code = "from zreward_kernels._tuning import CONFIGS; print(CONFIGS['stats_bwd'], CONFIGS['stats_fwd'])"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "{'BLOCK_R': 256, 'num_warps': 8} {'BLOCK_R': 128, 'num_warps': 4}"
