@@ -242,7 +242,18 @@ if HAS_TRITON:
         rows, rmask, cols, cmask, m2, p, logp, mu, d, var = _row_tile(
             X, stride_x, V, K, n_rows, inv_tau, tl.program_id(0), BLOCK_R, BLOCK_K)
         ko = rows[:, None] * K + cols[None, :]
-        g = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
+        # the mean/std part first, so the centred bins d are dead before the CE/KL tiles are loaded
+        # (fewer live [BLOCK_R, BLOCK_K] tiles, fewer registers)
+        dmu = tl.zeros([BLOCK_R], tl.float32)
+        if HAS_CNT:
+            cnt = tl.load(WS + 1 + rows, mask=rmask, other=0).to(tl.float32)
+            dmu += tl.load(PAIR_COEF).to(tl.float32) * pair_scale * cnt
+        if HAS_DMU:
+            dmu += tl.load(DMU + rows * s_dmu, mask=rmask, other=0.0).to(tl.float32)
+        dstd = tl.zeros([BLOCK_R], tl.float32)
+        if HAS_DSTD:
+            dstd = tl.load(DSTD + rows * s_dstd, mask=rmask, other=0.0).to(tl.float32)
+        g = _stats_grad(p, d, var, dmu, dstd)
         if CE_MODE > 0:
             c = tl.load(CE_COEF + rows * ce_coef_stride, mask=rmask, other=0.0).to(tl.float32) * ce_scale
             if CE_MEAN:
@@ -263,16 +274,6 @@ if HAS_TRITON:
             else:
                 q = tl.load(TQ + ko, mask=m2, other=0.0).to(tl.float32)
             g += c[:, None] * (p * tl.sum(q, 1)[:, None] - q)
-        dmu = tl.zeros([BLOCK_R], tl.float32)
-        if HAS_CNT:
-            cnt = tl.load(WS + 1 + rows, mask=rmask, other=0).to(tl.float32)
-            dmu += tl.load(PAIR_COEF).to(tl.float32) * pair_scale * cnt
-        if HAS_DMU:
-            dmu += tl.load(DMU + rows * s_dmu, mask=rmask, other=0.0).to(tl.float32)
-        dstd = tl.zeros([BLOCK_R], tl.float32)
-        if HAS_DSTD:
-            dstd = tl.load(DSTD + rows * s_dstd, mask=rmask, other=0.0).to(tl.float32)
-        g += _stats_grad(p, d, var, dmu, dstd)
         g = g * inv_tau
         tl.store(DX + ko, g.to(DX.dtype.element_ty), mask=m2)
 
