@@ -52,6 +52,9 @@ def main() -> None:
             continue
         if "what" in ei:
             launch.append((ei["what"], b["stats"]["median"] / ei["calls_per_round"] * 1e6))
+            devices.add(ei.get("device_name", "?"))
+            if "torch" in ei:
+                torch_versions.add(ei["torch"])
         if "op" not in ei:
             continue
         devices.add(ei.get("device_name", "?"))

@@ -1,4 +1,5 @@
-"""Where small calls spend their time: the host cost of one kernel launch.
+"""Where small calls spend their time: the host cost of one kernel launch, and of the host path of
+one fused-op call with its launches stubbed.
 
 Compares, per call: a one-element torch op, a trivial Triton kernel with 2 arguments, the same
 with 40 arguments (about what the fused rubric kernel takes), and an empty autograd.Function
@@ -67,5 +68,60 @@ def test_host_cost_per_call(benchmark, what):
 
     loop()
     benchmark.group = "host cost of one call"
-    benchmark.extra_info.update(what=what, calls_per_round=N_CALLS, device_name=torch.cuda.get_device_name(0))
+    benchmark.extra_info.update(what=what, calls_per_round=N_CALLS, device_name=torch.cuda.get_device_name(0),
+                                torch=torch.__version__)
+    benchmark.pedantic(loop, rounds=10, iterations=1, warmup_rounds=1)
+
+
+@pytest.fixture
+def no_launches():
+    """The public ops on the fused path with every Triton launch a no-op (on any device): what is
+    left is the host path of a call (validation, launch set-up, autograd)."""
+    from zreward_kernels.aot_check import intercepted_launches
+
+    with intercepted_launches():
+        yield
+
+
+@pytest.mark.parametrize("op", ["score_stats [64,4,9]", "rubric_loss [256,9] CE+KL+pairs", "gdso_loss P=8 G=8"])
+def test_host_path_of_a_fused_call(benchmark, no_launches, op):
+    """Host time of one forward+backward of a fused op with its kernel launches replaced by no-ops
+    (Python validation and set-up, allocations, autograd.Function, the autograd engine): on the
+    lent GPU machines this, not the kernels, dominates a per-call step below ~10^5 rows.  Runs on
+    CPU too (the same host code)."""
+    import zreward_kernels as zk
+
+    gen = torch.Generator().manual_seed(0)
+    if op.startswith("score_stats"):
+        x = torch.randn(64, 4, 9, generator=gen).to(DEVICE).requires_grad_(True)
+
+        def call():
+            s = zk.score_stats(x, validate=False)
+            (s.mean.sum() + s.std.sum()).backward()
+    elif op.startswith("rubric_loss"):
+        x = torch.randn(256, 9, generator=gen).to(DEVICE).requires_grad_(True)
+        kw = dict(target=torch.randint(0, 9, (256,), generator=gen).to(DEVICE),
+                  teacher_logits=torch.randn(256, 9, generator=gen).to(DEVICE),
+                  pairs=torch.randint(0, 256, (128, 2), generator=gen).to(DEVICE),
+                  pair_gaps=torch.zeros(128, device=DEVICE))
+
+        def call():
+            zk.rubric_loss(x, validate=False, **kw).loss.backward()
+    else:
+        x = torch.randn(8, 2, 8, 9, generator=gen).to(DEVICE).requires_grad_(True)
+        scores = torch.full((8, 2), 3.0, device=DEVICE)
+
+        def call():
+            zk.gdso_loss(x, scores, validate=False).loss.backward()
+
+    def loop():
+        for _ in range(N_CALLS):
+            x.grad = None
+            call()
+        sync()
+
+    loop()
+    benchmark.group = "host path of one fused call (launches stubbed)"
+    benchmark.extra_info.update(what=f"host path: {op}", calls_per_round=N_CALLS, torch=torch.__version__,
+                                device_name=torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else "cpu")
     benchmark.pedantic(loop, rounds=10, iterations=1, warmup_rounds=1)

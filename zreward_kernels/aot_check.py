@@ -23,7 +23,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -58,10 +58,13 @@ def _arg_type(v) -> str:
 
 
 class _Recorder:
-    def __init__(self, fn, name: str, log: list):
+    def __init__(self, fn, name: str, log: Optional[list]):
         self.fn, self.name, self.log = fn, name, log
 
     def __getitem__(self, grid):
+        if self.log is None:
+            return _no_launch
+
         def launch(*args, **kwargs):
             names = self.fn.arg_names
             consts = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
@@ -76,9 +79,18 @@ class _Recorder:
         return launch
 
 
+def _no_launch(*args, **kwargs):
+    return None
+
+
 @contextlib.contextmanager
-def _recording() -> Iterator[list]:
-    log: list = []
+def intercepted_launches(record: bool = False) -> Iterator[Optional[list]]:
+    """Within the block the public ops take the fused path on any device and their Triton launches
+    do nothing (with ``record``, each launch's kernel, signature, constexprs and warps is appended
+    to the yielded list).  What runs is the host path of a call: validation, launch set-up,
+    autograd.  Used to compile launches here, to trace the host path with torch.compile without a
+    GPU (tests) and to time it (``bench/test_bench_launch.py``).  Not thread-safe."""
+    log = [] if record else None
     saved = [(mod, attr, getattr(mod, attr)) for mod, attr, _ in _KERNELS]
     old_choose = _ops.choose_backend
     try:
@@ -171,7 +183,7 @@ def record_launches(sweep: str = "none") -> list:
     kernel), as ``(kernel, fn, signature, constexprs, warps)``."""
     work = _workloads()
     cands = {kernel: _candidates(kernel, sweep) for kernel in _tuning.SWEEP}
-    with _recording() as log:
+    with intercepted_launches(record=True) as log:
         for group in work.values():
             for _, run in group:
                 run()

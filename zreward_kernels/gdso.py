@@ -138,7 +138,8 @@ def _gdso_launch_config(g: int):
 
 class _GDSOFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scores, bins, r_range, inv_tau, lambda_pt, lambda_pw, alpha_pt, alpha_pw, eps, needs_grad):
+    def forward(ctx, x, scores, bins, params):
+        r_range, inv_tau, lambda_pt, lambda_pw, alpha_pt, alpha_pw, eps, needs_grad = params
         n_pairs, _, g, k = x.shape
         dev = x.device
         f32 = dict(device=dev, dtype=torch.float32)
@@ -169,10 +170,10 @@ class _GDSOFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, *_unused):
         if g_loss is None:
-            return (None,) * 11
+            return (None,) * 4
         (dx,) = ctx.saved_tensors
         # a 0-d fp32 grad does not promote a bf16/fp16 tensor: one multiply kernel, input dtype kept
-        return (dx * g_loss,) + (None,) * 10
+        return (dx * g_loss,) + (None,) * 3
 
 
 def gdso_loss_triton(
@@ -189,8 +190,8 @@ def gdso_loss_triton(
     temperature: float = 1.0,
 ) -> GDSOOutput:
     x = logits.contiguous()
-    s = scores.detach().float().contiguous()
+    s = (scores.detach() if scores.requires_grad else scores).float().contiguous()
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
-    out = _GDSOFn.apply(x, s, bins, r_range, 1.0 / temperature, lambda_pt, lambda_pw, alpha_pt, alpha_pw, eps,
-                        needs_grad)
+    out = _GDSOFn.apply(x, s, bins, (r_range, 1.0 / temperature, lambda_pt, lambda_pw, alpha_pt, alpha_pw, eps,
+                                     needs_grad))
     return GDSOOutput(*out)

@@ -298,8 +298,11 @@ def _launch_fwd(
     reduction: str = "mean",
     needs_grad: bool = False,
 ):
-    """Launch the fused loss forward kernel."""
-    rows, k = x.shape
+    """Launch the fused loss forward kernel on contiguous ``x [..., K]`` (rows = leading dims,
+    flattened); per-row outputs get the leading shape."""
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    rows = x.numel() // k
     dev = x.device
     ce_mode = _CE_HARD if target is not None else (_CE_SOFT if target_probs is not None else _CE_NONE)
     n_pairs = 0 if pairs is None else pairs.shape[0]
@@ -314,18 +317,16 @@ def _launch_fwd(
     n_pair_progs = cdiv(n_pairs, block_p) if has_pairs else 0
 
     f32 = dict(device=dev, dtype=torch.float32)
-    mean = torch.empty(rows, **f32)
-    std = torch.empty(rows, **f32)
-    # buffers a configuration never writes share one 0-element placeholder (none is returned)
-    unused = torch.empty(0, **f32)
-
-    def buf(cond, *shape):
-        return torch.empty(*shape, **f32) if cond else unused
-
-    ce_rows = buf(store_rows, rows)
-    kl_rows = buf(store_rows, rows)
-    pair_terms = torch.empty(n_pairs, **f32) if store_rows else unused  # returned under "none"
-    sign = buf(store_sign, n_pairs)
+    mean = torch.empty(lead, **f32)
+    std = torch.empty(lead, **f32)
+    # buffers a configuration never writes are stood in for by ``mean`` (typed float32; the kernel
+    # does not touch them and none is returned): fewer allocations per call
+    if store_rows:
+        ce_rows, kl_rows, pair_terms = (torch.empty(lead, **f32), torch.empty(lead, **f32),
+                                        torch.empty(n_pairs, **f32))
+    else:
+        ce_rows = kl_rows = pair_terms = mean
+    sign = torch.empty(n_pairs, **f32) if store_sign else mean
     nprog = n_row_progs + n_pair_progs
     if reduce:
         # the only fill: int32 workspace [ticket counter | per-row pair-sign counts]
@@ -334,11 +335,11 @@ def _launch_fwd(
         loss, ce, kl, pair, nv = (torch.empty((), **f32) for _ in range(5))
     else:
         ws = torch.empty(0, device=dev, dtype=torch.int32)
-        part = ce = kl = pair = nv = buf(False)
-        loss = buf(store_rows, rows)
+        part = ce = kl = pair = nv = mean
+        loss = torch.empty(lead, **f32)
     dummy = x
     _rubric_fwd_kernel[(nprog,)](
-        x, x.stride(0), bins, k, rows, inv_tau,
+        x, k, bins, k, rows, inv_tau,
         target if target is not None else dummy,
         target_probs if target_probs is not None else dummy,
         teacher if teacher is not None else dummy,
@@ -381,8 +382,9 @@ def _launch_bwd(
     dstd: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Launch the backward kernel; coefficients are ``(tensor, scale)`` with a 0-d or per-row tensor."""
-    rows, k = x.shape
-    dx = torch.empty((rows, k), device=x.device, dtype=x.dtype)
+    k = x.shape[-1]
+    rows = x.numel() // k
+    dx = torch.empty_like(x)
     if rows == 0:
         return dx
     dummy = x
@@ -397,7 +399,7 @@ def _launch_bwd(
     pr_t, pr_s = pair_coef if has_cnt else (dummy, 0.0)
     cfg = CONFIGS["rubric_bwd"]
     _rubric_bwd_kernel[(cdiv(rows, cfg["BLOCK_R"]),)](
-        x, x.stride(0), bins, k, rows, inv_tau, dx,
+        x, k, bins, k, rows, inv_tau, dx,
         target if target is not None else dummy,
         target_probs if target_probs is not None else dummy,
         teacher if teacher is not None else dummy,
@@ -437,29 +439,19 @@ def _skip_zero_grads(ctx) -> None:
         ctx.set_materialize_grads(False)
 
 
-def _save(ctx, **tensors) -> None:
-    """save_for_backward for optional tensors (only real tensors are saved; names remembered)."""
-    names = tuple(k for k, v in tensors.items() if v is not None)
-    ctx.saved_names = names
-    ctx.save_for_backward(*(tensors[k] for k in names))
-
-
-def _saved(ctx) -> dict:
-    return dict(zip(ctx.saved_names, ctx.saved_tensors))
-
-
 class _ScoreStatsFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bins, inv_tau):
-        rows, k = x.shape
+        k = x.shape[-1]  # x: contiguous [..., K]; outputs keep the leading shape (no views)
+        rows = x.numel() // k
         f32 = dict(device=x.device, dtype=torch.float32)
-        probs = torch.empty(rows, k, **f32)
-        mean = torch.empty(rows, **f32)
-        std = torch.empty(rows, **f32)
+        probs = torch.empty(x.shape, **f32)
+        mean = torch.empty(x.shape[:-1], **f32)
+        std = torch.empty(x.shape[:-1], **f32)
         if rows:
             cfg = CONFIGS["stats_fwd"]
             _stats_fwd_kernel[(cdiv(rows, cfg["BLOCK_R"]),)](
-                x, x.stride(0), bins, k, rows, inv_tau, probs, mean, std,
+                x, k, bins, k, rows, inv_tau, probs, mean, std,
                 BLOCK_R=cfg["BLOCK_R"], BLOCK_K=next_pow2(k), num_warps=cfg["num_warps"],
             )
         ctx.save_for_backward(x, bins)
@@ -472,13 +464,16 @@ class _ScoreStatsFn(torch.autograd.Function):
         x, bins = ctx.saved_tensors
         if g_probs is None and g_mean is None and g_std is None:
             return None, None, None
-        rows, k = x.shape
-        dx = torch.empty((rows, k), device=x.device, dtype=x.dtype)
+        k = x.shape[-1]
+        rows = x.numel() // k
+        dx = torch.empty_like(x)
         if rows:
             gp = g_probs if g_probs is not None else x
+            if gp.dim() != 2:
+                gp = gp.reshape(-1, k)  # a view for contiguous and for expanded (stride-0) gradients
             cfg = CONFIGS["stats_bwd"]
             _stats_bwd_kernel[(cdiv(rows, cfg["BLOCK_R"]),)](
-                x, x.stride(0), bins, k, rows, ctx.inv_tau, dx,
+                x, k, bins, k, rows, ctx.inv_tau, dx,
                 gp, gp.stride(0), gp.stride(1), *_vec(g_mean, x), *_vec(g_std, x),
                 BLOCK_R=cfg["BLOCK_R"], BLOCK_K=next_pow2(k),
                 HAS_DP=g_probs is not None, HAS_DMU=g_mean is not None, HAS_DSTD=g_std is not None,
@@ -488,11 +483,9 @@ class _ScoreStatsFn(torch.autograd.Function):
 
 
 def score_stats_triton(logits: torch.Tensor, bins: torch.Tensor, temperature: float) -> ScoreStats:
-    lead = logits.shape[:-1]
-    k = logits.shape[-1]
-    x = logits.reshape(-1, k).contiguous()
-    probs, mean, std = _ScoreStatsFn.apply(x, bins, 1.0 / temperature)
-    return ScoreStats(probs.view(*lead, k), mean.view(lead), std.view(lead))
+    # the Function takes [..., K] as is: no reshapes or views of tracked tensors (host time per call)
+    probs, mean, std = _ScoreStatsFn.apply(logits.contiguous(), bins, 1.0 / temperature)
+    return ScoreStats(probs, mean, std)
 
 
 def _combine(g_loss, weight, g_term):
@@ -508,8 +501,8 @@ def _combine(g_loss, weight, g_term):
 
 class _RubricLossFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, bins, target, target_probs, teacher, pairs, gaps, inv_tau, kl_mode,
-                w_ce, w_kl, w_pair, ignore_index, reduction, needs_grad):
+    def forward(ctx, x, bins, target, target_probs, teacher, pairs, gaps, params):
+        inv_tau, kl_mode, w_ce, w_kl, w_pair, ignore_index, reduction, needs_grad = params
         out = _launch_fwd(
             x, bins, inv_tau, target=target, target_probs=target_probs, teacher=teacher,
             kl_mode=kl_mode, pairs=pairs, gaps=gaps, ignore_index=ignore_index,
@@ -518,14 +511,13 @@ class _RubricLossFn(torch.autograd.Function):
         _skip_zero_grads(ctx)
         ctx.inv_tau, ctx.kl_mode, ctx.ignore_index, ctx.reduction = inv_tau, kl_mode, ignore_index, reduction
         ctx.weights = (w_ce, w_kl, w_pair)
-        ctx.rows = x.shape[0]
+        ctx.rows = x.numel() // x.shape[-1]
         ctx.n_pairs = 0 if pairs is None else pairs.shape[0]
         none_red = reduction == "none"
-        _save(
-            ctx, x=x, bins=bins, target=target, target_probs=target_probs, teacher=teacher,
-            pairs=pairs if none_red else None, ws=out["ws"],
-            sign=out["sign"] if (none_red and ctx.n_pairs > 0) else None,
-            nv=None if none_red else out["nv"],
+        # fixed order (None where absent: save_for_backward takes None)
+        ctx.save_for_backward(
+            x, bins, target, target_probs, teacher, pairs if none_red else None, out["ws"],
+            out["sign"] if (none_red and ctx.n_pairs > 0) else None, None if none_red else out["nv"],
         )
         if none_red:
             return out["loss"], out["ce_rows"], out["kl_rows"], out["pair_terms"], out["mean"], out["std"]
@@ -533,11 +525,10 @@ class _RubricLossFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, g_ce, g_kl, g_pair, g_mean, g_std):
-        sv = _saved(ctx)
-        x = sv["x"]
+        x, bins, target, target_probs, teacher, pairs, ws, sign, nv = ctx.saved_tensors
         w_ce, w_kl, w_pair = ctx.weights
-        has_ce = "target" in sv or "target_probs" in sv
-        has_kl = "teacher" in sv
+        has_ce = target is not None or target_probs is not None
+        has_kl = teacher is not None
         mean_red = ctx.reduction == "mean"
         ce_coef = _combine(g_loss, w_ce, g_ce) if has_ce else None
         kl_coef = _combine(g_loss, w_kl, g_kl) if has_kl else None
@@ -548,24 +539,21 @@ class _RubricLossFn(torch.autograd.Function):
         if ctx.n_pairs > 0:
             if ctx.reduction == "none":
                 if g_pair is not None:
-                    pairs = sv["pairs"]
-                    contrib = g_pair.float() * sv["sign"]
+                    contrib = g_pair.float() * sign
                     dmu_p = torch.zeros(ctx.rows, device=x.device, dtype=torch.float32)
                     dmu_p.index_add_(0, pairs[:, 0].long(), contrib).index_add_(0, pairs[:, 1].long(), -contrib)
-                    dmu = dmu_p if dmu is None else dmu + dmu_p
+                    dmu = dmu_p if dmu is None else dmu.reshape(-1) + dmu_p
             else:
                 pair_coef = _combine(g_loss, w_pair, g_pair)
                 if pair_coef is not None and mean_red:
                     pair_coef = (pair_coef[0], pair_coef[1] / ctx.n_pairs)
         dx = _launch_bwd(
-            x, sv["bins"], ctx.inv_tau,
-            target=sv.get("target"), target_probs=sv.get("target_probs"), teacher=sv.get("teacher"),
+            x, bins, ctx.inv_tau, target=target, target_probs=target_probs, teacher=teacher,
             kl_mode=ctx.kl_mode, ignore_index=ctx.ignore_index,
-            ce_coef=ce_coef, ce_mean_nv=sv["nv"] if (mean_red and ce_coef is not None) else None,
-            kl_coef=kl_coef, pair_coef=pair_coef, ws=sv.get("ws"),
-            dmu=dmu, dstd=g_std,
+            ce_coef=ce_coef, ce_mean_nv=nv if (mean_red and ce_coef is not None) else None,
+            kl_coef=kl_coef, pair_coef=pair_coef, ws=ws, dmu=dmu, dstd=g_std,
         )
-        return (dx,) + (None,) * 14
+        return (dx,) + (None,) * 7
 
 
 def rubric_loss_triton(
@@ -585,25 +573,33 @@ def rubric_loss_triton(
     reduction="mean",
     temperature=1.0,
 ) -> RubricLossOutput:
-    lead = logits.shape[:-1]
-    k = logits.shape[-1]
-    x = logits.reshape(-1, k).contiguous()
-    tgt = target.reshape(-1).contiguous() if target is not None else None
-    tp = target_probs.detach().reshape(-1, k).contiguous() if target_probs is not None else None
+    # the Function takes [..., K] and leading-shape targets as they are (contiguous): no reshapes or
+    # views of tracked tensors, which cost host time per call; per-row outputs come back shaped
+    x = logits.contiguous()
+    tgt = _const(target)
+    tp = _const(target_probs)
     if teacher_logits is not None:
-        teacher, kl_mode = teacher_logits.detach().reshape(-1, k).contiguous(), _KL_LOGITS
+        teacher, kl_mode = _const(teacher_logits), _KL_LOGITS
     elif teacher_probs is not None:
-        teacher, kl_mode = teacher_probs.detach().reshape(-1, k).contiguous(), _KL_PROBS
+        teacher, kl_mode = _const(teacher_probs), _KL_PROBS
     else:
         teacher, kl_mode = None, _KL_NONE
     has_pairs = pairs is not None and pairs.shape[0] > 0
     prs = pairs.contiguous() if has_pairs else None
-    gaps = pair_gaps.detach().reshape(-1).contiguous() if has_pairs else None
+    gaps = _const(pair_gaps) if has_pairs else None
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, ce, kl, pair, mean, std = _RubricLossFn.apply(
-        x, bins, tgt, tp, teacher, prs, gaps, 1.0 / temperature, kl_mode,
-        float(weight_ce), float(weight_kl), float(weight_pair), int(ignore_index), reduction, needs_grad,
+    out = _RubricLossFn.apply(
+        x, bins, tgt, tp, teacher, prs, gaps,
+        (1.0 / temperature, kl_mode, float(weight_ce), float(weight_kl), float(weight_pair), int(ignore_index),
+         reduction, needs_grad),
     )
-    if reduction == "none":
-        loss, ce, kl = loss.view(lead), ce.view(lead), kl.view(lead)
-    return RubricLossOutput(loss, ce, kl, pair, mean.view(lead), std.view(lead))
+    return RubricLossOutput(*out)
+
+
+def _const(t):
+    """A constant input (no gradient flows to it), contiguous."""
+    if t is None:
+        return None
+    if t.requires_grad:
+        t = t.detach()
+    return t.contiguous()

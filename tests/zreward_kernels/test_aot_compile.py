@@ -49,7 +49,7 @@ def test_recorder_sees_the_configured_launch():
     code = (
         "from zreward_kernels import aot_check, _tuning\n"
         "with _tuning.override('gdso_fwd', PAIRS=4, num_warps=2):\n"
-        "    with aot_check._recording() as log:\n"
+        "    with aot_check.intercepted_launches(record=True) as log:\n"
         "        aot_check._workloads()['gdso'][0][1]()\n"
         "(name, fn, sig, consts, warps), = log\n"
         "assert name == 'gdso_fwd' and consts['PAIRS'] == 4 and warps == 2, (name, consts, warps)\n"

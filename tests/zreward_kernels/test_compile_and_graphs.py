@@ -52,6 +52,30 @@ def test_fullgraph_compile_reference_cpu():
     _check_compiled("cpu", "reference", "aot_eager")
 
 
+def test_fullgraph_compile_of_the_triton_host_path_cpu():
+    """The fused path's host code (validation, launch set-up, the autograd.Functions, tuning-table
+    reads) traces as one graph, forward and backward, without a GPU: the Triton launches are
+    replaced by no-ops (the interpreter's kernels cannot be traced), so only traceability is checked
+    here; values under torch.compile are checked on CUDA below."""
+    from zreward_kernels.aot_check import intercepted_launches
+
+    x, t, teacher, pairs, gaps, gx, scores = _inputs("cpu")
+    cases = [
+        (lambda x: (lambda s: s.probs.sum() + s.mean.sum() + s.std.sum())(zk.score_stats(x)), x),
+        (lambda x: zk.rubric_loss(x, target=t, teacher_logits=teacher, pairs=pairs, pair_gaps=gaps).loss, x),
+        (lambda x: (lambda o: o.loss.sum() + o.pair.sum() + o.mean.sum())(zk.rubric_loss(
+            x, target_probs=torch.softmax(teacher, -1), teacher_probs=torch.softmax(teacher, -1), pairs=pairs,
+            pair_gaps=gaps, reduction="none")), x),
+        (lambda g: zk.gdso_loss(g, scores).loss, gx),
+    ]
+    with intercepted_launches():
+        for fn, inp in cases:
+            torch._dynamo.reset()
+            xi = inp.clone().requires_grad_(True)
+            torch.compile(fn, fullgraph=True, backend="aot_eager")(xi).backward()
+            assert xi.grad is not None and xi.grad.shape == xi.shape
+
+
 @pytest.mark.cuda
 def test_fullgraph_compile_triton_cuda():
     _check_compiled("cuda", "triton", "inductor")
