@@ -46,7 +46,7 @@ fi
 
 if has_step tune; then
   echo "== launch-configuration sweep (bench/tune_kernels.py)"
-  timeout "${TUNE_TIMEOUT:-150}" $PY bench/tune_kernels.py --json "$OUT/tune.json" \
+  timeout "${TUNE_TIMEOUT:-200}" $PY bench/tune_kernels.py --json "$OUT/tune.json" \
     --write-config "$OUT/kernel_configs.json" >"$OUT/tune.md" 2>&1
   echo "tune exit: $?" | tee -a "$OUT/tune.md"
   grep -A4 "^###" "$OUT/tune.md" | head -n 60

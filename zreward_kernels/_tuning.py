@@ -11,7 +11,10 @@ Keys:
 * ``BLOCK_P``: pairs per pair program of the ``rubric_loss`` forward, a power of two;
 * ``PAIRS``: same-prompt pairs per ``gdso_loss`` program (each pair holds ``2 G`` rows), a power
   of two; the launcher lowers it so one program never holds more than 256 rows;
-* ``num_warps``: warps per program; 0 for the ``gdso_loss`` default (4 up to ``G = 16``, else 8).
+* ``num_warps``: warps per program; 0 for the ``gdso_loss`` default (4 up to ``G = 16``, else 8);
+* ``FLAT``: 0 for the tile layout (a ``[BLOCK_R, 16]`` tile, bins padded to a power of two,
+  reductions across lanes), 1 for row per thread (each lane owns whole rows and visits the bins in
+  unrolled loops; grids of up to 32 bins).
 
 Configurations tuned for a particular GPU (``bench/tune_kernels.py --write-config FILE``) are applied
 with :func:`load_configs` or, at import, from the file named by ``ZREWARD_KERNEL_CONFIGS``.  They
@@ -27,30 +30,34 @@ import os
 from typing import Dict, Iterator, Optional
 
 CONFIGS: Dict[str, Dict[str, int]] = {
-    "stats_fwd": {"BLOCK_R": 128, "num_warps": 4},
-    "stats_bwd": {"BLOCK_R": 128, "num_warps": 4},
-    "rubric_fwd": {"BLOCK_R": 128, "BLOCK_P": 128, "num_warps": 4},
-    "rubric_bwd": {"BLOCK_R": 128, "num_warps": 4},
+    "stats_fwd": {"BLOCK_R": 128, "num_warps": 4, "FLAT": 0},
+    "stats_bwd": {"BLOCK_R": 128, "num_warps": 4, "FLAT": 0},
+    "rubric_fwd": {"BLOCK_R": 128, "BLOCK_P": 128, "num_warps": 4, "FLAT": 0},
+    "rubric_bwd": {"BLOCK_R": 128, "num_warps": 4, "FLAT": 0},
     "gdso_fwd": {"PAIRS": 1, "num_warps": 0},
 }
 
 _POW2_KEYS = ("BLOCK_R", "BLOCK_P", "PAIRS")
 
+def _tile(rows_warps, per_thread):
+    """Tile-layout candidates with at most ``per_thread`` padded elements per thread."""
+    return [dict(BLOCK_R=r, num_warps=w, FLAT=0) for r, w in rows_warps if r * 16 <= per_thread * 32 * w]
+
+
+_FLAT = [dict(BLOCK_R=r, num_warps=r // (32 * n), FLAT=1) for r in (128, 256, 512) for n in (1, 2)]
+_GRID = [(r, w) for r in (64, 128, 256, 512) for w in (2, 4, 8, 16) if w < 16 or r >= 256]
+
 #: Candidates ``bench/tune_kernels.py`` times on a GPU (each kernel swept with the others at their
 #: defaults).  Tiles are limited to at most 32 (``score_stats``) or 16 (``rubric_loss``,
 #: ``gdso_loss``) padded elements per thread: beyond that ``ptxas`` spills registers for sm_90
 #: (``python -m zreward_kernels.aot_check --sweep all --verbose`` prints the register use);
-#: 16 warps only for tiles of 256 rows or more.
+#: 16 warps only for tiles of 256 rows or more.  Row-per-thread candidates hold 1 or 2 rows per
+#: thread.
 SWEEP: Dict[str, list] = {
-    "stats_fwd": [dict(BLOCK_R=r, num_warps=w) for r in (64, 128, 256, 512) for w in (2, 4, 8, 16)
-                  if r * 16 <= 32 * 32 * w and (w < 16 or r >= 256)],
-    "stats_bwd": [dict(BLOCK_R=r, num_warps=w) for r in (64, 128, 256, 512) for w in (2, 4, 8, 16)
-                  if r * 16 <= 32 * 32 * w and (w < 16 or r >= 256)],
-    "rubric_fwd": [dict(BLOCK_R=r, BLOCK_P=bp, num_warps=w)
-                   for r, bp in ((64, 64), (128, 128), (256, 128), (256, 256), (512, 256)) for w in (2, 4, 8, 16)
-                   if r * 16 <= 16 * 32 * w and (w < 16 or r >= 256)],
-    "rubric_bwd": [dict(BLOCK_R=r, num_warps=w) for r in (64, 128, 256, 512) for w in (2, 4, 8, 16)
-                   if r * 16 <= 16 * 32 * w and (w < 16 or r >= 256)],
+    "stats_fwd": _tile(_GRID, 32) + _FLAT,
+    "stats_bwd": _tile(_GRID, 32) + _FLAT,
+    "rubric_fwd": [dict(c, BLOCK_P=min(c["BLOCK_R"], 256)) for c in _tile(_GRID, 16) + _FLAT],
+    "rubric_bwd": _tile(_GRID, 16) + _FLAT,
     "gdso_fwd": [dict(PAIRS=n, num_warps=w) for n in (1, 2, 4, 8, 16) for w in (1, 2, 4, 8)
                  if n * 16 * 16 <= 16 * 32 * w],  # rows per program = PAIRS * 16 at G = 8
 }
@@ -71,6 +78,8 @@ def _check(kernel: str, cfg: Dict[str, int]) -> None:
             raise TypeError(f"{kernel}.{key} must be an int, got {val!r}")
         if key in _POW2_KEYS and (val < 1 or val & (val - 1)):
             raise ValueError(f"{kernel}.{key} must be a power of two >= 1, got {val}")
+        if key == "FLAT" and val not in (0, 1):
+            raise ValueError(f"{kernel}.FLAT must be 0 (tile layout) or 1 (row per thread), got {val}")
         if key == "num_warps" and val not in ((0, 1, 2, 4, 8, 16) if kernel == "gdso_fwd" else (1, 2, 4, 8, 16)):
             raise ValueError(f"{kernel}.num_warps must be one of 1, 2, 4, 8, 16, got {val}")
 

@@ -1,5 +1,10 @@
 """Fused Triton kernels for the row-wise rubric ops: ``score_stats`` and ``rubric_loss``.
 
+Every row kernel has two layouts, chosen per launch from ``_tuning.CONFIGS`` (``FLAT``): a tile of
+``BLOCK_R`` rows with the bins padded to a power of two and reduced across lanes (the default), or
+row per thread (``FLAT=1``): each lane owns whole rows and visits the K bins in unrolled loops,
+re-reading the row from L1 (no padding, no cross-lane reductions; grids of up to 32 bins).
+
 ``score_stats`` has a lean forward kernel (softmax, expectation, standard deviation per tile of
 ``BLOCK_R`` rows, bins padded to a power of two) and a lean backward kernel that reads the upstream
 gradients of ``probs``, ``mean`` and ``std`` in place (stride 0 for the expanded scalars that
@@ -81,14 +86,56 @@ if HAS_TRITON:
         dvar = tl.where(std > 0, dstd / (2.0 * std), 0.0)  # std'(0) := 0 at a point mass
         return p * (d * dmu[:, None] + dvar[:, None] * (d * d - var[:, None]))
 
+    # ---- row-per-thread ("flat") layout: a program's rows are a 1-D vector, one row per lane; the
+    # KC bins are visited by unrolled loops that re-read the row from L1, so no bin padding and no
+    # cross-lane reductions.  Chosen per kernel by the tuning table's FLAT setting.
+
+    @triton.jit
+    def _flat_max(X, off, KC: tl.constexpr, inv_tau, rmask, BLOCK_R: tl.constexpr):
+        m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        for k in tl.static_range(KC):
+            m = tl.maximum(m, tl.load(X + off + k, mask=rmask, other=0.0).to(tl.float32) * inv_tau)
+        return m
+
+    @triton.jit
+    def _flat_stats(X, off, V, KC: tl.constexpr, inv_tau, rmask, BLOCK_R: tl.constexpr):
+        """Per row: max logit ``m``, softmax normaliser ``s``, mean ``mu`` and variance ``var``."""
+        m = _flat_max(X, off, KC, inv_tau, rmask, BLOCK_R)
+        s = tl.zeros([BLOCK_R], tl.float32)
+        sv = tl.zeros([BLOCK_R], tl.float32)
+        for k in tl.static_range(KC):
+            e = tl.exp(tl.load(X + off + k, mask=rmask, other=0.0).to(tl.float32) * inv_tau - m)
+            s += e
+            sv += e * tl.load(V + k).to(tl.float32)
+        mu = sv / s
+        var = tl.zeros([BLOCK_R], tl.float32)
+        for k in tl.static_range(KC):
+            e = tl.exp(tl.load(X + off + k, mask=rmask, other=0.0).to(tl.float32) * inv_tau - m)
+            dk = tl.load(V + k).to(tl.float32) - mu
+            var += e * dk * dk
+        return m, s, mu, var / s
+
+    @triton.jit
+    def _flat_rows(pid, n_rows, stride_x, BLOCK_R: tl.constexpr):
+        rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        return rows, rows < n_rows, rows * stride_x
+
     @triton.jit
     def _stats_fwd_kernel(
         X, stride_x, V, K, n_rows, inv_tau, PROBS, MEAN, STD,
-        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, FLAT: tl.constexpr, KC: tl.constexpr,
     ):
-        rows, rmask, cols, cmask, m2, p, logp, mu, d, var = _row_tile(
-            X, stride_x, V, K, n_rows, inv_tau, tl.program_id(0), BLOCK_R, BLOCK_K)
-        tl.store(PROBS + rows[:, None] * K + cols[None, :], p, mask=m2)
+        if FLAT:
+            rows, rmask, off = _flat_rows(tl.program_id(0), n_rows, stride_x, BLOCK_R)
+            m, s, mu, var = _flat_stats(X, off, V, KC, inv_tau, rmask, BLOCK_R)
+            inv_s = 1.0 / s
+            for k in tl.static_range(KC):
+                z = tl.load(X + off + k, mask=rmask, other=0.0).to(tl.float32) * inv_tau
+                tl.store(PROBS + rows * KC + k, tl.exp(z - m) * inv_s, mask=rmask)
+        else:
+            rows, rmask, cols, cmask, m2, p, logp, mu, d, var = _row_tile(
+                X, stride_x, V, K, n_rows, inv_tau, tl.program_id(0), BLOCK_R, BLOCK_K)
+            tl.store(PROBS + rows[:, None] * K + cols[None, :], p, mask=m2)
         tl.store(MEAN + rows, mu, mask=rmask)
         tl.store(STD + rows, tl.sqrt(tl.maximum(var, 0.0)), mask=rmask)
 
@@ -96,6 +143,50 @@ if HAS_TRITON:
     def _stats_bwd_kernel(
         X, stride_x, V, K, n_rows, inv_tau, DX,
         DP, s_dp_r, s_dp_c, DMU, s_dmu, DSTD, s_dstd,
+        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+        HAS_DP: tl.constexpr, HAS_DMU: tl.constexpr, HAS_DSTD: tl.constexpr,
+        FLAT: tl.constexpr, KC: tl.constexpr,
+    ):
+        if FLAT:
+            _stats_bwd_flat(X, stride_x, V, n_rows, inv_tau, DX, DP, s_dp_r, s_dp_c, DMU, s_dmu, DSTD, s_dstd,
+                            BLOCK_R, HAS_DP, HAS_DMU, HAS_DSTD, KC)
+        else:
+            _stats_bwd_tile(X, stride_x, V, K, n_rows, inv_tau, DX, DP, s_dp_r, s_dp_c, DMU, s_dmu, DSTD, s_dstd,
+                            BLOCK_R, BLOCK_K, HAS_DP, HAS_DMU, HAS_DSTD)
+
+    @triton.jit
+    def _stats_bwd_flat(
+        X, stride_x, V, n_rows, inv_tau, DX, DP, s_dp_r, s_dp_c, DMU, s_dmu, DSTD, s_dstd,
+        BLOCK_R: tl.constexpr, HAS_DP: tl.constexpr, HAS_DMU: tl.constexpr, HAS_DSTD: tl.constexpr,
+        KC: tl.constexpr,
+    ):
+        rows, rmask, off = _flat_rows(tl.program_id(0), n_rows, stride_x, BLOCK_R)
+        m, s, mu, var = _flat_stats(X, off, V, KC, inv_tau, rmask, BLOCK_R)
+        inv_s = 1.0 / s
+        dmu = tl.zeros([BLOCK_R], tl.float32)
+        dvar = tl.zeros([BLOCK_R], tl.float32)
+        if HAS_DMU:
+            dmu = tl.load(DMU + rows * s_dmu, mask=rmask, other=0.0).to(tl.float32)
+        if HAS_DSTD:
+            std = tl.sqrt(tl.maximum(var, 0.0))
+            dvar = tl.where(std > 0, tl.load(DSTD + rows * s_dstd, mask=rmask, other=0.0).to(tl.float32)
+                            / (2.0 * std), 0.0)  # std'(0) := 0 at a point mass
+        pgp = tl.zeros([BLOCK_R], tl.float32)
+        if HAS_DP:
+            for k in tl.static_range(KC):
+                pk = tl.exp(tl.load(X + off + k, mask=rmask, other=0.0).to(tl.float32) * inv_tau - m) * inv_s
+                pgp += pk * tl.load(DP + rows * s_dp_r + k * s_dp_c, mask=rmask, other=0.0).to(tl.float32)
+        for k in tl.static_range(KC):
+            pk = tl.exp(tl.load(X + off + k, mask=rmask, other=0.0).to(tl.float32) * inv_tau - m) * inv_s
+            dk = tl.load(V + k).to(tl.float32) - mu
+            g = pk * (dk * dmu + dvar * (dk * dk - var))
+            if HAS_DP:
+                g += pk * (tl.load(DP + rows * s_dp_r + k * s_dp_c, mask=rmask, other=0.0).to(tl.float32) - pgp)
+            tl.store(DX + rows * KC + k, (g * inv_tau).to(DX.dtype.element_ty), mask=rmask)
+
+    @triton.jit
+    def _stats_bwd_tile(
+        X, stride_x, V, K, n_rows, inv_tau, DX, DP, s_dp_r, s_dp_c, DMU, s_dmu, DSTD, s_dstd,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_DP: tl.constexpr, HAS_DMU: tl.constexpr, HAS_DSTD: tl.constexpr,
     ):
@@ -114,6 +205,84 @@ if HAS_TRITON:
         tl.store(DX + rows[:, None] * K + cols[None, :], (g * inv_tau).to(DX.dtype.element_ty), mask=m2)
 
     @triton.jit
+    def _rubric_rows_tile(X, stride_x, V, K, n_rows, inv_tau, TGT, TP, TQ, ignore_index, pid, MEAN, STD,
+                          BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, CE_MODE: tl.constexpr, KL_MODE: tl.constexpr):
+        """Row program of the loss forward, tile layout: stores the per-row mean and std, returns the
+        rows, their mask, CE, KL and validity."""
+        rows, rmask, cols, cmask, m2, p, logp, mu, d, var = _row_tile(
+            X, stride_x, V, K, n_rows, inv_tau, pid, BLOCK_R, BLOCK_K)
+        tl.store(MEAN + rows, mu, mask=rmask)
+        tl.store(STD + rows, tl.sqrt(tl.maximum(var, 0.0)), mask=rmask)
+        ko = rows[:, None] * K + cols[None, :]
+        ce_r = tl.zeros([BLOCK_R], tl.float32)
+        valid = rmask
+        if CE_MODE == 1:
+            t = tl.load(TGT + rows, mask=rmask, other=0).to(tl.int64)
+            valid = rmask & (t != ignore_index)
+            picked = tl.sum(tl.where(cols[None, :] == t[:, None], logp, 0.0), 1)
+            ce_r = tl.where(valid, -picked, 0.0)
+        if CE_MODE == 2:
+            tp = tl.load(TP + ko, mask=m2, other=0.0).to(tl.float32)
+            ce_r = tl.where(rmask, -tl.sum(tl.where(tp > 0, tp * logp, 0.0), 1), 0.0)
+        kl_r = tl.zeros([BLOCK_R], tl.float32)
+        if KL_MODE == 1:
+            tx = tl.load(TQ + ko, mask=m2, other=0.0).to(tl.float32)
+            q, logq = _log_softmax(tx, cmask, inv_tau)
+            kl_r = tl.where(rmask, tl.sum(tl.where(q > 0, q * (logq - logp), 0.0), 1), 0.0)
+        if KL_MODE == 2:
+            q = tl.load(TQ + ko, mask=m2, other=0.0).to(tl.float32)
+            logq = tl.log(tl.where(q > 0, q, 1.0))
+            kl_r = tl.where(rmask, tl.sum(tl.where(q > 0, q * (logq - logp), 0.0), 1), 0.0)
+        return rows, rmask, ce_r, kl_r, valid
+
+    @triton.jit
+    def _rubric_rows_flat(X, stride_x, V, n_rows, inv_tau, TGT, TP, TQ, ignore_index, pid, MEAN, STD,
+                          BLOCK_R: tl.constexpr, CE_MODE: tl.constexpr, KL_MODE: tl.constexpr, KC: tl.constexpr):
+        """Row program of the loss forward, row-per-thread layout (same effects as the tile one)."""
+        rows, rmask, off = _flat_rows(pid, n_rows, stride_x, BLOCK_R)
+        m, s, mu, var = _flat_stats(X, off, V, KC, inv_tau, rmask, BLOCK_R)
+        tl.store(MEAN + rows, mu, mask=rmask)
+        tl.store(STD + rows, tl.sqrt(tl.maximum(var, 0.0)), mask=rmask)
+        lse = m + tl.log(s)
+        ko = rows * KC
+        ce_r = tl.zeros([BLOCK_R], tl.float32)
+        valid = rmask
+        if CE_MODE == 1:
+            t = tl.load(TGT + rows, mask=rmask, other=0).to(tl.int64)
+            valid = rmask & (t != ignore_index)
+            inb = valid & (t >= 0) & (t < KC)  # an unvalidated out-of-range target gives an infinite CE
+            zt = tl.load(X + off + t, mask=inb, other=float("-inf")).to(tl.float32) * inv_tau
+            ce_r = tl.where(valid, lse - zt, 0.0)
+        if CE_MODE == 2:
+            acc = tl.zeros([BLOCK_R], tl.float32)
+            for k in tl.static_range(KC):
+                tp = tl.load(TP + ko + k, mask=rmask, other=0.0).to(tl.float32)
+                z = tl.load(X + off + k, mask=rmask, other=0.0).to(tl.float32) * inv_tau
+                acc += tl.where(tp > 0, tp * (z - lse), 0.0)
+            ce_r = tl.where(rmask, -acc, 0.0)
+        kl_r = tl.zeros([BLOCK_R], tl.float32)
+        if KL_MODE > 0:
+            if KL_MODE == 1:
+                mq = _flat_max(TQ, ko, KC, inv_tau, rmask, BLOCK_R)
+                sq = tl.zeros([BLOCK_R], tl.float32)
+                for k in tl.static_range(KC):
+                    sq += tl.exp(tl.load(TQ + ko + k, mask=rmask, other=0.0).to(tl.float32) * inv_tau - mq)
+                lseq = mq + tl.log(sq)
+            acc = tl.zeros([BLOCK_R], tl.float32)
+            for k in tl.static_range(KC):
+                z = tl.load(X + off + k, mask=rmask, other=0.0).to(tl.float32) * inv_tau
+                tq = tl.load(TQ + ko + k, mask=rmask, other=0.0).to(tl.float32)
+                if KL_MODE == 1:
+                    logq = tq * inv_tau - lseq
+                    q = tl.exp(logq)
+                else:
+                    q = tq
+                    logq = tl.log(tl.where(q > 0, q, 1.0))
+                acc += tl.where(q > 0, q * (logq - (z - lse)), 0.0)
+            kl_r = tl.where(rmask, acc, 0.0)
+        return rows, rmask, ce_r, kl_r, valid
+
+    @triton.jit
     def _rubric_fwd_kernel(
         X, stride_x, V, K, n_rows, inv_tau,
         TGT, TP, TQ, ignore_index,
@@ -125,43 +294,27 @@ if HAS_TRITON:
         CE_MODE: tl.constexpr, KL_MODE: tl.constexpr, HAS_PAIRS: tl.constexpr,
         STORE_ROWS: tl.constexpr, STORE_SIGN: tl.constexpr,
         STORE_CNT: tl.constexpr, REDUCE: tl.constexpr, MEAN_RED: tl.constexpr,
+        FLAT: tl.constexpr, KC: tl.constexpr,
     ):
         pid = tl.program_id(0)
         if pid < n_row_progs:
-            rows, rmask, cols, cmask, m2, p, logp, mu, d, var = _row_tile(
-                X, stride_x, V, K, n_rows, inv_tau, pid, BLOCK_R, BLOCK_K)
-            tl.store(MEAN + rows, mu, mask=rmask)
-            tl.store(STD + rows, tl.sqrt(tl.maximum(var, 0.0)), mask=rmask)
-            if REDUCE or STORE_ROWS:
-                ko = rows[:, None] * K + cols[None, :]
-                ce_r = tl.zeros([BLOCK_R], tl.float32)
-                valid = rmask
-                if CE_MODE == 1:
-                    t = tl.load(TGT + rows, mask=rmask, other=0).to(tl.int64)
-                    valid = rmask & (t != ignore_index)
-                    picked = tl.sum(tl.where(cols[None, :] == t[:, None], logp, 0.0), 1)
-                    ce_r = tl.where(valid, -picked, 0.0)
-                if CE_MODE == 2:
-                    tp = tl.load(TP + ko, mask=m2, other=0.0).to(tl.float32)
-                    ce_r = tl.where(rmask, -tl.sum(tl.where(tp > 0, tp * logp, 0.0), 1), 0.0)
-                kl_r = tl.zeros([BLOCK_R], tl.float32)
-                if KL_MODE == 1:
-                    tx = tl.load(TQ + ko, mask=m2, other=0.0).to(tl.float32)
-                    q, logq = _log_softmax(tx, cmask, inv_tau)
-                    kl_r = tl.where(rmask, tl.sum(tl.where(q > 0, q * (logq - logp), 0.0), 1), 0.0)
-                if KL_MODE == 2:
-                    q = tl.load(TQ + ko, mask=m2, other=0.0).to(tl.float32)
-                    logq = tl.log(tl.where(q > 0, q, 1.0))
-                    kl_r = tl.where(rmask, tl.sum(tl.where(q > 0, q * (logq - logp), 0.0), 1), 0.0)
-                if STORE_ROWS:
-                    tl.store(CE_ROWS + rows, ce_r, mask=rmask)
-                    tl.store(KL_ROWS + rows, kl_r, mask=rmask)
-                    tl.store(LOSS + rows, w_ce * ce_r + w_kl * kl_r, mask=rmask)
-                if REDUCE:
-                    tl.store(PART + pid * 4 + 0, tl.sum(ce_r, 0))
-                    tl.store(PART + pid * 4 + 1, tl.sum(valid.to(tl.float32), 0))
-                    tl.store(PART + pid * 4 + 2, tl.sum(kl_r, 0))
-                    tl.store(PART + pid * 4 + 3, 0.0)
+            if FLAT:
+                rows, rmask, ce_r, kl_r, valid = _rubric_rows_flat(
+                    X, stride_x, V, n_rows, inv_tau, TGT, TP, TQ, ignore_index, pid, MEAN, STD, BLOCK_R,
+                    CE_MODE, KL_MODE, KC)
+            else:
+                rows, rmask, ce_r, kl_r, valid = _rubric_rows_tile(
+                    X, stride_x, V, K, n_rows, inv_tau, TGT, TP, TQ, ignore_index, pid, MEAN, STD, BLOCK_R, BLOCK_K,
+                    CE_MODE, KL_MODE)
+            if STORE_ROWS:
+                tl.store(CE_ROWS + rows, ce_r, mask=rmask)
+                tl.store(KL_ROWS + rows, kl_r, mask=rmask)
+                tl.store(LOSS + rows, w_ce * ce_r + w_kl * kl_r, mask=rmask)
+            if REDUCE:
+                tl.store(PART + pid * 4 + 0, tl.sum(ce_r, 0))
+                tl.store(PART + pid * 4 + 1, tl.sum(valid.to(tl.float32), 0))
+                tl.store(PART + pid * 4 + 2, tl.sum(kl_r, 0))
+                tl.store(PART + pid * 4 + 3, 0.0)
         else:
             if HAS_PAIRS:
                 cols = tl.arange(0, BLOCK_K)
@@ -238,12 +391,12 @@ if HAS_TRITON:
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
         CE_MODE: tl.constexpr, CE_MEAN: tl.constexpr, KL_MODE: tl.constexpr,
         HAS_CNT: tl.constexpr, HAS_DMU: tl.constexpr, HAS_DSTD: tl.constexpr,
+        FLAT: tl.constexpr, KC: tl.constexpr,
     ):
-        rows, rmask, cols, cmask, m2, p, logp, mu, d, var = _row_tile(
-            X, stride_x, V, K, n_rows, inv_tau, tl.program_id(0), BLOCK_R, BLOCK_K)
-        ko = rows[:, None] * K + cols[None, :]
-        # the mean/std part first, so the centred bins d are dead before the CE/KL tiles are loaded
-        # (fewer live [BLOCK_R, BLOCK_K] tiles, fewer registers)
+        pid = tl.program_id(0)
+        rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rmask = rows < n_rows
+        # per-row coefficients: upstream dL/dmean (pair signs included) and dL/dstd, CE and KL weights
         dmu = tl.zeros([BLOCK_R], tl.float32)
         if HAS_CNT:
             cnt = tl.load(WS + 1 + rows, mask=rmask, other=0).to(tl.float32)
@@ -253,29 +406,103 @@ if HAS_TRITON:
         dstd = tl.zeros([BLOCK_R], tl.float32)
         if HAS_DSTD:
             dstd = tl.load(DSTD + rows * s_dstd, mask=rmask, other=0.0).to(tl.float32)
-        g = _stats_grad(p, d, var, dmu, dstd)
+        c_ce = tl.zeros([BLOCK_R], tl.float32)
+        t = tl.zeros([BLOCK_R], tl.int64)
+        valid = rmask
         if CE_MODE > 0:
-            c = tl.load(CE_COEF + rows * ce_coef_stride, mask=rmask, other=0.0).to(tl.float32) * ce_scale
+            c_ce = tl.load(CE_COEF + rows * ce_coef_stride, mask=rmask, other=0.0).to(tl.float32) * ce_scale
             if CE_MEAN:
-                c = c / tl.maximum(tl.load(NV), 1.0)
+                c_ce = c_ce / tl.maximum(tl.load(NV), 1.0)
             if CE_MODE == 1:
                 t = tl.load(TGT + rows, mask=rmask, other=0).to(tl.int64)
                 valid = t != ignore_index
-                onehot = (cols[None, :] == t[:, None]).to(tl.float32)
-                g += tl.where(valid[:, None], c[:, None] * (p - onehot), 0.0)
-            if CE_MODE == 2:
-                tp = tl.load(TP + ko, mask=m2, other=0.0).to(tl.float32)
-                g += c[:, None] * (p * tl.sum(tp, 1)[:, None] - tp)
+        c_kl = tl.zeros([BLOCK_R], tl.float32)
         if KL_MODE > 0:
-            c = tl.load(KL_COEF + rows * kl_coef_stride, mask=rmask, other=0.0).to(tl.float32) * kl_scale
+            c_kl = tl.load(KL_COEF + rows * kl_coef_stride, mask=rmask, other=0.0).to(tl.float32) * kl_scale
+        if FLAT:
+            _rubric_bwd_flat(X, stride_x, V, inv_tau, DX, TP, TQ, rows, rmask, dmu, dstd, c_ce, t, valid, c_kl,
+                             BLOCK_R, CE_MODE, KL_MODE, KC)
+        else:
+            _rubric_bwd_tile(X, stride_x, V, K, n_rows, inv_tau, DX, TP, TQ, pid, dmu, dstd, c_ce, t, valid, c_kl,
+                             BLOCK_R, BLOCK_K, CE_MODE, KL_MODE)
+
+    @triton.jit
+    def _rubric_bwd_tile(X, stride_x, V, K, n_rows, inv_tau, DX, TP, TQ, pid, dmu, dstd, c_ce, t, valid, c_kl,
+                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, CE_MODE: tl.constexpr, KL_MODE: tl.constexpr):
+        rows, rmask, cols, cmask, m2, p, logp, mu, d, var = _row_tile(
+            X, stride_x, V, K, n_rows, inv_tau, pid, BLOCK_R, BLOCK_K)
+        ko = rows[:, None] * K + cols[None, :]
+        # the mean/std part first, so the centred bins d are dead before the CE/KL tiles are loaded
+        # (fewer live [BLOCK_R, BLOCK_K] tiles, fewer registers)
+        g = _stats_grad(p, d, var, dmu, dstd)
+        if CE_MODE == 1:
+            onehot = (cols[None, :] == t[:, None]).to(tl.float32)
+            g += tl.where(valid[:, None], c_ce[:, None] * (p - onehot), 0.0)
+        if CE_MODE == 2:
+            tp = tl.load(TP + ko, mask=m2, other=0.0).to(tl.float32)
+            g += c_ce[:, None] * (p * tl.sum(tp, 1)[:, None] - tp)
+        if KL_MODE > 0:
             if KL_MODE == 1:
                 tx = tl.load(TQ + ko, mask=m2, other=0.0).to(tl.float32)
                 q, _lq = _log_softmax(tx, cmask, inv_tau)
             else:
                 q = tl.load(TQ + ko, mask=m2, other=0.0).to(tl.float32)
-            g += c[:, None] * (p * tl.sum(q, 1)[:, None] - q)
+            g += c_kl[:, None] * (p * tl.sum(q, 1)[:, None] - q)
         g = g * inv_tau
         tl.store(DX + ko, g.to(DX.dtype.element_ty), mask=m2)
+
+    @triton.jit
+    def _rubric_bwd_flat(X, stride_x, V, inv_tau, DX, TP, TQ, rows, rmask, dmu, dstd, c_ce, t, valid, c_kl,
+                         BLOCK_R: tl.constexpr, CE_MODE: tl.constexpr, KL_MODE: tl.constexpr, KC: tl.constexpr):
+        off = rows * stride_x
+        ko = rows * KC
+        m, s, mu, var = _flat_stats(X, off, V, KC, inv_tau, rmask, BLOCK_R)
+        inv_s = 1.0 / s
+        std = tl.sqrt(tl.maximum(var, 0.0))
+        dvar = tl.where(std > 0, dstd / (2.0 * std), 0.0)  # std'(0) := 0 at a point mass
+        sum_tp = tl.zeros([BLOCK_R], tl.float32)
+        if CE_MODE == 2:
+            for k in tl.static_range(KC):
+                sum_tp += tl.load(TP + ko + k, mask=rmask, other=0.0).to(tl.float32)
+        sum_q = tl.zeros([BLOCK_R], tl.float32)
+        mq = tl.zeros([BLOCK_R], tl.float32)
+        inv_sq = tl.zeros([BLOCK_R], tl.float32)
+        if KL_MODE == 1:
+            mq = _flat_max(TQ, ko, KC, inv_tau, rmask, BLOCK_R)
+            sq = tl.zeros([BLOCK_R], tl.float32)
+            for k in tl.static_range(KC):
+                sq += tl.exp(tl.load(TQ + ko + k, mask=rmask, other=0.0).to(tl.float32) * inv_tau - mq)
+            inv_sq = 1.0 / sq
+            sum_q = sq * inv_sq
+        if KL_MODE == 2:
+            for k in tl.static_range(KC):
+                sum_q += tl.load(TQ + ko + k, mask=rmask, other=0.0).to(tl.float32)
+        for k in tl.static_range(KC):
+            pk = tl.exp(tl.load(X + off + k, mask=rmask, other=0.0).to(tl.float32) * inv_tau - m) * inv_s
+            dk = tl.load(V + k).to(tl.float32) - mu
+            g = pk * (dk * dmu + dvar * (dk * dk - var))
+            if CE_MODE == 1:
+                g += tl.where(valid, c_ce * (pk - (t == k).to(tl.float32)), 0.0)
+            if CE_MODE == 2:
+                g += c_ce * (pk * sum_tp - tl.load(TP + ko + k, mask=rmask, other=0.0).to(tl.float32))
+            if KL_MODE == 1:
+                q = tl.exp(tl.load(TQ + ko + k, mask=rmask, other=0.0).to(tl.float32) * inv_tau - mq) * inv_sq
+                g += c_kl * (pk * sum_q - q)
+            if KL_MODE == 2:
+                g += c_kl * (pk * sum_q - tl.load(TQ + ko + k, mask=rmask, other=0.0).to(tl.float32))
+            tl.store(DX + ko + k, (g * inv_tau).to(DX.dtype.element_ty), mask=rmask)
+
+
+#: Most bins the row-per-thread layout unrolls; larger grids use the tile layout whatever FLAT says.
+FLAT_MAX_BINS = 32
+
+
+def _flat(cfg, k: int) -> dict:
+    """The FLAT / KC constexprs of a launch: the row-per-thread layout when the tuning table asks for
+    it and the grid is small enough to unroll (KC = K), else the tile layout (KC unused, fixed at 1
+    so it adds no compile variants)."""
+    flat = bool(cfg.get("FLAT", 0)) and k <= FLAT_MAX_BINS
+    return dict(FLAT=flat, KC=k if flat else 1)
 
 
 _KL_NONE, _KL_LOGITS, _KL_PROBS = 0, 1, 2
@@ -355,7 +582,7 @@ def _launch_fwd(
         CE_MODE=ce_mode, KL_MODE=kl_mode, HAS_PAIRS=has_pairs,
         STORE_ROWS=store_rows, STORE_SIGN=store_sign,
         STORE_CNT=store_cnt, REDUCE=reduce, MEAN_RED=(reduction == "mean"),
-        num_warps=cfg["num_warps"],
+        **_flat(cfg, k), num_warps=cfg["num_warps"],
     )
     return dict(
         mean=mean, std=std, ce_rows=ce_rows, kl_rows=kl_rows, pair_terms=pair_terms,
@@ -412,7 +639,7 @@ def _launch_bwd(
         BLOCK_R=cfg["BLOCK_R"], BLOCK_K=next_pow2(k),
         CE_MODE=ce_mode, CE_MEAN=ce_mean_nv is not None, KL_MODE=kl_mode,
         HAS_CNT=has_cnt, HAS_DMU=dmu is not None, HAS_DSTD=dstd is not None,
-        num_warps=cfg["num_warps"],
+        **_flat(cfg, k), num_warps=cfg["num_warps"],
     )
     return dx
 
@@ -452,7 +679,7 @@ class _ScoreStatsFn(torch.autograd.Function):
             cfg = CONFIGS["stats_fwd"]
             _stats_fwd_kernel[(cdiv(rows, cfg["BLOCK_R"]),)](
                 x, k, bins, k, rows, inv_tau, probs, mean, std,
-                BLOCK_R=cfg["BLOCK_R"], BLOCK_K=next_pow2(k), num_warps=cfg["num_warps"],
+                BLOCK_R=cfg["BLOCK_R"], BLOCK_K=next_pow2(k), **_flat(cfg, k), num_warps=cfg["num_warps"],
             )
         ctx.save_for_backward(x, bins)
         ctx.inv_tau = inv_tau
@@ -477,7 +704,7 @@ class _ScoreStatsFn(torch.autograd.Function):
                 gp, gp.stride(0), gp.stride(1), *_vec(g_mean, x), *_vec(g_std, x),
                 BLOCK_R=cfg["BLOCK_R"], BLOCK_K=next_pow2(k),
                 HAS_DP=g_probs is not None, HAS_DMU=g_mean is not None, HAS_DSTD=g_std is not None,
-                num_warps=cfg["num_warps"],
+                **_flat(cfg, k), num_warps=cfg["num_warps"],
             )
         return dx, None, None
 

@@ -36,6 +36,8 @@ def test_launches_compile_for_sm90_with_tuning_sample():
     assert any("rubric_fwd" in ln and "BLOCK_R=512 BLOCK_P=256" in ln for ln in lines)
     assert any("gdso_fwd" in ln and "PAIRS=16" in ln for ln in lines)
     assert any("gdso_fwd" in ln and "BLOCK_S=128" in ln for ln in lines)  # G = 64
+    for kernel in ("stats_fwd", "stats_bwd", "rubric_fwd", "rubric_bwd"):  # the row-per-thread layout
+        assert any(f"] {kernel} " in ln and "FLAT=True KC=9" in ln for ln in lines), kernel
     assert len(lines) >= 30
 
 

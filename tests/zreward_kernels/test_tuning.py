@@ -33,6 +33,7 @@ def test_gdso_several_pairs_per_program(kdev, pairs_per_prog, G, P):
 @pytest.mark.parametrize("fwd,bwd", [
     (dict(BLOCK_R=16, BLOCK_P=4, num_warps=1), dict(BLOCK_R=32, num_warps=2)),
     (dict(BLOCK_R=256, BLOCK_P=256, num_warps=8), dict(BLOCK_R=256, num_warps=8)),
+    (dict(BLOCK_R=32, BLOCK_P=16, num_warps=1, FLAT=1), dict(BLOCK_R=64, num_warps=2, FLAT=1)),
 ])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_rubric_loss_tile_sizes(kdev, fwd, bwd, reduction):
@@ -52,15 +53,79 @@ def test_rubric_loss_tile_sizes(kdev, fwd, bwd, reduction):
     assert_close(k_grad, r_grad, atol=2e-5, rtol=2e-5, name="grad")
 
 
-@pytest.mark.parametrize("block_r", [1, 16, 512])
-def test_score_stats_tile_sizes(kdev, block_r):
+@pytest.mark.parametrize("block_r,flat", [(1, 0), (16, 0), (512, 0), (1, 1), (32, 1), (256, 1)])
+def test_score_stats_tile_sizes(kdev, block_r, flat):
     x = (torch.randn(37, 9, generator=torch.Generator().manual_seed(1)) * 3).to(kdev)
+    x[5, 3] = float("-inf")
     r_out, r_grad = run_with_grads(lambda t: score_stats(t, backend="reference"), x)
-    with override("stats_fwd", BLOCK_R=block_r), override("stats_bwd", BLOCK_R=block_r, num_warps=1):
+    with override("stats_fwd", BLOCK_R=block_r, FLAT=flat), \
+            override("stats_bwd", BLOCK_R=block_r, num_warps=1, FLAT=flat):
         k_out, k_grad = run_with_grads(lambda t: score_stats(t, backend="triton"), x)
     for name, a, b in zip(r_out._fields, k_out, r_out):
         assert_close(a, b, name=name)
     assert_close(k_grad, r_grad, name="grad")
+
+
+CE_TERMS = [None, "target", "target_probs"]
+KL_TERMS = [None, "teacher_logits", "teacher_probs"]
+
+
+@pytest.mark.parametrize("ce", CE_TERMS)
+@pytest.mark.parametrize("kl", KL_TERMS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_rubric_loss_row_per_thread_layout_every_term(kdev, ce, kl, reduction):
+    """FLAT=1 (one row per lane, unrolled bins) against the reference: every CE and KL form, pairs,
+    ignored rows, a -inf logit, zeros in the soft targets and teacher, temperature, 3-D logits."""
+    gen = torch.Generator().manual_seed(11)
+    n, d, p = 23, 3, 17
+    x = torch.randn(n, d, 9, generator=gen) * 3
+    x[2, 1, 4] = float("-inf")
+    t = torch.randint(0, 9, (n, d), generator=gen)
+    t[::3, 0] = -100
+    tp = torch.softmax(torch.randn(n, d, 9, generator=gen), -1)
+    tp[..., 0] = 0
+    tp = tp / tp.sum(-1, keepdim=True)
+    tl_ = torch.randn(n, d, 9, generator=gen) * 2
+    tq = torch.softmax(tl_, -1)
+    tq[..., 4] = 0  # no teacher mass where the student has a -inf logit
+    tq = tq / tq.sum(-1, keepdim=True)
+    kw = dict(pairs=torch.randint(0, n * d, (p, 2), generator=gen), pair_gaps=torch.randn(p, generator=gen),
+              reduction=reduction, temperature=1.3)
+    if ce:
+        kw[ce] = t if ce == "target" else tp
+    if kl:
+        kw[kl] = tl_ if kl == "teacher_logits" else tq
+    kw = {k: (v.to(kdev) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    x = x.to(kdev)
+    r_out, r_grad = run_with_grads(lambda z: rubric_loss(z, backend="reference", **kw), x)
+    with override("rubric_fwd", FLAT=1, BLOCK_R=32, num_warps=1), override("rubric_bwd", FLAT=1, BLOCK_R=64):
+        k_out, k_grad = run_with_grads(lambda z: rubric_loss(z, backend="triton", **kw), x)
+    for name, a, b in zip(r_out._fields, k_out, r_out):
+        assert_close(a, b, atol=2e-5, rtol=2e-5, name=name)
+    assert_close(k_grad, r_grad, atol=2e-5, rtol=2e-5, name="grad")
+
+
+def test_row_per_thread_layout_low_precision_and_large_grids(kdev):
+    """bf16 logits under FLAT=1; a grid above FLAT_MAX_BINS falls back to the tile layout."""
+    from zreward_kernels.rubric import FLAT_MAX_BINS
+
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(40, 9, generator=gen) * 2).to(kdev)
+    t = torch.randint(0, 9, (40,), generator=gen).to(kdev)
+    r_out, r_grad = run_with_grads(lambda z: rubric_loss(z, backend="reference", target=t), x)
+    with override("rubric_fwd", FLAT=1), override("rubric_bwd", FLAT=1):
+        k_out, k_grad = run_with_grads(lambda z: rubric_loss(z, backend="triton", target=t), x.bfloat16())
+    assert k_grad.dtype == torch.bfloat16
+    assert_close(k_out.loss, r_out.loss, atol=3e-2, rtol=3e-2, name="loss")
+    assert_close(k_grad, r_grad, atol=3e-2, rtol=3e-2, name="grad")
+    bins = tuple(float(i) for i in range(FLAT_MAX_BINS + 8))
+    xb = (torch.randn(10, len(bins), generator=gen)).to(kdev)
+    r_out, r_grad = run_with_grads(lambda z: score_stats(z, bin_values=bins, backend="reference"), xb)
+    with override("stats_fwd", FLAT=1), override("stats_bwd", FLAT=1):
+        k_out, k_grad = run_with_grads(lambda z: score_stats(z, bin_values=bins, backend="triton"), xb)
+    for name, a, b in zip(r_out._fields, k_out, r_out):
+        assert_close(a, b, atol=1e-4, rtol=1e-4, name=name)
+    assert_close(k_grad, r_grad, atol=1e-4, rtol=1e-4, name="grad")
 
 
 def test_override_rejects_bad_settings():
@@ -75,6 +140,9 @@ def test_override_rejects_bad_settings():
             pass
     with pytest.raises(ValueError, match="stats_fwd.num_warps must be one of"):
         with override("stats_fwd", num_warps=3):
+            pass
+    with pytest.raises(ValueError, match=r"rubric_bwd.FLAT must be 0 \(tile layout\) or 1"):
+        with override("rubric_bwd", FLAT=2):
             pass
     before = dict(CONFIGS["rubric_fwd"])
     with pytest.raises(RuntimeError):
@@ -105,7 +173,7 @@ def test_load_configs_applies_a_tuned_file(tmp_path, restore_configs, kdev):
         load_configs(str(path), strict_device="NVIDIA H100")
     assert CONFIGS["rubric_fwd"]["BLOCK_R"] == 128  # nothing applied
     load_configs(str(path))
-    assert CONFIGS["rubric_fwd"] == {"BLOCK_R": 64, "BLOCK_P": 32, "num_warps": 2}
+    assert CONFIGS["rubric_fwd"] == {"BLOCK_R": 64, "BLOCK_P": 32, "num_warps": 2, "FLAT": 0}
     assert CONFIGS["gdso_fwd"] == {"PAIRS": 4, "num_warps": 0}
     # the tuned launch still computes the reference's values
     x = torch.randn(3, 2, 8, 9, generator=torch.Generator().manual_seed(0)).to(kdev)
@@ -148,4 +216,4 @@ def test_environment_variable_applies_a_file_at_import(tmp_path):
     code = "from zreward_kernels._tuning import CONFIGS; print(CONFIGS['stats_bwd'], CONFIGS['stats_fwd'])"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "{'BLOCK_R': 256, 'num_warps': 8} {'BLOCK_R': 128, 'num_warps': 4}"
+    assert r.stdout.strip() == "{'BLOCK_R': 256, 'num_warps': 8, 'FLAT': 0} {'BLOCK_R': 128, 'num_warps': 4, 'FLAT': 0}"
