@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-shot GPU check for the whole package: every GPU test and every GPU benchmark.
+# One-shot GPU check for the whole package: every GPU test, the launch-configuration sweep, the
+# per-kernel profile and every GPU benchmark, inside one time budget.
 # Run on a CUDA machine from the repository root:  OUT=/some/dir bash bench/gpu_check.sh
 # It uses the machine's own python3 (torch, triton, transformers, accelerate, pytest-benchmark are
 # preinstalled on the lent GPU machines); wheels under .whl/ (if any) are installed to /tmp/site
@@ -7,13 +8,23 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl liger-kernel==0.8.5
-# Results land in $OUT: env.txt, build.log, tests.log, tune.md/tune.json/kernel_configs.json, profile.txt, bench.json,
-# bench.log, summary.md.  STEPS picks the steps (default: "tests tune profile bench"; the build always
-# runs); TEST_TIMEOUT, TUNE_TIMEOUT, BENCH_TIMEOUT (seconds) bound them -- keep their sum under the
-# device's per-command limit.
+# Results land in $OUT as at most 8 files (the device tool's limit): env.txt (environment and build),
+# tests.log, tune.md, tune.json, kernel_configs.json, profile.txt, bench.json (all benchmark modules
+# merged), summary.md (tables, then the tail of each benchmark log).
+# STEPS picks the steps (default "tests tune profile bench"; the build always runs).  DEADLINE (s,
+# default 540) bounds the whole script: each step gets min(its own timeout, what is left), and the
+# benchmark modules run in priority order, each with what is left, so a late one is cut, not all.
+# TEST_TIMEOUT (200), TUNE_TIMEOUT (170), BENCH_MODULES (space-separated, priority order).
 set -u
+SECONDS=0
+DEADLINE=${DEADLINE:-540}
 STEPS=${STEPS:-"tests tune profile bench"}
 has_step() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+budget() {  # budget WANTED -> min(WANTED, time left before DEADLINE - 15 s), at least 0
+  local left=$((DEADLINE - SECONDS - 15))
+  [ "$left" -lt 0 ] && left=0
+  [ "$1" -lt "$left" ] && echo "$1" || echo "$left"
+}
 OUT=${OUT:-/tmp/zreward_gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -27,46 +38,75 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
+  echo "== build the compiled extension (csrc/)"
+  ( time $PY setup.py build_ext --inplace ) >/tmp/zreward_build.log 2>&1
+  echo "build exit: $?"
+  tail -n 6 /tmp/zreward_build.log
+  $PY -c "import zreward_kernels as z; print(z.backend_info()['compiled_extension'])"
 } 2>&1 | tee "$OUT/env.txt"
-
-echo "== build the compiled extension (csrc/)"
-( time $PY setup.py build_ext --inplace ) >"$OUT/build.log" 2>&1
-echo "build exit: $?" | tee -a "$OUT/build.log"
-tail -n 4 "$OUT/build.log"
-$PY -c "import zreward_kernels as z; print(z.backend_info()['compiled_extension'])" 2>&1 | tee -a "$OUT/build.log"
 
 if has_step tests; then
   XDIST=""
   $PY -c "import xdist" 2>/dev/null && XDIST="-n ${TEST_WORKERS:-6}"
-  echo "== tests ($XDIST)"
-  timeout "${TEST_TIMEOUT:-240}" $PY -m pytest tests -q -rs $XDIST -p no:cacheprovider >"$OUT/tests.log" 2>&1
-  echo "tests exit: $?" | tee -a "$OUT/tests.log"
+  t=$(budget "${TEST_TIMEOUT:-200}")
+  echo "== tests ($XDIST, ${t}s)"
+  timeout "$t" $PY -m pytest tests -q -rs $XDIST -p no:cacheprovider >"$OUT/tests.log" 2>&1
+  echo "tests exit: $? after ${SECONDS}s" | tee -a "$OUT/tests.log"
   tail -n 25 "$OUT/tests.log"
 fi
 
 if has_step tune; then
-  echo "== launch-configuration sweep (bench/tune_kernels.py)"
-  timeout "${TUNE_TIMEOUT:-200}" $PY bench/tune_kernels.py --json "$OUT/tune.json" \
-    --write-config "$OUT/kernel_configs.json" >"$OUT/tune.md" 2>&1
-  echo "tune exit: $?" | tee -a "$OUT/tune.md"
-  grep -A4 "^###" "$OUT/tune.md" | head -n 60
+  t=$(budget "${TUNE_TIMEOUT:-170}")
+  echo "== launch-configuration sweep (bench/tune_kernels.py, ${t}s)"
+  timeout "$t" $PY bench/tune_kernels.py --json "$OUT/tune.json" --write-config "$OUT/kernel_configs.json" \
+    >"$OUT/tune.md" 2>&1
+  echo "tune exit: $? after ${SECONDS}s" | tee -a "$OUT/tune.md"
+  grep -A4 "^###" "$OUT/tune.md" | head -n 80
+  grep -A8 "^Best per kernel" "$OUT/tune.md"
 fi
 
 if has_step profile; then
-  echo "== per-kernel device time (bench/profile_kernels.py)"
-  timeout 90 $PY bench/profile_kernels.py >"$OUT/profile.txt" 2>&1
-  echo "profile exit: $?" | tee -a "$OUT/profile.txt"
+  t=$(budget 60)
+  echo "== per-kernel device time (bench/profile_kernels.py, ${t}s)"
+  timeout "$t" $PY bench/profile_kernels.py >"$OUT/profile.txt" 2>&1
+  echo "profile exit: $? after ${SECONDS}s" | tee -a "$OUT/profile.txt"
   cat "$OUT/profile.txt"
 fi
 
 if has_step bench; then
-  echo "== benchmarks"
-  timeout "${BENCH_TIMEOUT:-300}" $PY -m pytest bench --benchmark-only -q -p no:cacheprovider \
-    --benchmark-json="$OUT/bench.json" --benchmark-columns=median,iqr,rounds >"$OUT/bench.log" 2>&1
-  echo "bench exit: $?" | tee -a "$OUT/bench.log"
-  tail -n 5 "$OUT/bench.log"
+  mkdir -p /tmp/zreward_bench
+  rm -f /tmp/zreward_bench/*.json /tmp/zreward_bench/*.log
+  MODULES=${BENCH_MODULES:-"test_bench_kernels test_bench_launch test_bench_advantage test_bench_restricted test_bench_scorer"}
+  for m in $MODULES; do
+    t=$(budget 400)
+    if [ "$t" -lt 20 ]; then echo "== bench $m: skipped (no time left)"; continue; fi
+    echo "== bench $m (${t}s)"
+    timeout "$t" $PY -m pytest "bench/$m.py" --benchmark-only -q -p no:cacheprovider \
+      --benchmark-json="/tmp/zreward_bench/$m.json" --benchmark-columns=median,iqr,rounds \
+      >"/tmp/zreward_bench/$m.log" 2>&1
+    echo "bench $m exit: $? after ${SECONDS}s" | tee -a "/tmp/zreward_bench/$m.log"
+    tail -n 3 "/tmp/zreward_bench/$m.log"
+  done
+  $PY - "$OUT/bench.json" /tmp/zreward_bench/*.json <<'EOF'
+import json, sys
+out, parts = sys.argv[1], [p for p in sys.argv[2:] if not p.endswith("*.json")]
+merged = None
+for p in parts:
+    d = json.load(open(p))
+    if merged is None:
+        merged = d
+    else:
+        merged["benchmarks"] += d["benchmarks"]
+if merged is not None:
+    json.dump(merged, open(out, "w"))
+    print(f"merged {len(parts)} benchmark files, {len(merged['benchmarks'])} benchmarks -> {out}")
+EOF
 fi
 if [ -f "$OUT/bench.json" ]; then
-  $PY bench/summarize.py "$OUT/bench.json" --title "Fused kernels on $($PY -c 'import torch; print(torch.cuda.get_device_name(0))')" \
-    >"$OUT/summary.md" && cat "$OUT/summary.md"
+  {
+    $PY bench/summarize.py "$OUT/bench.json" --title "Benchmarks on $($PY -c 'import torch; print(torch.cuda.get_device_name(0))')"
+    for f in /tmp/zreward_bench/*.log; do echo; echo "--- $f"; tail -n 15 "$f"; done
+  } >"$OUT/summary.md" 2>&1
+  head -n 120 "$OUT/summary.md"
 fi
+echo "gpu_check done after ${SECONDS}s"
