@@ -15,7 +15,9 @@
   ``P(a > b) = P(X_a > X_b) + 0.5 P(X_a = X_b)`` with independent ``X ~`` each item's predicted
   distribution, oriented towards the predicted winner and binned by confidence (10 bins).
 * :func:`trimmed_mean` -- the test-set reference: mean after dropping the highest and lowest rating.
-* :func:`evaluate` -- all of the above, pooled over dimensions and per dimension.
+* :func:`gsb` -- the downstream side-by-side score ``(Good - Bad) / (Good + Same + Bad)`` of a tuned
+  generator against its baseline.
+* :func:`evaluate` -- all of the above but GSB, pooled over dimensions and per dimension.
 
 Inputs may be tensors, arrays or lists; computation is float64 numpy/scipy.
 """
@@ -236,6 +238,35 @@ def trimmed_mean(ratings, dim: int = -1, mask=None):
 
         return torch.from_numpy(out)
     return out
+
+
+def gsb(judgments=None, *, good: int = 0, same: int = 0, bad: int = 0) -> float:
+    """GSB of side-by-side judgments of tuned vs baseline images (SPEC section 5):
+    ``(Good - Bad) / (Good + Same + Bad)``, in [-1, 1].
+
+    Give the judgments as a sequence of ``"G"``/``"S"``/``"B"`` (case-insensitive; ``"good"``,
+    ``"same"``, ``"bad"`` too) or of numbers ``+1``/``0``/``-1`` (tuned better / same / worse), or as
+    the counts ``good=``, ``same=``, ``bad=``.  NaN when there are no judgments."""
+    if judgments is not None:
+        if good or same or bad:
+            raise ValueError("give the judgments or the counts good=/same=/bad=, not both")
+        names = {"g": 1, "good": 1, "s": 0, "same": 0, "b": -1, "bad": -1}
+        votes = []
+        for i, j in enumerate(judgments):
+            if isinstance(j, str):
+                if j.lower() not in names:
+                    raise ValueError(f"judgment {i}: expected G, S or B, got {j!r}")
+                votes.append(names[j.lower()])
+            elif j in (1, 0, -1) and not isinstance(j, bool):
+                votes.append(int(j))
+            else:
+                raise ValueError(f"judgment {i}: expected G/S/B or +1/0/-1, got {j!r}")
+        good, same, bad = votes.count(1), votes.count(0), votes.count(-1)
+    for name, c in (("good", good), ("same", same), ("bad", bad)):
+        if not isinstance(c, (int, np.integer)) or isinstance(c, bool) or c < 0:
+            raise ValueError(f"{name} must be a non-negative integer count, got {c!r}")
+    total = good + same + bad
+    return float("nan") if total == 0 else (good - bad) / total
 
 
 def _block(pred, ref, groups, probs, hist, bin_values) -> Dict[str, float]:

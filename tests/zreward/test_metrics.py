@@ -119,3 +119,22 @@ def test_evaluate_pooled_and_per_dimension():
     sub = [M.hpa(pred[i::2], ref[i::2], groups[i::2]) for i in (0, 1)]
     assert min(sub) <= rep["pooled"]["hpa"] <= max(sub)
     assert rep["pooled"]["srcc"] == pytest.approx(stats.spearmanr(pred, ref)[0])
+
+
+def test_gsb():
+    from zreward.metrics import gsb
+
+    assert gsb(["G", "G", "S", "B"]) == 0.25  # (2 - 1) / 4
+    assert gsb(["good", "Same", "bad", "BAD"]) == -0.25
+    assert gsb([1, 1, 1, 0, -1]) == 0.4
+    assert gsb(good=3, same=1, bad=0) == 0.75
+    assert gsb(good=0, same=5, bad=0) == 0.0
+    assert np.isnan(gsb([]))
+    with pytest.raises(ValueError, match="judgment 1: expected G, S or B, got 'better'"):
+        gsb(["G", "better"])
+    with pytest.raises(ValueError, match="judgment 0: expected G/S/B or"):
+        gsb([2])
+    with pytest.raises(ValueError, match="not both"):
+        gsb(["G"], good=1)
+    with pytest.raises(ValueError, match="bad must be a non-negative integer count"):
+        gsb(good=1, bad=-1)
