@@ -200,3 +200,29 @@ def test_gdso_step_with_liger_equals_pytorch(base, tmp_path):
         logs[loss] = _log(tmp_path / loss)[0]
     for k in ("policy_loss", "loss", "ce", "pw", "reward"):
         assert logs["torch"][k] == pytest.approx(logs["liger"][k], abs=1e-6), k
+
+
+def test_liger_failure_falls_back_under_auto_and_raises_when_requested(base, tmp_path, monkeypatch):
+    """policy_loss='auto' survives a Liger failure (warns, then runs the PyTorch loss: same numbers as a
+    PyTorch run); an explicit policy_loss='liger' surfaces it."""
+    import zreward.train.rl as rl
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated Liger failure")
+
+    def run(loss, out):
+        cfg = TrainConfig(method="gdso", model=base, output_dir=str(out), max_steps=1, batch_size=4, lr=3e-3,
+                          log_every=1, save_every=0, group_size=4, max_trace_tokens=6, inner_updates=2,
+                          device="cpu", policy_loss=loss)
+        train(cfg, items=toy_items())
+        return _log(out)[0]
+
+    plain = run("torch", tmp_path / "torch")
+    monkeypatch.setattr(rl, "liger_token_loss", broken)
+    monkeypatch.setattr(rl, "choose_policy_loss", lambda *a, **k: "liger")  # as on a CUDA machine with Liger
+    with pytest.warns(RuntimeWarning, match="simulated Liger failure.*falls back to the PyTorch policy loss"):
+        fallback = run("auto", tmp_path / "auto")
+    for key in ("loss", "policy_loss", "reward", "ce", "pw"):
+        assert fallback[key] == pytest.approx(plain[key], rel=1e-6, abs=1e-7), key
+    with pytest.raises(RuntimeError, match="simulated Liger failure"):
+        run("liger", tmp_path / "liger")

@@ -249,10 +249,9 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
             return RewardScorer(ZRewardModel(hf_model, zm.processor, zm.rubric, zm.score_tokens), in_vocab_mass=False,
                                 autocast=False)
 
-        from .rl import liger_available
+        from . import rl as _rl
 
-        use_liger = cfg.method != "opd" and (cfg.policy_loss == "liger" or (
-            cfg.policy_loss == "auto" and acc.device.type == "cuda" and liger_available()))
+        use_liger = _rl.choose_policy_loss(cfg.policy_loss, cfg.method, acc.device.type) == "liger"
         ctx = SimpleNamespace(cfg=cfg, zm=zm, acc=acc, module=module, opt=opt, marker=marker, scorer_for=scorer_for,
                               use_liger=use_liger,
                               module_scorer=RewardScorer(zm, in_vocab_mass=False, autocast=False),

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -75,6 +76,16 @@ def liger_available() -> bool:
     except Exception:
         return False
     return True
+
+
+def choose_policy_loss(policy_loss: str, method: str, device_type: str) -> str:
+    """``"liger"`` or ``"torch"`` for a run: ``policy_loss="auto"`` picks Liger on CUDA when it is
+    installed (never for OPD, whose advantages are per token)."""
+    if method == "opd":
+        return "torch"
+    if policy_loss == "liger" or (policy_loss == "auto" and device_type == "cuda" and liger_available()):
+        return "liger"
+    return "torch"
 
 
 def liger_token_loss(hidden: torch.Tensor, tokens: torch.Tensor, weight: torch.Tensor, bias, logp_old, logp_ref,
@@ -314,16 +325,24 @@ class RLMethod:
         policy.train()
         stats: Dict[str, float] = {"reward": float(rewards.mean()), "trace_len": float(mask.sum(1).float().mean()),
                                    "forced_marker": float(np.mean(forced))}
-        use_liger = self.ctx.use_liger
         for u in range(cfg.inner_updates):
-            if use_liger:
+            pol = None
+            if self.ctx.use_liger:
                 from ..hf import lm_head_params
 
-                (h, tok), _, score_logits = module(r_images, r_prompts, r_dims, traces, forced, extra, True)
-                weight, bias = lm_head_params(policy)
-                pol, pstats = liger_token_loss(h, tok, weight, bias, logp_old, logp_ref, advantages, mask,
-                                               cfg.clip_eps, cfg.beta, compiled=h.is_cuda)
-            else:
+                try:
+                    (h, tok), _, score_logits = module(r_images, r_prompts, r_dims, traces, forced, extra, True)
+                    weight, bias = lm_head_params(policy)
+                    pol, pstats = liger_token_loss(h, tok, weight, bias, logp_old, logp_ref, advantages, mask,
+                                                   cfg.clip_eps, cfg.beta, compiled=h.is_cuda)
+                except Exception as exc:  # noqa: BLE001 - auto falls back, an explicit request raises
+                    if cfg.policy_loss == "liger":
+                        raise
+                    warnings.warn(f"Liger's fused GRPO loss failed ({type(exc).__name__}: {exc}); policy_loss='auto' "
+                                  "falls back to the PyTorch policy loss for the rest of this run", RuntimeWarning)
+                    self.ctx.use_liger = False
+                    pol = None
+            if pol is None:
                 logp, _, score_logits = module(r_images, r_prompts, r_dims, traces, forced, extra)
                 pol, pstats = grpo_token_loss(logp, logp_old, logp_ref, advantages, mask, cfg.clip_eps, cfg.beta)
             loss = pol
