@@ -30,6 +30,9 @@ from zreward_kernels import restricted_logits, score_stats
 from .hf import backbone, lm_head_params
 from .model import ZRewardModel
 
+#: Vocabulary columns per chunk of the in-vocabulary-mass normaliser.
+VOCAB_CHUNK = 32768
+
 
 @dataclass
 class RewardOutput:
@@ -194,10 +197,18 @@ class RewardScorer:
         logits = restricted_logits(h, weight, ids, bias, validate=False).float()
         mass = None
         if self.in_vocab_mass:
-            full = (h @ weight.to(h.dtype).t()).float()
-            if bias is not None:
-                full = full + bias.float()
-            mass = torch.exp(torch.logsumexp(logits, -1) - torch.logsumexp(full, -1))
+            # a diagnostic: no gradient (so a differentiable call keeps no [rows, V] activations), and
+            # the full-vocabulary log-normaliser in column chunks (peak memory rows x VOCAB_CHUNK)
+            with torch.no_grad():
+                hd = h.detach()
+                lse = None
+                for start in range(0, weight.shape[0], VOCAB_CHUNK):
+                    z = (hd @ weight[start:start + VOCAB_CHUNK].to(hd.dtype).t()).float()
+                    if bias is not None:
+                        z = z + bias[start:start + VOCAB_CHUNK].float()
+                    part = torch.logsumexp(z, -1)
+                    lse = part if lse is None else torch.logaddexp(lse, part)
+                mass = torch.exp(torch.logsumexp(logits.detach(), -1) - lse)
         return logits, mass
 
     def _score_batch(self, images, prompts, dims):

@@ -178,3 +178,26 @@ def test_query_logits_rows_match_scoring_and_train(zmodel):
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in zmodel.model.parameters())
     with pytest.raises(ValueError, match="got 2 dimensions for 3 prompts"):
         scorer.query_logits(imgs, PROMPTS[:3], dims[:2])
+
+
+def test_in_vocab_mass_is_chunked_and_gradient_free(zmodel, monkeypatch):
+    """The mass equals softmax over the full vocabulary summed at the score tokens, however the
+    vocabulary is chunked, and a differentiable call keeps no graph for it."""
+    import zreward.scorer as sc
+
+    imgs = _images(2)
+    whole = RewardScorer(zmodel).score(imgs, PROMPTS[:2])
+    monkeypatch.setattr(sc, "VOCAB_CHUNK", 7)  # many uneven chunks
+    chunked = RewardScorer(zmodel).score(imgs, PROMPTS[:2])
+    torch.testing.assert_close(chunked.in_vocab_mass, whole.in_vocab_mass, atol=1e-6, rtol=1e-5)
+    # against a direct full-vocabulary softmax at one score position
+    from zreward.train.rl import _generation_inputs
+
+    enc = _generation_inputs(RewardScorer(zmodel), [imgs[0]], [PROMPTS[0]], ["alignment"])
+    with torch.no_grad():
+        p = torch.softmax(zmodel.model(**enc).logits[0, -1].float(), -1)
+    want = float(p[list(zmodel.score_tokens.token_ids)].sum())
+    assert abs(float(whole.in_vocab_mass[0, 0]) - want) < 1e-5
+    x = torch.rand(1, 3, 56, 56, requires_grad=True)
+    out = RewardScorer(zmodel).score(x, PROMPTS[:1], differentiable=True)
+    assert out.reward.requires_grad and not out.in_vocab_mass.requires_grad
