@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from ._triton_utils import HAS_TRITON, TRITON_IMPORT_ERROR, TRITON_VERSION, interpreter_enabled
+from ._tuning import CONFIGS
 
 BACKENDS = ("auto", "reference", "triton")
 _LAST_BACKEND: dict = {}
@@ -96,6 +97,8 @@ def backend_info() -> dict:
         "default_backend_cpu": "reference",
         "compiled_extension": _extension_status(),
         "last_backend": dict(_LAST_BACKEND),
+        "kernel_configs": {k: dict(v) for k, v in CONFIGS.items()},
+        "kernel_configs_file": os.environ.get("ZREWARD_KERNEL_CONFIGS"),
     }
 
 

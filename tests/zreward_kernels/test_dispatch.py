@@ -13,6 +13,11 @@ def test_cpu_auto_uses_reference_and_reports_it():
     assert info["last_backend"]["score_stats"] == "reference"
     for key in ("torch_version", "triton_available", "triton_interpret", "cuda_available", "env_backend"):
         assert key in info
+    from zreward_kernels._tuning import CONFIGS, override
+
+    assert info["kernel_configs"] == CONFIGS and info["kernel_configs"] is not CONFIGS
+    with override("gdso_fwd", PAIRS=4):
+        assert zk.backend_info()["kernel_configs"]["gdso_fwd"]["PAIRS"] == 4  # the configuration in force
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
