@@ -25,7 +25,6 @@ def main() -> None:
     ap.add_argument("--title", default=None)
     args = ap.parse_args()
     data = json.load(open(args.json_file))
-    machine = data.get("machine_info", {})
     table = defaultdict(dict)
     devices = set()
     torch_versions = set()

@@ -2,9 +2,10 @@
 
 A program holds whole pairs (``_tuning.CONFIGS["gdso_fwd"]["PAIRS"]`` of them, one by default),
 each pair's ``2 G`` rows (side ``w`` then side ``l``), so the ``G x G`` gap terms, both group
-advantages and the direct losses come out of one pass over the logits.  The gradient of the (P-averaged) loss is written during the forward (grad-in-forward):
-every normaliser is static here (``1/P``, ``1/2G``, ``1/(2 G^2 R)``), so the backward is a single
-device-side multiply by ``grad_output``.  The scalar loss is reduced by the last program to finish,
+advantages and the direct losses come out of one pass over the logits.  The gradient of the
+(P-averaged) loss is written during the forward (grad-in-forward): every normaliser is static here
+(``1/P``, ``1/2G``, ``1/(2 G^2 R)``), so the backward is a single device-side multiply by
+``grad_output``.  The scalar loss is reduced by the last program to finish,
 in a fixed order (deterministic, no float atomics).
 """
 

@@ -28,7 +28,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -184,7 +184,7 @@ def run(cfg: DemoConfig) -> Dict:
     from .judge import agreement
 
     judge_agree = agreement([s for s in samples if s.split == "test"])
-    _log(f"analytic judge vs latent scores (test images), SRCC: "
+    _log("analytic judge vs latent scores (test images), SRCC: "
          + ", ".join(f"{k} {v:.3f}" for k, v in judge_agree.items()))
 
     bases = {}
