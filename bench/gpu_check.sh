@@ -76,7 +76,7 @@ fi
 if has_step bench; then
   mkdir -p /tmp/zreward_bench
   rm -f /tmp/zreward_bench/*.json /tmp/zreward_bench/*.log
-  MODULES=${BENCH_MODULES:-"test_bench_kernels test_bench_launch test_bench_advantage test_bench_restricted test_bench_scorer"}
+  MODULES=${BENCH_MODULES:-"test_bench_kernels test_bench_restricted test_bench_advantage test_bench_launch test_bench_scorer"}
   for m in $MODULES; do
     t=$(budget 400)
     if [ "$t" -lt 20 ]; then echo "== bench $m: skipped (no time left)"; continue; fi
