@@ -8,6 +8,8 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl liger-kernel==0.8.5
+# With the device tool: run(command="OUT=$OUT bash bench/gpu_check.sh", carry=[".whl"], timeout_s=590); then
+# copy tune.md, kernel_configs.json, summary.md, profile.txt and the logs into bench/results/<device>_* .
 # Results land in $OUT as at most 8 files (the device tool's limit): env.txt (environment and build),
 # tests.log, tune.md, tune.json, kernel_configs.json, profile.txt, bench.json (all benchmark modules
 # merged), summary.md (tables, then the tail of each benchmark log).
