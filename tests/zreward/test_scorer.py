@@ -62,6 +62,30 @@ def test_suffix_layouts_agree_with_unequal_questions(attn):
         RewardScorer(zm, layout="stacked")
 
 
+def test_flash_attention_models_use_the_repeated_cache(zmodel, monkeypatch):
+    """FlashAttention takes no custom mask: layout='auto' falls back to the repeated cache (same
+    scores), and an explicit layout='packed' is refused with a clear error."""
+    calls = []
+    imgs = _images(2)
+    want = RewardScorer(zmodel, shared_prefix=False).score(imgs, PROMPTS[:2])
+    auto = RewardScorer(zmodel)
+    packed = RewardScorer(zmodel, layout="packed")
+    monkeypatch.setattr(auto, "_attn_impl", lambda: "flash_attention_2")
+    orig = auto._base.forward
+
+    def spy(*a, **k):
+        calls.append(k.get("attention_mask").dim() if k.get("attention_mask") is not None else None)
+        return orig(*a, **k)
+
+    monkeypatch.setattr(auto._base, "forward", spy)
+    got = auto.score(imgs, PROMPTS[:2])
+    torch.testing.assert_close(got.probs, want.probs, atol=1e-5, rtol=1e-5)
+    assert calls == [2, 2]  # prefix and suffix passes with 2-D padding masks: no block mask built
+    monkeypatch.setattr(packed, "_attn_impl", lambda: "flash_attention_2")
+    with pytest.raises(ValueError, match="layout='packed' needs SDPA or eager attention"):
+        packed.score(imgs, PROMPTS[:2])
+
+
 def test_scores_are_the_models_own_next_token_logits(zmodel):
     """The restricted head on the backbone's states equals the full model's next-token logits at
     the score position, gathered at the score tokens (one unpadded query at a time)."""
