@@ -34,15 +34,48 @@ from test_bench_kernels import _case, _fused_loss  # noqa: E402
 from zreward_kernels._tuning import CONFIGS, SWEEP, override  # noqa: E402
 
 OP = {"stats_fwd": "score_stats", "stats_bwd": "score_stats", "rubric_fwd": "rubric_loss",
-      "rubric_bwd": "rubric_loss", "gdso_fwd": "gdso_loss"}
+      "rubric_bwd": "rubric_loss", "gdso_fwd": "gdso_loss", "group_advantage": "group_advantage"}
 ROWS = (16384, 262144)  # rows of 9 logits; gdso_loss: P = rows / 16 pairs of 2 x 8 (8192 rows: the goal's P = 512)
 GDSO_ROWS = (8192, 262144)
+ADV_SIZES = (1 << 20, -(1 << 20))  # M rewards in groups of 16; negative: variable groups of 1..31 (offsets)
+
+
+def _advantage_graph(m: int):
+    """The compiled group advantage (forward only) captured in a CUDA graph."""
+    from zreward_kernels import group_advantage
+
+    gen = torch.Generator().manual_seed(0)
+    r = torch.randn(abs(m), generator=gen).cuda()
+    if m > 0:
+        def fn():
+            return group_advantage(r, group_size=16, validate=False)
+    else:
+        sizes = torch.randint(1, 32, (abs(m) // 16,), generator=gen)
+        off = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)]).clamp(max=abs(m))
+        off[-1] = abs(m)
+        off = off.cuda()
+
+        def fn():
+            return group_advantage(r, group_offsets=off, validate=False)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
 
 
 def graph_ms(op: str, rows: int, reps: int) -> float:
-    x0, kw = _case(op, rows)
-    x = x0.clone().requires_grad_(True)
-    graph = capture_fwd_bwd(_fused_loss(op), x, kw)
+    if op == "group_advantage":
+        graph = _advantage_graph(rows)
+    else:
+        x0, kw = _case(op, rows)
+        x = x0.clone().requires_grad_(True)
+        graph = capture_fwd_bwd(_fused_loss(op), x, kw)
     graph.replay()
     torch.cuda.synchronize()
     times = []
@@ -59,7 +92,7 @@ def graph_ms(op: str, rows: int, reps: int) -> float:
 
 def sweep(kernel: str, reps: int, quick: bool) -> list:
     op = OP[kernel]
-    sizes = (GDSO_ROWS if op == "gdso_loss" else ROWS)[: 1 if quick else None]
+    sizes = {"gdso_loss": GDSO_ROWS, "group_advantage": ADV_SIZES}.get(op, ROWS)[: 1 if quick else None]
     default = dict(CONFIGS[kernel])
     cands = [default] + [c for c in SWEEP[kernel] if {**default, **c} != default]
     results = []
@@ -83,7 +116,9 @@ def report(results: list) -> str:
     for kernel, rows in keys:
         rs = [r for r in results if r["kernel"] == kernel and r["rows"] == rows]
         base = next((r.get("ms") for r in rs if r["default"]), None)
-        lines += [f"\n### {kernel} ({rs[0]['op']} fwd+bwd, {rows} rows, CUDA graph)\n",
+        what = (f"M = {abs(rows)}, {'groups of 16' if rows > 0 else 'variable groups of 1..31'}"
+                if kernel == "group_advantage" else f"fwd+bwd, {rows} rows")
+        lines += [f"\n### {kernel} ({rs[0]['op']} {what}, CUDA graph)\n",
                   "| config | us | vs default |", "|---|---|---|"]
         for r in sorted(rs, key=lambda r: r.get("ms", float("inf"))):
             cfg = ", ".join(f"{k}={v}" for k, v in r["config"].items()) + (" (default)" if r["default"] else "")

@@ -20,6 +20,12 @@ enum DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
 int group_advantage_cuda_launch(const void* rewards, int in_dtype, const int64_t* offsets, int64_t M, int64_t G,
                                 int64_t group_size, int mode, double eps, void* adv, void* mean, void* stdv,
                                 bool* zero_std, void* stream);
+
+// Launch tuning (process-wide, read at each launch): members each lane of a segment visits for the
+// typical group size, a power of two in 1..32 (1 = one lane per member, the default).  Returns 0, or
+// -1 for a value out of range (left unchanged).
+int group_advantage_cuda_set_elems_per_lane(int elems);
+int group_advantage_cuda_elems_per_lane();
 #endif
 
 }  // namespace zreward

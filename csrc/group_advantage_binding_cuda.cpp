@@ -44,9 +44,30 @@ TORCH_LIBRARY_IMPL(zreward, CUDA, m) { m.impl("group_advantage", &group_advantag
 
 }  // namespace zreward
 
+namespace {
+PyObject* set_elems_per_lane(PyObject*, PyObject* arg) {
+  const long v = PyLong_AsLong(arg);
+  if (v == -1 && PyErr_Occurred()) return nullptr;
+  if (zreward::group_advantage_cuda_set_elems_per_lane(static_cast<int>(v)) != 0) {
+    PyErr_SetString(PyExc_ValueError, "elems_per_lane must be a power of two in 1..32");
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* elems_per_lane(PyObject*, PyObject*) {
+  return PyLong_FromLong(zreward::group_advantage_cuda_elems_per_lane());
+}
+
+PyMethodDef methods[] = {
+    {"set_elems_per_lane", set_elems_per_lane, METH_O, "Launch tuning of the group-advantage CUDA kernel."},
+    {"elems_per_lane", elems_per_lane, METH_NOARGS, "The current elements per lane."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
 extern "C" {
 PyObject* PyInit__C_cuda(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C_cuda", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C_cuda", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

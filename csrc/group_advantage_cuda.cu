@@ -2,6 +2,7 @@
 //
 // Each group is handled by a *segment* of L lanes of one warp (L = 1..32, a power of two): small
 // fixed groups pack 32/L groups into one warp, variable or medium groups get a whole warp, and
+// (tunable: elements per lane) a lane may visit several members;
 // large fixed groups (>= 1024) get a block of 256 threads.  Statistics are accumulated in double,
 // shifted by the group's first value (exact for 1e6 + small noise), with a second pass for the
 // variance.  No atomics: every group is reduced by exactly one segment or block (deterministic).
@@ -181,6 +182,8 @@ __global__ void block_kernel(const T* __restrict__ r, const int64_t* __restrict_
   }
 }
 
+int g_elems_per_lane = 1;  // see group_advantage_cuda_set_elems_per_lane
+
 template <typename T, typename O, int L>
 cudaError_t launch_seg(const T* r, const int64_t* offsets, int64_t G, int64_t gsize, int mode, double eps, O* adv,
                        O* mean, O* sd, bool* zs, cudaStream_t stream) {
@@ -203,9 +206,11 @@ cudaError_t dispatch(const T* r, const int64_t* offsets, int64_t M, int64_t G, i
                                                                         zs);
     return cudaGetLastError();
   }
-  // lanes per group: the smallest power of two >= the typical group size, capped at a warp
+  // lanes per group: the smallest power of two >= typical / elems-per-lane (each lane then visits about
+  // elems-per-lane members: more work per thread, fewer shuffle steps), capped at a warp
+  const int64_t want = (typical + g_elems_per_lane - 1) / g_elems_per_lane;
   int lanes = 1;
-  while (lanes < typical && lanes < 32) lanes <<= 1;
+  while (lanes < want && lanes < 32) lanes <<= 1;
   switch (lanes) {
     case 1: return launch_seg<T, O, 1>(r, offsets, G, gsize, mode, eps, adv, mean, sd, zs, stream);
     case 2: return launch_seg<T, O, 2>(r, offsets, G, gsize, mode, eps, adv, mean, sd, zs, stream);
@@ -217,6 +222,14 @@ cudaError_t dispatch(const T* r, const int64_t* offsets, int64_t M, int64_t G, i
 }
 
 }  // namespace
+
+int group_advantage_cuda_set_elems_per_lane(int elems) {
+  if (elems < 1 || elems > 32 || (elems & (elems - 1)) != 0) return -1;
+  g_elems_per_lane = elems;
+  return 0;
+}
+
+int group_advantage_cuda_elems_per_lane() { return g_elems_per_lane; }
 
 int group_advantage_cuda_launch(const void* rewards, int in_dtype, const int64_t* offsets, int64_t M, int64_t G,
                                 int64_t group_size, int mode, double eps, void* adv, void* mean, void* stdv,

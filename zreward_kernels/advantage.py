@@ -42,6 +42,10 @@ def _load() -> None:
         from . import _C_cuda  # noqa: F401  (adds the CUDA kernel)
     except Exception as exc:
         EXT_STATUS["cuda"] = f"zreward_kernels._C_cuda not loaded: {type(exc).__name__}: {exc}"
+    else:
+        from ._tuning import push_native
+
+        push_native()  # the launch settings in force (a tuned-config file may have set them)
 
     @torch.library.register_fake("zreward::group_advantage")
     def _fake(rewards, offsets, group_size, mode, eps):

@@ -182,7 +182,7 @@ def record_launches(sweep: str = "none") -> list:
     ``_tuning.SWEEP`` (``sweep="all"``, or ``"sample"``: the smallest, middle and largest of each
     kernel), as ``(kernel, fn, signature, constexprs, warps)``."""
     work = _workloads()
-    cands = {kernel: _candidates(kernel, sweep) for kernel in _tuning.SWEEP}
+    cands = {kernel: _candidates(kernel, sweep) for kernel in _tuning.SWEEP if kernel in _SWEEP_WORKLOADS}
     with intercepted_launches(record=True) as log:
         for group in work.values():
             for _, run in group:

@@ -217,3 +217,52 @@ def test_environment_variable_applies_a_file_at_import(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "{'BLOCK_R': 256, 'num_warps': 8, 'FLAT': 0} {'BLOCK_R': 128, 'num_warps': 4, 'FLAT': 0}"
+
+
+def test_group_advantage_elems_per_lane_reaches_the_cuda_extension():
+    """The CUDA kernel's launch setting lives in the same table; changing it reaches the extension
+    (when built: the setter works without a GPU) and is restored with the table."""
+    import sys
+
+    import zreward_kernels  # noqa: F401  (loads the extensions)
+
+    ext = sys.modules.get("zreward_kernels._C_cuda")
+    if ext is None:
+        pytest.skip("the CUDA extension is not built here")
+    assert ext.elems_per_lane() == CONFIGS["group_advantage"]["ELEMS_PER_LANE"] == 1
+    with override("group_advantage", ELEMS_PER_LANE=4):
+        assert ext.elems_per_lane() == 4
+    assert ext.elems_per_lane() == 1
+    with pytest.raises(ValueError, match="power of two in 1..32"):
+        ext.set_elems_per_lane(3)
+    with pytest.raises(ValueError, match="group_advantage.ELEMS_PER_LANE must be a power of two >= 1, got 3"):
+        with override("group_advantage", ELEMS_PER_LANE=3):
+            pass
+    with pytest.raises(ValueError, match="ELEMS_PER_LANE must be a power of two in 1..32, got 64"):
+        with override("group_advantage", ELEMS_PER_LANE=64):
+            pass
+    assert ext.elems_per_lane() == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("elems", [1, 2, 4, 32])
+def test_group_advantage_cuda_any_elems_per_lane_matches_the_reference(elems):
+    from zreward_kernels import group_advantage
+
+    gen = torch.Generator().manual_seed(elems)
+    r = torch.randn(4096, generator=gen, dtype=torch.float64).cuda()
+    sizes = torch.randint(0, 40, (200,), generator=gen)
+    off = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+    rv = torch.randn(int(off[-1]), generator=gen).cuda()
+    for mode in ("std", "mean", "rloo"):
+        for g in (2, 16, 64):
+            want = group_advantage(r, group_size=g, mode=mode, backend="reference")
+            with override("group_advantage", ELEMS_PER_LANE=elems):
+                got = group_advantage(r, group_size=g, mode=mode, backend="compiled")
+            torch.testing.assert_close(got[0], want[0])
+            torch.testing.assert_close(got[1].std, want[1].std)
+        want = group_advantage(rv, group_offsets=off.cuda(), mode=mode, backend="reference")
+        with override("group_advantage", ELEMS_PER_LANE=elems):
+            got = group_advantage(rv, group_offsets=off.cuda(), mode=mode, backend="compiled")
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+        assert torch.equal(got[1].zero_std, want[1].zero_std)
