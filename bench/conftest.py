@@ -64,22 +64,29 @@ def kernel_names(fn) -> list:
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
-def capture_fwd_bwd(fn, x, kw):
-    """Warm up ``fn(x, **kw).backward()`` on a side stream, then capture one call in a CUDA graph
-    (``x.grad`` is reset first; the graph owns the gradient buffer it writes).  Raises what the
-    capture raises."""
+def capture_graph(step, warmup: int = 3):
+    """Warm ``step()`` up on a side stream, then capture one call in a CUDA graph (returned).
+    Raises what the capture raises."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(3):
-            x.grad = None
-            fn(x, **kw).backward()
+        for _ in range(warmup):
+            step()
     torch.cuda.current_stream().wait_stream(side)
-    x.grad = None
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn(x, **kw).backward()
+        step()
     return graph
+
+
+def capture_fwd_bwd(fn, x, kw):
+    """``fn(x, **kw).backward()`` captured by :func:`capture_graph` (``x.grad`` reset before each
+    call; the graph owns the gradient buffer it writes)."""
+    def step():
+        x.grad = None
+        fn(x, **kw).backward()
+
+    return capture_graph(step)
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from conftest import capture_fwd_bwd  # noqa: E402
+from conftest import capture_fwd_bwd, capture_graph  # noqa: E402
 from test_bench_kernels import _case, _fused_loss  # noqa: E402
 
 from zreward_kernels._tuning import CONFIGS, SWEEP, override  # noqa: E402
@@ -57,16 +57,7 @@ def _advantage_graph(m: int):
 
         def fn():
             return group_advantage(r, group_offsets=off, validate=False)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
+    return capture_graph(fn)
 
 
 def graph_ms(op: str, rows: int, reps: int) -> float:
