@@ -34,7 +34,7 @@ def test_refl_loss_optimises_images_towards_higher_reward(scorer):
         loss.backward()
         assert theta.grad is not None and float(theta.grad.abs().sum()) > 0
         opt.step()
-        history.append(float(out.reward.mean()))
+        history.append(float(out.reward.detach().mean()))
     assert torch.allclose(-loss.detach(), out.reward.detach().mean())
     # a random tiny reward model is nearly flat in pixel space, but gradient steps must climb it
     rises = sum(b > a for a, b in zip(history, history[1:]))

@@ -220,6 +220,7 @@ def test_liger_failure_falls_back_under_auto_and_raises_when_requested(base, tmp
     plain = run("torch", tmp_path / "torch")
     monkeypatch.setattr(rl, "liger_token_loss", broken)
     monkeypatch.setattr(rl, "choose_policy_loss", lambda *a, **k: "liger")  # as on a CUDA machine with Liger
+    monkeypatch.setattr(rl, "liger_available", lambda: True)  # the config check for an explicit 'liger'
     with pytest.warns(RuntimeWarning, match="simulated Liger failure.*falls back to the PyTorch policy loss"):
         fallback = run("auto", tmp_path / "auto")
     for key in ("loss", "policy_loss", "reward", "ce", "pw"):
