@@ -31,6 +31,7 @@ def main() -> None:
     launch = []
     adv = defaultdict(dict)
     head = defaultdict(dict)
+    ce = defaultdict(dict)
     scorer = {}
     for b in data["benchmarks"]:
         ei = b.get("extra_info", {})
@@ -38,6 +39,10 @@ def main() -> None:
             devices.add(ei.get("device_name", "?"))
             torch_versions.add(ei.get("torch", "?"))
             scorer[ei["impl"]] = (ei["images_per_s"], b["stats"]["median"] * 1e3, ei["images"])
+            continue
+        if ei.get("op") == "score_token_ce":
+            devices.add(ei.get("device_name", "?"))
+            ce[ei["n"]][ei["impl"]] = (b["stats"]["median"] * 1e3, ei.get("peak_mem_bytes"))
             continue
         if ei.get("op") == "restricted_head":
             devices.add(ei.get("device_name", "?"))
@@ -111,6 +116,18 @@ def main() -> None:
                 ips, ms, n = scorer[impl]
                 rel = "-" if impl == "shared_prefix" or not base else f"{base / ips:.1f}x faster"
                 print(f"| {impl} | {ips:.2f} | {ms:.1f} ({n} images) | {rel} |")
+
+    if ce:
+        print("\n## Training the score token: fwd+bwd into the hidden states (H = 3584, V = 152064)\n")
+        print("Median ms / peak extra MiB of one call. Full-vocabulary CE (PyTorch) and Liger's fused linear CE "
+              "normalise over all V tokens; restricted CE over the nine score bins.\n")
+        print("| N | full-vocab CE ms | Liger FLCE ms | restricted CE ms | full-vocab MiB | Liger MiB | restricted MiB |")
+        print("|---|---|---|---|---|---|---|")
+        for n in sorted(ce):
+            r = ce[n]
+            cells = [_fmt_ms(r[i][0]) if i in r else "-" for i in ("full_vocab_ce", "liger_flce", "restricted_ce")]
+            mems = [_fmt_mb(r[i][1]) if i in r else "-" for i in ("full_vocab_ce", "liger_flce", "restricted_ce")]
+            print(f"| {n} | " + " | ".join(cells + mems) + " |")
 
     if head:
         print("\n## Vocab-restricted head (H = 3584, V = 152064, K = 9)\n")

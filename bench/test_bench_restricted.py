@@ -62,3 +62,49 @@ def test_restricted_head(benchmark, impl, mode, n):
                                 peak_mem_bytes=peak, device=str(DEVICE), torch=torch.__version__,
                                 device_name=torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else "cpu")
     benchmark.pedantic(step, rounds=1 if slow else 10, iterations=1, warmup_rounds=0)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("impl", ["full_vocab_ce", "liger_flce", "restricted_ce"])
+def test_score_token_ce(benchmark, impl, n):
+    """Training the score token, forward+backward into the hidden states (LM head frozen), the ways a
+    user would run it: cross-entropy over the full vocabulary in PyTorch (``hidden @ W.T`` then CE),
+    Liger-Kernel's fused linear cross-entropy (full vocabulary, chunked, never materialising the
+    logits), and ours: the closed-set CE over the nine score tokens (``rubric_loss_from_hidden``).
+    The first two normalise over all V tokens, ours over the nine bins (SPEC section 1) -- the
+    comparison is of what each costs for the same job.  CUDA only (Liger's kernel is Triton)."""
+    if DEVICE.type != "cuda":
+        pytest.skip("the score-token CE comparison with Liger-Kernel runs on CUDA")
+    from zreward_kernels import rubric_loss_from_hidden
+
+    weight = _weight()
+    gen = torch.Generator().manual_seed(n)
+    bins = torch.randint(0, len(IDS), (n,), generator=gen)
+    labels = torch.tensor(IDS)[bins].to(DEVICE)
+    bins = bins.to(DEVICE)
+    ids = torch.tensor(IDS, device=DEVICE)
+    hidden = torch.randn(n, H, generator=gen).to(DEVICE, DTYPE).requires_grad_(True)
+    if impl == "liger_flce":
+        liger = pytest.importorskip("liger_kernel.transformers")
+        flce = liger.LigerFusedLinearCrossEntropyLoss()
+
+        def loss():
+            return flce(weight, hidden, labels)
+    elif impl == "full_vocab_ce":
+        def loss():
+            return torch.nn.functional.cross_entropy((hidden @ weight.t()).float(), labels)
+    else:
+        def loss():
+            return rubric_loss_from_hidden(hidden, weight, ids, target=bins, validate=False).loss
+
+    def step():
+        hidden.grad = None
+        loss().backward()
+        sync()
+
+    step()
+    peak = peak_memory_bytes(step)
+    benchmark.group = f"score-token CE N={n}"
+    benchmark.extra_info.update(op="score_token_ce", impl=impl, n=n, h=H, v=V, dtype=str(DTYPE), peak_mem_bytes=peak,
+                                device=str(DEVICE), torch=torch.__version__, device_name=torch.cuda.get_device_name(0))
+    benchmark.pedantic(step, rounds=10, iterations=1, warmup_rounds=1)
