@@ -128,22 +128,23 @@ def test_row_per_thread_layout_low_precision_and_large_grids(kdev):
     assert_close(k_grad, r_grad, atol=1e-4, rtol=1e-4, name="grad")
 
 
-def test_override_rejects_bad_settings():
-    with pytest.raises(KeyError, match="unknown kernel 'rubric'"):
-        with override("rubric", BLOCK_R=64):
+@pytest.mark.parametrize("kernel,settings,exc,match", [
+    ("rubric", dict(BLOCK_R=64), KeyError, "unknown kernel 'rubric'"),
+    ("rubric_fwd", dict(PAIRS=2), KeyError, "has no setting 'PAIRS'"),
+    ("rubric_fwd", dict(BLOCK_R=96), ValueError, r"rubric_fwd.BLOCK_R must be a power of two >= 1, got 96"),
+    ("stats_fwd", dict(num_warps=3), ValueError, "stats_fwd.num_warps must be one of"),
+    ("rubric_bwd", dict(FLAT=2), ValueError, r"rubric_bwd.FLAT must be 0 \(tile layout\) or 1"),
+    ("gdso_fwd", dict(PAIRS=2.0), TypeError, "gdso_fwd.PAIRS must be an int"),
+])
+def test_override_rejects_bad_settings(kernel, settings, exc, match):
+    before = {k: dict(v) for k, v in CONFIGS.items()}
+    with pytest.raises(exc, match=match):
+        with override(kernel, **settings):
             pass
-    with pytest.raises(KeyError, match="has no setting 'PAIRS'"):
-        with override("rubric_fwd", PAIRS=2):
-            pass
-    with pytest.raises(ValueError, match=r"rubric_fwd.BLOCK_R must be a power of two >= 1, got 96"):
-        with override("rubric_fwd", BLOCK_R=96):
-            pass
-    with pytest.raises(ValueError, match="stats_fwd.num_warps must be one of"):
-        with override("stats_fwd", num_warps=3):
-            pass
-    with pytest.raises(ValueError, match=r"rubric_bwd.FLAT must be 0 \(tile layout\) or 1"):
-        with override("rubric_bwd", FLAT=2):
-            pass
+    assert CONFIGS == before
+
+
+def test_override_restores_after_an_error():
     before = dict(CONFIGS["rubric_fwd"])
     with pytest.raises(RuntimeError):
         with override("rubric_fwd", BLOCK_R=64):
