@@ -63,32 +63,33 @@ def _qwen2_text_config(tok, ids, hidden, layers):
                 rope_scaling={"type": "mrope", "mrope_section": _mrope_section(hidden // 4)})
 
 
-def tiny_qwen2_vl(seed=0, hidden=32, layers=2, vision_depth=2, max_pixels=84 * 84, extra_words=()):
-    """``extra_words``: more whole words for the word-level tokenizer (e.g. a synthetic world's vocabulary)."""
+def _tiny_qwen2_family(config_cls, model_cls, processor_cls, vision_config, seed, hidden, layers, max_pixels,
+                       extra_words):
+    """Qwen2-VL and Qwen2.5-VL differ only in their classes and vision tower."""
     tok, proc, ids, special = _qwen_parts(
-        transformers.Qwen2VLProcessor, extra_words,
+        processor_cls, extra_words,
         transformers.Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=max_pixels), transformers.Qwen2VLVideoProcessor())
-    cfg = transformers.Qwen2VLConfig(
-        text_config=_qwen2_text_config(tok, ids, hidden, layers),
-        vision_config=dict(depth=vision_depth, embed_dim=hidden, hidden_size=hidden, num_heads=4, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
+    cfg = config_cls(
+        text_config=_qwen2_text_config(tok, ids, hidden, layers), vision_config=vision_config,
         pad_token_id=tok.pad_token_id, eos_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|im_start|>"], **special)
     torch.manual_seed(seed)
-    return transformers.Qwen2VLForConditionalGeneration(cfg).eval(), proc
+    return model_cls(cfg).eval(), proc
+
+
+def tiny_qwen2_vl(seed=0, hidden=32, layers=2, vision_depth=2, max_pixels=84 * 84, extra_words=()):
+    """``extra_words``: more whole words for the word-level tokenizer (e.g. a synthetic world's vocabulary)."""
+    vision = dict(depth=vision_depth, embed_dim=hidden, hidden_size=hidden, num_heads=4, mlp_ratio=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_chans=3)
+    return _tiny_qwen2_family(transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration,
+                              transformers.Qwen2VLProcessor, vision, seed, hidden, layers, max_pixels, extra_words)
 
 
 def tiny_qwen2_5_vl(seed=0, hidden=32, layers=2, vision_depth=2, max_pixels=84 * 84, extra_words=()):
-    tok, proc, ids, special = _qwen_parts(
-        transformers.Qwen2_5_VLProcessor, extra_words,
-        transformers.Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=max_pixels), transformers.Qwen2VLVideoProcessor())
-    cfg = transformers.Qwen2_5_VLConfig(
-        text_config=_qwen2_text_config(tok, ids, hidden, layers),
-        vision_config=dict(depth=vision_depth, hidden_size=hidden, intermediate_size=2 * hidden, num_heads=4,
-                           out_hidden_size=hidden, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-                           window_size=56, fullatt_block_indexes=[vision_depth - 1]),
-        pad_token_id=tok.pad_token_id, eos_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|im_start|>"], **special)
-    torch.manual_seed(seed)
-    return transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval(), proc
+    vision = dict(depth=vision_depth, hidden_size=hidden, intermediate_size=2 * hidden, num_heads=4,
+                  out_hidden_size=hidden, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                  window_size=56, fullatt_block_indexes=[vision_depth - 1])
+    return _tiny_qwen2_family(transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration,
+                              transformers.Qwen2_5_VLProcessor, vision, seed, hidden, layers, max_pixels, extra_words)
 
 
 def tiny_qwen3_vl(seed=0, hidden=32, layers=2, vision_depth=2, max_pixels=96 * 96, extra_words=()):

@@ -80,10 +80,15 @@ if HAS_TRITON:
         return rows, rmask, cols, cmask, m2, p, logp, mu, d, var
 
     @triton.jit
+    def _dvar(var, dstd):
+        """dL/dvar from dL/dstd, per row; std'(0) := 0 at a point mass."""
+        std = tl.sqrt(tl.maximum(var, 0.0))
+        return tl.where(std > 0, dstd / (2.0 * std), 0.0)
+
+    @triton.jit
     def _stats_grad(p, d, var, dmu, dstd):
         """dL/dz of a row given upstream dL/dmean (``dmu``) and dL/dstd (``dstd``), per row."""
-        std = tl.sqrt(tl.maximum(var, 0.0))
-        dvar = tl.where(std > 0, dstd / (2.0 * std), 0.0)  # std'(0) := 0 at a point mass
+        dvar = _dvar(var, dstd)
         return p * (d * dmu[:, None] + dvar[:, None] * (d * d - var[:, None]))
 
     # ---- row-per-thread ("flat") layout: a program's rows are a 1-D vector, one row per lane; the
@@ -96,6 +101,15 @@ if HAS_TRITON:
         for k in tl.static_range(KC):
             m = tl.maximum(m, tl.load(X + off + k, mask=rmask, other=0.0).to(tl.float32) * inv_tau)
         return m
+
+    @triton.jit
+    def _flat_max_sum(X, off, KC: tl.constexpr, inv_tau, rmask, BLOCK_R: tl.constexpr):
+        """Per row: max logit ``m`` and softmax normaliser ``s = sum_k exp(z_k - m)``."""
+        m = _flat_max(X, off, KC, inv_tau, rmask, BLOCK_R)
+        s = tl.zeros([BLOCK_R], tl.float32)
+        for k in tl.static_range(KC):
+            s += tl.exp(tl.load(X + off + k, mask=rmask, other=0.0).to(tl.float32) * inv_tau - m)
+        return m, s
 
     @triton.jit
     def _flat_stats(X, off, V, KC: tl.constexpr, inv_tau, rmask, BLOCK_R: tl.constexpr):
@@ -168,9 +182,7 @@ if HAS_TRITON:
         if HAS_DMU:
             dmu = tl.load(DMU + rows * s_dmu, mask=rmask, other=0.0).to(tl.float32)
         if HAS_DSTD:
-            std = tl.sqrt(tl.maximum(var, 0.0))
-            dvar = tl.where(std > 0, tl.load(DSTD + rows * s_dstd, mask=rmask, other=0.0).to(tl.float32)
-                            / (2.0 * std), 0.0)  # std'(0) := 0 at a point mass
+            dvar = _dvar(var, tl.load(DSTD + rows * s_dstd, mask=rmask, other=0.0).to(tl.float32))
         pgp = tl.zeros([BLOCK_R], tl.float32)
         if HAS_DP:
             for k in tl.static_range(KC):
@@ -263,10 +275,7 @@ if HAS_TRITON:
         kl_r = tl.zeros([BLOCK_R], tl.float32)
         if KL_MODE > 0:
             if KL_MODE == 1:
-                mq = _flat_max(TQ, ko, KC, inv_tau, rmask, BLOCK_R)
-                sq = tl.zeros([BLOCK_R], tl.float32)
-                for k in tl.static_range(KC):
-                    sq += tl.exp(tl.load(TQ + ko + k, mask=rmask, other=0.0).to(tl.float32) * inv_tau - mq)
+                mq, sq = _flat_max_sum(TQ, ko, KC, inv_tau, rmask, BLOCK_R)
                 lseq = mq + tl.log(sq)
             acc = tl.zeros([BLOCK_R], tl.float32)
             for k in tl.static_range(KC):
@@ -458,8 +467,7 @@ if HAS_TRITON:
         ko = rows * KC
         m, s, mu, var = _flat_stats(X, off, V, KC, inv_tau, rmask, BLOCK_R)
         inv_s = 1.0 / s
-        std = tl.sqrt(tl.maximum(var, 0.0))
-        dvar = tl.where(std > 0, dstd / (2.0 * std), 0.0)  # std'(0) := 0 at a point mass
+        dvar = _dvar(var, dstd)
         sum_tp = tl.zeros([BLOCK_R], tl.float32)
         if CE_MODE == 2:
             for k in tl.static_range(KC):
@@ -468,10 +476,7 @@ if HAS_TRITON:
         mq = tl.zeros([BLOCK_R], tl.float32)
         inv_sq = tl.zeros([BLOCK_R], tl.float32)
         if KL_MODE == 1:
-            mq = _flat_max(TQ, ko, KC, inv_tau, rmask, BLOCK_R)
-            sq = tl.zeros([BLOCK_R], tl.float32)
-            for k in tl.static_range(KC):
-                sq += tl.exp(tl.load(TQ + ko + k, mask=rmask, other=0.0).to(tl.float32) * inv_tau - mq)
+            mq, sq = _flat_max_sum(TQ, ko, KC, inv_tau, rmask, BLOCK_R)
             inv_sq = 1.0 / sq
             sum_q = sq * inv_sq
         if KL_MODE == 2:
