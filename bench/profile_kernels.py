@@ -12,6 +12,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import zreward_kernels as zk
+from zreward_kernels._tuning import override
 
 dev = "cuda"
 K = 9
@@ -43,8 +44,21 @@ def cases():
     yield f"score_stats fwd+bwd rows={rows}", lambda: (lambda s: (s.mean.sum() + s.std.sum()).backward())(zk.score_stats(x, validate=False))
 
 
+def variants():
+    """Every case; the group advantage once per CUDA segment kernel (the KERNEL launch setting)."""
+    for name, fn in cases():
+        if name.startswith("group_advantage"):
+            for k in (1, 2):
+                def run(fn=fn, k=k):
+                    with override("group_advantage", KERNEL=k):
+                        return fn()
+                yield f"{name} kernel={k}", run
+        else:
+            yield name, fn
+
+
 only = sys.argv[1] if len(sys.argv) > 1 else ""
-for name, fn in cases():
+for name, fn in variants():
     if only not in name:
         continue
     for _ in range(3):

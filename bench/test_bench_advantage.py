@@ -6,19 +6,20 @@ shape, and once at the goal point M = 1,048,576 in groups of 16 (CPU only: on CU
 makes one device round trip per element).
 """
 
+import contextlib
 from collections import defaultdict
-
 
 import pytest
 import torch
 from conftest import DEVICE, QUICK, sync
 
 from zreward_kernels import group_advantage
+from zreward_kernels._tuning import override
 from zreward_kernels.advantage import compiled_available
 
 SIZES = [1024, 16384] if QUICK else [1024, 16384, 262144, 1048576, 4194304]
 GROUPS = ["2", "16", "64", "var"]
-IMPLS = ["verl_loop", "vectorized", "compiled"]
+IMPLS = ["verl_loop", "vectorized", "compiled", "compiled_kernel2"]  # kernel2: the KERNEL=2 CUDA segment kernel
 
 
 def verl_loop(scores: torch.Tensor, index, epsilon: float = 1e-6) -> torch.Tensor:
@@ -99,6 +100,8 @@ def test_group_advantage(benchmark, impl, groups, m):
         else:
             if compiled_available(DEVICE) is not None:
                 pytest.skip(f"compiled op unavailable: {compiled_available(DEVICE)}")
+            if impl == "compiled_kernel2" and DEVICE.type != "cuda":
+                pytest.skip("KERNEL=2 selects a CUDA segment kernel; on CPU it is the same op as 'compiled'")
             kw = dict(group_size=g) if g else dict(group_offsets=off_d)
             fn = lambda: group_advantage(r, validate=False, **kw)  # noqa: E731
         rounds = 10 if m >= 1048576 else 50
@@ -108,6 +111,11 @@ def test_group_advantage(benchmark, impl, groups, m):
         sync()
         return out
 
+    with override("group_advantage", KERNEL=2) if impl == "compiled_kernel2" else contextlib.nullcontext():
+        _run(benchmark, step, impl, groups, m, rounds)
+
+
+def _run(benchmark, step, impl, groups, m, rounds):
     step()
     benchmark.group = f"group_advantage groups={groups} M={m}"
     benchmark.extra_info.update(op="group_advantage", impl=impl, groups=groups, m=m, device=str(DEVICE),

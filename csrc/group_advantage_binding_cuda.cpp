@@ -45,23 +45,27 @@ TORCH_LIBRARY_IMPL(zreward, CUDA, m) { m.impl("group_advantage", &group_advantag
 }  // namespace zreward
 
 namespace {
-PyObject* set_elems_per_lane(PyObject*, PyObject* arg) {
-  const long v = PyLong_AsLong(arg);
-  if (v == -1 && PyErr_Occurred()) return nullptr;
-  if (zreward::group_advantage_cuda_set_elems_per_lane(static_cast<int>(v)) != 0) {
-    PyErr_SetString(PyExc_ValueError, "elems_per_lane must be a power of two in 1..32");
+PyObject* set_config(PyObject*, PyObject* args) {
+  int elems = 0, kernel = 0;
+  if (!PyArg_ParseTuple(args, "ii", &elems, &kernel)) return nullptr;
+  if (zreward::group_advantage_cuda_set_config(elems, kernel) != 0) {
+    PyErr_Format(PyExc_ValueError,
+                 "group_advantage CUDA config: elems_per_lane must be a power of two in 1..32 and kernel 1 or 2, "
+                 "got elems_per_lane=%d, kernel=%d",
+                 elems, kernel);
     return nullptr;
   }
   Py_RETURN_NONE;
 }
 
-PyObject* elems_per_lane(PyObject*, PyObject*) {
-  return PyLong_FromLong(zreward::group_advantage_cuda_elems_per_lane());
+PyObject* config(PyObject*, PyObject*) {
+  return Py_BuildValue("(ii)", zreward::group_advantage_cuda_elems_per_lane(), zreward::group_advantage_cuda_kernel());
 }
 
 PyMethodDef methods[] = {
-    {"set_elems_per_lane", set_elems_per_lane, METH_O, "Launch tuning of the group-advantage CUDA kernel."},
-    {"elems_per_lane", elems_per_lane, METH_NOARGS, "The current elements per lane."},
+    {"set_config", set_config, METH_VARARGS,
+     "set_config(elems_per_lane, kernel): launch settings of the group-advantage CUDA kernel."},
+    {"config", config, METH_NOARGS, "The current (elems_per_lane, kernel)."},
     {nullptr, nullptr, 0, nullptr}};
 }  // namespace
 

@@ -50,11 +50,9 @@ void run_cpu(const T* r, const int64_t* offsets, int64_t G, int64_t gsize, int64
         s2 += dv * dv;
       }
       const double sd = n > 1 ? std::sqrt(s2 / static_cast<double>(n - 1)) : 0.0;
+      const double scale = advantage_scale(n, sd, mode, eps);
       for (int64_t i = start; i < end; ++i) {
-        const double dv = (static_cast<double>(r[i]) - K) - shift;
-        double a = 0.0;  // a group of one gets advantage 0 in every mode
-        if (n > 1) a = mode == kStd ? dv / (sd + eps) : (mode == kMean ? dv : dv * n / static_cast<double>(n - 1));
-        adv[i] = static_cast<O>(a);
+        adv[i] = static_cast<O>(((static_cast<double>(r[i]) - K) - shift) * scale);
       }
       mean_out[g] = static_cast<O>(K + shift);
       std_out[g] = static_cast<O>(sd);

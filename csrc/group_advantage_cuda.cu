@@ -6,6 +6,15 @@
 // large fixed groups (>= 1024) get a block of 256 threads.  Statistics are accumulated in double,
 // shifted by the group's first value (exact for 1e6 + small noise), with a second pass for the
 // variance.  No atomics: every group is reduced by exactly one segment or block (deterministic).
+//
+// Two segment kernels (chosen at launch, see group_advantage_cuda_set_config):
+// 1. seg_kernel: the first one, measured on an H200 (bench/results/h200*).  A segment past the last
+//    group returns early, so its shuffles use partial masks; zero_std needs min and max reductions;
+//    every pass re-reads the members.
+// 2. seg_kernel_regs: every lane of the warp takes part in every shuffle (full masks, no early exit),
+//    the first kRegs members of each lane stay in registers between the passes (one global read
+//    each), zero_std is one ballot of "differs from the first member", and two sums are the only
+//    reductions.  Same arithmetic as 1 (double, shifted two-pass, one scale per group).
 #define ZREWARD_WITH_CUDA
 #include "group_advantage.h"
 
@@ -51,13 +60,6 @@ __device__ __forceinline__ double seg_max(double v, unsigned mask) {
   return v;
 }
 
-__device__ __forceinline__ double advantage(double dev, int64_t n, double sd, int mode, double eps) {
-  if (n <= 1) return 0.0;
-  if (mode == kStd) return dev / (sd + eps);
-  if (mode == kMean) return dev;
-  return dev * static_cast<double>(n) / static_cast<double>(n - 1);  // rloo: r - mean of the others
-}
-
 // One segment of L lanes per group.
 template <typename T, typename O, int L>
 __global__ void seg_kernel(const T* __restrict__ r, const int64_t* __restrict__ offsets, int64_t G, int64_t gsize,
@@ -99,9 +101,10 @@ __global__ void seg_kernel(const T* __restrict__ r, const int64_t* __restrict__ 
   }
   s2 = seg_sum<L>(s2, mask);
   const double sd = n > 1 ? sqrt(s2 / static_cast<double>(n - 1)) : 0.0;
+  const double scale = advantage_scale(n, sd, mode, eps);
   for (int64_t i = start + lane; i < end; i += L) {
     const double dv = (to_d(r[i]) - K) - shift;
-    adv[i] = static_cast<O>(advantage(dv, n, sd, mode, eps));
+    adv[i] = static_cast<O>(dv * scale);
   }
   if (lane == 0) {
     mean_out[g] = static_cast<O>(K + shift);
@@ -171,9 +174,10 @@ __global__ void block_kernel(const T* __restrict__ r, const int64_t* __restrict_
   }
   s2 = block_reduce(s2, smem, 0);
   const double sd = n > 1 ? sqrt(s2 / static_cast<double>(n - 1)) : 0.0;
+  const double scale = advantage_scale(n, sd, mode, eps);
   for (int64_t i = start + threadIdx.x; i < end; i += kBlock) {
     const double dv = (to_d(r[i]) - K) - shift;
-    adv[i] = static_cast<O>(advantage(dv, n, sd, mode, eps));
+    adv[i] = static_cast<O>(dv * scale);
   }
   if (threadIdx.x == 0) {
     mean_out[g] = static_cast<O>(K + shift);
@@ -182,15 +186,95 @@ __global__ void block_kernel(const T* __restrict__ r, const int64_t* __restrict_
   }
 }
 
-int g_elems_per_lane = 1;  // see group_advantage_cuda_set_elems_per_lane
+// Members of a lane held in registers by seg_kernel_regs (the rest, for groups longer than
+// kRegs * L, are re-read from memory in each pass).
+constexpr int kRegs = 4;
+
+template <int L>
+__device__ __forceinline__ double full_seg_sum(double v) {  // all 32 lanes call it; sums within segments of L
+#pragma unroll
+  for (int off = L / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off, L);
+  return v;
+}
+
+template <typename T, typename O, int L>
+__global__ void __launch_bounds__(kBlock) seg_kernel_regs(const T* __restrict__ r, const int64_t* __restrict__ offsets,
+                                                          int64_t G, int64_t gsize, int mode, double eps,
+                                                          O* __restrict__ adv, O* __restrict__ mean_out,
+                                                          O* __restrict__ std_out, bool* __restrict__ zs_out) {
+  const int64_t g = (static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x) / L;
+  const int lane = static_cast<int>(threadIdx.x) & (L - 1);
+  const bool active = g < G;  // segments past the last group stay (as empty groups) for the shuffles
+  int64_t start = 0, n = 0;
+  if (active) {
+    start = offsets ? offsets[g] : g * gsize;
+    n = (offsets ? offsets[g + 1] : start + gsize) - start;
+  }
+  const double K = n > 0 ? to_d(r[start]) : 0.0;
+  double d[kRegs];  // member - K of this lane's first kRegs members (0 past the group's end)
+#pragma unroll
+  for (int j = 0; j < kRegs; ++j) {
+    const int64_t i = lane + static_cast<int64_t>(j) * L;
+    d[j] = i < n ? to_d(r[start + i]) - K : 0.0;
+  }
+  double s1 = 0.0;
+  bool differs = false;  // x != K  <=>  x - K != 0 (no underflow to 0 for distinct finite values)
+#pragma unroll
+  for (int j = 0; j < kRegs; ++j) {
+    s1 += d[j];
+    differs |= d[j] != 0.0;
+  }
+  for (int64_t i = lane + static_cast<int64_t>(kRegs) * L; i < n; i += L) {
+    const double x = to_d(r[start + i]) - K;
+    s1 += x;
+    differs |= x != 0.0;
+  }
+  s1 = full_seg_sum<L>(s1);
+  const double shift = n > 0 ? s1 / static_cast<double>(n) : 0.0;  // mean - K
+  double s2 = 0.0;
+#pragma unroll
+  for (int j = 0; j < kRegs; ++j) {
+    const double dv = d[j] - shift;
+    if (lane + static_cast<int64_t>(j) * L < n) s2 += dv * dv;
+  }
+  for (int64_t i = lane + static_cast<int64_t>(kRegs) * L; i < n; i += L) {
+    const double dv = (to_d(r[start + i]) - K) - shift;
+    s2 += dv * dv;
+  }
+  s2 = full_seg_sum<L>(s2);
+  const unsigned votes = __ballot_sync(0xffffffffu, differs);
+  const double sd = n > 1 ? sqrt(s2 / static_cast<double>(n - 1)) : 0.0;
+  const double scale = advantage_scale(n, sd, mode, eps);
+#pragma unroll
+  for (int j = 0; j < kRegs; ++j) {
+    const int64_t i = lane + static_cast<int64_t>(j) * L;
+    if (i < n) adv[start + i] = static_cast<O>((d[j] - shift) * scale);
+  }
+  for (int64_t i = lane + static_cast<int64_t>(kRegs) * L; i < n; i += L) {
+    adv[start + i] = static_cast<O>(((to_d(r[start + i]) - K) - shift) * scale);
+  }
+  if (active && lane == 0) {
+    const int first = static_cast<int>(threadIdx.x) & 31;  // this segment's first lane in the warp
+    const unsigned seg_votes = L == 32 ? votes : (votes >> first) & ((1u << (L & 31)) - 1u);
+    mean_out[g] = static_cast<O>(K + shift);
+    std_out[g] = static_cast<O>(sd);
+    zs_out[g] = seg_votes == 0u;
+  }
+}
+
+int g_elems_per_lane = 1;  // see group_advantage_cuda_set_config
+int g_kernel = 1;
 
 template <typename T, typename O, int L>
 cudaError_t launch_seg(const T* r, const int64_t* offsets, int64_t G, int64_t gsize, int mode, double eps, O* adv,
                        O* mean, O* sd, bool* zs, cudaStream_t stream) {
   const int64_t threads = G * L;
-  const int64_t blocks = (threads + kBlock - 1) / kBlock;
-  seg_kernel<T, O, L><<<static_cast<unsigned>(blocks), kBlock, 0, stream>>>(r, offsets, G, gsize, mode, eps, adv,
-                                                                           mean, sd, zs);
+  const unsigned blocks = static_cast<unsigned>((threads + kBlock - 1) / kBlock);
+  if (g_kernel == 2) {
+    seg_kernel_regs<T, O, L><<<blocks, kBlock, 0, stream>>>(r, offsets, G, gsize, mode, eps, adv, mean, sd, zs);
+  } else {
+    seg_kernel<T, O, L><<<blocks, kBlock, 0, stream>>>(r, offsets, G, gsize, mode, eps, adv, mean, sd, zs);
+  }
   return cudaGetLastError();
 }
 
@@ -223,13 +307,16 @@ cudaError_t dispatch(const T* r, const int64_t* offsets, int64_t M, int64_t G, i
 
 }  // namespace
 
-int group_advantage_cuda_set_elems_per_lane(int elems) {
-  if (elems < 1 || elems > 32 || (elems & (elems - 1)) != 0) return -1;
+int group_advantage_cuda_set_config(int elems, int kernel) {
+  if (elems < 1 || elems > 32 || (elems & (elems - 1)) != 0 || (kernel != 1 && kernel != 2)) return -1;
   g_elems_per_lane = elems;
+  g_kernel = kernel;
   return 0;
 }
 
 int group_advantage_cuda_elems_per_lane() { return g_elems_per_lane; }
+
+int group_advantage_cuda_kernel() { return g_kernel; }
 
 int group_advantage_cuda_launch(const void* rewards, int in_dtype, const int64_t* offsets, int64_t M, int64_t G,
                                 int64_t group_size, int mode, double eps, void* adv, void* mean, void* stdv,

@@ -14,6 +14,9 @@ Keys:
 * ``num_warps``: warps per program; 0 for the ``gdso_loss`` default (4 up to ``G = 16``, else 8);
 * ``ELEMS_PER_LANE`` (``group_advantage``, the CUDA kernel of ``csrc/``): group members each lane
   visits for the typical group size (1: one lane per member, up to a warp per group); a power of two;
+* ``KERNEL`` (``group_advantage``): which CUDA segment kernel runs groups below 1024 members: 1, the
+  first one (the committed H200 figures), or 2, with full-warp shuffles, members kept in registers
+  between the passes and a ballot for ``zero_std`` (``csrc/group_advantage_cuda.cu`` says more);
 * ``FLAT``: 0 for the tile layout (a ``[BLOCK_R, 16]`` tile, bins padded to a power of two,
   reductions across lanes), 1 for row per thread (each lane owns whole rows and visits the bins in
   unrolled loops; grids of up to 32 bins).
@@ -38,7 +41,7 @@ CONFIGS: Dict[str, Dict[str, int]] = {
     "rubric_fwd": {"BLOCK_R": 128, "BLOCK_P": 128, "num_warps": 4, "FLAT": 0},
     "rubric_bwd": {"BLOCK_R": 128, "num_warps": 4, "FLAT": 0},
     "gdso_fwd": {"PAIRS": 1, "num_warps": 0},
-    "group_advantage": {"ELEMS_PER_LANE": 1},
+    "group_advantage": {"ELEMS_PER_LANE": 1, "KERNEL": 1},
 }
 
 _POW2_KEYS = ("BLOCK_R", "BLOCK_P", "PAIRS", "ELEMS_PER_LANE")
@@ -64,7 +67,7 @@ SWEEP: Dict[str, list] = {
     "rubric_bwd": _tile(_GRID, 16) + _FLAT,
     "gdso_fwd": [dict(PAIRS=n, num_warps=w) for n in (1, 2, 4, 8, 16) for w in (1, 2, 4, 8)
                  if n * 16 * 16 <= 16 * 32 * w],  # rows per program = PAIRS * 16 at G = 8
-    "group_advantage": [dict(ELEMS_PER_LANE=e) for e in (1, 2, 4, 8)],
+    "group_advantage": [dict(ELEMS_PER_LANE=e, KERNEL=k) for k in (1, 2) for e in (1, 2, 4, 8)],
 }
 
 
@@ -85,6 +88,8 @@ def _check(kernel: str, cfg: Dict[str, int]) -> None:
             raise ValueError(f"{kernel}.{key} must be a power of two >= 1, got {val}")
         if key == "ELEMS_PER_LANE" and val > 32:
             raise ValueError(f"{kernel}.ELEMS_PER_LANE must be a power of two in 1..32, got {val}")
+        if key == "KERNEL" and val not in (1, 2):
+            raise ValueError(f"{kernel}.KERNEL must be 1 or 2, got {val}")
         if key == "FLAT" and val not in (0, 1):
             raise ValueError(f"{kernel}.FLAT must be 0 (tile layout) or 1 (row per thread), got {val}")
         if key == "num_warps" and val not in ((0, 1, 2, 4, 8, 16) if kernel == "gdso_fwd" else (1, 2, 4, 8, 16)):
@@ -136,11 +141,12 @@ def load_configs(path: str, *, strict_device: Optional[str] = None) -> Dict[str,
 
 def push_native() -> None:
     """Hand the settings of compiled (non-Triton) kernels to their extension, when it is loaded:
-    the group-advantage CUDA kernel's elements per lane.  Called whenever the table changes and
-    when the extension loads; a no-op without it."""
+    the group-advantage CUDA kernel's elements per lane and segment kernel.  Called whenever the
+    table changes and when the extension loads; a no-op without it."""
     mod = sys.modules.get("zreward_kernels._C_cuda")
-    if mod is not None and hasattr(mod, "set_elems_per_lane"):
-        mod.set_elems_per_lane(CONFIGS["group_advantage"]["ELEMS_PER_LANE"])
+    if mod is not None and hasattr(mod, "set_config"):
+        cfg = CONFIGS["group_advantage"]
+        mod.set_config(cfg["ELEMS_PER_LANE"], cfg["KERNEL"])
 
 
 if os.environ.get("ZREWARD_KERNEL_CONFIGS"):

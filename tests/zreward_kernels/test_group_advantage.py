@@ -1,5 +1,6 @@
 """group_advantage: every backend against a loop-based reference; opcheck; compile; fallback."""
 
+import contextlib
 import math
 import os
 import subprocess
@@ -10,6 +11,7 @@ import torch
 from kernel_helpers import assert_close
 
 import zreward_kernels as zk
+from zreward_kernels._tuning import override
 from zreward_kernels.advantage import EXT_STATUS, compiled_available
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -53,13 +55,18 @@ def _check(rewards, offsets_list, mode, eps, device, backend, group_size=None, t
     exp_adv, exp_mean, exp_std, exp_zs = _loop_reference(rewards, offsets_list, mode, eps)
     kw = dict(group_size=group_size) if group_size is not None else dict(
         group_offsets=torch.tensor(offsets_list, dtype=torch.long, device=device))
-    adv, st = zk.group_advantage(rewards.to(device), mode=mode, eps=eps, backend=backend, **kw)
-    want = torch.float64 if rewards.dtype == torch.float64 else torch.float32
-    assert adv.dtype == want and st.mean.dtype == want and st.zero_std.dtype == torch.bool
-    assert_close(adv, exp_adv, atol=tol, rtol=tol, name="advantage")
-    assert_close(st.mean, exp_mean, atol=tol, rtol=tol, name="mean")
-    assert_close(st.std, exp_std, atol=tol, rtol=tol, name="std")
-    assert torch.equal(st.zero_std.cpu(), exp_zs), "zero_std"
+    # on CUDA, both segment kernels of csrc/group_advantage_cuda.cu (the KERNEL launch setting)
+    kernels = (1, 2) if device == "cuda" and backend == "compiled" else (None,)
+    for kernel in kernels:
+        ctx = override("group_advantage", KERNEL=kernel) if kernel else contextlib.nullcontext()
+        with ctx:
+            adv, st = zk.group_advantage(rewards.to(device), mode=mode, eps=eps, backend=backend, **kw)
+        want = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+        assert adv.dtype == want and st.mean.dtype == want and st.zero_std.dtype == torch.bool
+        assert_close(adv, exp_adv, atol=tol, rtol=tol, name=f"advantage (kernel {kernel})")
+        assert_close(st.mean, exp_mean, atol=tol, rtol=tol, name=f"mean (kernel {kernel})")
+        assert_close(st.std, exp_std, atol=tol, rtol=tol, name=f"std (kernel {kernel})")
+        assert torch.equal(st.zero_std.cpu(), exp_zs), f"zero_std (kernel {kernel})"
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -220,8 +220,8 @@ def test_environment_variable_applies_a_file_at_import(tmp_path):
     assert r.stdout.strip() == "{'BLOCK_R': 256, 'num_warps': 8, 'FLAT': 0} {'BLOCK_R': 128, 'num_warps': 4, 'FLAT': 0}"
 
 
-def test_group_advantage_elems_per_lane_reaches_the_cuda_extension():
-    """The CUDA kernel's launch setting lives in the same table; changing it reaches the extension
+def test_group_advantage_settings_reach_the_cuda_extension():
+    """The CUDA kernel's launch settings live in the same table; changing them reaches the extension
     (when built: the setter works without a GPU) and is restored with the table."""
     import sys
 
@@ -230,24 +230,33 @@ def test_group_advantage_elems_per_lane_reaches_the_cuda_extension():
     ext = sys.modules.get("zreward_kernels._C_cuda")
     if ext is None:
         pytest.skip("the CUDA extension is not built here")
-    assert ext.elems_per_lane() == CONFIGS["group_advantage"]["ELEMS_PER_LANE"] == 1
+    cfg = CONFIGS["group_advantage"]
+    assert ext.config() == (cfg["ELEMS_PER_LANE"], cfg["KERNEL"]) == (1, 1)
     with override("group_advantage", ELEMS_PER_LANE=4):
-        assert ext.elems_per_lane() == 4
-    assert ext.elems_per_lane() == 1
-    with pytest.raises(ValueError, match="power of two in 1..32"):
-        ext.set_elems_per_lane(3)
+        assert ext.config() == (4, 1)
+        with override("group_advantage", KERNEL=2):
+            assert ext.config() == (4, 2)
+        assert ext.config() == (4, 1)
+    assert ext.config() == (1, 1)
+    for bad in ((3, 1), (64, 1), (1, 0), (1, 3)):
+        with pytest.raises(ValueError, match=f"got elems_per_lane={bad[0]}, kernel={bad[1]}"):
+            ext.set_config(*bad)
     with pytest.raises(ValueError, match="group_advantage.ELEMS_PER_LANE must be a power of two >= 1, got 3"):
         with override("group_advantage", ELEMS_PER_LANE=3):
             pass
     with pytest.raises(ValueError, match="ELEMS_PER_LANE must be a power of two in 1..32, got 64"):
         with override("group_advantage", ELEMS_PER_LANE=64):
             pass
-    assert ext.elems_per_lane() == 1
+    with pytest.raises(ValueError, match="group_advantage.KERNEL must be 1 or 2, got 3"):
+        with override("group_advantage", KERNEL=3):
+            pass
+    assert ext.config() == (1, 1)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("elems", [1, 2, 4, 32])
-def test_group_advantage_cuda_any_elems_per_lane_matches_the_reference(elems):
+@pytest.mark.parametrize("kernel", [1, 2])
+@pytest.mark.parametrize("elems", [1, 2, 4, 8, 32])
+def test_group_advantage_cuda_every_setting_matches_the_reference(elems, kernel):
     from zreward_kernels import group_advantage
 
     gen = torch.Generator().manual_seed(elems)
@@ -258,12 +267,12 @@ def test_group_advantage_cuda_any_elems_per_lane_matches_the_reference(elems):
     for mode in ("std", "mean", "rloo"):
         for g in (2, 16, 64):
             want = group_advantage(r, group_size=g, mode=mode, backend="reference")
-            with override("group_advantage", ELEMS_PER_LANE=elems):
+            with override("group_advantage", ELEMS_PER_LANE=elems, KERNEL=kernel):
                 got = group_advantage(r, group_size=g, mode=mode, backend="compiled")
             torch.testing.assert_close(got[0], want[0])
             torch.testing.assert_close(got[1].std, want[1].std)
         want = group_advantage(rv, group_offsets=off.cuda(), mode=mode, backend="reference")
-        with override("group_advantage", ELEMS_PER_LANE=elems):
+        with override("group_advantage", ELEMS_PER_LANE=elems, KERNEL=kernel):
             got = group_advantage(rv, group_offsets=off.cuda(), mode=mode, backend="compiled")
         torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
         assert torch.equal(got[1].zero_std, want[1].zero_std)
