@@ -83,16 +83,27 @@ def no_launches():
         yield
 
 
-@pytest.mark.parametrize("op", ["score_stats [64,4,9]", "rubric_loss [256,9] CE+KL+pairs", "gdso_loss P=8 G=8"])
+@pytest.mark.parametrize("op", ["score_stats [64,4,9]", "rubric_loss [256,9] CE+KL+pairs", "gdso_loss P=8 G=8",
+                                "group_advantage M=64 g=16"])
 def test_host_path_of_a_fused_call(benchmark, no_launches, op):
     """Host time of one forward+backward of a fused op with its kernel launches replaced by no-ops
     (Python validation and set-up, allocations, autograd.Function, the autograd engine): on the
     lent GPU machines this, not the kernels, dominates a per-call step below ~10^5 rows.  Runs on
-    CPU too (the same host code)."""
+    CPU too (the same host code).  The group advantage (not differentiable, a compiled op rather
+    than Triton) is timed whole on 64 rewards: its wrapper, the dispatcher and the op's set-up."""
     import zreward_kernels as zk
 
     gen = torch.Generator().manual_seed(0)
-    if op.startswith("score_stats"):
+    if op.startswith("group_advantage"):
+        from zreward_kernels.advantage import compiled_available
+
+        if compiled_available(DEVICE) is not None:
+            pytest.skip(f"compiled op unavailable: {compiled_available(DEVICE)}")
+        x = torch.randn(64, generator=gen).to(DEVICE)
+
+        def call():
+            zk.group_advantage(x, group_size=16, validate=False)
+    elif op.startswith("score_stats"):
         x = torch.randn(64, 4, 9, generator=gen).to(DEVICE).requires_grad_(True)
 
         def call():

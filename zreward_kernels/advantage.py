@@ -26,9 +26,11 @@ from .reference import group_advantage as _reference
 
 EXT_STATUS = {"cpu": None, "cuda": None}  # None = loaded; otherwise the reason it is not
 _MODE_CODE = {"std": 0, "mean": 1, "rloo": 2}
+_OP = None  # torch.ops.zreward.group_advantage.default once the extension is loaded (one lookup, not one per call)
 
 
 def _load() -> None:
+    global _OP
     if os.environ.get("ZREWARD_DISABLE_EXTENSIONS", "0") not in ("", "0"):
         EXT_STATUS["cpu"] = EXT_STATUS["cuda"] = "disabled by ZREWARD_DISABLE_EXTENSIONS"
         return
@@ -38,6 +40,7 @@ def _load() -> None:
         EXT_STATUS["cpu"] = f"zreward_kernels._C not loaded: {type(exc).__name__}: {exc}"
         EXT_STATUS["cuda"] = "needs zreward_kernels._C"
         return
+    _OP = torch.ops.zreward.group_advantage.default
     try:
         from . import _C_cuda  # noqa: F401  (adds the CUDA kernel)
     except Exception as exc:
@@ -104,7 +107,8 @@ def group_advantage(
         raise TypeError(f"rewards must be float16, bfloat16, float32 or float64, got {rewards.dtype}")
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D [M], got shape {tuple(rewards.shape)}")
-    if mode not in ADV_MODES:
+    mode_code = _MODE_CODE.get(mode) if isinstance(mode, str) else None
+    if mode_code is None:
         raise ValueError(f"mode must be one of {ADV_MODES}, got {mode!r}")
     eps_ = check_float("eps", eps, nonneg=True)
     m = rewards.shape[0]
@@ -143,10 +147,9 @@ def group_advantage(
         raise RuntimeError(f"group_advantage: backend='compiled' was requested but cannot run: {reason}")
     use_compiled = req != "reference" and reason is None
     record_backend("group_advantage", "compiled" if use_compiled else "reference")
-    rewards = rewards.detach()
+    if rewards.requires_grad:
+        rewards = rewards.detach()
     if use_compiled:
-        adv, mean, std, zs = torch.ops.zreward.group_advantage(
-            rewards, group_offsets, group_size if group_size is not None else 0, _MODE_CODE[mode], eps_
-        )
+        adv, mean, std, zs = _OP(rewards, group_offsets, group_size if group_size is not None else 0, mode_code, eps_)
         return adv, GroupStats(mean, std, zs)
     return _reference(rewards, group_size=group_size, group_offsets=group_offsets, mode=mode, eps=eps_)
