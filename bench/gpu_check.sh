@@ -8,20 +8,24 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl liger-kernel==0.8.5
-# With the device tool: run(command="OUT=$OUT bash bench/gpu_check.sh", carry=[".whl"], timeout_s=590); then
+# With the device tool: run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=590); then
 # copy tune.md, kernel_configs.json, summary.md, profile.txt and the logs into bench/results/<device>_* .
 # Results land in $OUT as at most 8 files (the device tool's limit): env.txt (environment and build),
 # tests.log, tune.md, tune.json, kernel_configs.json, profile.txt, bench.json (all benchmark modules
 # merged), summary.md (tables, then the tail of each benchmark log).
-# STEPS picks the steps (default "tests tune profile bench"; the build always runs).  DEADLINE (s,
-# default 540) bounds the whole script: each step gets min(its own timeout, what is left), and the
-# benchmark modules run in priority order, each with what is left, so a late one is cut, not all.
-# TEST_TIMEOUT (200), TUNE_TIMEOUT (170), BENCH_MODULES (space-separated, priority order).
+# STEPS picks the steps and their order (default "tests tune bench profile"; the build always runs).
+# DEADLINE (s, default 540) bounds the whole script: each step gets min(its own timeout, what is
+# left), and the benchmark modules run in priority order, each with what is left, so a late one is
+# cut, not all.  TEST_TIMEOUT (200), TUNE_TIMEOUT (120), BENCH_TIMEOUT (400 per module),
+# BENCH_MODULES (space-separated, priority order).
+# Tuned launch configurations: when the tests passed and the sweep wrote kernel_configs.json, the
+# steps after it (bench, profile) run with ZREWARD_KERNEL_CONFIGS pointing at that file
+# (USE_TUNED=0 keeps the defaults); summary.md's first lines say which configurations were used.
 set -u
 SECONDS=0
 DEADLINE=${DEADLINE:-540}
-STEPS=${STEPS:-"tests tune profile bench"}
-has_step() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+STEPS=${STEPS:-"tests tune bench profile"}
+TESTS_RC=none  # exit status of the tests step, when it ran
 budget() {  # budget WANTED -> min(WANTED, time left before DEADLINE - 15 s), at least 0
   local left=$((DEADLINE - SECONDS - 15))
   [ "$left" -lt 0 ] && left=0
@@ -47,40 +51,47 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
   $PY -c "import zreward_kernels as z; print(z.backend_info()['compiled_extension'])"
 } 2>&1 | tee "$OUT/env.txt"
 
-if has_step tests; then
+step_tests() {
   XDIST=""
   $PY -c "import xdist" 2>/dev/null && XDIST="-n ${TEST_WORKERS:-6}"
   t=$(budget "${TEST_TIMEOUT:-200}")
   echo "== tests ($XDIST, ${t}s)"
   timeout "$t" $PY -m pytest tests -q -rs $XDIST -p no:cacheprovider >"$OUT/tests.log" 2>&1
-  echo "tests exit: $? after ${SECONDS}s" | tee -a "$OUT/tests.log"
+  TESTS_RC=$?
+  echo "tests exit: $TESTS_RC after ${SECONDS}s" | tee -a "$OUT/tests.log"
   tail -n 25 "$OUT/tests.log"
-fi
+}
 
-if has_step tune; then
-  t=$(budget "${TUNE_TIMEOUT:-170}")
+step_tune() {
+  t=$(budget "${TUNE_TIMEOUT:-120}")
   echo "== launch-configuration sweep (bench/tune_kernels.py, ${t}s)"
-  timeout "$t" $PY bench/tune_kernels.py --json "$OUT/tune.json" --write-config "$OUT/kernel_configs.json" \
-    >"$OUT/tune.md" 2>&1
+  # kernels of the open goals first; no new kernel's sweep starts in the last 40 s, and the JSON and
+  # best-config files are rewritten after each kernel, so a cut run keeps what it measured
+  timeout "$t" $PY bench/tune_kernels.py --budget $((t > 40 ? t - 40 : 1)) --json "$OUT/tune.json" \
+    --write-config "$OUT/kernel_configs.json" >"$OUT/tune.md" 2>&1
   echo "tune exit: $? after ${SECONDS}s" | tee -a "$OUT/tune.md"
   grep -A4 "^###" "$OUT/tune.md" | head -n 80
   grep -A8 "^Best per kernel" "$OUT/tune.md"
-fi
+  if [ "${USE_TUNED:-1}" = 1 ] && [ "$TESTS_RC" = 0 ] && [ -s "$OUT/kernel_configs.json" ]; then
+    export ZREWARD_KERNEL_CONFIGS="$OUT/kernel_configs.json"
+    echo "== the next steps use the tuned launch configurations ($ZREWARD_KERNEL_CONFIGS)"
+  fi
+}
 
-if has_step profile; then
+step_profile() {
   t=$(budget 60)
   echo "== per-kernel device time (bench/profile_kernels.py, ${t}s)"
   timeout "$t" $PY bench/profile_kernels.py >"$OUT/profile.txt" 2>&1
   echo "profile exit: $? after ${SECONDS}s" | tee -a "$OUT/profile.txt"
   cat "$OUT/profile.txt"
-fi
+}
 
-if has_step bench; then
+step_bench() {
   mkdir -p /tmp/zreward_bench
   rm -f /tmp/zreward_bench/*.json /tmp/zreward_bench/*.log
   MODULES=${BENCH_MODULES:-"test_bench_kernels test_bench_restricted test_bench_advantage test_bench_launch test_bench_scorer"}
   for m in $MODULES; do
-    t=$(budget 400)
+    t=$(budget "${BENCH_TIMEOUT:-400}")
     if [ "$t" -lt 20 ]; then echo "== bench $m: skipped (no time left)"; continue; fi
     echo "== bench $m (${t}s)"
     timeout "$t" $PY -m pytest "bench/$m.py" --benchmark-only -q -p no:cacheprovider \
@@ -103,10 +114,20 @@ if merged is not None:
     json.dump(merged, open(out, "w"))
     print(f"merged {len(parts)} benchmark files, {len(merged['benchmarks'])} benchmarks -> {out}")
 EOF
-fi
+}
+
+for step in $STEPS; do
+  case "$step" in
+    tests | tune | profile | bench) "step_$step" ;;
+    *) echo "unknown step $step (known: tests tune profile bench)" ;;
+  esac
+done
 if [ -f "$OUT/bench.json" ]; then
   {
     $PY bench/summarize.py "$OUT/bench.json" --title "Benchmarks on $($PY -c 'import torch; print(torch.cuda.get_device_name(0))')"
+    echo
+    echo "Launch configurations of these benchmarks (tests exit: $TESTS_RC; ZREWARD_KERNEL_CONFIGS=${ZREWARD_KERNEL_CONFIGS:-unset}):"
+    $PY -c "from zreward_kernels._tuning import CONFIGS; print(CONFIGS)"
     for f in /tmp/zreward_bench/*.log; do echo; echo "--- $f"; tail -n 15 "$f"; done
   } >"$OUT/summary.md" 2>&1
   head -n 120 "$OUT/summary.md"

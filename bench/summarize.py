@@ -65,7 +65,7 @@ def main() -> None:
         torch_versions.add(ei.get("torch", "?"))
         mode = ei.get("mode", "per call")
         table[(ei["op"], ei["rows"], mode)][ei["impl"]] = dict(
-            ms=b["stats"]["median"] * 1e3, mem=ei.get("peak_mem_bytes"),
+            ms=b["stats"]["median"] * 1e3 / ei.get("calls_per_call", 1), mem=ei.get("peak_mem_bytes"),
             kf=ei.get("kernels_fwd"), kb=ei.get("kernels_bwd"),
         )
     title = args.title or "Benchmark results"
@@ -74,7 +74,9 @@ def main() -> None:
           f"pytest-benchmark {data.get('version', '?')}; {data.get('datetime', '')}\n")
     if table:
         print("Forward+backward per call, median ms; peak extra memory of one call in MiB; "
-              "kernel launches forward/backward (CUDA only).\n")
+              "kernel launches forward/backward (CUDA only). Modes: per call (eager Python, a sync after each "
+              "call); cuda-graph (the call captured once, each replay followed by a sync); cuda-graph x20 (20 "
+              "replays back to back, one sync, time per replay).\n")
         print("| op | rows | mode | eager ms | compile ms | fused ms | fused vs eager | fused vs compile "
               "| eager MiB | compile MiB | fused MiB | launches eager | launches compile | launches fused |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")

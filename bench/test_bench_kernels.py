@@ -142,3 +142,37 @@ def test_fwd_bwd_cuda_graph(benchmark, op, impl, rows):
     benchmark.extra_info.update(op=op, impl=impl, rows=rows, mode="cuda-graph", device=str(DEVICE),
                                 torch=torch.__version__, device_name=torch.cuda.get_device_name(0))
     benchmark.pedantic(replay, rounds=50, iterations=5, warmup_rounds=2)
+
+
+REPLAYS = 20
+
+
+@pytest.mark.parametrize("rows", [8192, 262144] if not QUICK else [1024])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("op", ["rubric_loss", "gdso_loss"])
+def test_fwd_bwd_cuda_graph_back_to_back(benchmark, op, impl, rows):
+    """The captured forward+backward replayed REPLAYS times with one sync at the end, timed per
+    replay: what a training loop that replays a captured step without waiting on each one sees --
+    the device time of one step, or the host cost of one graph launch where that is larger.  Only
+    the goal's ops and sizes (gdso_loss at 8192 rows is P = 512, G = 8)."""
+    if DEVICE.type != "cuda":
+        pytest.skip("CUDA graphs need CUDA")
+    x0, kw = _case(op, rows)
+    x = x0.clone().requires_grad_(True)
+    fn = _impl(op, impl)
+    try:
+        graph = capture_fwd_bwd(fn, x, kw)
+    except Exception as exc:  # report, do not hide: a capture failure is a result too
+        pytest.skip(f"{impl} could not be captured in a CUDA graph: {type(exc).__name__}: {exc}"[:300])
+
+    def replays():
+        for _ in range(REPLAYS):
+            graph.replay()
+        sync()
+
+    replays()
+    benchmark.group = f"{op} rows={rows} (CUDA graph, {REPLAYS} back to back)"
+    benchmark.extra_info.update(op=op, impl=impl, rows=rows, mode=f"cuda-graph x{REPLAYS}", calls_per_call=REPLAYS,
+                                device=str(DEVICE), torch=torch.__version__,
+                                device_name=torch.cuda.get_device_name(0))
+    benchmark.pedantic(replays, rounds=20, iterations=1, warmup_rounds=1)

@@ -276,3 +276,45 @@ def test_group_advantage_cuda_every_setting_matches_the_reference(elems, kernel)
             got = group_advantage(rv, group_offsets=off.cuda(), mode=mode, backend="compiled")
         torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
         assert torch.equal(got[1].zero_std, want[1].zero_std)
+
+
+def test_sweep_bookkeeping_picks_the_best_config_and_writes_a_loadable_file(tmp_path, restore_configs):
+    """bench/tune_kernels.py's choice and files, on synthetic timings (the sweep itself needs a GPU):
+    the best config is the one with the best geometric-mean speed-up over the default across sizes,
+    a config not measured at every size (or a failed one) is not chosen, and the file it writes is
+    one load_configs applies."""
+    import argparse
+    import json
+    import os
+    import sys
+
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bench")
+    sys.path.insert(0, bench)
+    try:
+        import tune_kernels as tk
+    finally:
+        sys.path.remove(bench)
+    from zreward_kernels._tuning import SWEEP, load_configs
+
+    assert sorted(tk.ORDER) == sorted(SWEEP)  # every kernel has a place in the sweep order
+    d = {"ELEMS_PER_LANE": 1, "KERNEL": 1}
+
+    def rec(cfg, rows, ms=None, error=None):
+        r = dict(kernel="group_advantage", op="group_advantage", rows=rows, config={**d, **cfg}, default=cfg == {})
+        r.update({"ms": ms} if ms is not None else {"error": error})
+        return r
+
+    results = [rec({}, 1, 0.020), rec({}, 2, 0.080),
+               rec({"KERNEL": 2}, 1, 0.010), rec({"KERNEL": 2}, 2, 0.060),  # 2x and 1.33x: 1.63x
+               rec({"ELEMS_PER_LANE": 4}, 1, 0.005),  # 4x, but not measured at size 2
+               rec({"ELEMS_PER_LANE": 2}, 1, 0.019), rec({"ELEMS_PER_LANE": 2}, 2, error="RuntimeError: boom")]
+    best = tk.best_configs(results)
+    cfg, score = best["group_advantage"]
+    assert cfg == {"ELEMS_PER_LANE": 1, "KERNEL": 2} and score == pytest.approx((2.0 * 80 / 60) ** 0.5)
+    args = argparse.Namespace(json=str(tmp_path / "tune.json"), write_config=str(tmp_path / "best.json"))
+    tk._write(args, results, final=False, device="NVIDIA Test")
+    saved = json.loads((tmp_path / "tune.json").read_text())
+    assert saved["device"] == "NVIDIA Test" and len(saved["results"]) == len(results)
+    assert "KERNEL=2" in tk.report(results) and "failed: RuntimeError: boom" in tk.report(results)
+    load_configs(str(tmp_path / "best.json"), strict_device="NVIDIA Test")
+    assert CONFIGS["group_advantage"] == {"ELEMS_PER_LANE": 1, "KERNEL": 2}
