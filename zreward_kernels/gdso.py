@@ -15,6 +15,7 @@ import torch
 
 from ._triton_utils import HAS_TRITON, cdiv, next_pow2, tl, triton
 from ._tuning import CONFIGS
+from ._workspace import semaphores
 from .reference import GDSOOutput
 
 #: Largest group size the kernel handles (one program holds 2G rows; 2G is padded to a power of two).
@@ -119,6 +120,7 @@ if HAS_TRITON:
         nprog = tl.num_programs(0)
         ticket = tl.atomic_add(COUNTER, 1, sem="acq_rel")
         if ticket == nprog - 1:
+            tl.store(COUNTER, 0)  # every program has its ticket: back to zero (self-resetting, _workspace.py)
             ro = tl.arange(0, BLOCK_RED)
             acc = tl.zeros([BLOCK_RED], tl.float32)
             for start in range(0, nprog, BLOCK_RED):
@@ -152,7 +154,9 @@ class _GDSOFn(torch.autograd.Function):
         nprog = cdiv(n_pairs, pairs)
         part = torch.empty(nprog, **f32)
         loss = torch.empty((), **f32)
-        counter = torch.zeros(1, device=dev, dtype=torch.int32)
+        counter = semaphores(dev)  # zero now and after the launch: no fill per call
+        if counter is None:
+            counter = torch.zeros(1, device=dev, dtype=torch.int32)
         dx = torch.empty_like(x) if needs_grad else torch.empty(0, device=dev, dtype=x.dtype)
         _gdso_fwd_kernel[(nprog,)](
             x, scores, bins, k, g, n_pairs, inv_tau,

@@ -19,8 +19,11 @@ gradients of ``probs``, ``mean`` and ``std`` in place (stride 0 for the expanded
   pair adds its integer sign to a per-row counter (int32 atomics: exact, so deterministic).
 
 Each program writes its partial sums to its own slot; the last program to finish (an acq_rel
-ticket counter) adds the slots in a fixed order and writes the reduced loss, so the forward is
-one kernel launch after one zero-fill of a small int32 workspace, with no host sync.
+ticket counter) adds the slots in a fixed order and writes the reduced loss.  The counters come
+from ``_workspace.semaphores`` (zero at launch, written back to zero by the last program) and the
+per-row pair counts are zeroed by the row programs before any pair program adds to them, so the
+forward is one kernel launch, with no fill and no host sync.  Where no semaphores can be had
+(``torch.compile`` tracing, a capture before any eager call) one small int32 zero-fill comes first.
 
 Why the ``rubric_loss`` backward recomputes instead of storing the gradient in the forward
 (grad-in-forward, as ``gdso_loss`` does): the ``mean`` CE normaliser is the number of non-ignored
@@ -40,6 +43,7 @@ import torch
 
 from ._triton_utils import HAS_TRITON, cdiv, next_pow2, tl, triton
 from ._tuning import CONFIGS
+from ._workspace import semaphores
 from .reference import RubricLossOutput, ScoreStats
 
 # Tile sizes and warps per kernel live in ``_tuning.CONFIGS`` (rows per row program ``BLOCK_R``,
@@ -296,16 +300,25 @@ if HAS_TRITON:
         X, stride_x, V, K, n_rows, inv_tau,
         TGT, TP, TQ, ignore_index,
         PAIRS, GAPS, n_pairs,
-        MEAN, STD, CE_ROWS, KL_ROWS, PAIR_TERMS, SIGN, WS,
+        MEAN, STD, CE_ROWS, KL_ROWS, PAIR_TERMS, SIGN, SEM, CNT,
         PART, LOSS, CE_OUT, KL_OUT, PAIR_OUT, NV_OUT,
         w_ce, w_kl, w_pair, inv_rows, inv_pairs, n_row_progs,
         BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_RED: tl.constexpr,
         CE_MODE: tl.constexpr, KL_MODE: tl.constexpr, HAS_PAIRS: tl.constexpr,
         STORE_ROWS: tl.constexpr, STORE_SIGN: tl.constexpr,
         STORE_CNT: tl.constexpr, REDUCE: tl.constexpr, MEAN_RED: tl.constexpr,
-        FLAT: tl.constexpr, KC: tl.constexpr,
+        ZERO_CNT: tl.constexpr, FLAT: tl.constexpr, KC: tl.constexpr,
     ):
-        pid = tl.program_id(0)
+        # SEM: int32 [ticket, next program id, row programs done, spare], zero at launch; the last
+        # program writes them back to zero (self-resetting, see _workspace.py).  CNT: per-row
+        # pair-sign counts; with ZERO_CNT the buffer is fresh (not zeroed): row programs zero their
+        # rows, and programs take ids in arrival order (SEM[1]) so that the pair programs, which
+        # wait for every row program to have zeroed its rows (SEM[2]), only wait for programs that
+        # are already running (no deadlock however many programs the GPU holds at once).
+        if ZERO_CNT:
+            pid = tl.atomic_add(SEM + 1, 1)
+        else:
+            pid = tl.program_id(0)
         if pid < n_row_progs:
             if FLAT:
                 rows, rmask, ce_r, kl_r, valid = _rubric_rows_flat(
@@ -319,6 +332,10 @@ if HAS_TRITON:
                 tl.store(CE_ROWS + rows, ce_r, mask=rmask)
                 tl.store(KL_ROWS + rows, kl_r, mask=rmask)
                 tl.store(LOSS + rows, w_ce * ce_r + w_kl * kl_r, mask=rmask)
+            if ZERO_CNT:
+                tl.store(CNT + rows, tl.zeros_like(rows).to(tl.int32), mask=rmask)
+                tl.debug_barrier()  # every lane's zeros before the release
+                tl.atomic_add(SEM + 2, 1, sem="release")
             if REDUCE:
                 tl.store(PART + pid * 4 + 0, tl.sum(ce_r, 0))
                 tl.store(PART + pid * 4 + 1, tl.sum(valid.to(tl.float32), 0))
@@ -349,9 +366,12 @@ if HAS_TRITON:
                     tl.store(PAIR_TERMS + pidx, term, mask=pm)
                 if STORE_SIGN:
                     tl.store(SIGN + pidx, sgn.to(tl.float32), mask=pm)
-                if STORE_CNT:  # WS[0] is the ticket counter, WS[1 + row] the row's pair-sign count
-                    tl.atomic_add(WS + 1 + a, sgn, mask=pm)
-                    tl.atomic_add(WS + 1 + b, -sgn, mask=pm)
+                if STORE_CNT:  # CNT[row]: the row's pair-sign count
+                    if ZERO_CNT:
+                        while tl.atomic_add(SEM + 2, 0, sem="acquire") < n_row_progs:
+                            pass
+                    tl.atomic_add(CNT + a, sgn, mask=pm)
+                    tl.atomic_add(CNT + b, -sgn, mask=pm)
                 if REDUCE:
                     tl.store(PART + pid * 4 + 0, 0.0)
                     tl.store(PART + pid * 4 + 1, 0.0)
@@ -361,8 +381,10 @@ if HAS_TRITON:
             # last program to arrive reduces all partial slots in a fixed order (deterministic)
             tl.debug_barrier()
             nprog = tl.num_programs(0)
-            ticket = tl.atomic_add(WS, 1, sem="acq_rel")
+            ticket = tl.atomic_add(SEM, 1, sem="acq_rel")
             if ticket == nprog - 1:
+                # every other program has taken its ticket, its last use of SEM: back to zero
+                tl.store(SEM + tl.arange(0, 4), tl.zeros([4], tl.int32))
                 ro = tl.arange(0, BLOCK_RED)
                 acc_ce = tl.zeros([BLOCK_RED], tl.float32)
                 acc_nv = tl.zeros([BLOCK_RED], tl.int32)
@@ -395,7 +417,7 @@ if HAS_TRITON:
         TGT, TP, TQ, ignore_index,
         CE_COEF, ce_coef_stride, ce_scale, NV,
         KL_COEF, kl_coef_stride, kl_scale,
-        PAIR_COEF, pair_scale, WS,
+        PAIR_COEF, pair_scale, CNT,
         DMU, s_dmu, DSTD, s_dstd,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
         CE_MODE: tl.constexpr, CE_MEAN: tl.constexpr, KL_MODE: tl.constexpr,
@@ -408,7 +430,7 @@ if HAS_TRITON:
         # per-row coefficients: upstream dL/dmean (pair signs included) and dL/dstd, CE and KL weights
         dmu = tl.zeros([BLOCK_R], tl.float32)
         if HAS_CNT:
-            cnt = tl.load(WS + 1 + rows, mask=rmask, other=0).to(tl.float32)
+            cnt = tl.load(CNT + rows, mask=rmask, other=0).to(tl.float32)
             dmu += tl.load(PAIR_COEF).to(tl.float32) * pair_scale * cnt
         if HAS_DMU:
             dmu += tl.load(DMU + rows * s_dmu, mask=rmask, other=0.0).to(tl.float32)
@@ -560,13 +582,20 @@ def _launch_fwd(
         ce_rows = kl_rows = pair_terms = mean
     sign = torch.empty(n_pairs, **f32) if store_sign else mean
     nprog = n_row_progs + n_pair_progs
+    zero_cnt = False
     if reduce:
-        # the only fill: int32 workspace [ticket counter | per-row pair-sign counts]
-        ws = torch.zeros(1 + (rows if store_cnt else 0), device=dev, dtype=torch.int32)
         part = torch.empty(nprog * 4, **f32)
         loss, ce, kl, pair, nv = (torch.empty((), **f32) for _ in range(5))
+        sem = semaphores(dev)
+        if sem is not None:  # no fill: self-resetting counters, counts zeroed by the row programs
+            cnt = torch.empty(rows if store_cnt else 0, device=dev, dtype=torch.int32)
+            zero_cnt = store_cnt
+        else:  # the one fill: int32 [per-row pair-sign counts | 4 counters]
+            n_cnt = rows if store_cnt else 0
+            cnt = torch.zeros(n_cnt + 4, device=dev, dtype=torch.int32)
+            sem = cnt[n_cnt:]
     else:
-        ws = torch.empty(0, device=dev, dtype=torch.int32)
+        sem = cnt = torch.empty(0, device=dev, dtype=torch.int32)
         part = ce = kl = pair = nv = mean
         loss = torch.empty(lead, **f32)
     dummy = x
@@ -579,19 +608,19 @@ def _launch_fwd(
         pairs if has_pairs else dummy,
         gaps if has_pairs else dummy,
         n_pairs,
-        mean, std, ce_rows, kl_rows, pair_terms, sign, ws,
+        mean, std, ce_rows, kl_rows, pair_terms, sign, sem, cnt,
         part, loss, ce, kl, pair, nv,
         float(weights[0]), float(weights[1]), float(weights[2]), 1.0 / max(rows, 1), 1.0 / max(n_pairs, 1),
         n_row_progs,
         BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_K=next_pow2(k), BLOCK_RED=BLOCK_RED,
         CE_MODE=ce_mode, KL_MODE=kl_mode, HAS_PAIRS=has_pairs,
         STORE_ROWS=store_rows, STORE_SIGN=store_sign,
-        STORE_CNT=store_cnt, REDUCE=reduce, MEAN_RED=(reduction == "mean"),
+        STORE_CNT=store_cnt, REDUCE=reduce, MEAN_RED=(reduction == "mean"), ZERO_CNT=zero_cnt,
         **_flat(cfg, k), num_warps=cfg["num_warps"],
     )
     return dict(
         mean=mean, std=std, ce_rows=ce_rows, kl_rows=kl_rows, pair_terms=pair_terms,
-        sign=sign, ws=ws if store_cnt else None, loss=loss, ce=ce, kl=kl, pair=pair, nv=nv,
+        sign=sign, ws=cnt if store_cnt else None, loss=loss, ce=ce, kl=kl, pair=pair, nv=nv,
     )
 
 
