@@ -99,7 +99,15 @@ def backend_info() -> dict:
         "last_backend": dict(_LAST_BACKEND),
         "kernel_configs": {k: dict(v) for k, v in CONFIGS.items()},
         "kernel_configs_file": os.environ.get("ZREWARD_KERNEL_CONFIGS"),
+        "self_resetting_counters": _workspace_state(),
     }
+
+
+def _workspace_state() -> bool:
+    """Whether the fused forwards use self-resetting counters (no fill launch; ``ZREWARD_SELF_RESET``)."""
+    from ._workspace import _STATE
+
+    return bool(_STATE["enabled"])
 
 
 def _extension_status() -> dict:

@@ -18,6 +18,11 @@ def test_cpu_auto_uses_reference_and_reports_it():
     assert info["kernel_configs"] == CONFIGS and info["kernel_configs"] is not CONFIGS
     with override("gdso_fwd", PAIRS=4):
         assert zk.backend_info()["kernel_configs"]["gdso_fwd"]["PAIRS"] == 4  # the configuration in force
+    from zreward_kernels import _workspace
+
+    assert info["self_resetting_counters"] is True
+    with _workspace.disabled():
+        assert zk.backend_info()["self_resetting_counters"] is False
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
