@@ -117,21 +117,27 @@ def test_fwd_bwd(benchmark, op, impl, rows):
     benchmark.pedantic(step, rounds=20 if rows >= 16384 else 50, iterations=1, warmup_rounds=2)
 
 
+def _captured(op, impl, rows):
+    """``op``'s forward+backward by ``impl`` on ``rows`` rows, captured in a CUDA graph (skips
+    without CUDA, and reports a capture failure as the skip reason).  Returns ``(graph, inputs)``:
+    keep the inputs alive while the graph replays (it reads their memory)."""
+    if DEVICE.type != "cuda":
+        pytest.skip("CUDA graphs need CUDA")
+    x0, kw = _case(op, rows)
+    x = x0.clone().requires_grad_(True)
+    try:
+        return capture_fwd_bwd(_impl(op, impl), x, kw), (x, kw)
+    except Exception as exc:  # report, do not hide: a capture failure is a result too
+        pytest.skip(f"{impl} could not be captured in a CUDA graph: {type(exc).__name__}: {exc}"[:300])
+
+
 @pytest.mark.parametrize("rows", SIZES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("op", OPS)
 def test_fwd_bwd_cuda_graph(benchmark, op, impl, rows):
     """The same forward+backward captured once in a CUDA graph and replayed: device time without
     the per-call host overhead (Python, autograd, kernel-launch API) that dominates small calls."""
-    if DEVICE.type != "cuda":
-        pytest.skip("CUDA graphs need CUDA")
-    x0, kw = _case(op, rows)
-    x = x0.clone().requires_grad_(True)
-    fn = _impl(op, impl)
-    try:
-        graph = capture_fwd_bwd(fn, x, kw)
-    except Exception as exc:  # report, do not hide: a capture failure is a result too
-        pytest.skip(f"{impl} could not be captured in a CUDA graph: {type(exc).__name__}: {exc}"[:300])
+    graph, _inputs = _captured(op, impl, rows)
 
     def replay():
         graph.replay()
@@ -155,15 +161,7 @@ def test_fwd_bwd_cuda_graph_back_to_back(benchmark, op, impl, rows):
     replay: what a training loop that replays a captured step without waiting on each one sees --
     the device time of one step, or the host cost of one graph launch where that is larger.  Only
     the goal's ops and sizes (gdso_loss at 8192 rows is P = 512, G = 8)."""
-    if DEVICE.type != "cuda":
-        pytest.skip("CUDA graphs need CUDA")
-    x0, kw = _case(op, rows)
-    x = x0.clone().requires_grad_(True)
-    fn = _impl(op, impl)
-    try:
-        graph = capture_fwd_bwd(fn, x, kw)
-    except Exception as exc:  # report, do not hide: a capture failure is a result too
-        pytest.skip(f"{impl} could not be captured in a CUDA graph: {type(exc).__name__}: {exc}"[:300])
+    graph, _inputs = _captured(op, impl, rows)
 
     def replays():
         for _ in range(REPLAYS):
