@@ -51,7 +51,8 @@ ADV_SIZES = (1 << 20, -(1 << 20))  # M rewards in groups of 16; negative: variab
 
 
 def _advantage_graph(m: int):
-    """The compiled group advantage (forward only) captured in a CUDA graph."""
+    """The compiled group advantage (forward only) captured in a CUDA graph: ``(graph, inputs)``
+    (keep the inputs alive while the graph replays)."""
     from zreward_kernels import group_advantage
 
     gen = torch.Generator().manual_seed(0)
@@ -67,12 +68,12 @@ def _advantage_graph(m: int):
 
         def fn():
             return group_advantage(r, group_offsets=off, validate=False)
-    return _bench_helpers()[1](fn)
+    return _bench_helpers()[1](fn), fn
 
 
 def graph_ms(op: str, rows: int, reps: int) -> float:
     if op == "group_advantage":
-        graph = _advantage_graph(rows)
+        graph, _keep = _advantage_graph(rows)
     else:
         capture_fwd_bwd, _, _case, _fused_loss = _bench_helpers()
         x0, kw = _case(op, rows)
