@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -38,6 +39,24 @@ def requested_backend(backend: Optional[str], allowed=BACKENDS) -> str:
     if env not in BACKENDS + ("compiled",):
         raise ValueError(f"ZREWARD_BACKEND must be one of {BACKENDS + ('compiled',)}, got {env!r}")
     return env if env in allowed else "auto"
+
+
+_NO_SWITCH = contextlib.nullcontext()
+
+
+def launch_device(x: torch.Tensor):
+    """A context that makes ``x``'s CUDA device the current one for a Triton call, when it is not.
+
+    Triton launches on the *current* device (and its current stream): a reward model on ``cuda:1``
+    called while ``cuda:0`` is current would otherwise run on the wrong GPU with foreign pointers.
+    A no-op (no device switch, one comparison) in the usual case, under ``torch.compile`` tracing,
+    and for CPU tensors.  The backward needs none: autograd runs it with the tensors' device current.
+    """
+    if x.is_cuda and not torch.compiler.is_compiling():
+        idx = x.device.index
+        if idx is not None and idx != torch.cuda.current_device():
+            return torch.cuda.device(idx)
+    return _NO_SWITCH
 
 
 def record_backend(op: str, choice: str) -> None:

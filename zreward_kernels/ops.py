@@ -22,7 +22,7 @@ from ._common import (
     normalize_bins,
     scores_to_bins,
 )
-from ._dispatch import choose_backend
+from ._dispatch import choose_backend, launch_device
 from .reference import GDSOOutput, RubricLossOutput, ScoreStats
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -55,7 +55,8 @@ def score_stats(
 
         if logits.numel() == 0:
             return ref.score_stats(logits, bins, tau)
-        return score_stats_triton(logits, bins_tensor(bins, logits.device), tau)
+        with launch_device(logits):
+            return score_stats_triton(logits, bins_tensor(bins, logits.device), tau)
     return ref.score_stats(logits, bins, tau)
 
 
@@ -178,7 +179,8 @@ def rubric_loss(
     if be == "triton":
         from .rubric import rubric_loss_triton
 
-        return rubric_loss_triton(logits, bins_tensor(bins, logits.device), **kwargs)
+        with launch_device(logits):
+            return rubric_loss_triton(logits, bins_tensor(bins, logits.device), **kwargs)
     return ref.rubric_loss(logits, bins, **kwargs)
 
 
@@ -243,5 +245,6 @@ def gdso_loss(
     if be == "triton" and n_pairs > 0:
         from .gdso import gdso_loss_triton
 
-        return gdso_loss_triton(logits, scores, bins_tensor(bins, logits.device), bins[-1] - bins[0], **kwargs)
+        with launch_device(logits):
+            return gdso_loss_triton(logits, scores, bins_tensor(bins, logits.device), bins[-1] - bins[0], **kwargs)
     return ref.gdso_loss(logits, scores, bins, **kwargs)

@@ -67,3 +67,19 @@ def test_env_variable_forces_backend(monkeypatch, kdev):
 def test_cuda_auto_uses_triton():
     zk.score_stats(torch.randn(3, 9, device="cuda"))
     assert zk.backend_info()["last_backend"]["score_stats"] == "triton"
+
+
+def test_launch_device_switches_only_to_a_cuda_tensors_other_device(monkeypatch):
+    """Triton launches on the current CUDA device: a call on another device's tensors switches to
+    that device for the call; the usual case (and CPU tensors) switches nothing."""
+    from types import SimpleNamespace
+
+    from zreward_kernels._dispatch import _NO_SWITCH, launch_device
+
+    assert launch_device(torch.zeros(2)) is _NO_SWITCH
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    same = SimpleNamespace(is_cuda=True, device=SimpleNamespace(index=0))
+    other = SimpleNamespace(is_cuda=True, device=SimpleNamespace(index=1))
+    assert launch_device(same) is _NO_SWITCH
+    ctx = launch_device(other)
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
