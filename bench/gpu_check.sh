@@ -16,8 +16,8 @@
 # STEPS picks the steps and their order (default "tests tune bench profile"; the build always runs).
 # DEADLINE (s, default 540) bounds the whole script: each step gets min(its own timeout, what is
 # left), and the benchmark modules run in priority order, each with what is left, so a late one is
-# cut, not all.  TEST_TIMEOUT (200), TUNE_TIMEOUT (120), BENCH_TIMEOUT (400 per module),
-# BENCH_MODULES (space-separated, priority order).
+# cut, not all.  TEST_TIMEOUT (200), TUNE_TIMEOUT (120), BENCH_TIMEOUT (200 per part),
+# BENCH_MODULES (space-separated MODULE or MODULE:FILTER parts, priority order).
 # Tuned launch configurations: when the tests passed and the sweep wrote kernel_configs.json, the
 # steps after it (bench, profile) run with ZREWARD_KERNEL_CONFIGS pointing at that file
 # (USE_TUNED=0 keeps the defaults); summary.md's first lines say which configurations were used.
@@ -89,16 +89,22 @@ step_profile() {
 step_bench() {
   mkdir -p /tmp/zreward_bench
   rm -f /tmp/zreward_bench/*.json /tmp/zreward_bench/*.log
-  MODULES=${BENCH_MODULES:-"test_bench_kernels test_bench_restricted test_bench_advantage test_bench_launch test_bench_scorer"}
-  for m in $MODULES; do
-    t=$(budget "${BENCH_TIMEOUT:-400}")
-    if [ "$t" -lt 20 ]; then echo "== bench $m: skipped (no time left)"; continue; fi
-    echo "== bench $m (${t}s)"
-    timeout "$t" $PY -m pytest "bench/$m.py" --benchmark-only -q -p no:cacheprovider \
-      --benchmark-json="/tmp/zreward_bench/$m.json" --benchmark-columns=median,iqr,rounds \
-      >"/tmp/zreward_bench/$m.log" 2>&1
-    echo "bench $m exit: $? after ${SECONDS}s" | tee -a "/tmp/zreward_bench/$m.log"
-    tail -n 3 "/tmp/zreward_bench/$m.log"
+  # MODULE or MODULE:FILTER (a pytest -k expression); each part is its own pytest run with its own
+  # JSON, so a part cut by its timeout loses only itself.  Open goals first, the cheap ones early.
+  PARTS=${BENCH_MODULES:-"test_bench_advantage test_bench_kernels:gdso_loss test_bench_kernels:rubric_loss \
+test_bench_restricted test_bench_launch test_bench_kernels:score_stats test_bench_scorer"}
+  for part in $PARTS; do
+    m=${part%%:*}
+    k=""; [ "$m" != "$part" ] && k=${part#*:}
+    name=$m${k:+_$k}
+    t=$(budget "${BENCH_TIMEOUT:-200}")
+    if [ "$t" -lt 20 ]; then echo "== bench $name: skipped (no time left)"; continue; fi
+    echo "== bench $name (${t}s)"
+    timeout "$t" $PY -m pytest "bench/$m.py" ${k:+-k "$k"} --benchmark-only -q -p no:cacheprovider \
+      --benchmark-json="/tmp/zreward_bench/$name.json" --benchmark-columns=median,iqr,rounds \
+      >"/tmp/zreward_bench/$name.log" 2>&1
+    echo "bench $name exit: $? after ${SECONDS}s" | tee -a "/tmp/zreward_bench/$name.log"
+    tail -n 3 "/tmp/zreward_bench/$name.log"
   done
   $PY - "$OUT/bench.json" /tmp/zreward_bench/*.json <<'EOF'
 import json, sys
