@@ -145,6 +145,8 @@ def rubric_loss(
         check_float_tensor("pair_gaps", pair_gaps)
         if tuple(pair_gaps.shape) != (pairs.shape[0],):
             raise ValueError(f"pair_gaps must be [P] = [{pairs.shape[0]}], got shape {tuple(pair_gaps.shape)}")
+        if rows == 0 and pairs.shape[0] > 0:  # known from the shapes: checked even with validate=False
+            raise ValueError(f"pairs holds {pairs.shape[0]} pairs but logits has no rows to index")
     check_same_device(
         "logits", logits, target=target, target_probs=target_probs, teacher_logits=teacher_logits,
         teacher_probs=teacher_probs, pairs=pairs, pair_gaps=pair_gaps,

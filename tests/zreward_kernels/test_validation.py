@@ -54,6 +54,9 @@ def test_rubric_loss_bad_inputs():
     _raises(ValueError, r"pairs holds row indices outside \[0, 12\)", rubric_loss, x,
             pairs=torch.tensor([[0, 12]]), pair_gaps=torch.zeros(1))
     _raises(ValueError, "pair_gaps contains NaN", rubric_loss, x, pairs=torch.tensor([[0, 1]]), pair_gaps=torch.tensor([float("nan")]))
+    # no rows but pairs: every index is out of range, known from the shapes, so even with validate=False
+    _raises(ValueError, "pairs holds 1 pairs but logits has no rows", rubric_loss, torch.randn(0, 9),
+            pairs=torch.tensor([[0, 1]]), pair_gaps=torch.zeros(1), validate=False)
     _raises(ValueError, "reduction must be one of", rubric_loss, x, target=t, reduction="avg")
     _raises(ValueError, "weight_kl must be finite", rubric_loss, x, target=t, weight_kl=float("inf"))
     _raises(TypeError, "ignore_index must be an int", rubric_loss, x, target=t, ignore_index=1.5)
