@@ -156,47 +156,70 @@ def check_float_tensor(name: str, t) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
-def check_finite_logits(name: str, logits: torch.Tensor) -> None:
-    """Data check: no NaN / +inf, and every row has at least one finite logit."""
+class DataChecks:
+    """Value checks (the ones that read tensor data) gathered and read back with one host sync.
+
+    ``bad(flag, message)`` queues a 0-d bool tensor that is True when a check fails, with the
+    error's message: a string, or a callable that builds it (called only on failure, so a message
+    may index the data).  :meth:`raise_first` reads every flag at once -- one device-to-host copy
+    instead of one per check -- and raises ``ValueError`` for the first failed check, in the order
+    they were queued.  Every flag must be on one device.
+    """
+
+    __slots__ = ("_flags", "_messages")
+
+    def __init__(self) -> None:
+        self._flags: list = []
+        self._messages: list = []
+
+    def bad(self, flag: torch.Tensor, message) -> None:
+        self._flags.append(flag)
+        self._messages.append(message)
+
+    def raise_first(self) -> None:
+        if not self._flags:
+            return
+        failed = torch.stack(self._flags).tolist() if len(self._flags) > 1 else [bool(self._flags[0])]
+        for is_bad, message in zip(failed, self._messages):
+            if is_bad:
+                raise ValueError(message() if callable(message) else message)
+
+
+def check_finite_logits(checks: DataChecks, name: str, logits: torch.Tensor) -> None:
+    """Queue the data check: no NaN / +inf, and every row has at least one finite logit.
+
+    One pass over the logits: the row maxima (``amax`` propagates NaN) are NaN for a row holding
+    NaN, +inf for a row holding +inf, and -inf only for a row whose logits are all -inf.
+    """
     if logits.numel() == 0:
         return
-    if bool(torch.isnan(logits).any()):
-        raise ValueError(f"{name} contains NaN")
-    if bool(torch.isposinf(logits).any()):
-        raise ValueError(f"{name} contains +inf")
-    if not bool(torch.isfinite(logits).any(dim=-1).all()):
-        raise ValueError(f"{name} has a row whose logits are all -inf (no bin has probability mass)")
+    rmax = logits.amax(dim=-1)
+    checks.bad(rmax.isnan().any(), f"{name} contains NaN")
+    checks.bad((rmax == float("inf")).any(), f"{name} contains +inf")
+    checks.bad((rmax == float("-inf")).any(), f"{name} has a row whose logits are all -inf (no bin has probability mass)")
 
 
-def check_distribution(name: str, probs: torch.Tensor, atol: float = 1e-3) -> None:
-    """Data check: non-negative rows that sum to one (zeros allowed)."""
+def check_distribution(checks: DataChecks, name: str, probs: torch.Tensor, atol: float = 1e-3) -> None:
+    """Queue the data check: non-negative rows that sum to one (zeros allowed)."""
     if probs.numel() == 0:
         return
-    if not bool(torch.isfinite(probs).all()):
-        raise ValueError(f"{name} contains NaN or inf")
-    if bool((probs < 0).any()):
-        raise ValueError(f"{name} has negative entries; it must hold probabilities")
+    checks.bad(~torch.isfinite(probs).all(), f"{name} contains NaN or inf")
+    checks.bad((probs < 0).any(), f"{name} has negative entries; it must hold probabilities")
     sums = probs.float().sum(-1)
-    bad = (sums - 1.0).abs() > atol
-    if bool(bad.any()):
-        worst = float(sums[bad].flatten()[0])
-        raise ValueError(f"{name} rows must sum to 1 (within {atol}); found a row summing to {worst:.6g}")
+    off = (sums - 1.0).abs() > atol
+    checks.bad(off.any(), lambda: (f"{name} rows must sum to 1 (within {atol}); "
+                                   f"found a row summing to {float(sums[off].flatten()[0]):.6g}"))
 
 
-def scores_to_bins(scores: torch.Tensor, bins: Tuple[float, ...], *, check: bool, name: str = "scores") -> None:
-    """Data check that every score lies on the bin grid (within 1e-4 of a bin value)."""
-    if not check or scores.numel() == 0:
+def scores_to_bins(checks: DataChecks, scores: torch.Tensor, bins: Tuple[float, ...], name: str = "scores") -> None:
+    """Queue the data check that every score lies on the bin grid (within 1e-4 of a bin value)."""
+    if scores.numel() == 0:
         return
-    if not bool(torch.isfinite(scores).all()):
-        raise ValueError(f"{name} contains NaN or inf")
+    checks.bad(~torch.isfinite(scores).all(), f"{name} contains NaN or inf")
     lo, hi = bins[0], bins[-1]
-    if bool(((scores < lo - 1e-4) | (scores > hi + 1e-4)).any()):
-        bad = scores[(scores < lo - 1e-4) | (scores > hi + 1e-4)].flatten()[0]
-        raise ValueError(f"{name} must lie in [{lo}, {hi}]; found {float(bad)}")
-    b = torch.tensor(bins, dtype=torch.float64, device=scores.device)
-    dist = (scores.double().unsqueeze(-1) - b).abs().min(-1).values
-    if bool((dist > 1e-4).any()):
-        bad = scores[dist > 1e-4].flatten()[0]
-        raise ValueError(f"{name} must lie on the bin grid {bins}; found {float(bad)}")
+    out = (scores < lo - 1e-4) | (scores > hi + 1e-4)
+    checks.bad(out.any(), lambda: f"{name} must lie in [{lo}, {hi}]; found {float(scores[out].flatten()[0])}")
+    off = (scores.double().unsqueeze(-1) - bins_tensor(bins, scores.device, torch.float64)).abs().min(-1).values > 1e-4
+    checks.bad(off.any(), lambda: f"{name} must lie on the bin grid {bins}; found {float(scores[off].flatten()[0])}")
 
 

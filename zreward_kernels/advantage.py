@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._common import check_float, data_checks_enabled
+from ._common import DataChecks, check_float, data_checks_enabled
 from ._dispatch import record_backend, requested_backend
 from .reference import ADV_MODES, GroupStats
 from .reference import group_advantage as _reference
@@ -131,15 +131,17 @@ def group_advantage(
         if group_offsets.device != rewards.device:
             raise ValueError(f"group_offsets is on {group_offsets.device} but rewards is on {rewards.device}")
         group_offsets = group_offsets.long()
-    if data_checks_enabled(validate):
-        if m and not bool(torch.isfinite(rewards).all()):
-            raise ValueError("rewards contains NaN or inf")
+    if data_checks_enabled(validate):  # one host sync for all of them
+        checks = DataChecks()
+        if m:
+            checks.bad(~torch.isfinite(rewards).all(), "rewards contains NaN or inf")
         if group_offsets is not None:
             o = group_offsets
-            if int(o[0]) != 0 or int(o[-1]) != m:
-                raise ValueError(f"group_offsets must start at 0 and end at M={m}, got {int(o[0])} ... {int(o[-1])}")
-            if o.shape[0] > 1 and bool((o[1:] < o[:-1]).any()):
-                raise ValueError("group_offsets must be sorted (non-decreasing)")
+            checks.bad((o[0] != 0) | (o[-1] != m),
+                       lambda: f"group_offsets must start at 0 and end at M={m}, got {int(o[0])} ... {int(o[-1])}")
+            if o.shape[0] > 1:
+                checks.bad((o[1:] < o[:-1]).any(), "group_offsets must be sorted (non-decreasing)")
+        checks.raise_first()
 
     req = requested_backend(backend, allowed=("auto", "compiled", "reference"))
     reason = compiled_available(rewards.device)

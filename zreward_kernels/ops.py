@@ -10,6 +10,7 @@ from . import reference as ref
 from ._common import (
     BIN_VALUES,
     bins_tensor,
+    DataChecks,
     check_distribution,
     check_finite_logits,
     check_float,
@@ -48,7 +49,9 @@ def score_stats(
     tau = check_temperature(temperature)
     check_logits("logits", logits, len(bins))
     if data_checks_enabled(validate):
-        check_finite_logits("logits", logits)
+        checks = DataChecks()
+        check_finite_logits(checks, "logits", logits)
+        checks.raise_first()
     be = choose_backend("score_stats", backend, logits)
     if be == "triton":
         from .rubric import score_stats_triton
@@ -151,26 +154,24 @@ def rubric_loss(
         "logits", logits, target=target, target_probs=target_probs, teacher_logits=teacher_logits,
         teacher_probs=teacher_probs, pairs=pairs, pair_gaps=pair_gaps,
     )
-    if data_checks_enabled(validate):
-        check_finite_logits("logits", logits)
+    if data_checks_enabled(validate):  # every value check, read back with one host sync
+        checks = DataChecks()
+        check_finite_logits(checks, "logits", logits)
         if target is not None and target.numel():
             bad = (target != ignore_index) & ((target < 0) | (target >= k))
-            if bool(bad.any()):
-                raise ValueError(
-                    f"target values must be bin indices in [0, {k}) or ignore_index={ignore_index}; "
-                    f"found {int(target[bad].flatten()[0])}"
-                )
+            checks.bad(bad.any(), lambda: (f"target values must be bin indices in [0, {k}) or "
+                                           f"ignore_index={ignore_index}; found {int(target[bad].flatten()[0])}"))
         if target_probs is not None:
-            check_distribution("target_probs", target_probs)
+            check_distribution(checks, "target_probs", target_probs)
         if teacher_logits is not None:
-            check_finite_logits("teacher_logits", teacher_logits)
+            check_finite_logits(checks, "teacher_logits", teacher_logits)
         if teacher_probs is not None:
-            check_distribution("teacher_probs", teacher_probs)
+            check_distribution(checks, "teacher_probs", teacher_probs)
         if pairs is not None and pairs.numel():
-            if bool(((pairs < 0) | (pairs >= rows)).any()):
-                raise ValueError(f"pairs holds row indices outside [0, {rows}) (rows are the flattened leading dims)")
-            if not bool(torch.isfinite(pair_gaps).all()):
-                raise ValueError("pair_gaps contains NaN or inf")
+            checks.bad(((pairs < 0) | (pairs >= rows)).any(),
+                       f"pairs holds row indices outside [0, {rows}) (rows are the flattened leading dims)")
+            checks.bad(~torch.isfinite(pair_gaps).all(), "pair_gaps contains NaN or inf")
+        checks.raise_first()
 
     kwargs = dict(
         target=target, target_probs=target_probs, teacher_logits=teacher_logits, teacher_probs=teacher_probs,
@@ -237,8 +238,10 @@ def gdso_loss(
         raise ValueError(f"scores must be [P, 2] = [{n_pairs}, 2], got shape {tuple(scores.shape)}")
     check_same_device("logits", logits, scores=scores)
     if data_checks_enabled(validate):
-        check_finite_logits("logits", logits)
-        scores_to_bins(scores, bins, check=True, name="scores")
+        checks = DataChecks()
+        check_finite_logits(checks, "logits", logits)
+        scores_to_bins(checks, scores, bins, name="scores")
+        checks.raise_first()
     from .gdso import MAX_GROUP
 
     unsupported = f"group size G={g} exceeds the kernel's limit of {MAX_GROUP}" if g > MAX_GROUP else None

@@ -27,7 +27,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ._common import BIN_VALUES, check_float_tensor, check_same_device, data_checks_enabled
+from ._common import BIN_VALUES, DataChecks, check_float_tensor, check_same_device, data_checks_enabled
 from .ops import gdso_loss, rubric_loss, score_stats
 from .reference import GDSOOutput, RubricLossOutput, ScoreStats
 
@@ -117,12 +117,13 @@ def restricted_logits(
     ids = _as_ids(token_ids, hidden.device)
     if ids.numel() == 0:
         raise ValueError("token_ids must hold at least one id")
-    if data_checks_enabled(validate):
-        if bool(((ids < 0) | (ids >= v)).any()):
-            bad = ids[(ids < 0) | (ids >= v)][0]
-            raise ValueError(f"token_ids must lie in [0, {v}) (the LM head's vocabulary); found {int(bad)}")
-        if torch.unique(ids).numel() != ids.numel():
-            raise ValueError(f"token_ids must be distinct, got {ids.tolist()}")
+    if data_checks_enabled(validate):  # one host sync for both
+        checks = DataChecks()
+        out = (ids < 0) | (ids >= v)
+        checks.bad(out.any(), lambda: f"token_ids must lie in [0, {v}) (the LM head's vocabulary); found {int(ids[out][0])}")
+        srt = ids.sort().values
+        checks.bad((srt[1:] == srt[:-1]).any(), lambda: f"token_ids must be distinct, got {ids.tolist()}")
+        checks.raise_first()
     lead = hidden.shape[:-1]
     x = hidden.reshape(-1, h)
     if weight_grad == "sparse" and torch.is_grad_enabled():

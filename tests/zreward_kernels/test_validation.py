@@ -90,3 +90,36 @@ def test_bad_input_loses_nothing():
     with pytest.raises(ValueError):
         rubric_loss(x, target=t)
     assert torch.equal(x, x0) and torch.equal(t, t0)
+
+
+def test_data_checks_read_every_flag_once_and_raise_the_first_failure_in_order():
+    from zreward_kernels._common import DataChecks
+
+    built = []
+
+    def message(text):
+        def build():
+            built.append(text)
+            return text
+        return build
+
+    checks = DataChecks()
+    checks.bad(torch.tensor(False), message("first"))
+    checks.bad(torch.tensor(True), message("second"))
+    checks.bad(torch.tensor(True), message("third"))
+    with pytest.raises(ValueError, match="^second$"):
+        checks.raise_first()
+    assert built == ["second"]  # messages are built only for the failure reported
+    ok = DataChecks()
+    ok.bad(torch.tensor(False), "never")
+    ok.raise_first()
+    DataChecks().raise_first()  # nothing queued: nothing read
+
+
+def test_nan_takes_precedence_over_inf_in_one_row():
+    x = torch.zeros(2, 9)
+    x[0, 0], x[0, 1] = float("inf"), float("nan")
+    _raises(ValueError, "logits contains NaN", score_stats, x)
+    y = torch.zeros(2, 9, dtype=torch.bfloat16)
+    y[1, 4] = float("inf")
+    _raises(ValueError, r"logits contains \+inf", score_stats, y)
