@@ -45,7 +45,10 @@ def _block(dev_key: str, device: torch.device, allocate: bool) -> Optional[dict]
         with _LOCK:
             blk = _BLOCKS.get(dev_key)
             if blk is None:
-                words = torch.zeros(SLOTS * WORDS, device=device, dtype=torch.int32)
+                # a normal tensor even when the first call runs under torch.inference_mode(): the
+                # CPU path zeroes words in place, which an inference tensor refuses outside that mode
+                with torch.inference_mode(False):
+                    words = torch.zeros(SLOTS * WORDS, device=device, dtype=torch.int32)
                 blk = _BLOCKS[dev_key] = {"words": words, "slots": {}, "used": 0}
     return blk
 

@@ -118,3 +118,14 @@ def test_many_programs_and_streams_cuda():
     assert _workspace.all_zero()
     _check_rubric("cuda", x, kw, "mean")
     assert _workspace.all_zero()
+
+
+def test_first_call_under_inference_mode_then_outside(kdev, monkeypatch):
+    """The counter block made by a first call under torch.inference_mode() is a normal tensor:
+    later calls outside that mode use it too (an inference tensor would refuse the CPU path's reset)."""
+    monkeypatch.setattr(_workspace, "_BLOCKS", {})
+    x, kw = _rubric_case(40, 10, seed=11)
+    with torch.inference_mode():
+        a = zk.rubric_loss(x.to(kdev), backend="triton", **{k: v.to(kdev) for k, v in kw.items()})
+    b = zk.rubric_loss(x.to(kdev), backend="triton", **{k: v.to(kdev) for k, v in kw.items()})
+    assert torch.equal(a.loss, b.loss) and _workspace.all_zero()
