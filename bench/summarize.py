@@ -52,6 +52,7 @@ def main() -> None:
             continue
         if ei.get("op") == "group_advantage":
             devices.add(ei.get("device_name", "?"))
+            torch_versions.add(ei.get("torch", "?"))
             adv[(ei["groups"], ei["m"])][ei["impl"]] = b["stats"]["median"] * 1e3
             continue
         if "what" in ei:
@@ -96,19 +97,24 @@ def main() -> None:
     if adv:
         print("\n## group_advantage\n")
         print("Median ms per call; speed-ups of the compiled op. verl_loop = verl's per-group Python loop "
-              "(CPU only, M <= 16384 and the goal point M = 2^20 in groups of 16).\n")
+              "(CPU only, M <= 16384 and the goal point M = 2^20 in groups of 16); TRL = TRL GRPOTrainer's "
+              "grouped mean/std + repeat_interleave (fixed groups).\n")
         k2 = any("compiled_kernel2" in r for r in adv.values())  # the KERNEL=2 CUDA segment kernel, if timed
-        print("| groups | M | verl loop ms | vectorized ms | compiled ms | vs loop | vs vectorized |"
+        print("| groups | M | verl loop ms | TRL ms | vectorized ms | compiled ms | vs loop | vs TRL | vs vectorized |"
               + (" kernel 2 ms | kernel 2 vs vectorized |" if k2 else ""))
-        print("|---|---|---|---|---|---|---|" + ("---|---|" if k2 else ""))
+        print("|---|---|---|---|---|---|---|---|---|" + ("---|---|" if k2 else ""))
         order = {"2": 0, "16": 1, "64": 2, "var": 3}
+
+        def ratio(a, b, fmt):
+            return format(a / b, fmt) + "x" if a and b else "-"
+
         for (grp, m) in sorted(adv, key=lambda k: (order.get(k[0], 9), k[1])):
             r = adv[(grp, m)]
-            lo, ve, co, c2 = r.get("verl_loop"), r.get("vectorized"), r.get("compiled"), r.get("compiled_kernel2")
-            sl = f"{lo / co:.0f}x" if lo and co else "-"
-            sv = f"{ve / co:.1f}x" if ve and co else "-"
-            extra = f" {_fmt_ms(c2)} | {f'{ve / c2:.1f}x' if ve and c2 else '-'} |" if k2 else ""
-            print(f"| {grp} | {m} | {_fmt_ms(lo)} | {_fmt_ms(ve)} | {_fmt_ms(co)} | {sl} | {sv} |" + extra)
+            lo, tr, ve, co = r.get("verl_loop"), r.get("trl"), r.get("vectorized"), r.get("compiled")
+            c2 = r.get("compiled_kernel2")
+            extra = f" {_fmt_ms(c2)} | {ratio(ve, c2, '.1f')} |" if k2 else ""
+            print(f"| {grp} | {m} | {_fmt_ms(lo)} | {_fmt_ms(tr)} | {_fmt_ms(ve)} | {_fmt_ms(co)} | "
+                  f"{ratio(lo, co, '.0f')} | {ratio(tr, co, '.1f')} | {ratio(ve, co, '.1f')} |" + extra)
 
     if scorer:
         print("\n## Scorer (4 dimensions per image)\n")

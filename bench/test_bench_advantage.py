@@ -19,7 +19,8 @@ from zreward_kernels.advantage import compiled_available
 
 SIZES = [1024, 16384] if QUICK else [1024, 16384, 262144, 1048576, 4194304]
 GROUPS = ["2", "16", "64", "var"]
-IMPLS = ["verl_loop", "vectorized", "compiled", "compiled_kernel2"]  # kernel2: the KERNEL=2 CUDA segment kernel
+# trl: TRL GRPOTrainer's fixed-group code; kernel2: the KERNEL=2 CUDA segment kernel
+IMPLS = ["verl_loop", "trl", "vectorized", "compiled", "compiled_kernel2"]
 
 
 def verl_loop(scores: torch.Tensor, index, epsilon: float = 1e-6) -> torch.Tensor:
@@ -40,6 +41,16 @@ def verl_loop(scores: torch.Tensor, index, epsilon: float = 1e-6) -> torch.Tenso
     for i in range(bsz):
         scores[i] = (scores[i] - id2mean[index[i]]) / (id2std[index[i]] + epsilon)
     return scores
+
+
+def trl_fixed(rewards: torch.Tensor, g: int, eps: float = 1e-6) -> torch.Tensor:
+    """TRL's GRPOTrainer (fixed groups of num_generations): grouped mean and std, repeat_interleave
+    back to every sample, then the normalisation (TRL adds 1e-4; eps here so the values match)."""
+    mean_grouped = rewards.view(-1, g).mean(dim=1)
+    std_grouped = rewards.view(-1, g).std(dim=1)
+    mean_grouped = mean_grouped.repeat_interleave(g, dim=0)
+    std_grouped = std_grouped.repeat_interleave(g, dim=0)
+    return (rewards - mean_grouped) / (std_grouped + eps)
 
 
 def vectorized_fixed(r: torch.Tensor, g: int, eps: float = 1e-6) -> torch.Tensor:
@@ -94,7 +105,11 @@ def test_group_advantage(benchmark, impl, groups, m):
         r = r.to(DEVICE)
         ids_d = ids.to(DEVICE)
         off_d = offsets.to(DEVICE) if offsets is not None else None
-        if impl == "vectorized":
+        if impl == "trl":
+            if not g:
+                pytest.skip("TRL's code assumes fixed-size groups")
+            fn = lambda: trl_fixed(r, g)  # noqa: E731
+        elif impl == "vectorized":
             n_groups = int(ids.max()) + 1
             fn = (lambda: vectorized_fixed(r, g)) if g else (lambda: vectorized_var(r, ids_d, n_groups))  # noqa: E731
         else:
@@ -112,11 +127,20 @@ def test_group_advantage(benchmark, impl, groups, m):
         return out
 
     with override("group_advantage", KERNEL=2) if impl == "compiled_kernel2" else contextlib.nullcontext():
-        _run(benchmark, step, impl, groups, m, rounds)
+        _run(benchmark, step, impl, groups, m, rounds, r, g, offsets)
 
 
-def _run(benchmark, step, impl, groups, m, rounds):
-    step()
+def _run(benchmark, step, impl, groups, m, rounds, r, g, offsets):
+    first = step()  # warm-up, and every implementation must compute the same advantages
+    out = first[0] if isinstance(first, tuple) else first
+    if not (impl == "verl_loop" and g is None):  # verl gives singleton groups (r - 0) / (1 + eps), not 0
+        kw = dict(group_size=g) if g else dict(group_offsets=offsets)
+        want, st = group_advantage(r.cpu(), backend="reference", **kw)
+        # fp32 baselines lose digits where a group's rewards nearly coincide (tiny std amplifies rounding):
+        # compare the members of the other groups (a sameness check, not a precision one)
+        sizes = torch.full((st.std.shape[0],), g) if g else offsets.diff()
+        keep = (st.std > 1e-2).repeat_interleave(sizes)
+        torch.testing.assert_close(out.float().cpu()[keep], want[keep], atol=1e-4, rtol=1e-4)
     benchmark.group = f"group_advantage groups={groups} M={m}"
     benchmark.extra_info.update(op="group_advantage", impl=impl, groups=groups, m=m, device=str(DEVICE),
                                 torch=torch.__version__, threads=torch.get_num_threads(),
