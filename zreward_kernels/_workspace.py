@@ -54,6 +54,12 @@ def _block(dev_key: str, device: torch.device, allocate: bool) -> Optional[dict]
 
 
 def _take(blk: dict, key) -> Optional[torch.Tensor]:
+    """The words of ``key`` (a stream or thread; handed out once, then reused), or fresh words never
+    handed out again for ``key=None`` (a captured call); ``None`` when the block is used up."""
+    if key is not None:
+        words = blk["slots"].get(key)  # the usual case: no lock
+        if words is not None:
+            return words
     with _LOCK:
         if key is not None and key in blk["slots"]:
             return blk["slots"][key]
@@ -73,11 +79,7 @@ def semaphores(device: torch.device) -> Optional[torch.Tensor]:
     if not _STATE["enabled"] or torch.compiler.is_compiling():
         return None
     if device.type == "cpu":
-        key = threading.get_ident()
-        blk = _BLOCKS.get("cpu") or _block("cpu", device, allocate=True)
-        words = blk["slots"].get(key)
-        if words is None:
-            words = _take(blk, key)
+        words = _take(_block("cpu", device, allocate=True), threading.get_ident())
         # an interpreted launch can be interrupted half-way (an exception in a test): start from
         # zero every time (cheaper than checking); the kernels' own reset is checked by the tests
         return words.zero_() if words is not None else None
@@ -87,10 +89,7 @@ def semaphores(device: torch.device) -> Optional[torch.Tensor]:
     if torch.cuda.is_current_stream_capturing():
         blk = _block(dev_key, device, allocate=False)  # no allocation inside a capture
         return None if blk is None else _take(blk, None)
-    blk = _BLOCKS.get(dev_key) or _block(dev_key, device, allocate=True)
-    key = torch.cuda.current_stream(device).cuda_stream
-    hit = blk["slots"].get(key)
-    return hit if hit is not None else _take(blk, key)
+    return _take(_block(dev_key, device, allocate=True), torch.cuda.current_stream(device).cuda_stream)
 
 
 @contextlib.contextmanager
