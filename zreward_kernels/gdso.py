@@ -30,7 +30,7 @@ if HAS_TRITON:
         X, S, V, K, G, n_pairs, inv_tau,
         DX, MEAN, STD, RPT, RPW, RWD, ADV, CE, PW, PART, COUNTER, LOSS,
         lambda_pt, lambda_pw, alpha_pt, alpha_pw, eps,
-        inv_g, inv_gm1, inv_r, adv_on, inv_p,
+        inv_g, g_f, inv_r, inv_p,
         PAIRS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_RED: tl.constexpr,
         NEEDS_GRAD: tl.constexpr,
     ):
@@ -77,32 +77,47 @@ if HAS_TRITON:
         other = (s_i < 2 * G)[None, :] & ((s_i // G)[:, None] != (s_i // G)[None, :])  # [BLOCK_S, BLOCK_S]
         valid = ok2[:, :, None] & other[None, :, :]
         e = (mu2[:, :, None] - mu2[:, None, :]) - gap2[:, :, None]
-        abs_e = tl.where(valid, tl.abs(e), 0.0)
-        row_abs = tl.sum(abs_e, 2)
-        row_sgn = tl.sum(tl.where(valid, tl.where(e > 0, 1.0, tl.where(e < 0, -1.0, 0.0)), 0.0), 2)
+        sgn = tl.where(valid, tl.where(e > 0, 1.0, tl.where(e < 0, -1.0, 0.0)), 0.0)
+        row_abs = tl.sum(sgn * e, 2)  # sum_s' |e[s, s']|
+        row_sgn = tl.sum(sgn, 2)
+        row_smu = tl.sum(sgn * mu2[:, None, :], 2)  # sum_s' sign(e[s, s']) mu_s'
         pw = tl.sum(row_abs, 1) * (0.5 * inv_g * inv_g * inv_r)  # [PAIRS]
 
-        # rewards and group-normalised advantages (unbiased std per side; a group of one gets 0)
-        r_pt = 1.0 - tl.abs(mu2 - sj2) * inv_r
-        r_pw = 1.0 - row_abs * (inv_g * inv_r)
-        r = lambda_pt * r_pt + lambda_pw * r_pw
+        # Rewards and group-normalised advantages (unbiased std per side; a group of one gets 0), in
+        # float64 on [PAIRS, BLOCK_S] row values: sum_s' |e[s, s']| = row_sgn (mu_s - gap_s) - row_smu,
+        # whose mu_s part is exact in float64 and whose row_smu is the same float32 sum for members whose
+        # signs agree, so rewards equal in exact arithmetic (flat in mu: lambda_pt == lambda_pw,
+        # mu_j < s_j, every predicted gap beyond gap_j) come out equal to float64 rounding instead of
+        # differing by float32 rounding noise that (std + eps) would blow up.  Deviations are taken from
+        # each side's first reward, as in group_advantage: equal rewards give advantage exactly 0.
+        g64 = tl.cast(g_f, tl.float64)  # G as a float argument (an int G == 1 may arrive as a constexpr)
+        r64 = tl.load(V + K - 1).to(tl.float64) - tl.load(V).to(tl.float64)
+        mu64 = mu2.to(tl.float64)
+        sum_abs = row_sgn.to(tl.float64) * (mu64 - gap2.to(tl.float64)) - row_smu.to(tl.float64)
+        r_pt = 1.0 - tl.abs(mu64 - sj2.to(tl.float64)) / r64
+        r_pw = 1.0 - sum_abs / (g64 * r64)
+        r = tl.cast(lambda_pt, tl.float64) * r_pt + tl.cast(lambda_pw, tl.float64) * r_pw
         in0 = ok2 & (side2 == 0)
         in1 = ok2 & (side2 == 1)
-        m0 = tl.sum(tl.where(in0, r, 0.0), 1) * inv_g
-        m1 = tl.sum(tl.where(in1, r, 0.0), 1) * inv_g
-        dev = r - tl.where(side2 == 0, m0[:, None], m1[:, None])
-        sd0 = tl.sqrt(tl.sum(tl.where(in0, dev * dev, 0.0), 1) * inv_gm1)
-        sd1 = tl.sqrt(tl.sum(tl.where(in1, dev * dev, 0.0), 1) * inv_gm1)
-        adv = dev / (tl.where(side2 == 0, sd0[:, None], sd1[:, None]) + eps)
-        adv = tl.where(adv_on > 0.5, adv, 0.0)  # a group of one gets advantage 0
+        f0 = tl.sum(tl.where(ok2 & (s_i == 0)[None, :], r, 0.0), 1)
+        f1 = tl.sum(tl.where(ok2 & (s_i == G)[None, :], r, 0.0), 1)
+        dr = r - tl.where(side2 == 0, f0[:, None], f1[:, None])
+        m0 = tl.sum(tl.where(in0, dr, 0.0), 1) / g64
+        m1 = tl.sum(tl.where(in1, dr, 0.0), 1) / g64
+        dev = dr - tl.where(side2 == 0, m0[:, None], m1[:, None])
+        gm1 = tl.maximum(g64 - 1.0, 1.0)
+        sd0 = tl.sqrt(tl.sum(tl.where(in0, dev * dev, 0.0), 1) / gm1)
+        sd1 = tl.sqrt(tl.sum(tl.where(in1, dev * dev, 0.0), 1) / gm1)
+        adv = dev / (tl.where(side2 == 0, sd0[:, None], sd1[:, None]) + tl.cast(eps, tl.float64))
+        adv = tl.where(g64 > 1.5, adv, 0.0)  # a group of one gets advantage 0
 
         rows2 = tl.reshape(rows, (PAIRS, BLOCK_S))
         tl.store(MEAN + rows, mu, mask=fmask)
         tl.store(STD + rows, tl.sqrt(tl.maximum(var, 0.0)), mask=fmask)
-        tl.store(RPT + rows2, r_pt, mask=ok2)
-        tl.store(RPW + rows2, r_pw, mask=ok2)
-        tl.store(RWD + rows2, r, mask=ok2)
-        tl.store(ADV + rows2, adv, mask=ok2)
+        tl.store(RPT + rows2, r_pt.to(tl.float32), mask=ok2)
+        tl.store(RPW + rows2, r_pw.to(tl.float32), mask=ok2)
+        tl.store(RWD + rows2, r.to(tl.float32), mask=ok2)
+        tl.store(ADV + rows2, adv.to(tl.float32), mask=ok2)
         pairs1 = pid * PAIRS + tl.arange(0, PAIRS)
         pmask = pairs1 < n_pairs
         tl.store(CE + pairs1, ce, mask=pmask)
@@ -162,7 +177,7 @@ class _GDSOFn(torch.autograd.Function):
             x, scores, bins, k, g, n_pairs, inv_tau,
             dx, mean, std, r_pt, r_pw, r, adv, ce, pw, part, counter, loss,
             float(lambda_pt), float(lambda_pw), float(alpha_pt), float(alpha_pw), float(eps),
-            1.0 / g, 1.0 / max(g - 1, 1), 1.0 / r_range, 1.0 if g > 1 else 0.0, 1.0 / n_pairs,
+            1.0 / g, float(g), 1.0 / r_range, 1.0 / n_pairs,
             PAIRS=pairs, BLOCK_S=block_s, BLOCK_K=next_pow2(k), BLOCK_RED=BLOCK_RED, NEEDS_GRAD=needs_grad,
             num_warps=warps,
         )

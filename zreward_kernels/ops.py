@@ -217,7 +217,11 @@ def gdso_loss(
     * ``loss = mean_P(alpha_pt * ce + alpha_pw * pw)``.
 
     Only ``loss`` carries gradient (to ``logits``); rewards and advantages come back detached,
-    ready for the policy term.  Outputs are float32.  With ``validate=False`` scores off the grid
+    ready for the policy term.  Outputs are float32.  Rewards and advantages are computed in float64
+    from the float32 means, deviations taken from each side's first reward: rewards that are equal,
+    or equal in exact arithmetic (with ``lambda_pt == lambda_pw`` a side's reward is flat in ``mu``
+    where ``mu < s_j`` and every predicted gap exceeds ``gap_j``), give advantage 0 (to ~1e-9), not
+    float32 rounding noise divided by ``std + eps``.  With ``validate=False`` scores off the grid
     are snapped to the nearest bin for the CE target instead of raising.
     """
     bins = normalize_bins(bin_values)

@@ -218,13 +218,20 @@ def gdso_loss(
     else:
         loss = (logp.sum() * 0).to(dt)
 
-    # rewards and advantages (detached)
+    # rewards and advantages (detached), in float64 from the means: with lambda_pt == lambda_pw a
+    # side's reward is flat in mu where mu_j < s_j and every predicted gap exceeds gap_j (the slopes
+    # +1/R and -G/(G R) cancel), and such equal-in-exact-arithmetic rewards must give advantage ~0,
+    # not float32 rounding noise / (std + eps).  mu_a - mu_b - gap and the sums over k are exact in
+    # float64 for float32 means; the outputs are returned in the means' dtype.
     with torch.no_grad():
-        r_pt = 1 - (mu - s.unsqueeze(-1)).abs() / r_range
-        r_pw = 1 - abs_e.sum(-1) / (g * r_range)
+        mu64, s64 = mu.detach().double(), scores.detach().double()
+        e64 = mu64.unsqueeze(-1) - mu64.flip(1).unsqueeze(-2) - (s64 - s64.flip(1))[:, :, None, None]
+        r_pt = 1 - (mu64 - s64.unsqueeze(-1)).abs() / r_range
+        r_pw = 1 - e64.abs().sum(-1) / (g * r_range)
         r = lambda_pt * r_pt + lambda_pw * r_pw
         # advantage normalised within each side's group of G (the shared group-advantage reference)
-        adv = group_advantage(r.reshape(-1), group_size=g, mode="std", eps=eps)[0].to(dt).view_as(r)
+        adv = group_advantage(r.reshape(-1), group_size=g, mode="std", eps=eps)[0].view_as(r)
+        r_pt, r_pw, r, adv = (t.to(dt) for t in (r_pt, r_pw, r, adv))
     return GDSOOutput(
         loss, ce.detach(), pw.detach(), mu.detach(), std.detach(), r_pt, r_pw, r, adv
     )

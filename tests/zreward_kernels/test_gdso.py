@@ -97,9 +97,10 @@ def test_kernel_matches_reference(kdev, G, P):
     assert_close(k_grad, r_grad, atol=1e-6, rtol=1e-5, name="grad")
 
 
-def test_custom_bins_and_equal_rewards(kdev):
+@pytest.mark.parametrize("G", [3, 4, 5, 12, 33])
+def test_custom_bins_and_equal_rewards(kdev, G):
     bins = (1.0, 2.0, 3.0, 4.0, 5.0)
-    x = torch.randn(1, 1, 1, 5).expand(3, 2, 4, 5).contiguous().to(kdev)
+    x = torch.randn(1, 1, 1, 5).expand(3, 2, G, 5).contiguous().to(kdev)
     scores = torch.tensor([[3.0, 3.0], [5.0, 1.0], [2.0, 4.0]], device=kdev)
     r = gdso_loss(x, scores, bin_values=bins, backend="reference")
     k = gdso_loss(x, scores, bin_values=bins, backend="triton")
@@ -107,6 +108,28 @@ def test_custom_bins_and_equal_rewards(kdev):
         assert_close(a, b, atol=2e-5, name=name)
     # identical samples within a side: all-equal rewards give advantage exactly 0
     assert float(k.advantage.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("G", [3, 8, 20])
+def test_rewards_flat_in_mu_give_no_rounding_noise_advantages(kdev, G):
+    # With lambda_pt == lambda_pw the reward of side w is flat in mu wherever mu_w < s_w and every
+    # predicted gap mu_w - mu_l exceeds the annotated one: the +1/R of r_pt and the -G/(G R) of r_pw
+    # cancel.  Such a group's rewards are equal in exact arithmetic, so its advantages must be ~0,
+    # not float32 rounding noise divided by (std + eps) (which is ~0.1 with eps = 1e-6).
+    gen = torch.Generator().manual_seed(G)
+    bins = torch.tensor(BIN_VALUES)
+    P = 16
+    mu_w = 3.3 + 0.4 * torch.rand(P, G, generator=gen)  # below s_w = 4
+    mu_l = 1.8 + 0.4 * torch.rand(P, G, generator=gen)  # gap over s_l = 3 larger than the annotated 1
+    x = torch.stack([-4 * (bins - mu_w[..., None]) ** 2, -4 * (bins - mu_l[..., None]) ** 2], 1).to(kdev)
+    scores = torch.tensor([[4.0, 3.0]]).repeat(P, 1).to(kdev)
+    for backend in ("reference", "triton"):
+        out = gdso_loss(x, scores, backend=backend)
+        mw, ml = out.mean[:, 0].cpu(), out.mean[:, 1].cpu()
+        assert bool((mw < 4).all()) and bool((mw.amin(1) - ml.amax(1) > 1).all())  # inside the flat region
+        assert float(out.reward[:, 0].std(1).max()) < 1e-6, backend
+        assert float(out.advantage[:, 0].abs().max()) < 1e-4, backend
+        assert float(out.advantage[:, 1].abs().amax(1).min()) > 0.5, backend  # side l is not flat: real spread
 
 
 def test_upstream_gradient_scales(kdev):
