@@ -118,6 +118,7 @@ def test_gdso_learns_the_toy_task_and_resets_the_reference(base, tmp_path):
     assert all(x["policy_kl_last"] > 0 for x in log)  # ... and the inner updates move pi away from it
     assert log[-1]["ce"] < 0.5 * log[0]["ce"] and log[-1]["pw"] < log[0]["pw"]
     assert log[-1]["reward"] > log[0]["reward"] + 0.2
+    assert all(math.isfinite(x["grad_norm"]) and x["grad_norm"] > 0 for x in log)  # the inner updates' mean norm
 
 
 def test_grpo_with_the_parsed_reward_learns_to_write_the_score(base, tmp_path):

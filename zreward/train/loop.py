@@ -270,7 +270,7 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
             lr_used = sched.get_last_lr()[0]
             totals = method.step(step, [units[i] for i in idx])
             sched.step()
-            grad_norm = float("nan")
+            grad_norm = totals.pop("grad_norm", float("nan"))  # mean over the inner updates; NaN without clipping
         else:
             micro = batch_indices(len(items), cfg, step, acc.process_index, acc.num_processes)
             totals = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "pair": 0.0}

@@ -355,8 +355,9 @@ class RLMethod:
                 if u == 0:
                     stats.update(ce=float(direct.ce.mean()), pw=float(direct.pw.mean()))
             acc.backward(loss)
-            if cfg.max_grad_norm > 0:
-                acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+            if cfg.max_grad_norm > 0:  # the norm before clipping, averaged over the inner updates
+                norm = float(acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm))
+                stats["grad_norm"] = stats.get("grad_norm", 0.0) + norm / cfg.inner_updates
             opt.step()
             opt.zero_grad(set_to_none=True)
             if u == 0:
