@@ -20,10 +20,11 @@ enum DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
 
 // The per-group factor every backend multiplies a member's deviation from the group mean by:
 // std -> 1 / (std + eps) (unbiased std), mean -> 1 (Dr. GRPO), rloo -> n / (n - 1)
-// (r - mean of the others = (r - mean) * n / (n - 1)); a group of one (or none) gets 0 in every mode.
+// (r - mean of the others = (r - mean) * n / (n - 1)); a group of one (or none) gets 0 in every mode,
+// and so does a group with std + eps == 0 (all rewards equal with eps = 0: 0, not 0/0 = NaN).
 inline ZREWARD_HD double advantage_scale(int64_t n, double sd, int mode, double eps) {
   if (n <= 1) return 0.0;
-  if (mode == kStd) return 1.0 / (sd + eps);
+  if (mode == kStd) return sd + eps > 0.0 ? 1.0 / (sd + eps) : 0.0;
   if (mode == kMean) return 1.0;
   return static_cast<double>(n) / static_cast<double>(n - 1);
 }

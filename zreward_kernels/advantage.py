@@ -93,7 +93,7 @@ def group_advantage(
 
     ``mode``: ``"std"`` -> ``(r - mean) / (std + eps)`` with the unbiased std; ``"mean"`` ->
     ``r - mean`` (Dr. GRPO); ``"rloo"`` -> ``r - mean of the other members``.  A group of one gets
-    advantage 0 in every mode.
+    advantage 0 in every mode; with ``eps=0`` a group of equal rewards gets 0 too (not ``0/0``).
 
     Returns ``(advantages [M], GroupStats(mean [G], std [G], zero_std [G]))``; advantages and stats
     are float32 (float64 for float64 rewards); ``zero_std`` flags groups whose rewards are all equal.

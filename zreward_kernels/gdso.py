@@ -108,8 +108,10 @@ if HAS_TRITON:
         gm1 = tl.maximum(g64 - 1.0, 1.0)
         sd0 = tl.sqrt(tl.sum(tl.where(in0, dev * dev, 0.0), 1) / gm1)
         sd1 = tl.sqrt(tl.sum(tl.where(in1, dev * dev, 0.0), 1) / gm1)
-        adv = dev / (tl.where(side2 == 0, sd0[:, None], sd1[:, None]) + tl.cast(eps, tl.float64))
-        adv = tl.where(g64 > 1.5, adv, 0.0)  # a group of one gets advantage 0
+        den = tl.where(side2 == 0, sd0[:, None], sd1[:, None]) + tl.cast(eps, tl.float64)
+        # a group of one, or std + eps == 0 (equal rewards with eps = 0), gets advantage 0
+        adv = tl.where(den > 0.0, dev / tl.where(den > 0.0, den, 1.0), 0.0)
+        adv = tl.where(g64 > 1.5, adv, 0.0)
 
         rows2 = tl.reshape(rows, (PAIRS, BLOCK_S))
         tl.store(MEAN + rows, mu, mask=fmask)

@@ -249,6 +249,12 @@ class GroupStats(NamedTuple):
 ADV_MODES = ("std", "mean", "rloo")
 
 
+def _std_scale(sd: torch.Tensor, eps: float) -> torch.Tensor:
+    """``1 / (std + eps)`` per group, 0 where ``std + eps == 0`` (all rewards equal with ``eps = 0``)."""
+    den = sd + eps
+    return torch.where(den > 0, 1.0 / den, torch.zeros_like(den))
+
+
 def group_advantage(
     rewards: torch.Tensor,
     *,
@@ -261,7 +267,7 @@ def group_advantage(
 
     ``std``: ``(r - mean) / (std + eps)`` (unbiased std); ``mean``: ``r - mean`` (Dr. GRPO);
     ``rloo``: ``r - mean of the other members`` = ``n/(n-1) (r - mean)``.  A group of one gets 0 in
-    every mode; an empty group has mean 0, std 0, zero_std True.  Statistics are accumulated in
+    every mode, and so does a group with ``std + eps == 0`` (equal rewards, ``eps=0``); an empty group has mean 0, std 0, zero_std True.  Statistics are accumulated in
     float64 after subtracting each group's first reward (exact for 1e6 + small noise).  Outputs are
     float64 for float64 rewards, float32 otherwise.
     """
@@ -282,7 +288,7 @@ def group_advantage(
         if n <= 1:
             adv = torch.zeros_like(x)
         elif mode == "std":
-            adv = dv / (sd.unsqueeze(1) + eps)
+            adv = dv * _std_scale(sd, eps).unsqueeze(1)
         elif mode == "mean":
             adv = dv
         else:
@@ -307,7 +313,7 @@ def group_advantage(
     mean = torch.where(counts > 0, first + shift, torch.zeros_like(first))
     ne = n[ids]
     if mode == "std":
-        adv = dv / (sd[ids] + eps)
+        adv = dv * _std_scale(sd, eps)[ids]
     elif mode == "mean":
         adv = dv
     else:

@@ -108,6 +108,8 @@ def test_custom_bins_and_equal_rewards(kdev, G):
         assert_close(a, b, atol=2e-5, name=name)
     # identical samples within a side: all-equal rewards give advantage exactly 0
     assert float(k.advantage.abs().max()) == 0.0
+    for backend in ("reference", "triton"):  # also with eps = 0 (not 0/0 = NaN)
+        assert float(gdso_loss(x, scores, bin_values=bins, eps=0.0, backend=backend).advantage.abs().max()) == 0.0
 
 
 @pytest.mark.parametrize("G", [3, 8, 20])

@@ -35,7 +35,7 @@ def _loop_reference(rewards, offsets, mode, eps):
             if n == 1:
                 a = 0.0
             elif mode == "std":
-                a = (v - mean) / (std + eps)
+                a = (v - mean) / (std + eps) if std + eps > 0 else 0.0  # equal rewards with eps = 0: 0
             elif mode == "mean":
                 a = v - mean
             else:
@@ -108,6 +108,17 @@ def test_variable_groups_far_from_the_average(device, sizes):
     for be in _backends(device):
         for mode in ("std", "rloo"):
             _check(r, offsets, mode, 1e-6, device, be)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [2, 5, 40, 1500])  # warp segments and, on CUDA, the block kernel
+def test_eps_zero_gives_zero_not_nan_for_equal_rewards(device, n):
+    r = torch.cat([torch.full((n,), 0.7), torch.randn(n, generator=torch.Generator().manual_seed(n))])
+    for backend in _backends(device):
+        _check(r, [0, n, 2 * n], "std", 0.0, device, backend)
+        _check(r, [0, n, 2 * n], "std", 0.0, device, backend, group_size=n)
+        adv, _ = zk.group_advantage(r.to(device), group_size=n, eps=0.0, backend=backend)
+        assert bool(torch.isfinite(adv).all()) and float(adv[:n].abs().max()) == 0.0, backend
 
 
 @pytest.mark.parametrize("device", DEVICES)
