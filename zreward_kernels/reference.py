@@ -249,10 +249,10 @@ class GroupStats(NamedTuple):
 ADV_MODES = ("std", "mean", "rloo")
 
 
-def _std_scale(sd: torch.Tensor, eps: float) -> torch.Tensor:
-    """``1 / (std + eps)`` per group, 0 where ``std + eps == 0`` (all rewards equal with ``eps = 0``)."""
+def _std_normalised(dv: torch.Tensor, sd: torch.Tensor, eps: float) -> torch.Tensor:
+    """``dv / (std + eps)``, 0 where ``std + eps == 0`` (all rewards equal with ``eps = 0``)."""
     den = sd + eps
-    return torch.where(den > 0, 1.0 / den, torch.zeros_like(den))
+    return torch.where(den > 0, dv / den, torch.zeros_like(dv))
 
 
 def group_advantage(
@@ -288,7 +288,7 @@ def group_advantage(
         if n <= 1:
             adv = torch.zeros_like(x)
         elif mode == "std":
-            adv = dv * _std_scale(sd, eps).unsqueeze(1)
+            adv = _std_normalised(dv, sd.unsqueeze(1), eps)
         elif mode == "mean":
             adv = dv
         else:
@@ -313,7 +313,7 @@ def group_advantage(
     mean = torch.where(counts > 0, first + shift, torch.zeros_like(first))
     ne = n[ids]
     if mode == "std":
-        adv = dv * _std_scale(sd, eps)[ids]
+        adv = _std_normalised(dv, sd[ids], eps)
     elif mode == "mean":
         adv = dv
     else:
