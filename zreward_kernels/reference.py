@@ -267,9 +267,10 @@ def group_advantage(
 
     ``std``: ``(r - mean) / (std + eps)`` (unbiased std); ``mean``: ``r - mean`` (Dr. GRPO);
     ``rloo``: ``r - mean of the other members`` = ``n/(n-1) (r - mean)``.  A group of one gets 0 in
-    every mode, and so does a group with ``std + eps == 0`` (equal rewards, ``eps=0``); an empty group has mean 0, std 0, zero_std True.  Statistics are accumulated in
-    float64 after subtracting each group's first reward (exact for 1e6 + small noise).  Outputs are
-    float64 for float64 rewards, float32 otherwise.
+    every mode, and so does a group with ``std + eps == 0`` (equal rewards, ``eps=0``); an empty
+    group has mean 0, std 0, zero_std True.  Statistics are accumulated in float64 after
+    subtracting each group's first reward (exact for 1e6 + small noise).  Outputs are float64 for
+    float64 rewards, float32 otherwise.
     """
     out_dt = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     r = rewards.to(torch.float64)
