@@ -325,6 +325,7 @@ class RLMethod:
         policy.train()
         stats: Dict[str, float] = {"reward": float(rewards.mean()), "trace_len": float(mask.sum(1).float().mean()),
                                    "forced_marker": float(np.mean(forced))}
+        norms = []  # read back once after the inner updates (no host sync per update)
         for u in range(cfg.inner_updates):
             pol = None
             if self.ctx.use_liger:
@@ -356,13 +357,14 @@ class RLMethod:
                     stats.update(ce=float(direct.ce.mean()), pw=float(direct.pw.mean()))
             acc.backward(loss)
             if cfg.max_grad_norm > 0:  # the norm before clipping, averaged over the inner updates
-                norm = float(acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm))
-                stats["grad_norm"] = stats.get("grad_norm", 0.0) + norm / cfg.inner_updates
+                norms.append(acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm))
             opt.step()
             opt.zero_grad(set_to_none=True)
             if u == 0:
                 stats.update(policy_loss=float(pol.detach()), loss=float(loss.detach()),
                              kl_first_inner=pstats["policy_kl"], clip_frac=pstats["clip_frac"])
         stats["policy_kl_last"] = pstats["policy_kl"]
+        if norms:
+            stats["grad_norm"] = float(torch.stack([torch.as_tensor(n, dtype=torch.float32) for n in norms]).mean())
         del ref
         return stats
