@@ -4,15 +4,22 @@
 # Run on a CUDA machine from the repository root:  OUT=/some/dir bash bench/gpu_check.sh
 # It uses the machine's own python3 (torch, triton, transformers, accelerate, pytest-benchmark are
 # preinstalled on the lent GPU machines); wheels under .whl/ (if any) are installed to /tmp/site
-# first -- carry liger-kernel that way (the device README says how):
+# first -- carry liger-kernel that way (the device README says how), and pytest-xdist with execnet
+# so the tests run in parallel processes (their ~280 distinct kernel specialisations are compiled
+# on the fly, seconds each on that host: one process would not finish them within TEST_TIMEOUT):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl liger-kernel==0.8.5
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+#     liger-kernel==0.8.5 pytest-xdist==3.8.0 execnet==2.1.2
 # With the device tool: run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=590); then
 # copy tune.md, kernel_configs.json, summary.md, profile.txt and the logs into bench/results/<device>_* .
 # Results land in $OUT as at most 8 files (the device tool's limit): env.txt (environment and build),
 # tests.log, tune.md, tune.json, kernel_configs.json, profile.txt, bench.json (all benchmark modules
 # merged), summary.md (tables, then the tail of each benchmark log).
+# Without xdist the tests step runs only the GPU-relevant modules (TEST_PATHS, default
+# tests/zreward_kernels tests/test_build.py; tests/zreward runs on CPU only and CI runs it); with
+# it, every test in TEST_WORKERS (12) processes of one thread each.  The sweep compiles its
+# candidates in TUNE_JOBS (12) processes before timing them (bench/tune_kernels.py --jobs).
 # STEPS picks the steps and their order (default "tests tune bench profile"; the build always runs).
 # DEADLINE (s, default 540) bounds the whole script: each step gets min(its own timeout, what is
 # left), and the benchmark modules run in priority order, each with what is left, so a late one is
@@ -53,10 +60,16 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 
 step_tests() {
   XDIST=""
-  $PY -c "import xdist" 2>/dev/null && XDIST="-n ${TEST_WORKERS:-6}"
+  PATHS=${TEST_PATHS:-"tests/zreward_kernels tests/test_build.py"}
+  if $PY -c "import xdist" 2>/dev/null; then
+    XDIST="-n ${TEST_WORKERS:-12}"
+    PATHS=${TEST_PATHS:-tests}
+  fi
   t=$(budget "${TEST_TIMEOUT:-200}")
-  echo "== tests ($XDIST, ${t}s)"
-  timeout "$t" $PY -m pytest tests -q -rs $XDIST -p no:cacheprovider >"$OUT/tests.log" 2>&1
+  echo "== tests ($PATHS; ${XDIST:-one process}; ${t}s)"
+  # shellcheck disable=SC2086  # PATHS and XDIST are word lists
+  env ${XDIST:+OMP_NUM_THREADS=1} timeout "$t" $PY -m pytest $PATHS -q -rs $XDIST -p no:cacheprovider \
+    >"$OUT/tests.log" 2>&1
   TESTS_RC=$?
   echo "tests exit: $TESTS_RC after ${SECONDS}s" | tee -a "$OUT/tests.log"
   tail -n 25 "$OUT/tests.log"
@@ -67,7 +80,8 @@ step_tune() {
   echo "== launch-configuration sweep (bench/tune_kernels.py, ${t}s)"
   # kernels of the open goals first; no new kernel's sweep starts in the last 40 s, and the JSON and
   # best-config files are rewritten after each kernel, so a cut run keeps what it measured
-  timeout "$t" $PY bench/tune_kernels.py --budget $((t > 40 ? t - 40 : 1)) --json "$OUT/tune.json" \
+  timeout "$t" $PY bench/tune_kernels.py --budget $((t > 40 ? t - 40 : 1)) --jobs "${TUNE_JOBS:-12}" \
+    --json "$OUT/tune.json" \
     --write-config "$OUT/kernel_configs.json" >"$OUT/tune.md" 2>&1
   echo "tune exit: $? after ${SECONDS}s" | tee -a "$OUT/tune.md"
   grep -A4 "^###" "$OUT/tune.md" | head -n 80

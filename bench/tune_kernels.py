@@ -7,7 +7,13 @@ op's device time under that configuration.  Prints one markdown table per kernel
 first, with the speed-up over the current default, and writes everything to ``--json``.  A
 candidate that fails to compile or capture is reported, not fatal.
 
-    python bench/tune_kernels.py [--json FILE] [--write-config FILE] [--reps 50] [--quick] [KERNEL ...]
+    python bench/tune_kernels.py [--json FILE] [--write-config FILE] [--reps 50] [--quick] [--jobs N] [KERNEL ...]
+
+``--jobs N`` first compiles every candidate's launches in N spawned processes (one eager
+forward+backward per candidate and size, so the launches are those the timing makes): Triton
+writes each compiled kernel to its on-disk cache, and the timing then loads it instead of
+compiling it, one candidate after another.  Compiling dominates a sweep on a fresh machine (tens
+of candidates, seconds each); with 16 host cores this cuts it by about the number of jobs.
 
 ``--write-config`` writes, per kernel, the candidate with the best geometric-mean speed-up over the
 sizes (among those that ran at every size) as a file ``ZREWARD_KERNEL_CONFIGS`` /
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import statistics
 import sys
@@ -93,11 +100,84 @@ def graph_ms(op: str, rows: int, reps: int) -> float:
     return statistics.median(times)
 
 
+def _sizes(kernel: str, quick: bool) -> tuple:
+    op = OP[kernel]
+    return {"gdso_loss": GDSO_ROWS, "group_advantage": ADV_SIZES}.get(op, ROWS)[: 1 if quick else None]
+
+
+def _candidates(kernel: str) -> list:
+    """The default configuration of ``kernel`` first, then every other candidate of the sweep."""
+    default = dict(CONFIGS[kernel])
+    return [default] + [c for c in SWEEP[kernel] if {**default, **c} != default]
+
+
+def run_once(op: str, rows: int) -> None:
+    """One eager forward+backward of ``op`` on the inputs the timing uses (what a graph capture's
+    warm-up runs first): the launches, and so the compiles, of a timed candidate."""
+    _, _, _case, _fused_loss = _bench_helpers()
+    x0, kw = _case(op, rows)
+    x = x0.clone().requires_grad_(True)
+    _fused_loss(op)(x, **kw).backward()
+
+
+def _compile_one(item) -> tuple:
+    """Worker of :func:`precompile`: run one candidate at each size; ``(item, None | error)``."""
+    kernel, cfg, sizes = item
+    try:
+        with override(kernel, **cfg):
+            for rows in sizes:
+                run_once(OP[kernel], rows)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return item, None
+    except Exception as exc:  # noqa: BLE001 - reported; the timing reports it again
+        return item, f"{type(exc).__name__}: {exc}"[:300]
+
+
+def compile_items(kernels, quick: bool) -> list:
+    """``(kernel, config, sizes)`` for every candidate of ``kernels`` that has something to compile
+    (the group advantage is a compiled op: nothing)."""
+    return [(k, c, _sizes(k, quick)) for k in kernels if OP[k] != "group_advantage" for c in _candidates(k)]
+
+
+def precompile(items, jobs: int, timeout: float) -> dict:
+    """Run ``items`` (see :func:`compile_items`) in ``jobs`` spawned processes (see ``--jobs``).
+
+    Returns counts ``dict(done=, failed=, left=, seconds=)``: ``failed`` candidates raised (the
+    timing reports the error again), ``left`` were not reached within ``timeout`` seconds (the
+    timing compiles them itself).
+    """
+    counts = dict(done=0, failed=0, left=len(items), seconds=0.0)
+    if not items or jobs < 1:
+        return counts
+    started = time.monotonic()
+    pool = multiprocessing.get_context("spawn").Pool(min(jobs, len(items)))
+    try:
+        it = pool.imap_unordered(_compile_one, items)
+        for _ in items:
+            left = timeout - (time.monotonic() - started)
+            if left <= 0:
+                break
+            try:
+                (kernel, cfg, _), err = it.next(timeout=left)
+            except multiprocessing.TimeoutError:
+                break
+            counts["left"] -= 1
+            counts["failed" if err else "done"] += 1
+            if err:
+                print(f"  precompile {kernel} {cfg}: {err}", flush=True)
+    finally:
+        pool.terminate()
+        pool.join()
+    counts["seconds"] = round(time.monotonic() - started, 1)
+    return counts
+
+
 def sweep(kernel: str, reps: int, quick: bool) -> list:
     op = OP[kernel]
-    sizes = {"gdso_loss": GDSO_ROWS, "group_advantage": ADV_SIZES}.get(op, ROWS)[: 1 if quick else None]
+    sizes = _sizes(kernel, quick)
     default = dict(CONFIGS[kernel])
-    cands = [default] + [c for c in SWEEP[kernel] if {**default, **c} != default]
+    cands = _candidates(kernel)
     results = []
     for rows in sizes:
         for cfg in cands:
@@ -193,6 +273,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="the smaller size only")
     ap.add_argument("--budget", type=float, default=0,
                     help="seconds: start no further kernel's sweep after this long (0: no limit)")
+    ap.add_argument("--jobs", type=int, default=0,
+                    help="compile every candidate in this many processes before timing (0: compile while timing)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("tune_kernels needs a CUDA device", file=sys.stderr)
@@ -203,7 +285,12 @@ def main() -> int:
     results = []
     device = torch.cuda.get_device_name(0)
     started = time.monotonic()
-    for kernel in sorted(args.kernels, key=lambda k: ORDER.index(k) if k in ORDER else len(ORDER)):
+    kernels = sorted(args.kernels, key=lambda k: ORDER.index(k) if k in ORDER else len(ORDER))
+    if args.jobs > 0:
+        # at most half the budget: what is not compiled by then is compiled while timing, as without --jobs
+        counts = precompile(compile_items(kernels, args.quick), args.jobs, args.budget / 2 if args.budget else 600)
+        print(f"  precompiled in {args.jobs} processes: {counts}", flush=True)
+    for kernel in kernels:
         if args.budget and time.monotonic() - started > args.budget:
             print(f"  {kernel}: not swept (--budget {args.budget:.0f} s spent)", flush=True)
             continue

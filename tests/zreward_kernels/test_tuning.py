@@ -318,3 +318,31 @@ def test_sweep_bookkeeping_picks_the_best_config_and_writes_a_loadable_file(tmp_
     assert "KERNEL=2" in tk.report(results) and "failed: RuntimeError: boom" in tk.report(results)
     load_configs(str(tmp_path / "best.json"), strict_device="NVIDIA Test")
     assert CONFIGS["group_advantage"] == {"ELEMS_PER_LANE": 1, "KERNEL": 2}
+
+
+def test_sweep_precompiles_candidates_in_worker_processes():
+    """bench/tune_kernels.py --jobs: each candidate runs once in a spawned worker (on a GPU that
+    compiles it into Triton's on-disk cache before the timing); a candidate that raises is counted
+    and reported, and a timeout stops the workers and leaves the rest to the timing.  Here the
+    workers run the kernels in the CPU interpreter on small inputs."""
+    import os
+    import sys
+
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bench")
+    sys.path.insert(0, bench)  # the spawned workers import tune_kernels from the parent's path
+    try:
+        import tune_kernels as tk
+
+        items = [("stats_fwd", {"BLOCK_R": 16}, (8,)), ("gdso_fwd", {"PAIRS": 2}, (48,)),
+                 ("stats_bwd", {"NO_SUCH_SETTING": 1}, (8,))]
+        counts = tk.precompile(items, jobs=2, timeout=240)
+        assert (counts["done"], counts["failed"], counts["left"]) == (2, 1, 0), counts
+        assert counts["seconds"] > 0
+        cut = tk.precompile(items, jobs=1, timeout=0.01)
+        assert (cut["done"], cut["failed"], cut["left"]) == (0, 0, 3), cut
+        # every gdso candidate once (the default first), nothing for the compiled group advantage
+        every = tk.compile_items(["group_advantage", "gdso_fwd"], quick=True)
+        assert [c for _, c, _ in every] == tk._candidates("gdso_fwd")
+        assert {k for k, _, _ in every} == {"gdso_fwd"} and every[0][1] == CONFIGS["gdso_fwd"]
+    finally:
+        sys.path.remove(bench)
