@@ -276,12 +276,14 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=0,
                     help="compile every candidate in this many processes before timing (0: compile while timing)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("tune_kernels needs a CUDA device", file=sys.stderr)
-        return 2
+    if args.jobs < 0:
+        ap.error(f"--jobs must be >= 0, got {args.jobs}")
     unknown = [k for k in args.kernels if k not in SWEEP]
     if unknown:
         ap.error(f"unknown kernels {unknown}; known: {list(SWEEP)}")
+    if not torch.cuda.is_available():
+        print("tune_kernels needs a CUDA device", file=sys.stderr)
+        return 2
     results = []
     device = torch.cuda.get_device_name(0)
     started = time.monotonic()

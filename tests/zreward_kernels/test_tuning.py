@@ -278,13 +278,10 @@ def test_group_advantage_cuda_every_setting_matches_the_reference(elems, kernel)
         assert torch.equal(got[1].zero_std, want[1].zero_std)
 
 
-def test_sweep_bookkeeping_picks_the_best_config_and_writes_a_loadable_file(tmp_path, restore_configs):
-    """bench/tune_kernels.py's choice and files, on synthetic timings (the sweep itself needs a GPU):
-    the best config is the one with the best geometric-mean speed-up over the default across sizes,
-    a config not measured at every size (or a failed one) is not chosen, and the file it writes is
-    one load_configs applies."""
-    import argparse
-    import json
+@pytest.fixture
+def tune_kernels():
+    """bench/tune_kernels.py as a module, with bench/ on sys.path for the test (spawned workers
+    import it from the parent's path)."""
     import os
     import sys
 
@@ -292,8 +289,21 @@ def test_sweep_bookkeeping_picks_the_best_config_and_writes_a_loadable_file(tmp_
     sys.path.insert(0, bench)
     try:
         import tune_kernels as tk
+
+        yield tk
     finally:
         sys.path.remove(bench)
+
+
+def test_sweep_bookkeeping_picks_the_best_config_and_writes_a_loadable_file(tmp_path, restore_configs, tune_kernels):
+    """bench/tune_kernels.py's choice and files, on synthetic timings (the sweep itself needs a GPU):
+    the best config is the one with the best geometric-mean speed-up over the default across sizes,
+    a config not measured at every size (or a failed one) is not chosen, and the file it writes is
+    one load_configs applies."""
+    import argparse
+    import json
+
+    tk = tune_kernels
     from zreward_kernels._tuning import SWEEP, load_configs
 
     assert sorted(tk.ORDER) == sorted(SWEEP)  # every kernel has a place in the sweep order
@@ -320,29 +330,31 @@ def test_sweep_bookkeeping_picks_the_best_config_and_writes_a_loadable_file(tmp_
     assert CONFIGS["group_advantage"] == {"ELEMS_PER_LANE": 1, "KERNEL": 2}
 
 
-def test_sweep_precompiles_candidates_in_worker_processes():
+def test_sweep_precompiles_candidates_in_worker_processes(tune_kernels):
     """bench/tune_kernels.py --jobs: each candidate runs once in a spawned worker (on a GPU that
     compiles it into Triton's on-disk cache before the timing); a candidate that raises is counted
     and reported, and a timeout stops the workers and leaves the rest to the timing.  Here the
     workers run the kernels in the CPU interpreter on small inputs."""
-    import os
+    tk = tune_kernels
+    items = [("stats_fwd", {"BLOCK_R": 16}, (8,)), ("gdso_fwd", {"PAIRS": 2}, (48,)),
+             ("stats_bwd", {"NO_SUCH_SETTING": 1}, (8,))]
+    counts = tk.precompile(items, jobs=2, timeout=240)
+    assert (counts["done"], counts["failed"], counts["left"]) == (2, 1, 0), counts
+    assert counts["seconds"] > 0
+    cut = tk.precompile(items, jobs=1, timeout=0.01)
+    assert (cut["done"], cut["failed"], cut["left"]) == (0, 0, 3), cut
+    # every gdso candidate once (the default first), nothing for the compiled group advantage
+    every = tk.compile_items(["group_advantage", "gdso_fwd"], quick=True)
+    assert [c for _, c, _ in every] == tk._candidates("gdso_fwd")
+    assert {k for k, _, _ in every} == {"gdso_fwd"} and every[0][1] == CONFIGS["gdso_fwd"]
+
+
+@pytest.mark.parametrize("argv,match", [(["--jobs", "-2"], "--jobs must be >= 0"),
+                                        (["no_such_kernel"], "unknown kernels")])
+def test_sweep_rejects_bad_arguments_before_needing_a_gpu(monkeypatch, capsys, tune_kernels, argv, match):
     import sys
 
-    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bench")
-    sys.path.insert(0, bench)  # the spawned workers import tune_kernels from the parent's path
-    try:
-        import tune_kernels as tk
-
-        items = [("stats_fwd", {"BLOCK_R": 16}, (8,)), ("gdso_fwd", {"PAIRS": 2}, (48,)),
-                 ("stats_bwd", {"NO_SUCH_SETTING": 1}, (8,))]
-        counts = tk.precompile(items, jobs=2, timeout=240)
-        assert (counts["done"], counts["failed"], counts["left"]) == (2, 1, 0), counts
-        assert counts["seconds"] > 0
-        cut = tk.precompile(items, jobs=1, timeout=0.01)
-        assert (cut["done"], cut["failed"], cut["left"]) == (0, 0, 3), cut
-        # every gdso candidate once (the default first), nothing for the compiled group advantage
-        every = tk.compile_items(["group_advantage", "gdso_fwd"], quick=True)
-        assert [c for _, c, _ in every] == tk._candidates("gdso_fwd")
-        assert {k for k, _, _ in every} == {"gdso_fwd"} and every[0][1] == CONFIGS["gdso_fwd"]
-    finally:
-        sys.path.remove(bench)
+    monkeypatch.setattr(sys, "argv", ["tune_kernels.py", *argv])
+    with pytest.raises(SystemExit) as exc:
+        tune_kernels.main()
+    assert exc.value.code == 2 and match in capsys.readouterr().err
