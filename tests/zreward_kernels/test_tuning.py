@@ -349,6 +349,22 @@ def test_sweep_precompiles_candidates_in_worker_processes(tune_kernels):
     assert {k for k, _, _ in every} == {"gdso_fwd"} and every[0][1] == CONFIGS["gdso_fwd"]
 
 
+def test_sweep_flags_the_default_once_per_size_and_picks_the_fastest(monkeypatch, tune_kernels, restore_configs):
+    """tune_kernels.sweep with the timing replaced by a function of the configuration in force (the
+    real timing needs a GPU): every candidate is timed at every size under its own configuration,
+    the default is flagged exactly once per size, and best_configs picks the fastest candidate."""
+    tk = tune_kernels
+    fast = dict(CONFIGS["gdso_fwd"], PAIRS=4, num_warps=8)
+    monkeypatch.setattr(tk, "graph_ms", lambda op, rows, reps: 0.5 if CONFIGS["gdso_fwd"] == fast else 1.0)
+    results = tk.sweep("gdso_fwd", reps=1, quick=False)
+    cands = tk._candidates("gdso_fwd")
+    assert len(results) == len(cands) * len(tk.GDSO_ROWS)
+    for rows in tk.GDSO_ROWS:
+        flagged = [r for r in results if r["rows"] == rows and r["default"]]
+        assert len(flagged) == 1 and flagged[0]["config"] == CONFIGS["gdso_fwd"] and flagged[0]["ms"] == 1.0
+    assert tk.best_configs(results) == {"gdso_fwd": (fast, 2.0)}
+
+
 @pytest.mark.parametrize("argv,match", [(["--jobs", "-2"], "--jobs must be >= 0"),
                                         (["no_such_kernel"], "unknown kernels")])
 def test_sweep_rejects_bad_arguments_before_needing_a_gpu(monkeypatch, capsys, tune_kernels, argv, match):
