@@ -67,7 +67,8 @@ SWEEP: Dict[str, list] = {
     "rubric_bwd": _tile(_GRID, 16) + _FLAT,
     "gdso_fwd": [dict(PAIRS=n, num_warps=w) for n in (1, 2, 4, 8, 16) for w in (1, 2, 4, 8)
                  if n * 16 * 16 <= 16 * 32 * w],  # rows per program = PAIRS * 16 at G = 8
-    "group_advantage": [dict(ELEMS_PER_LANE=e, KERNEL=k) for k in (1, 2) for e in (1, 2, 4, 8)],
+    # 16 and 32: one lane (thread) per group of up to 16 / 32 members, no shuffles at all
+    "group_advantage": [dict(ELEMS_PER_LANE=e, KERNEL=k) for k in (1, 2) for e in (1, 2, 4, 8, 16, 32)],
 }
 
 

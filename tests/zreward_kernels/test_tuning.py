@@ -255,7 +255,7 @@ def test_group_advantage_settings_reach_the_cuda_extension():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("kernel", [1, 2])
-@pytest.mark.parametrize("elems", [1, 2, 4, 8, 32])
+@pytest.mark.parametrize("elems", [1, 2, 4, 8, 16, 32])
 def test_group_advantage_cuda_every_setting_matches_the_reference(elems, kernel):
     from zreward_kernels import group_advantage
 
