@@ -161,10 +161,20 @@ class RewardScorer:
         if isinstance(images, torch.Tensor):
             extra["do_rescale"] = False  # values are already in [0, 1]
             images = list(images)
+        tracked = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in images)
         try:
             enc = self.model.processor(text=texts, images=images, return_tensors="pt", padding=True, **extra)
         finally:
             tok.padding_side = side
+        if tracked and not any(isinstance(v, torch.Tensor) and v.requires_grad for v in enc.values()):
+            # transformers < 5.4 preprocesses tensor images without keeping their graph: the reward
+            # would silently not depend on the pixels as far as autograd can see
+            import transformers
+
+            raise RuntimeError(
+                f"the processor ({type(self.model.processor).__name__}, transformers {transformers.__version__}) "
+                "returned pixel values that do not track the gradient of `images`, so differentiable scoring "
+                "cannot reach the pixels; transformers >= 5.4 keeps the graph through its torch preprocessing")
         dev = self.model.device
         return {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in enc.items()}
 

@@ -153,6 +153,30 @@ def test_differentiable_scoring_reaches_the_pixels(zmodel):
         RewardScorer(zmodel).score(_images(1), PROMPTS[:1], differentiable=True)
 
 
+def test_differentiable_scoring_refuses_a_processor_that_drops_the_graph(zmodel, monkeypatch):
+    """transformers < 5.4 preprocessed tensor images without keeping their graph: the reward then does
+    not depend on the pixels as far as autograd can see, which must be an error, not a silent zero
+    gradient (or a RuntimeError far away at backward)."""
+    cls = type(zmodel.processor)
+    original = cls.__call__
+
+    def detaching(self, *args, **kwargs):
+        enc = original(self, *args, **kwargs)
+        for k, v in enc.items():
+            if isinstance(v, torch.Tensor):
+                enc[k] = v.detach()
+        return enc
+
+    monkeypatch.setattr(cls, "__call__", detaching)
+    images = torch.rand(2, 3, 56, 56, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"do not track the gradient of `images`.*transformers >= 5.4"):
+        RewardScorer(zmodel).score(images, PROMPTS[:2], differentiable=True)
+    # images that need no gradient, and the default (inference) path, are unaffected
+    plain = RewardScorer(zmodel).score(images.detach(), PROMPTS[:2], differentiable=True)
+    assert torch.isfinite(plain.reward).all()
+    assert torch.isfinite(RewardScorer(zmodel).score(images, PROMPTS[:2]).reward).all()
+
+
 def test_save_and_reload_offline(zmodel, tmp_path):
     before = RewardScorer(zmodel).score(_images(2), PROMPTS[:2])
     zmodel.save_pretrained(tmp_path)
