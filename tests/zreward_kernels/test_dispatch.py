@@ -83,3 +83,57 @@ def test_launch_device_switches_only_to_a_cuda_tensors_other_device(monkeypatch)
     assert launch_device(same) is _NO_SWITCH
     ctx = launch_device(other)
     assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_runtime_loop_bound_runs_on_this_triton(kdev):
+    """The fused forwards end with `for start in range(0, nprog, BLOCK_RED)` over a runtime scalar.
+    Triton 3.6's interpreter (torch 2.11's) converted that scalar with int() of a 1-element array,
+    which numpy >= 2.4 rejects; _triton_utils squeezes it there.  Sums 0..n-1 in steps of 4."""
+    from zreward_kernels._triton_utils import tl, triton
+
+    @triton.jit
+    def _strided_sum(OUT, n, STEP: tl.constexpr):
+        acc = tl.zeros([STEP], tl.int32)
+        for start in range(0, n, STEP):
+            idx = start + tl.arange(0, STEP)
+            acc += tl.where(idx < n, idx, 0)
+        tl.store(OUT, tl.sum(acc, 0))
+
+    for n in (1, 7, 8, 13):
+        out = torch.zeros(1, dtype=torch.int32, device=kdev)
+        _strided_sum[(1,)](out, n, STEP=4)
+        assert int(out) == n * (n - 1) // 2
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_interpreter_index_fix_wraps_only_the_unsqueezed_conversion(monkeypatch):
+    import numpy as np
+    from triton.runtime import interpreter as ti
+
+    from zreward_kernels._triton_utils import _squeeze_interpreter_scalar_index
+
+    class Scope:
+        def set_attr(self, obj, name, value):
+            setattr(obj, name, value)
+
+    class Handle:
+        data = np.array([5], dtype=np.int32)  # what Triton 3.6 passes: a 1-D one-element array
+
+    def unsqueezed(tensor, scope):
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+
+    class T:
+        handle = Handle()
+
+    monkeypatch.setattr(ti, "_patch_lang_tensor", unsqueezed)
+    assert _squeeze_interpreter_scalar_index() is True
+    assert _squeeze_interpreter_scalar_index() is False  # applied once
+    ti._patch_lang_tensor(T, Scope())
+    assert range(10)[T()] == 5  # __index__ of a one-element array, on any numpy version
+
+    def squeezed(tensor, scope):
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    monkeypatch.setattr(ti, "_patch_lang_tensor", squeezed)
+    assert _squeeze_interpreter_scalar_index() is False and ti._patch_lang_tensor is squeezed
