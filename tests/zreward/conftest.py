@@ -19,3 +19,20 @@ def tiny_tokenizer():
         pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Punctuation()])
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
                                                 bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def rl_base(tmp_path_factory):
+    """A saved tiny Qwen2-VL ZRewardModel with the trace marker added: the RL trainers' start."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("torchvision")
+    from zreward.model import ZRewardModel
+    from zreward.tiny import tiny_qwen2_vl
+    from zreward.train.rl import ensure_marker
+
+    d = tmp_path_factory.mktemp("rlbase")
+    model, proc = tiny_qwen2_vl()
+    zm = ZRewardModel(model, proc)
+    ensure_marker(zm)
+    zm.save_pretrained(d)
+    return str(d)

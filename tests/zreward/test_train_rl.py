@@ -12,25 +12,19 @@ pytest.importorskip("transformers")
 pytest.importorskip("torchvision")
 pytest.importorskip("accelerate")
 
-from train_runner import toy_items  # noqa: E402
+from train_runner import gdso_first_step_logs, toy_items  # noqa: E402
 
 from zreward.hf import lm_head_params  # noqa: E402
 from zreward.model import ZRewardModel  # noqa: E402
 from zreward.scorer import RewardScorer  # noqa: E402
-from zreward.tiny import tiny_qwen2_vl  # noqa: E402
 from zreward.train import TrainConfig, train  # noqa: E402
 from zreward.train.rl import MARKER, ensure_marker, grpo_token_loss, sample_traces, structural_tokens  # noqa: E402
 from zreward_kernels import group_advantage  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    d = tmp_path_factory.mktemp("rlbase")
-    model, proc = tiny_qwen2_vl()
-    zm = ZRewardModel(model, proc)
-    ensure_marker(zm)
-    zm.save_pretrained(d)
-    return str(d)
+def base(rl_base):
+    return rl_base
 
 
 def _log(path):
@@ -192,13 +186,7 @@ def test_liger_fused_policy_loss_matches_the_pytorch_path():
 
 def test_gdso_step_with_liger_equals_pytorch(base, tmp_path):
     pytest.importorskip("liger_kernel")
-    logs = {}
-    for loss in ("torch", "liger"):
-        cfg = TrainConfig(method="gdso", model=base, output_dir=str(tmp_path / loss), max_steps=1, batch_size=4,
-                          lr=3e-3, log_every=1, save_every=0, group_size=4, max_trace_tokens=6, inner_updates=1,
-                          device="cpu", policy_loss=loss)
-        train(cfg, items=toy_items())
-        logs[loss] = _log(tmp_path / loss)[0]
+    logs = gdso_first_step_logs(base, tmp_path, "cpu")
     for k in ("policy_loss", "loss", "ce", "pw", "reward"):
         assert logs["torch"][k] == pytest.approx(logs["liger"][k], abs=1e-6), k
 

@@ -1,4 +1,6 @@
-"""restricted_logits and the *_from_hidden ops against the full LM head followed by a gather."""
+"""restricted_logits and the *_from_hidden ops against the full LM head followed by a gather.
+
+They run on ``kdev``: the CPU (reference backend) here, CUDA (the fused Triton kernels) where present."""
 
 import pytest
 import torch
@@ -18,11 +20,11 @@ V, H = 300, 32
 IDS = [17, 3, 250, 99, 42, 7, 188, 120, 64]
 
 
-def _setup(dtype=torch.float32, seed=0, lead=(40,)):
+def _setup(dtype=torch.float32, seed=0, lead=(40,), device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(*lead, H, generator=g).to(dtype)
-    weight = (torch.randn(V, H, generator=g) * 0.2).to(dtype)
-    bias = (torch.randn(V, generator=g) * 0.1).to(dtype)
+    hidden = torch.randn(*lead, H, generator=g).to(device, dtype)
+    weight = (torch.randn(V, H, generator=g) * 0.2).to(device, dtype)
+    bias = (torch.randn(V, generator=g) * 0.1).to(device, dtype)
     return hidden, weight, bias
 
 
@@ -40,11 +42,11 @@ def _full(h, w, b):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_parity_with_full_head_through_rubric_loss(dtype, tol):
-    hidden, weight, bias = _setup(dtype, lead=(20, 3))
-    t = torch.randint(0, 9, (20, 3), generator=torch.Generator().manual_seed(1))
-    pairs = torch.tensor([[0, 5], [7, 59], [33, 2]])
-    gaps = torch.tensor([0.5, -1.0, 2.0])
+def test_parity_with_full_head_through_rubric_loss(dtype, tol, kdev):
+    hidden, weight, bias = _setup(dtype, lead=(20, 3), device=kdev)
+    t = torch.randint(0, 9, (20, 3), generator=torch.Generator().manual_seed(1)).to(kdev)
+    pairs = torch.tensor([[0, 5], [7, 59], [33, 2]], device=kdev)
+    gaps = torch.tensor([0.5, -1.0, 2.0], device=kdev)
     kw = dict(target=t, pairs=pairs, pair_gaps=gaps)
 
     def full(h, w, b):
@@ -59,13 +61,13 @@ def test_parity_with_full_head_through_rubric_loss(dtype, tol):
         assert a.dtype == e.dtype, name
         assert_close(a, e, atol=tol, rtol=tol, name=name)
     # only the K used rows of the weight carry gradient
-    mask = torch.zeros(V, dtype=torch.bool)
+    mask = torch.zeros(V, dtype=torch.bool, device=kdev)
     mask[IDS] = True
     assert float(got[2][~mask].abs().sum()) == 0.0 and float(got[2][mask].abs().sum()) > 0
 
 
-def test_sparse_weight_gradient_equals_dense_rows():
-    hidden, weight, bias = _setup()
+def test_sparse_weight_gradient_equals_dense_rows(kdev):
+    hidden, weight, bias = _setup(device=kdev)
 
     def loss(mode):
         h = hidden.clone().requires_grad_(True)
@@ -84,36 +86,36 @@ def test_sparse_weight_gradient_equals_dense_rows():
     assert_close(sb.to_dense(), db)
 
 
-def test_frozen_weight_gets_no_gradient():
-    hidden, weight, _ = _setup()
+def test_frozen_weight_gets_no_gradient(kdev):
+    hidden, weight, _ = _setup(device=kdev)
     h = hidden.clone().requires_grad_(True)
     out = score_stats_from_hidden(h, weight, IDS)
     out.mean.sum().backward()
     assert weight.grad is None and h.grad is not None
 
 
-def test_score_stats_and_gdso_from_hidden():
-    hidden, weight, bias = _setup(lead=(4, 2, 3))
-    s1 = score_stats_from_hidden(hidden, weight, torch.tensor(IDS), bias)
+def test_score_stats_and_gdso_from_hidden(kdev):
+    hidden, weight, bias = _setup(lead=(4, 2, 3), device=kdev)
+    s1 = score_stats_from_hidden(hidden, weight, torch.tensor(IDS, device=kdev), bias)
     s2 = score_stats(_full(hidden, weight, bias))
     for a, b in zip(s1, s2):
         assert_close(a, b)
-    scores = torch.tensor([[4.5, 2.0], [3.0, 3.0], [1.0, 5.0], [2.5, 2.0]])
+    scores = torch.tensor([[4.5, 2.0], [3.0, 3.0], [1.0, 5.0], [2.5, 2.0]], device=kdev)
     g1 = gdso_loss_from_hidden(hidden, weight, IDS, scores, bias)
     g2 = gdso_loss(_full(hidden, weight, bias), scores)
     for a, b in zip(g1, g2):
         assert_close(a, b)
 
 
-def test_mixed_dtypes_cast_rows_to_hidden():
-    hidden, weight, _ = _setup()
+def test_mixed_dtypes_cast_rows_to_hidden(kdev):
+    hidden, weight, _ = _setup(device=kdev)
     out = restricted_logits(hidden.to(torch.bfloat16), weight, IDS)
     assert out.dtype == torch.bfloat16
     assert_close(out, (hidden.to(torch.bfloat16) @ weight[IDS].to(torch.bfloat16).t()), atol=1e-2, rtol=1e-2)
 
 
-def test_bad_inputs():
-    hidden, weight, bias = _setup()
+def test_bad_inputs(kdev):
+    hidden, weight, bias = _setup(device=kdev)
     with pytest.raises(ValueError, match="token_ids must be distinct"):
         restricted_logits(hidden, weight, [3, 5, 3])
     with pytest.raises(ValueError, match=r"token_ids must lie in \[0, 300\)"):
