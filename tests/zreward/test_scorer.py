@@ -1,4 +1,4 @@
-"""ZRewardModel + RewardScorer on tiny models of two families (Qwen2-VL, LLaVA), offline."""
+"""ZRewardModel + RewardScorer on tiny models of four families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA), offline."""
 
 import numpy as np
 import pytest
