@@ -22,3 +22,22 @@ def test_cpu_extension_built():
 )
 def test_cuda_extension_built_where_toolkit_exists():
     assert EXT_STATUS["cuda"] is None, EXT_STATUS["cuda"]
+
+
+def test_top_level_names_without_heavy_imports():
+    """`import zreward` gives the user-facing classes and stays light: transformers and accelerate
+    load when a model or a trainer is first used, not at import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, zreward, zreward.scorer, zreward.model, zreward.train.rl as rl\n"
+        "assert zreward.RewardScorer is zreward.scorer.RewardScorer and zreward.ZRewardModel is zreward.model.ZRewardModel\n"
+        "assert zreward.train.__name__ == 'zreward.train' and rl.__name__ == 'zreward.train.rl'\n"
+        "missing = [n for n in zreward.__all__ if not hasattr(zreward, n)]\n"
+        "assert not missing, missing\n"
+        "print(sorted(m for m in ('transformers', 'accelerate') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
