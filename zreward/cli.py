@@ -155,7 +155,8 @@ def eval_cmd(args) -> int:
 def train_cmd(args) -> int:
     from .train import TrainConfig, train
 
-    cfg = TrainConfig.from_file(args.config, method=args.method)
+    cfg = TrainConfig.from_file(args.config, method=args.method,
+                                overwrite_output_dir=True if args.overwrite_output_dir else None)
     last = train(cfg, resume=args.resume)
     print(json.dumps(last, indent=2))
     return 0
@@ -171,7 +172,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="the main job: the Z-Reward pipeline on the synthetic world")
     p.add_argument("--preset", choices=["quick", "full"], default="quick",
-                   help="quick: about 1.5 min on 2 CPU cores; full: the README's table (about 40 min)")
+                   help="quick: about 2 min on 2 CPU cores; full: the README's table (about 11 min)")
     p.add_argument("--out", default="demo_out", help="folder for models, results.md/json and plots")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=demo)
@@ -181,10 +182,12 @@ def main(argv=None) -> int:
     p.set_defaults(fn=ops)
     p = sub.add_parser("info", help="print which kernel backends are available")
     p.set_defaults(fn=info)
-    p = sub.add_parser("train", help="train a reward model (sft, risd; gdso, grpo, opd planned)")
+    p = sub.add_parser("train", help="train a reward model (sft, risd, gdso, grpo, opd)")
     p.add_argument("method", help="sft | risd | gdso | grpo | opd (overrides the config's method)")
     p.add_argument("--config", required=True, help="JSON config (see zreward.train.config for every key)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.add_argument("--overwrite-output-dir", action="store_true",
+                   help="replace a previous run in output_dir (its metrics.jsonl, checkpoints, final/, tb/)")
     p.set_defaults(fn=train_cmd)
     for name, fn, helptext in (("score", score_cmd, "score images against a prompt with a saved reward model"),
                                ("eval", eval_cmd, "evaluate a saved reward model on a JSONL manifest")):

@@ -147,6 +147,7 @@ def test_bad_configs_fail_fast_before_loading_a_model(tmp_path):
         (dict(method="sft", batch_size=6, grad_accum=4), ValueError, "multiple of grad_accum"),
         (dict(method="sft", lr=0.0), ValueError, "lr must be positive"),
         (dict(method="sft", mixed_precision="fp8"), ValueError, "mixed_precision must be"),
+        (dict(method="sft", overwrite_output_dir="false"), ValueError, "overwrite_output_dir must be true or false"),
     ]
     for kw, exc, msg in cases:
         with pytest.raises(exc, match=msg):
@@ -185,6 +186,17 @@ def test_train_cli_on_a_manifest(base, tmp_path, capsys):
     last = json.loads(capsys.readouterr().out)
     assert last["step"] == 3 and last["kl"] == 0.0 and last["ce"] > 0  # it ran sft, not the file's risd
     assert (tmp_path / "run" / "final" / "zreward_config.json").exists()
+    # a new run into the same output_dir is refused (its metrics would be appended to the old run's,
+    # and a later --resume could pick up the old run's checkpoint) unless it overwrites or resumes
+    (tmp_path / "run" / "checkpoint-7").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds a previous run \(checkpoint-3, checkpoint-7, final, metrics.jsonl\)"):
+        main(["train", "sft", "--config", str(cfg)])
+    assert main(["train", "sft", "--config", str(cfg), "--overwrite-output-dir"]) == 0
+    capsys.readouterr()
+    assert [x["step"] for x in _log(tmp_path / "run")] == [1, 3]  # only the new run's lines (log_every 10)
+    assert not (tmp_path / "run" / "checkpoint-7").exists() and (tmp_path / "run" / "notes.txt").read_text() == "mine"
+    assert main(["train", "sft", "--config", str(cfg), "--resume"]) == 0  # resuming a finished run: no steps left
 
 
 def test_teacher_targets_averaged_over_sampled_traces(base):

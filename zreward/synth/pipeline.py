@@ -210,7 +210,8 @@ def run(cfg: DemoConfig) -> Dict:
 
     n_eval = max(cfg.curve_points, 1)
     common = dict(lr=cfg.lr, device="cpu", save_every=0, seed=cfg.seed, log_every=5, schedule="cosine",
-                  warmup_steps=0, max_trace_tokens=cfg.max_trace_tokens)
+                  warmup_steps=0, max_trace_tokens=cfg.max_trace_tokens,
+                  overwrite_output_dir=True)  # a re-run of the demo replaces its runs
     rl = dict(lr=cfg.rl_lr, sample_temperature=cfg.rl_temperature)
     runs = {
         "sft_teacher": dict(method="sft", model=bases["teacher"], max_steps=cfg.direct_steps, batch_size=cfg.direct_batch),

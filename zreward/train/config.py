@@ -4,9 +4,14 @@ Every field has a documented default; ``TrainConfig.from_file`` rejects unknown 
 (``validate``) runs before any model is loaded, so a bad config fails in milliseconds.
 
 Common fields
-    method            one of ``sft``, ``risd`` (implemented), ``gdso``, ``grpo``, ``opd`` (planned)
+    method            one of ``sft``, ``risd``, ``gdso``, ``grpo``, ``opd``
     model             directory of a ``ZRewardModel`` (the model trained: the student for ``risd``)
     output_dir        checkpoints (``checkpoint-<step>/``), ``metrics.jsonl``, ``final/``
+    overwrite_output_dir=False
+                      a new run (not ``resume``) refuses an output_dir that holds a previous run's
+                      ``metrics.jsonl``, ``checkpoint-*``, ``final/`` or ``tb/`` (its metrics would be
+                      appended to and a later resume could pick up the old run's checkpoint); True
+                      deletes those entries first (nothing else in the directory).  ``resume`` wins.
     train_manifest    JSONL manifest (``zreward.data``); or pass items to ``train()`` from Python
     eval_manifest     optional manifest evaluated every ``eval_every`` steps with ``zreward.metrics``
     max_steps=100, batch_size=8 (items per optimizer step, over all processes), grad_accum=1,
@@ -59,6 +64,7 @@ class TrainConfig:
     output_dir: str
     train_manifest: Optional[str] = None
     eval_manifest: Optional[str] = None
+    overwrite_output_dir: bool = False
     max_steps: int = 100
     batch_size: int = 8
     grad_accum: int = 1
@@ -135,6 +141,9 @@ class TrainConfig:
         for name in ("save_every", "eval_every", "warmup_steps", "keep_checkpoints"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        for name in ("overwrite_output_dir", "grad_checkpointing", "soft_labels"):  # "false" would be truthy
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:

@@ -124,10 +124,23 @@ def _checkpoints(output_dir: str) -> List[str]:
     return [os.path.join(output_dir, d) for _, d in sorted(found)]
 
 
+def _previous_run(output_dir: str) -> List[str]:
+    """The entries a previous run left in ``output_dir`` (what a new run would mix with)."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(n for n in os.listdir(output_dir)
+                  if n in ("metrics.jsonl", "final", "tb") or re.fullmatch(r"checkpoint-\d+", n))
+
+
 def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items: Optional[List[RatedItem]] = None,
           resume: bool = False, on_step: Optional[Callable[[int, Dict], None]] = None) -> Dict:
     """Run ``cfg.method``; returns the last logged metrics.  See the module docstring."""
     cfg.validate(has_items=items is not None)
+    previous = [] if resume else _previous_run(cfg.output_dir)
+    if previous and not cfg.overwrite_output_dir:
+        raise ValueError(f"output_dir {cfg.output_dir!r} holds a previous run ({', '.join(previous[:4])}"
+                         f"{', ...' if len(previous) > 4 else ''}); resume it (resume=True, --resume) or set "
+                         "overwrite_output_dir=true to delete those entries first")
     from ..model import ZRewardModel  # imported late: config errors must not wait for transformers
 
     if items is None:
@@ -157,6 +170,15 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
 
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     acc = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
+    if previous:  # overwrite_output_dir: the main process deletes the previous run's entries
+        if acc.is_main_process:
+            for name in previous:
+                path = os.path.join(cfg.output_dir, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
+        acc.wait_for_everyone()
     if cfg.batch_size % (acc.num_processes * cfg.grad_accum):
         raise ValueError(f"batch_size ({cfg.batch_size}) must be a multiple of processes x grad_accum "
                          f"({acc.num_processes} x {cfg.grad_accum})")
