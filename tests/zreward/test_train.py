@@ -1,5 +1,6 @@
 """Trainers: real optimisation on tiny models, exact resume after SIGKILL, 2 processes == 1, fail-fast configs."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ from zreward.model import ZRewardModel  # noqa: E402
 from zreward.scorer import RewardScorer  # noqa: E402
 from zreward.tiny import tiny_qwen2_vl  # noqa: E402
 from zreward.train import TrainConfig, train  # noqa: E402
-from zreward.train.teacher import compute_targets, load_targets  # noqa: E402
+from zreward.train.teacher import compute_targets, load_targets, teacher_source  # noqa: E402
 
 RUNNER = os.path.join(os.path.dirname(__file__), "train_runner.py")
 
@@ -90,6 +91,14 @@ def test_risd_distils_teacher_distributions_and_caches_them(base, tmp_path):
                                compute_targets(teacher, sub), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="no teacher target for 1 item"):
         load_targets(str(cache), [RatedItem(prompt="x", image="y", dimension="realism")], teacher.rubric.bin_values)
+    # a later run reuses the cache only when it names the same teacher with the same trace settings
+    again = dataclasses.replace(cfg, output_dir=str(tmp_path / "again"), max_steps=1)
+    train(again, items=items)
+    with pytest.raises(ValueError, match=r"holds targets made by .*traces=0.*this run's teacher is .*traces=2"):
+        train(dataclasses.replace(again, output_dir=str(tmp_path / "other"), teacher_traces=2), items=items)
+    other = teacher_source(str(tmp_path / "another_teacher"), 0, cfg.max_trace_tokens, cfg.sample_temperature)
+    with pytest.raises(ValueError, match="holds targets made by"):
+        load_targets(str(cache), sub, teacher.rubric.bin_values, source=other)
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(base, tmp_path):

@@ -28,7 +28,9 @@ Common fields
 
 ``risd``
     teacher             directory of the frozen teacher ``ZRewardModel``; or
-    teacher_cache       a file of cached teacher distributions (``zreward.train.teacher``)
+    teacher_cache       a file of cached teacher distributions (``zreward.train.teacher``); made on the
+                        first run that names a teacher, and refused later if another teacher or other
+                        trace settings made it
     temperature=1.0     student and teacher logits divided by it; the KL term is scaled by its square
     weight_ce=0.0       optional extra CE to the human labels (then items need labels)
     teacher_traces=0    0: the teacher's distribution right after the question; n: averaged over n sampled

@@ -32,7 +32,7 @@ from zreward_kernels.reference import bin_index
 from ..data import RatedItem, load_manifest
 from ..metrics import rater_histograms
 from .config import TrainConfig
-from .teacher import compute_targets, load_image, load_targets
+from .teacher import compute_targets, load_image, load_targets, teacher_source
 
 
 class TraceModule(nn.Module):
@@ -191,8 +191,10 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
 
     targets = None
     if cfg.method == "risd":
+        source = teacher_source(cfg.teacher, cfg.teacher_traces, cfg.max_trace_tokens,
+                                cfg.sample_temperature) if cfg.teacher else None
         if cfg.teacher_cache and os.path.exists(cfg.teacher_cache):
-            targets = load_targets(cfg.teacher_cache, items, bins)
+            targets = load_targets(cfg.teacher_cache, items, bins, source=source)
         else:
             teacher = ZRewardModel.from_pretrained(cfg.teacher, device=acc.device).eval()
             if teacher.rubric.bin_values != bins:
@@ -203,8 +205,6 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
             if cfg.teacher_cache and acc.is_main_process:
                 from .teacher import save_targets
 
-                source = f"{cfg.teacher} (traces={cfg.teacher_traces}, trace_tokens={cfg.max_trace_tokens}, " \
-                         f"temperature={cfg.sample_temperature})"
                 save_targets(cfg.teacher_cache, targets, items, source, bins)
 
     marker = teacher_zm = None

@@ -3,13 +3,15 @@
 Cache format: a safetensors file with one tensor ``probs`` ``[N, K]`` (float32) and metadata
 ``keys`` (a JSON list of ``"<id>\\t<dimension>\\t<prompt>"`` item keys, row order), ``teacher``
 (where the targets came from, with the trace settings) and ``bin_values``.  Loading matches rows to items by key, so a
-manifest may be reordered or subset.
+manifest may be reordered or subset.  When a run names its teacher as well, the file must have been made
+by that teacher (absolute path) with the same trace settings.
 """
 
 from __future__ import annotations
 
 import json
-from typing import List, Sequence
+import os
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -74,7 +76,17 @@ def save_targets(path: str, probs: torch.Tensor, items: Sequence[RatedItem], tea
     save_file({"probs": probs.float().contiguous()}, path, metadata=meta)
 
 
-def load_targets(path: str, items: Sequence[RatedItem], bin_values: Sequence[float]) -> torch.Tensor:
+def teacher_source(teacher: str, traces: int, trace_tokens: int, temperature: float) -> str:
+    """How a cache's targets were made (stored in the file, compared when a teacher is given)."""
+    return (f"{os.path.abspath(teacher)} (traces={traces}, trace_tokens={trace_tokens}, "
+            f"temperature={temperature})")
+
+
+def load_targets(path: str, items: Sequence[RatedItem], bin_values: Sequence[float],
+                 source: Optional[str] = None) -> torch.Tensor:
+    """Rows of a cache for ``items``.  ``source`` (:func:`teacher_source` of the run's teacher and
+    trace settings), when given, must match what made the file: a cache from another teacher or
+    other settings is refused instead of being trained on."""
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
@@ -82,6 +94,9 @@ def load_targets(path: str, items: Sequence[RatedItem], bin_values: Sequence[flo
         probs = f.get_tensor("probs")
     if "keys" not in meta:
         raise ValueError(f"{path} is not a zreward teacher-target file (no 'keys' metadata)")
+    if source is not None and meta.get("teacher") != source:
+        raise ValueError(f"teacher_cache {path} holds targets made by {meta.get('teacher')!r}, but this run's "
+                         f"teacher is {source!r}; delete the file or point teacher_cache elsewhere")
     saved_bins = json.loads(meta.get("bin_values", "[]"))
     if [float(v) for v in saved_bins] != [float(v) for v in bin_values]:
         raise ValueError(f"{path} was made for bins {saved_bins}, the student uses {list(bin_values)}")
