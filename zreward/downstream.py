@@ -23,7 +23,7 @@ import torch
 
 from zreward_kernels import GroupStats, group_advantage
 
-from .scorer import RewardOutput, RewardScorer
+from .scorer import RewardOutput, RewardScorer, prompt_list
 
 
 def refl_loss(scorer: RewardScorer, images: torch.Tensor, prompts: Sequence[str],
@@ -57,7 +57,7 @@ def group_rewards(scorer: RewardScorer, images, prompts: Sequence[str], *, group
     (Dr. GRPO) or ``rloo``, as in :func:`zreward_kernels.group_advantage`.  ``check_prompts`` raises
     if a group holds different prompts (a sign of mis-ordered samples).
     """
-    prompts = list(prompts)
+    prompts = prompt_list(prompts, images)
     if check_prompts:
         if group_size is not None:
             if not isinstance(group_size, int) or group_size < 1 or len(prompts) % group_size:

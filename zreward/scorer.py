@@ -46,6 +46,18 @@ class RewardOutput:
     dimensions: Tuple[str, ...]
 
 
+def prompt_list(prompts, images) -> List[str]:
+    """``prompts`` as a list, one per image; a single string is every image's prompt (as ImageReward
+    and HPS take one prompt for a list of images)."""
+    if isinstance(prompts, str):
+        if isinstance(images, torch.Tensor):
+            n = images.shape[0] if images.dim() == 4 else 1
+        else:
+            n = len(images) if isinstance(images, (list, tuple)) else 1
+        return [prompts] * n
+    return list(prompts)
+
+
 def _as_images(images, n: int):
     """Validate images.  A float tensor [B, 3, H, W] in [0, 1] is returned as is (it is preprocessed
     by the processor's torch backend on its own device: no PIL or numpy round trip, and gradients
@@ -109,7 +121,8 @@ class RewardScorer:
     def score(self, images, prompts: Sequence[str], dimensions: Optional[Sequence[str]] = None,
               differentiable: bool = False) -> RewardOutput:
         """Score ``images`` (PIL, HxWx3 uint8 arrays or a float tensor [B,3,H,W] in [0,1]) against
-        their ``prompts`` on ``dimensions`` (default: every rubric dimension).
+        their ``prompts`` (one per image, or one string for all) on ``dimensions`` (a name or a
+        sequence of names; default: every rubric dimension).
 
         By default this runs under ``torch.inference_mode()``.  ``differentiable=True`` (tensor
         images only) keeps the graph, so ``out.reward.sum().backward()`` reaches the input pixels
@@ -123,11 +136,13 @@ class RewardScorer:
             return self._score(images, prompts, dimensions)
 
     def _score(self, images, prompts, dimensions) -> RewardOutput:
-        prompts = list(prompts)
+        prompts = prompt_list(prompts, images)
         if not prompts:
             raise ValueError("score() needs at least one image and prompt")
         if not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be strings")
+        if isinstance(dimensions, str):
+            dimensions = (dimensions,)
         dims = tuple(dimensions) if dimensions is not None else self.model.rubric.dimensions
         if not dims:
             raise ValueError("dimensions must name at least one rubric dimension")

@@ -55,6 +55,8 @@ def test_group_rewards_normalise_within_each_prompt(scorer):
     torch.testing.assert_close(res.advantages, adv)
     torch.testing.assert_close(res.stats.mean, stats.mean)
     assert abs(float(res.advantages[:3].sum())) < 1e-4 and abs(float(res.advantages[3:].sum())) < 1e-4
+    one = group_rewards(scorer, images[:3], "a red car", group_size=3)  # one prompt string for the group
+    torch.testing.assert_close(one.rewards, res.rewards[:3])
     # variable groups through offsets; Dr. GRPO's mean-only mode
     off = torch.tensor([0, 2, 6])
     res2 = group_rewards(scorer, images, ["a red car"] * 2 + ["a blue dog"] * 4, group_offsets=off, mode="mean")

@@ -206,6 +206,19 @@ def test_bad_inputs(zmodel):
         s.score(_images(1), [3])
 
 
+def test_one_prompt_string_for_every_image_and_one_dimension_name(zmodel):
+    """A single prompt string is every image's prompt (not a sequence of one-character prompts), and
+    a single dimension name is one dimension (not its letters)."""
+    s = RewardScorer(zmodel)
+    imgs = _images(2)
+    tensor = torch.rand(2, 3, 56, 56)
+    for images in (imgs, tensor):
+        one = s.score(images, "a red car", dimensions="realism")
+        listed = s.score(images, ["a red car"] * 2, dimensions=["realism"])
+        assert one.dimensions == ("realism",) and one.mean.shape == (2, 1)
+        torch.testing.assert_close(one.probs, listed.probs)
+
+
 def test_reward_fn_adapter(zmodel):
     fn = as_reward_fn(RewardScorer(zmodel), dimensions=["alignment", "aesthetics"])
     scores, info = fn(_images(2), PROMPTS[:2], {"step": 0})
