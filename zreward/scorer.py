@@ -18,6 +18,7 @@ length to keep padding small; results come back in input order.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -96,7 +97,8 @@ class RewardScorer:
                  in_vocab_mass: bool = True, autocast_dtype: Optional[torch.dtype] = None,
                  autocast: bool = True, backend: Optional[str] = None, layout: str = "auto"):
         """``autocast``: run the model under ``torch.autocast`` -- ``autocast_dtype`` if given, else
-        bf16 for float32 models on CUDA; off elsewhere.  Trainers pass ``autocast=False`` and let
+        bf16 for float32 models on CUDA; none elsewhere (an enclosing autocast, the caller's or
+        accelerate's, stays in force: the scorer never disables one).  Trainers pass ``autocast=False`` and let
         accelerate's ``mixed_precision`` decide.  ``layout`` places the D dimension suffixes after
         the shared prefix: ``"packed"`` (one row per image, block mask), ``"repeat"`` (the cache
         repeated D times) or ``"auto"`` (packed under SDPA and eager attention, repeat otherwise)."""
@@ -206,14 +208,16 @@ class RewardScorer:
         return out, mask, torch.tensor([len(x) for x in ids], device=dev)
 
     def _autocast(self):
+        """The scorer's own autocast, or nothing: an enclosing autocast (accelerate's
+        ``mixed_precision``, or the caller's) stays in force when the scorer adds none."""
         dev = self.model.device
         dt = self.autocast_dtype
         if not self.autocast:
-            return torch.autocast(dev.type, enabled=False)
+            return contextlib.nullcontext()
         if dt is None and dev.type == "cuda" and next(self.model.model.parameters()).dtype == torch.float32:
             dt = torch.bfloat16
         if dt is None:
-            return torch.autocast(dev.type, enabled=False)
+            return contextlib.nullcontext()
         return torch.autocast(dev.type, dtype=dt)
 
     def _head(self, h: torch.Tensor):

@@ -206,6 +206,18 @@ def test_bad_inputs(zmodel):
         s.score(_images(1), [3])
 
 
+def test_an_enclosing_autocast_stays_in_force(zmodel):
+    """With autocast=False (as the trainers use it) or on CPU, the scorer adds no autocast of its own
+    and must not switch off the caller's (or accelerate's mixed_precision)."""
+    imgs = _images(2)
+    fp32 = RewardScorer(zmodel, autocast=False).score(imgs, PROMPTS[:2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for kw in (dict(autocast=False), {}):
+            bf16 = RewardScorer(zmodel, **kw).score(imgs, PROMPTS[:2])
+            assert not torch.equal(bf16.probs, fp32.probs), kw
+            torch.testing.assert_close(bf16.probs, fp32.probs, atol=2e-2, rtol=0)
+
+
 def test_one_prompt_string_for_every_image_and_one_dimension_name(zmodel):
     """A single prompt string is every image's prompt (not a sequence of one-character prompts), and
     a single dimension name is one dimension (not its letters)."""

@@ -63,6 +63,22 @@ def test_sft_learns_a_toy_task(base, tmp_path, grad_checkpointing):
     assert float(red.min()) > float(blue.max()) + 1.0
 
 
+def test_bf16_mixed_precision_applies_and_runs_in_one_process_may_differ(base, tmp_path):
+    """mixed_precision='bf16' reaches the model (the scorer's forward used to disable the enclosing
+    autocast, so bf16 runs were fp32 runs), and train() can be called again in the same process with
+    another precision (accelerate's process-wide state used to refuse it)."""
+    logs = {}
+    for mp in ("no", "bf16", "no"):
+        out = tmp_path / f"{mp}{len(logs)}"
+        cfg = TrainConfig(method="sft", model=base, output_dir=str(out), max_steps=3, batch_size=8, lr=3e-3,
+                          log_every=1, save_every=0, device="cpu", mixed_precision=mp)
+        train(cfg, items=toy_items())
+        logs[str(out)] = [x["loss"] for x in _log(out)]
+    fp32, bf16, fp32_again = logs.values()
+    assert fp32 == fp32_again  # the bf16 run left nothing behind
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=2e-2)
+
+
 def test_sft_soft_labels_and_pairs(base, tmp_path):
     cfg = TrainConfig(method="sft", model=base, output_dir=str(tmp_path), max_steps=6, batch_size=8, lr=3e-3,
                       log_every=1, save_every=0, soft_labels=True, weight_pair=0.5)

@@ -124,6 +124,18 @@ def _checkpoints(output_dir: str) -> List[str]:
     return [os.path.join(output_dir, d) for _, d in sorted(found)]
 
 
+def _fresh_accelerate_state() -> None:
+    """accelerate keeps its state in process-wide singletons: a second ``train()`` in one process (a
+    notebook, the demo) with another ``mixed_precision`` raised, and one with ``device="cuda"`` after
+    a CPU run silently kept the CPU.  Each run starts from a clean state; under a distributed launch
+    the process group (``PartialState``) is kept and only the precision and accumulation state reset."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    AcceleratorState._reset_state(reset_partial_state=not distributed)
+    GradientState._reset_state()
+
+
 def _previous_run(output_dir: str) -> List[str]:
     """The entries a previous run left in ``output_dir`` (what a new run would mix with)."""
     if not os.path.isdir(output_dir):
@@ -169,6 +181,7 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
     from accelerate.utils import set_seed
 
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    _fresh_accelerate_state()
     acc = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
     if previous:  # overwrite_output_dir: the main process deletes the previous run's entries
         if acc.is_main_process:
