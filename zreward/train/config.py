@@ -17,7 +17,7 @@ Common fields
     max_steps=100, batch_size=8 (items per optimizer step, over all processes), grad_accum=1,
     lr=1e-4, weight_decay=0.0, warmup_steps=0, schedule="cosine" | "linear" | "constant",
     max_grad_norm=1.0, mixed_precision="no" | "bf16" | "fp16", grad_checkpointing=False,
-    save_every=50 (0: only at the end), keep_checkpoints=2, eval_every=0, log_every=10, seed=0,
+    save_every=50 (0: only at the end), keep_checkpoints=2 (0: keep all), eval_every=0, log_every=10, seed=0,
     device="auto" | "cpu" | "cuda",
     eval_traces=0       0: evaluate by reading the score right after the question; n: average the
                         distributions read after n sampled traces (how a reasoning teacher is judged)
