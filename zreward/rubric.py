@@ -150,25 +150,28 @@ class ScoreTokens:
 
         Each new input-embedding row (and output row, when the head is not tied) is the mean of the
         existing embeddings of the bin's plain text (the pieces of "4.5"), so a fresh score token
-        starts next to the number it stands for.
+        starts next to the number it stands for.  Labels the tokenizer already has (a trained
+        Z-Reward model loaded with plain Hugging Face classes and wrapped again) keep their rows.
         """
         labels = cls.special_labels(bin_values)
         pieces = [tokenizer(_fmt(v), add_special_tokens=False)["input_ids"] for v in bin_values]
         existing = [tokenizer.convert_tokens_to_ids(t) for t in labels]
         unk = getattr(tokenizer, "unk_token_id", None)
-        to_add = [t for t, i in zip(labels, existing) if i is None or i == unk]
+        new = [i is None or i == unk for i in existing]
+        to_add = [t for t, n in zip(labels, new) if n]
         if to_add:
             tokenizer.add_tokens(to_add, special_tokens=True)
         ids = [tokenizer.convert_tokens_to_ids(t) for t in labels]
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows are set just below
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # new rows are set just below
         with torch.no_grad():
             tables = [model.get_input_embeddings().weight]
             out = model.get_output_embeddings()
             if out is not None and out.weight is not tables[0]:
                 tables.append(out.weight)
             for table in tables:
-                for i, pc in zip(ids, pieces):
-                    if pc:
+                for i, pc, n in zip(ids, pieces, new):
+                    if n and pc:
                         table[i] = table[torch.tensor(pc, device=table.device)].mean(0)
         return cls("special", tuple(labels), tuple(ids))
 

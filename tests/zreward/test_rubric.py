@@ -72,12 +72,31 @@ def test_special_score_tokens_are_single_and_initialised_from_the_number(tiny_to
     if not tied:
         out = model.get_output_embeddings().weight
         torch.testing.assert_close(out[st.token_ids[7]], out[pieces].mean(0))
-    # adding again is idempotent; the mapping survives a save/load of the tokenizer
+    # adding again is idempotent and keeps (trained) rows: wrapping a trained model loaded with plain
+    # Hugging Face classes must not re-initialise its score tokens; the mapping survives a save/load
+    with torch.no_grad():
+        model.get_input_embeddings().weight[list(st.token_ids)] += 1.0
+    trained = model.get_input_embeddings().weight[list(st.token_ids)].clone()
     again = ScoreTokens.add_special(tiny_tokenizer, model)
     assert again.token_ids == st.token_ids and len(tiny_tokenizer) == v0 + 9
+    torch.testing.assert_close(model.get_input_embeddings().weight[list(st.token_ids)], trained, atol=0, rtol=0)
     tiny_tokenizer.save_pretrained(tmp_path)
     reloaded = transformers.AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
     ScoreTokens.from_dict(st.to_dict()).verify(reloaded)
+
+
+def test_special_score_tokens_never_shrink_a_padded_vocabulary(tiny_tokenizer):
+    """Real checkpoints pad the embedding table beyond the tokenizer (Qwen: 151936 rows); the new
+    tokens take padding rows and the table keeps its size."""
+    model = _tiny_model(tiny_tokenizer, tied=False)
+    rows = len(tiny_tokenizer) + 16
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    st = ScoreTokens.add_special(tiny_tokenizer, model)
+    assert model.get_input_embeddings().weight.shape[0] == rows == model.get_output_embeddings().weight.shape[0]
+    assert max(st.token_ids) < rows
+    emb = model.get_input_embeddings().weight
+    pieces = tiny_tokenizer("4.5", add_special_tokens=False)["input_ids"]
+    torch.testing.assert_close(emb[st.token_ids[7]], emb[pieces].mean(0))
 
 
 def test_existing_tokens_must_be_single_and_distinct(tiny_tokenizer):

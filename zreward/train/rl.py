@@ -113,7 +113,8 @@ def ensure_marker(zm) -> int:
         pieces = tok("Score", add_special_tokens=False)["input_ids"]
         tok.add_tokens([MARKER], special_tokens=True)
         tid = tok.convert_tokens_to_ids(MARKER)
-        zm.model.resize_token_embeddings(len(tok), mean_resizing=False)
+        if len(tok) > zm.model.get_input_embeddings().weight.shape[0]:  # never shrink a padded vocabulary
+            zm.model.resize_token_embeddings(len(tok), mean_resizing=False)
         with torch.no_grad():
             for table in {id(t): t for t in (zm.model.get_input_embeddings().weight,
                                              zm.model.get_output_embeddings().weight)}.values():
