@@ -124,6 +124,13 @@ class Rubric:
                    question_template=d["question_template"])
 
 
+def fit_embeddings(model, vocab: int) -> None:
+    """Grow the model's embedding table (and untied head) to hold ``vocab`` token ids; never shrink
+    it (real checkpoints pad the table beyond the tokenizer: Qwen has 151936 rows)."""
+    if vocab > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(vocab, mean_resizing=False)
+
+
 @dataclass
 class ScoreTokens:
     """The K score tokens: ``labels[k]`` is the text of bin k, ``token_ids[k]`` its single token id."""
@@ -162,8 +169,7 @@ class ScoreTokens:
         if to_add:
             tokenizer.add_tokens(to_add, special_tokens=True)
         ids = [tokenizer.convert_tokens_to_ids(t) for t in labels]
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # new rows are set just below
+        fit_embeddings(model, len(tokenizer))  # new rows are set just below
         with torch.no_grad():
             tables = [model.get_input_embeddings().weight]
             out = model.get_output_embeddings()

@@ -35,6 +35,8 @@ import torch
 
 from zreward_kernels import gdso_loss
 
+from ..rubric import fit_embeddings
+
 MARKER = "<|score|>"
 
 
@@ -113,8 +115,7 @@ def ensure_marker(zm) -> int:
         pieces = tok("Score", add_special_tokens=False)["input_ids"]
         tok.add_tokens([MARKER], special_tokens=True)
         tid = tok.convert_tokens_to_ids(MARKER)
-        if len(tok) > zm.model.get_input_embeddings().weight.shape[0]:  # never shrink a padded vocabulary
-            zm.model.resize_token_embeddings(len(tok), mean_resizing=False)
+        fit_embeddings(zm.model, len(tok))
         with torch.no_grad():
             for table in {id(t): t for t in (zm.model.get_input_embeddings().weight,
                                              zm.model.get_output_embeddings().weight)}.values():
