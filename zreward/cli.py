@@ -106,7 +106,7 @@ def _load_scorer(args):
 
 
 def score_cmd(args) -> int:
-    from PIL import Image
+    from .scorer import read_image
 
     prompts = args.prompt
     if len(prompts) == 1 and len(args.images) > 1:
@@ -115,10 +115,10 @@ def score_cmd(args) -> int:
         raise SystemExit(f"give one --prompt, or one per image ({len(args.images)}), got {len(prompts)}")
     pics = []
     for path in args.images:
-        if not os.path.exists(path):
-            raise SystemExit(f"image not found: {path}")
-        with Image.open(path) as im:
-            pics.append(im.convert("RGB"))
+        try:
+            pics.append(read_image(path))
+        except FileNotFoundError as e:
+            raise SystemExit(f"image not found: {path}") from e
     scorer = _load_scorer(args)
     out = scorer.score(pics, prompts, args.dimensions)
     rows = []

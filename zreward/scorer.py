@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -47,12 +48,38 @@ class RewardOutput:
     dimensions: Tuple[str, ...]
 
 
+def _is_pil(img) -> bool:
+    return hasattr(img, "convert") and hasattr(img, "size") and not isinstance(img, (np.ndarray, torch.Tensor))
+
+
+def _single_image(images) -> bool:
+    """One image given on its own (not in a list): a path, a PIL image, an HxWx3 array or a
+    ``[3, H, W]`` tensor."""
+    if isinstance(images, (str, os.PathLike)) or _is_pil(images):
+        return True
+    if isinstance(images, np.ndarray):
+        return images.ndim == 3
+    return isinstance(images, torch.Tensor) and images.dim() == 3 and images.shape[0] == 3
+
+
+def read_image(path) -> np.ndarray:
+    """The image file at ``path`` as an HxWx3 uint8 array (RGB)."""
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no image file at {os.fspath(path)!r}")
+    with Image.open(path) as im:
+        return np.array(im.convert("RGB"))
+
+
 def prompt_list(prompts, images) -> List[str]:
     """``prompts`` as a list, one per image; a single string is every image's prompt (as ImageReward
     and HPS take one prompt for a list of images)."""
     if isinstance(prompts, str):
-        if isinstance(images, torch.Tensor):
-            n = images.shape[0] if images.dim() == 4 else 1
+        if _single_image(images):
+            n = 1
+        elif isinstance(images, (torch.Tensor, np.ndarray)):
+            n = images.shape[0] if images.ndim == 4 else 1
         else:
             n = len(images) if isinstance(images, (list, tuple)) else 1
         return [prompts] * n
@@ -62,29 +89,40 @@ def prompt_list(prompts, images) -> List[str]:
 def _as_images(images, n: int):
     """Validate images.  A float tensor [B, 3, H, W] in [0, 1] is returned as is (it is preprocessed
     by the processor's torch backend on its own device: no PIL or numpy round trip, and gradients
-    flow); PIL images and HxWx3 uint8 arrays are returned as a list of uint8 arrays."""
+    flow); PIL images, HxWx3 uint8 arrays and image file paths are returned as a list of uint8
+    arrays.  A single image (not in a list; a tensor ``[3, H, W]``) is a batch of one."""
+    if _single_image(images):
+        images = images[None] if isinstance(images, torch.Tensor) else [images]
     if isinstance(images, torch.Tensor):
         if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"an image tensor must be [B, 3, H, W], got shape {tuple(images.shape)}")
+            raise ValueError(f"an image tensor must be [B, 3, H, W] (or [3, H, W] for one image), got shape "
+                             f"{tuple(images.shape)}")
         if not images.is_floating_point():
             raise TypeError(f"an image tensor must be floating point in [0, 1], got {images.dtype}")
-        if images.numel() and (float(images.detach().min()) < 0 or float(images.detach().max()) > 1):
-            raise ValueError("an image tensor must hold values in [0, 1]")
+        if images.numel():
+            lo, hi = (float(v) for v in torch.aminmax(images.detach()))
+            if not (lo >= 0 and hi <= 1):  # also false for NaN
+                raise ValueError(f"an image tensor must hold finite values in [0, 1], got min {lo} and max {hi}")
         if images.shape[0] != n:
             raise ValueError(f"got {images.shape[0]} images for {n} prompts")
         return images
     else:
         out = []
         for i, img in enumerate(list(images)):
-            if isinstance(img, np.ndarray):
+            if isinstance(img, (str, os.PathLike)):
+                try:
+                    out.append(read_image(img))
+                except FileNotFoundError as e:
+                    raise FileNotFoundError(f"image {i}: {e}") from None
+            elif isinstance(img, np.ndarray):
                 if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
                     raise ValueError(f"image {i}: arrays must be HxWx3 uint8, got {img.dtype} {img.shape}")
                 out.append(img)
-            elif hasattr(img, "convert") and hasattr(img, "size"):  # PIL
+            elif _is_pil(img):
                 out.append(np.array(img.convert("RGB")))
             else:
-                raise TypeError(f"image {i}: expected a PIL image, an HxWx3 uint8 array or a [B,3,H,W] tensor, "
-                                f"got {type(img).__name__}")
+                raise TypeError(f"image {i}: expected a PIL image, an HxWx3 uint8 array, an image file path or "
+                                f"a [B,3,H,W] tensor, got {type(img).__name__}")
     if len(out) != n:
         raise ValueError(f"got {len(out)} images for {n} prompts")
     return out
@@ -122,9 +160,10 @@ class RewardScorer:
     # ---- public API ----------------------------------------------------------------------------
     def score(self, images, prompts: Sequence[str], dimensions: Optional[Sequence[str]] = None,
               differentiable: bool = False) -> RewardOutput:
-        """Score ``images`` (PIL, HxWx3 uint8 arrays or a float tensor [B,3,H,W] in [0,1]) against
-        their ``prompts`` (one per image, or one string for all) on ``dimensions`` (a name or a
-        sequence of names; default: every rubric dimension).
+        """Score ``images`` (a list of PIL images, HxWx3 uint8 arrays or image file paths, or a float
+        tensor [B,3,H,W] in [0,1]; a single image is a batch of one) against their ``prompts`` (one
+        per image, or one string for all) on ``dimensions`` (a name or a sequence of names; default:
+        every rubric dimension).
 
         By default this runs under ``torch.inference_mode()``.  ``differentiable=True`` (tensor
         images only) keeps the graph, so ``out.reward.sum().backward()`` reaches the input pixels

@@ -123,18 +123,22 @@ def test_output_contents(zmodel):
     assert float((out.probs[:, 0] - out.probs[:, 1]).abs().max()) > 0
 
 
-def test_image_inputs_agree(zmodel):
+def test_image_inputs_agree(zmodel, tmp_path):
     # an image of the size each tiny processor keeps as is (no resize): every input route sees the same pixels
     side = NATIVE_SIDE[zmodel.tiny_family]
     arr = (np.random.default_rng(3).random((side, side, 3)) * 255).astype("uint8")
     from PIL import Image
 
+    path = tmp_path / "img.png"  # lossless
+    Image.fromarray(arr).save(path)
     s = RewardScorer(zmodel)
     by_array = s.score([arr], PROMPTS[:1])
-    by_pil = s.score([Image.fromarray(arr)], PROMPTS[:1])
-    by_tensor = s.score(torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 255, PROMPTS[:1])
-    torch.testing.assert_close(by_pil.probs, by_array.probs)
-    torch.testing.assert_close(by_tensor.probs, by_array.probs, atol=1e-5, rtol=1e-5)
+    tensor = torch.from_numpy(arr).permute(2, 0, 1).float() / 255
+    for images in ([Image.fromarray(arr)], [str(path)], [path],  # PIL, file paths (str or PathLike)
+                   Image.fromarray(arr), arr, str(path)):  # one image not in a list: a batch of one
+        torch.testing.assert_close(s.score(images, PROMPTS[:1]).probs, by_array.probs, msg=repr(type(images)))
+    for images in (tensor[None], tensor):  # [1, 3, H, W] and one image [3, H, W]
+        torch.testing.assert_close(s.score(images, PROMPTS[0]).probs, by_array.probs, atol=1e-5, rtol=1e-5)
 
 
 def test_differentiable_scoring_reaches_the_pixels(zmodel):
@@ -194,8 +198,14 @@ def test_bad_inputs(zmodel):
         s.score(_images(1), PROMPTS[:2])
     with pytest.raises(ValueError, match=r"an image tensor must be \[B, 3, H, W\]"):
         s.score(torch.rand(1, 4, 28, 28), PROMPTS[:1])
-    with pytest.raises(ValueError, match=r"must hold values in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"must hold finite values in \[0, 1\]"):
         s.score(torch.rand(1, 3, 28, 28) * 2, PROMPTS[:1])
+    with pytest.raises(ValueError, match=r"must hold finite values in \[0, 1\], got min nan"):
+        s.score(torch.full((1, 3, 28, 28), float("nan")), PROMPTS[:1])  # not a NaN reward
+    with pytest.raises(ValueError, match=r"\[3, H, W\] for one image\), got shape \(28, 28, 3\)"):
+        s.score(torch.rand(28, 28, 3), PROMPTS[:1])
+    with pytest.raises(FileNotFoundError, match=r"image 1: no image file at 'missing.png'"):
+        s.score([_images(1)[0], "missing.png"], PROMPTS[:2])
     with pytest.raises(TypeError, match="floating point"):
         s.score(torch.zeros(1, 3, 28, 28, dtype=torch.uint8), PROMPTS[:1])
     with pytest.raises(ValueError, match="arrays must be HxWx3 uint8"):

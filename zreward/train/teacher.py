@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..data import RatedItem
+from ..scorer import read_image
 
 
 def item_key(it: RatedItem) -> str:
@@ -27,10 +28,7 @@ def load_image(it: RatedItem) -> np.ndarray:
     """The item's image as an HxWx3 uint8 array (``image`` may be a path or, in memory, an array)."""
     if isinstance(it.image, np.ndarray):
         return it.image
-    from PIL import Image
-
-    with Image.open(it.image) as im:
-        return np.array(im.convert("RGB"))
+    return read_image(it.image)
 
 
 @torch.no_grad()
