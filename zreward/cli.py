@@ -167,7 +167,8 @@ def info(_args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``zreward`` command line (every subcommand; ``main`` parses and runs)."""
     parser = argparse.ArgumentParser(prog="zreward", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="the main job: the Z-Reward pipeline on the synthetic world")
@@ -205,5 +206,9 @@ def main(argv=None) -> int:
             p.add_argument("--out", required=True, help="folder for metrics.json, predictions.jsonl and plots")
             p.add_argument("--no-plots", action="store_true")
         p.set_defaults(fn=fn)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     return args.fn(args)
