@@ -34,13 +34,23 @@ def _tokenizer_of(processor):
 
 
 class ZRewardModel(nn.Module):
-    """Wraps ``model`` (a ``*ForConditionalGeneration`` / ``*ForCausalLM``) with its ``processor``."""
+    """Wraps ``model`` (a ``*ForConditionalGeneration`` / ``*ForCausalLM``) with its ``processor``.
+
+    A tokenizer without a pad token gets its EOS token as the pad token (padding is masked in every
+    path, so the scores do not depend on it)."""
 
     def __init__(self, model, processor, rubric: Optional[Rubric] = None, score_tokens: Optional[ScoreTokens] = None):
         super().__init__()
         self.model = model
         self.processor = processor
         self.rubric = rubric or Rubric()
+        tok = self.tokenizer
+        if getattr(tok, "pad_token_id", None) is None:
+            # batches are padded (and the padding masked) in every path; many Llama-based tokenizers
+            # ship without a pad token: use EOS, as TRL's trainers do
+            if getattr(tok, "eos_token", None) is None:
+                raise ValueError("the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token")
+            tok.pad_token = tok.eos_token
         if score_tokens is None:
             score_tokens = ScoreTokens.add_special(self.tokenizer, model, self.rubric.bin_values)
         if len(score_tokens.token_ids) != len(self.rubric.bin_values):

@@ -141,6 +141,19 @@ def test_image_inputs_agree(zmodel, tmp_path):
         torch.testing.assert_close(s.score(images, PROMPTS[0]).probs, by_array.probs, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_a_tokenizer_without_a_pad_token(family):
+    """Llama-based tokenizers often have no pad token; batches need one (HF raises 'Asking to pad
+    but the tokenizer does not have a padding token'): the wrapper uses EOS, and the scores of
+    unequal-length queries do not change."""
+    model, proc = FAMILIES[family]()
+    ref = RewardScorer(ZRewardModel(model, proc)).score(_images(2), PROMPTS[:2])
+    proc.tokenizer.pad_token = None
+    zm = ZRewardModel(model, proc)
+    assert proc.tokenizer.pad_token == proc.tokenizer.eos_token is not None
+    torch.testing.assert_close(RewardScorer(zm).score(_images(2), PROMPTS[:2]).probs, ref.probs, atol=1e-5, rtol=1e-5)
+
+
 def test_differentiable_scoring_reaches_the_pixels(zmodel):
     for p in zmodel.model.parameters():
         p.requires_grad_(False)
