@@ -385,7 +385,8 @@ class RewardScorer:
             kw["mm_token_type_ids"] = torch.cat([kw["mm_token_type_ids"], torch.zeros_like(tails)], 1)
         if not self._mrope:
             kw["position_ids"] = self._text_positions(mask)
-        out = self._base(input_ids=ids, attention_mask=mask, **kw)
+        # no KV cache: nothing reads one here, and a model with gradient checkpointing would warn
+        out = self._base(input_ids=ids, attention_mask=mask, use_cache=False, **kw)
         return out.last_hidden_state, p
 
     def _rows_hidden(self, images, prompts, suffix, suffix_mask, suffix_len):

@@ -191,6 +191,30 @@ def test_gdso_step_with_liger_equals_pytorch(base, tmp_path):
         assert logs["torch"][k] == pytest.approx(logs["liger"][k], abs=1e-6), k
 
 
+def test_gradient_checkpointing_changes_no_number_and_keeps_caching_quiet(base, tmp_path):
+    """A GDSO step with gradient checkpointing logs what one without it logs; the training forward
+    asks for no KV cache (transformers warned '`use_cache=True` is incompatible with gradient
+    checkpointing' on every run, as the config's use_cache=True reached the checkpointed backbone)."""
+    import logging
+
+    import transformers.utils.logging as hf_logging
+
+    hf_logging.logging.Logger.warning_once.cache_clear()  # a message is logged once per process
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    root = hf_logging.get_logger()
+    root.addHandler(handler)
+    try:
+        logs = {gc: gdso_first_step_logs(base, tmp_path / str(gc), "cpu", ("torch",), grad_checkpointing=gc)["torch"]
+                for gc in (False, True)}
+    finally:
+        root.removeHandler(handler)
+    assert not [m for m in seen if "gradient checkpointing" in m], seen
+    for k in ("policy_loss", "loss", "ce", "pw", "reward", "grad_norm"):
+        assert logs[True][k] == pytest.approx(logs[False][k], abs=1e-6), k
+
+
 def test_liger_failure_falls_back_under_auto_and_raises_when_requested(base, tmp_path, monkeypatch):
     """policy_loss='auto' survives a Liger failure (warns, then runs the PyTorch loss: same numbers as a
     PyTorch run); an explicit policy_loss='liger' surfaces it."""

@@ -26,16 +26,17 @@ def toy_items(n=32, seed=0):
     return items
 
 
-def gdso_first_step_logs(base, out_root, device, policy_losses=("torch", "liger")):
-    """The logged metrics of one GDSO step per policy loss (same seed, so the same sampled traces)."""
+def gdso_first_step_logs(base, out_root, device, policy_losses=("torch", "liger"), **overrides):
+    """The logged metrics of one GDSO step per policy loss (same seed, so the same sampled traces);
+    ``overrides`` go to every run's TrainConfig."""
     import json
 
     logs = {}
     for loss in policy_losses:
         out = os.path.join(str(out_root), loss)
-        cfg = TrainConfig(method="gdso", model=base, output_dir=out, max_steps=1, batch_size=4, lr=3e-3, log_every=1,
-                          save_every=0, group_size=4, max_trace_tokens=6, inner_updates=1, device=device,
-                          policy_loss=loss)
+        kw = dict(method="gdso", model=base, output_dir=out, max_steps=1, batch_size=4, lr=3e-3, log_every=1,
+                  save_every=0, group_size=4, max_trace_tokens=6, inner_updates=1, device=device, policy_loss=loss)
+        cfg = TrainConfig(**{**kw, **overrides})
         train(cfg, items=toy_items())
         with open(os.path.join(out, "metrics.jsonl")) as f:
             logs[loss] = json.loads(f.readline())
