@@ -32,10 +32,17 @@ import numpy as np
 PRED_TIES = ("wrong", "half", "skip")
 
 
-def _np(x) -> np.ndarray:
+def _np(x, name: Optional[str] = None) -> np.ndarray:
+    """``x`` as a float64 array; with ``name``, NaN or inf is refused naming the argument (scipy's
+    own message names neither, and a NaN prediction would silently count as a wrong pair in HPA)."""
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=np.float64)
+    a = np.asarray(x, dtype=np.float64)
+    if name is not None and not np.isfinite(a).all():
+        bad = np.flatnonzero(~np.isfinite(a.ravel()))
+        raise ValueError(f"{name} must be finite; found {a.ravel()[bad[0]]} at flat index {bad[0]} "
+                         f"({len(bad)} non-finite entries)")
+    return a
 
 
 def _pairs_within(groups: np.ndarray):
@@ -64,7 +71,7 @@ def hpa(pred, ref, groups, margin: float = 0.0, pred_ties: str = "wrong") -> flo
     """
     if pred_ties not in PRED_TIES:
         raise ValueError(f"pred_ties must be one of {PRED_TIES}, got {pred_ties!r}")
-    p, r = _np(pred).ravel(), _np(ref).ravel()
+    p, r = _np(pred, "pred").ravel(), _np(ref, "ref").ravel()
     g = np.asarray(groups.detach().cpu() if hasattr(groups, "detach") else groups).ravel()
     if not (p.shape == r.shape == g.shape):
         raise ValueError(f"pred, ref and groups must have the same length, got {p.shape}, {r.shape}, {g.shape}")
@@ -93,7 +100,7 @@ def plcc(pred, ref, logistic: bool = False) -> float:
     from scipy.optimize import OptimizeWarning, curve_fit
     from scipy.stats import pearsonr
 
-    x, y = _np(pred).ravel(), _np(ref).ravel()
+    x, y = _np(pred, "pred").ravel(), _np(ref, "ref").ravel()
     if x.size < 2 or np.std(x) == 0 or np.std(y) == 0:
         return float("nan")
     if logistic:
@@ -114,7 +121,7 @@ def srcc(pred, ref) -> float:
     """Spearman rank correlation (average ranks for ties)."""
     from scipy.stats import spearmanr
 
-    x, y = _np(pred).ravel(), _np(ref).ravel()
+    x, y = _np(pred, "pred").ravel(), _np(ref, "ref").ravel()
     if x.size < 2 or np.std(x) == 0 or np.std(y) == 0:
         return float("nan")
     return float(spearmanr(x, y)[0])
@@ -124,7 +131,7 @@ def krcc(pred, ref) -> float:
     """Kendall rank correlation (tau-b, which accounts for ties)."""
     from scipy.stats import kendalltau
 
-    x, y = _np(pred).ravel(), _np(ref).ravel()
+    x, y = _np(pred, "pred").ravel(), _np(ref, "ref").ravel()
     if x.size < 2 or np.std(x) == 0 or np.std(y) == 0:
         return float("nan")
     return float(kendalltau(x, y)[0])
@@ -145,7 +152,7 @@ def rater_histograms(ratings: Sequence[Sequence[float]], bin_values: Sequence[fl
 
 def kl_divergence(target_hist, pred_probs, eps: float = 1e-12) -> np.ndarray:
     """Per-item ``KL(target || pred)`` in nats (``0 log 0 = 0``; ``pred`` floored at ``eps``)."""
-    t, p = _np(target_hist), np.maximum(_np(pred_probs), eps)
+    t, p = _np(target_hist, "target_hist"), np.maximum(_np(pred_probs, "pred_probs"), eps)
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(t > 0, t * (np.log(np.where(t > 0, t, 1.0)) - np.log(p)), 0.0)
     return terms.sum(-1)
@@ -153,7 +160,7 @@ def kl_divergence(target_hist, pred_probs, eps: float = 1e-12) -> np.ndarray:
 
 def js_divergence(target_hist, pred_probs) -> np.ndarray:
     """Per-item Jensen-Shannon divergence, base 2 (in [0, 1])."""
-    t, p = _np(target_hist), _np(pred_probs)
+    t, p = _np(target_hist, "target_hist"), _np(pred_probs, "pred_probs")
     m = 0.5 * (t + p)
 
     def _kl(a, b):
@@ -165,7 +172,7 @@ def js_divergence(target_hist, pred_probs) -> np.ndarray:
 
 def wasserstein1(target_hist, pred_probs, bin_values: Sequence[float]) -> np.ndarray:
     """Per-item earth mover's distance on the score axis: ``sum_k |CDF_t - CDF_p|_k (v_{k+1} - v_k)``."""
-    t, p = _np(target_hist), _np(pred_probs)
+    t, p = _np(target_hist, "target_hist"), _np(pred_probs, "pred_probs")
     v = np.asarray(bin_values, dtype=np.float64)
     cdf = np.cumsum(t - p, axis=-1)[..., :-1]
     return np.abs(cdf) @ np.diff(v)
@@ -173,7 +180,7 @@ def wasserstein1(target_hist, pred_probs, bin_values: Sequence[float]) -> np.nda
 
 def preference_probability(probs_a, probs_b) -> np.ndarray:
     """``P(X_a > X_b) + 0.5 P(X_a = X_b)`` for independent ``X_a ~ probs_a``, ``X_b ~ probs_b`` (per row)."""
-    pa, pb = _np(probs_a), _np(probs_b)
+    pa, pb = _np(probs_a, "probs_a"), _np(probs_b, "probs_b")
     cb = np.cumsum(pb, axis=-1)
     below = np.concatenate([np.zeros_like(cb[..., :1]), cb[..., :-1]], axis=-1)  # P(X_b < v_k)
     return (pa * (below + 0.5 * pb)).sum(-1)
@@ -186,8 +193,8 @@ def pairwise_calibration(probs, ref, groups, n_bins: int = 10) -> Optional[Dict[
     predicted winner comes first (confidence in [0.5, 1]); returns per confidence bin the ``count``,
     mean ``confidence`` and ``accuracy`` (NaN for empty bins), and the bin ``edges``.
     """
-    pr = _np(probs)
-    r = _np(ref).ravel()
+    pr = _np(probs, "probs")
+    r = _np(ref, "ref").ravel()
     g = np.asarray(groups.detach().cpu() if hasattr(groups, "detach") else groups).ravel()
     a, b = _pairs_within(g)
     keep = r[a] != r[b]
@@ -306,11 +313,14 @@ def evaluate(
     """
     if bin_values is None:
         from zreward_kernels import BIN_VALUES as bin_values  # noqa: N811
-    p, r = _np(pred).ravel(), _np(ref).ravel()
+    p, r = _np(pred, "pred").ravel(), _np(ref, "ref").ravel()
     dims = np.asarray(list(dimensions), dtype=object)
-    grp = np.asarray([f"{d}\x00{g}" for g, d in zip(list(groups), dims)], dtype=object)
-    pr = None if probs is None else _np(probs)
-    hs = None if rater_hist is None else _np(rater_hist)
+    groups = list(groups)
+    if len(groups) != len(dims):
+        raise ValueError(f"groups and dimensions must have one entry per item, got {len(groups)} and {len(dims)}")
+    grp = np.asarray([f"{d}\x00{g}" for g, d in zip(groups, dims)], dtype=object)
+    pr = None if probs is None else _np(probs, "probs")
+    hs = None if rater_hist is None else _np(rater_hist, "rater_hist")
     if not (p.shape[0] == r.shape[0] == len(dims) == len(grp)):
         raise ValueError("pred, ref, groups and dimensions must have one entry per item")
     report = {"pooled": _block(p, r, grp, pr, hs, bin_values)}

@@ -138,3 +138,20 @@ def test_gsb():
         gsb(["G"], good=1)
     with pytest.raises(ValueError, match="bad must be a non-negative integer count"):
         gsb(good=1, bad=-1)
+
+
+def test_bad_inputs_are_named():
+    """A NaN prediction used to count as a wrong pair in HPA and then stop scipy with 'array must not
+    contain infs or NaNs' (no argument named); groups longer than dimensions were cut silently."""
+    pred, ref = np.array([3.0, np.nan, 2.0, 4.0]), np.array([3.0, 3.5, 2.0, 4.5])
+    groups, dims = ["a", "a", "b", "b"], ["realism"] * 4
+    with pytest.raises(ValueError, match=r"pred must be finite; found nan at flat index 1 \(1 non-finite"):
+        M.evaluate(pred, ref, groups, dims)
+    with pytest.raises(ValueError, match="pred must be finite"):
+        M.hpa(pred, ref, groups)
+    with pytest.raises(ValueError, match="ref must be finite; found inf"):
+        M.srcc(ref, np.array([1.0, np.inf, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="probs must be finite"):
+        M.evaluate(ref, ref, groups, dims, probs=np.full((4, 9), np.nan))
+    with pytest.raises(ValueError, match="groups and dimensions must have one entry per item, got 5 and 4"):
+        M.evaluate(ref, ref, groups + ["c"], dims)
