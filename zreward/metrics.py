@@ -45,6 +45,24 @@ def _np(x, name: Optional[str] = None) -> np.ndarray:
     return a
 
 
+def _same_shape(a: np.ndarray, b: np.ndarray, names: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{names} must have the same shape, got {a.shape} and {b.shape}")
+
+
+def _paired(pred, ref):
+    """``pred`` and ``ref`` as flat float64 arrays of one length (finite)."""
+    x, y = _np(pred, "pred").ravel(), _np(ref, "ref").ravel()
+    _same_shape(x, y, "pred and ref")
+    return x, y
+
+
+def _dists(target_hist, pred_probs):
+    t, p = _np(target_hist, "target_hist"), _np(pred_probs, "pred_probs")
+    _same_shape(t, p, "target_hist and pred_probs")
+    return t, p
+
+
 def _pairs_within(groups: np.ndarray):
     """Index pairs (a < b) of items sharing a group id."""
     order = np.argsort(groups, kind="stable")
@@ -100,7 +118,7 @@ def plcc(pred, ref, logistic: bool = False) -> float:
     from scipy.optimize import OptimizeWarning, curve_fit
     from scipy.stats import pearsonr
 
-    x, y = _np(pred, "pred").ravel(), _np(ref, "ref").ravel()
+    x, y = _paired(pred, ref)
     if x.size < 2 or np.std(x) == 0 or np.std(y) == 0:
         return float("nan")
     if logistic:
@@ -121,7 +139,7 @@ def srcc(pred, ref) -> float:
     """Spearman rank correlation (average ranks for ties)."""
     from scipy.stats import spearmanr
 
-    x, y = _np(pred, "pred").ravel(), _np(ref, "ref").ravel()
+    x, y = _paired(pred, ref)
     if x.size < 2 or np.std(x) == 0 or np.std(y) == 0:
         return float("nan")
     return float(spearmanr(x, y)[0])
@@ -131,7 +149,7 @@ def krcc(pred, ref) -> float:
     """Kendall rank correlation (tau-b, which accounts for ties)."""
     from scipy.stats import kendalltau
 
-    x, y = _np(pred, "pred").ravel(), _np(ref, "ref").ravel()
+    x, y = _paired(pred, ref)
     if x.size < 2 or np.std(x) == 0 or np.std(y) == 0:
         return float("nan")
     return float(kendalltau(x, y)[0])
@@ -152,7 +170,8 @@ def rater_histograms(ratings: Sequence[Sequence[float]], bin_values: Sequence[fl
 
 def kl_divergence(target_hist, pred_probs, eps: float = 1e-12) -> np.ndarray:
     """Per-item ``KL(target || pred)`` in nats (``0 log 0 = 0``; ``pred`` floored at ``eps``)."""
-    t, p = _np(target_hist, "target_hist"), np.maximum(_np(pred_probs, "pred_probs"), eps)
+    t, p = _dists(target_hist, pred_probs)
+    p = np.maximum(p, eps)
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(t > 0, t * (np.log(np.where(t > 0, t, 1.0)) - np.log(p)), 0.0)
     return terms.sum(-1)
@@ -160,7 +179,7 @@ def kl_divergence(target_hist, pred_probs, eps: float = 1e-12) -> np.ndarray:
 
 def js_divergence(target_hist, pred_probs) -> np.ndarray:
     """Per-item Jensen-Shannon divergence, base 2 (in [0, 1])."""
-    t, p = _np(target_hist, "target_hist"), _np(pred_probs, "pred_probs")
+    t, p = _dists(target_hist, pred_probs)
     m = 0.5 * (t + p)
 
     def _kl(a, b):
@@ -172,7 +191,7 @@ def js_divergence(target_hist, pred_probs) -> np.ndarray:
 
 def wasserstein1(target_hist, pred_probs, bin_values: Sequence[float]) -> np.ndarray:
     """Per-item earth mover's distance on the score axis: ``sum_k |CDF_t - CDF_p|_k (v_{k+1} - v_k)``."""
-    t, p = _np(target_hist, "target_hist"), _np(pred_probs, "pred_probs")
+    t, p = _dists(target_hist, pred_probs)
     v = np.asarray(bin_values, dtype=np.float64)
     cdf = np.cumsum(t - p, axis=-1)[..., :-1]
     return np.abs(cdf) @ np.diff(v)
@@ -181,6 +200,7 @@ def wasserstein1(target_hist, pred_probs, bin_values: Sequence[float]) -> np.nda
 def preference_probability(probs_a, probs_b) -> np.ndarray:
     """``P(X_a > X_b) + 0.5 P(X_a = X_b)`` for independent ``X_a ~ probs_a``, ``X_b ~ probs_b`` (per row)."""
     pa, pb = _np(probs_a, "probs_a"), _np(probs_b, "probs_b")
+    _same_shape(pa, pb, "probs_a and probs_b")
     cb = np.cumsum(pb, axis=-1)
     below = np.concatenate([np.zeros_like(cb[..., :1]), cb[..., :-1]], axis=-1)  # P(X_b < v_k)
     return (pa * (below + 0.5 * pb)).sum(-1)

@@ -155,3 +155,8 @@ def test_bad_inputs_are_named():
         M.evaluate(ref, ref, groups, dims, probs=np.full((4, 9), np.nan))
     with pytest.raises(ValueError, match="groups and dimensions must have one entry per item, got 5 and 4"):
         M.evaluate(ref, ref, groups + ["c"], dims)
+    for f in (M.plcc, M.srcc, M.krcc):  # scipy's messages were about broadcasting and concatenation
+        with pytest.raises(ValueError, match=r"pred and ref must have the same shape, got \(3,\) and \(4,\)"):
+            f(ref[:3], ref)
+    with pytest.raises(ValueError, match=r"target_hist and pred_probs must have the same shape"):
+        M.kl_divergence(np.ones((2, 9)) / 9, np.ones((3, 9)) / 9)
