@@ -1,6 +1,9 @@
 """Runs a small deterministic training job; used by the trainer tests in subprocesses.
 
 usage: python train_runner.py BASE_MODEL_DIR OUT_DIR MAX_STEPS [--resume] [--kill-at N] [--batch B] [--save-every S]
+                              [--items N] [--teacher DIR --cache FILE]
+SFT by default; with --teacher, RISD with its targets cached in FILE (and each process prints how
+many items it computed targets for).
 """
 
 import argparse
@@ -52,12 +55,27 @@ if __name__ == "__main__":
     ap.add_argument("--kill-at", type=int, default=0)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--save-every", type=int, default=2)
+    ap.add_argument("--items", type=int, default=32)
+    ap.add_argument("--teacher", default=None)
+    ap.add_argument("--cache", default=None)
     a = ap.parse_args()
-    cfg = TrainConfig(method="sft", model=a.base, output_dir=a.out, max_steps=a.steps, batch_size=a.batch, lr=3e-3,
-                      log_every=1, save_every=a.save_every, device="cpu", seed=1)
+    risd = {}
+    if a.teacher:
+        import zreward.train.teacher as teacher_mod
+
+        compute = teacher_mod.compute_targets
+
+        def counted(teacher, items, **kw):
+            print(f"teacher targets computed here: {len(items)}", flush=True)
+            return compute(teacher, items, **kw)
+
+        teacher_mod.compute_targets = counted
+        risd = dict(method="risd", teacher=a.teacher, teacher_cache=a.cache)
+    cfg = TrainConfig(**{**dict(method="sft", model=a.base, output_dir=a.out, max_steps=a.steps, batch_size=a.batch,
+                                lr=3e-3, log_every=1, save_every=a.save_every, device="cpu", seed=1), **risd})
 
     def on_step(step, _):
         if a.kill_at and step == a.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no final checkpoint
 
-    train(cfg, items=toy_items(), resume=a.resume, on_step=on_step)
+    train(cfg, items=toy_items(a.items), resume=a.resume, on_step=on_step)

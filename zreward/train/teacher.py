@@ -33,12 +33,13 @@ def load_image(it: RatedItem) -> np.ndarray:
 
 @torch.no_grad()
 def compute_targets(teacher, items: Sequence[RatedItem], batch_size: int = 16, traces: int = 0,
-                    trace_tokens: int = 32, temperature: float = 1.0) -> torch.Tensor:
+                    trace_tokens: int = 32, temperature: float = 1.0, progress: bool = False) -> torch.Tensor:
     """Teacher distributions ``[N, K]`` over the bins, one row per item (``teacher`` a ZRewardModel).
 
     ``traces=0`` reads the distribution right after the question; ``traces=n`` samples n reasoning
     traces per item (ending at the ``<|score|>`` marker, at most ``trace_tokens`` tokens, sampling
     ``temperature``), reads q_T(s | p, I, d, rho) at each marker and averages the n distributions.
+    ``progress`` shows a progress bar over the items (when tqdm is installed).
     """
     from ..scorer import RewardScorer
 
@@ -49,7 +50,17 @@ def compute_targets(teacher, items: Sequence[RatedItem], batch_size: int = 16, t
 
         marker = ensure_marker(teacher)
         ids = torch.tensor(teacher.score_tokens.token_ids, device=teacher.device)
+    bar = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(items), desc="teacher targets", unit="item")
+        except ImportError:
+            pass
     for s in range(0, len(items), batch_size):
+        if bar is not None and s:
+            bar.update(batch_size)
         chunk = items[s:s + batch_size]
         images, prompts, dims = [load_image(it) for it in chunk], [it.prompt for it in chunk], [it.dimension for it in chunk]
         if not traces:
@@ -62,7 +73,29 @@ def compute_targets(teacher, items: Sequence[RatedItem], batch_size: int = 16, t
         _, _, logits = trace_forward(scorer, rep(images), rep(prompts), rep(dims), tr, forced, ids)
         probs = torch.softmax(logits.float(), -1).view(len(chunk), traces, -1).mean(1)
         rows.append(probs.cpu())
+    if bar is not None:
+        bar.update(len(items) - bar.n)
+        bar.close()
     return torch.cat(rows) if rows else torch.zeros(0, len(teacher.rubric.bin_values))
+
+
+def sharded_targets(acc, teacher, items: Sequence[RatedItem], **kwargs) -> torch.Tensor:
+    """:func:`compute_targets` split over the processes of ``acc`` (an ``accelerate.Accelerator``):
+    process r computes items r, r + W, r + 2W, ... and every process gets all N rows, in item order
+    (one gather).  With one process it is ``compute_targets``."""
+    world, rank = acc.num_processes, acc.process_index
+    mine = compute_targets(teacher, items[rank::world], progress=acc.is_main_process, **kwargs)
+    if world == 1:
+        return mine
+    per = -(-len(items) // world)  # rows per process, padded to the largest share
+    buf = torch.zeros(per, len(teacher.rubric.bin_values))
+    buf[:mine.shape[0]] = mine
+    every = acc.gather(buf.to(acc.device)).cpu()  # [W * per, K], process-major
+    out = torch.empty(len(items), buf.shape[1])
+    for r in range(world):
+        n_r = len(range(r, len(items), world))
+        out[r::world] = every[r * per:r * per + n_r]
+    return out
 
 
 def save_targets(path: str, probs: torch.Tensor, items: Sequence[RatedItem], teacher: str,
