@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -154,6 +155,49 @@ def test_two_processes_match_one_process(base, tmp_path):
         moved += int(not torch.equal(a[k], start[k]))
     assert moved > 10  # the step really changed the weights
     assert [x["loss"] for x in _log(one)] == [x["loss"] for x in _log(two)]
+
+
+def test_risd_teacher_targets_are_split_over_processes(base, tmp_path):
+    """Under a two-process launch each process computes the teacher targets of its share of the
+    items only (every process used to compute all of them), and the gathered rows are the
+    single-process targets in item order (15 items: shares of 8 and 7)."""
+    teacher_dir = str(tmp_path / "teacher")
+    t_model, proc = tiny_qwen2_vl(seed=7)
+    ZRewardModel(t_model, proc).save_pretrained(teacher_dir)
+    cache = str(tmp_path / "targets.safetensors")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29518", RUNNER, base, str(tmp_path / "two"), "1", "--save-every", "0", "--items", "15",
+                        "--teacher", teacher_dir, "--cache", cache], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(re.findall(r"teacher targets computed here: (\d+)", r.stdout)) == ["7", "8"], r.stdout[-2000:]
+    items = toy_items(15)
+    teacher = ZRewardModel.from_pretrained(teacher_dir)
+    torch.testing.assert_close(load_targets(cache, items, teacher.rubric.bin_values), compute_targets(teacher, items),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_sharded_parameter_launches_are_refused():
+    """FSDP and DeepSpeed ZeRO-3 launches are refused up front (the main-process evaluation and final
+    save would hang or save shards); DDP and ZeRO-1/2 keep a whole model per process and pass."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from zreward.train.loop import refuse_sharded_parameters
+
+    def acc(kind, zero_stage=None):
+        plugin = None if zero_stage is None else SimpleNamespace(zero_stage=zero_stage)
+        return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=plugin))
+
+    for ok in (acc(DistributedType.NO), acc(DistributedType.MULTI_GPU), acc(DistributedType.MULTI_CPU),
+               acc(DistributedType.DEEPSPEED, 2), acc(DistributedType.DEEPSPEED, 1)):
+        refuse_sharded_parameters(ok)
+    with pytest.raises(NotImplementedError, match=r"shards the parameters \(FSDP\)"):
+        refuse_sharded_parameters(acc(DistributedType.FSDP))
+    with pytest.raises(NotImplementedError, match=r"shards the parameters \(DeepSpeed ZeRO-3\)"):
+        refuse_sharded_parameters(acc(DistributedType.DEEPSPEED, 3))
 
 
 def test_bad_configs_fail_fast_before_loading_a_model(tmp_path):

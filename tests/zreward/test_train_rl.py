@@ -59,7 +59,7 @@ def test_policy_loss_matches_a_loop_reference_including_gradient():
     adv = torch.randn(n, generator=g)
     mask = torch.rand(n, t, generator=g) > 0.3
     loss, stats = grpo_token_loss(logp, old, ref, adv, mask, clip_eps=0.2, beta=0.05)
-    assert float(loss) == pytest.approx(_loop_loss(logp.detach(), old, ref, adv, mask, 0.2, 0.05), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(_loop_loss(logp.detach(), old, ref, adv, mask, 0.2, 0.05), rel=1e-5)
     loss.backward()
     # finite-difference gradient of the loop reference at a few coordinates
     for (i, j) in [(0, 0), (2, 5), (5, 8)]:
@@ -179,7 +179,7 @@ def test_liger_fused_policy_loss_matches_the_pytorch_path():
     lp = torch.log_softmax(hid @ w.t(), -1).gather(-1, tok[..., None]).squeeze(-1)
     plain, _ = grpo_token_loss(lp, old, ref, adv, mask, 0.2, 0.04)
     plain.backward()
-    assert abs(float(fused) - float(plain)) < 1e-6
+    assert abs(float(fused.detach()) - float(plain.detach())) < 1e-6
     torch.testing.assert_close(gh, hid.grad, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(gw, w.grad, atol=1e-6, rtol=1e-5)
 

@@ -32,7 +32,7 @@ from zreward_kernels.reference import bin_index
 from ..data import RatedItem, load_manifest
 from ..metrics import rater_histograms
 from .config import TrainConfig
-from .teacher import compute_targets, load_image, load_targets, teacher_source
+from .teacher import load_image, load_targets, sharded_targets, teacher_source
 
 
 class TraceModule(nn.Module):
@@ -124,6 +124,25 @@ def _checkpoints(output_dir: str) -> List[str]:
     return [os.path.join(output_dir, d) for _, d in sorted(found)]
 
 
+def refuse_sharded_parameters(acc) -> None:
+    """The trainers keep a whole copy of the model on every process (DDP; DeepSpeed ZeRO-1/2): the
+    evaluation during training and the final save run the unwrapped model on the main process
+    alone, and RL sampling calls ``generate`` with per-process lengths.  With sharded parameters
+    (FSDP, DeepSpeed ZeRO-3) the first would hang on a collective only one process joins and the
+    second would save shards, so such a launch is refused before any model is loaded."""
+    from accelerate.utils import DistributedType
+
+    kind = acc.distributed_type
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    if kind == DistributedType.FSDP or kind == DistributedType.MEGATRON_LM or (
+            kind == DistributedType.DEEPSPEED and getattr(plugin, "zero_stage", 0) == 3):
+        name = "DeepSpeed ZeRO-3" if kind == DistributedType.DEEPSPEED else str(kind.value)
+        raise NotImplementedError(
+            f"the zreward trainers need the whole model on every process (DDP, or DeepSpeed ZeRO-1/2); this launch "
+            f"shards the parameters ({name}): evaluation and the final save run on the main process alone and would "
+            "hang or save shards. Launch with DDP or ZeRO-2 (the optimizer state is still sharded there)")
+
+
 def _fresh_accelerate_state() -> None:
     """accelerate keeps its state in process-wide singletons: a second ``train()`` in one process (a
     notebook, the demo) with another ``mixed_precision`` raised, and one with ``device="cuda"`` after
@@ -183,6 +202,7 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     _fresh_accelerate_state()
     acc = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
+    refuse_sharded_parameters(acc)
     if previous:  # overwrite_output_dir: the main process deletes the previous run's entries
         if acc.is_main_process:
             for name in previous:
@@ -212,7 +232,8 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
             teacher = ZRewardModel.from_pretrained(cfg.teacher, device=acc.device).eval()
             if teacher.rubric.bin_values != bins:
                 raise ValueError("teacher and student use different score bins")
-            targets = compute_targets(teacher, items, traces=cfg.teacher_traces, trace_tokens=cfg.max_trace_tokens,
+            # split over the processes: each computes its share once, all get every row
+            targets = sharded_targets(acc, teacher, items, traces=cfg.teacher_traces, trace_tokens=cfg.max_trace_tokens,
                                       temperature=cfg.sample_temperature)
             del teacher
             if cfg.teacher_cache and acc.is_main_process:
