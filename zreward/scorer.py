@@ -83,6 +83,9 @@ def prompt_list(prompts, images) -> List[str]:
         else:
             n = len(images) if isinstance(images, (list, tuple)) else 1
         return [prompts] * n
+    if not isinstance(prompts, (list, tuple)) and not hasattr(prompts, "__iter__"):
+        raise TypeError(f"prompts must be a string or a sequence of strings, got a {type(prompts).__name__}; "
+                        "score(images, prompts) takes the images first")
     return list(prompts)
 
 
@@ -181,7 +184,9 @@ class RewardScorer:
         if not prompts:
             raise ValueError("score() needs at least one image and prompt")
         if not all(isinstance(p, str) for p in prompts):
-            raise TypeError("prompts must be strings")
+            bad = next(p for p in prompts if not isinstance(p, str))
+            raise TypeError(f"prompts must be strings, got a {type(bad).__name__}; score(images, prompts) takes the "
+                            "images first (ImageReward's score(prompt, images) takes them second)")
         if isinstance(dimensions, str):
             dimensions = (dimensions,)
         dims = tuple(dimensions) if dimensions is not None else self.model.rubric.dimensions

@@ -225,8 +225,14 @@ def test_bad_inputs(zmodel):
         s.score([np.zeros((28, 28, 3), dtype=np.float32)], PROMPTS[:1])
     with pytest.raises(ValueError, match="unknown dimension 'beauty'"):
         s.score(_images(1), PROMPTS[:1], dimensions=["beauty"])
-    with pytest.raises(TypeError, match="prompts must be strings"):
+    with pytest.raises(TypeError, match="prompts must be strings, got a int"):
         s.score(_images(1), [3])
+    with pytest.raises(TypeError, match=r"got a ndarray; score\(images, prompts\) takes the images first"):
+        s.score("a red car", _images(1))  # ImageReward's argument order
+    from PIL import Image
+
+    with pytest.raises(TypeError, match=r"got a Image; score\(images, prompts\) takes the images first"):
+        s.score("a red car", Image.fromarray(_images(1)[0]))
 
 
 def test_an_enclosing_autocast_stays_in_force(zmodel):
