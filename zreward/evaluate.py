@@ -23,6 +23,20 @@ def _progress(iterable, total: int, desc: str):
         return iterable
 
 
+def image_key(it: RatedItem) -> tuple:
+    """What identifies an item's query prefix: its image (path, or id for an in-memory array) and prompt."""
+    return (it.image if isinstance(it.image, str) else ("in-memory", it.id), it.prompt)
+
+
+def shard_by_image(items: List[RatedItem], rank: int, world: int) -> List[int]:
+    """Indices of the items process ``rank`` of ``world`` predicts: the distinct images (with their
+    prompts) round-robin over the processes, each with all of its dimensions (one prefix pass)."""
+    by_image: "OrderedDict[tuple, List[int]]" = OrderedDict()
+    for i, it in enumerate(items):
+        by_image.setdefault(image_key(it), []).append(i)
+    return [i for key in list(by_image)[rank::world] for i in by_image[key]]
+
+
 def score_items(scorer: RewardScorer, items: List[RatedItem], batch_size: int = 16, progress: bool = True):
     """Score each distinct (image, prompt) once on the dimensions its items ask for.
 
@@ -36,7 +50,7 @@ def score_items(scorer: RewardScorer, items: List[RatedItem], batch_size: int = 
     images: "OrderedDict[tuple, List[int]]" = OrderedDict()
     first: Dict[tuple, RatedItem] = {}
     for i, it in enumerate(items):
-        key = (it.image if isinstance(it.image, str) else ("in-memory", it.id), it.prompt)
+        key = image_key(it)
         images.setdefault(key, []).append(i)
         first.setdefault(key, it)
     keys = list(images)
@@ -101,16 +115,33 @@ def evaluate_with_traces(zm, items: List[RatedItem], traces: int = 1, trace_toke
                          temperature: float = 1.0, batch_size: int = 16) -> Dict:
     """Metrics of a reasoning model: each item's distribution is read after ``traces`` sampled
     reasoning traces and averaged (``zreward.train.teacher.compute_targets``)."""
-    from .train.teacher import compute_targets
-
     labelled = [it for it in items if it.reference is not None]
     if not labelled:
         raise ValueError("no item has a score or ratings to evaluate against")
-    probs = compute_targets(zm, labelled, batch_size, traces=traces, trace_tokens=trace_tokens,
-                            temperature=temperature).numpy().astype(np.float64)
+    _, probs = predict_items(zm, labelled, traces=traces, trace_tokens=trace_tokens, temperature=temperature,
+                             batch_size=batch_size)
     report = _report(labelled, probs @ np.asarray(zm.rubric.bin_values), probs, zm.rubric.bin_values)
     report["_meta"] = {"items": len(labelled), "traces": traces}
     return report
+
+
+def predict_items(zm, items: List[RatedItem], *, traces: int = 0, trace_tokens: int = 32, temperature: float = 1.0,
+                  batch_size: int = 16, progress: bool = False):
+    """Predicted mean ``[N]`` and distribution ``[N, K]`` (numpy float64) of a ``ZRewardModel`` per item:
+    read right after the question (each image scored once, :func:`score_items`), or with ``traces``
+    averaged over that many sampled reasoning traces (``zreward.train.teacher.compute_targets``)."""
+    if not traces:
+        return score_items(RewardScorer(zm, in_vocab_mass=False), items, batch_size, progress)
+    from .train.teacher import compute_targets
+
+    probs = compute_targets(zm, items, batch_size, traces=traces, trace_tokens=trace_tokens,
+                            temperature=temperature, progress=progress).numpy().astype(np.float64)
+    return probs @ np.asarray(zm.rubric.bin_values), probs
+
+
+def report_items(labelled: List[RatedItem], mean, probs, bin_values) -> Dict:
+    """The metrics of predictions (``mean [N]``, ``probs [N, K]``) of labelled items."""
+    return _report(labelled, np.asarray(mean, dtype=np.float64), np.asarray(probs, dtype=np.float64), bin_values)
 
 
 def write_plots(out_dir, mean, ref, probs, groups, dims, report) -> List[str]:

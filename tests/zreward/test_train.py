@@ -138,14 +138,24 @@ def test_resume_after_sigkill_matches_uninterrupted_run(base, tmp_path):
 
 
 def test_two_processes_match_one_process(base, tmp_path):
+    """Weights and losses after a step match; the evaluation after it is split over the processes
+    (the main process used to score every eval item while the other waited) and gives the metrics
+    of the single-process run."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    subprocess.run([sys.executable, RUNNER, base, one, "1", "--save-every", "0"], check=True, env=env,
-                   capture_output=True)
+    r1 = subprocess.run([sys.executable, RUNNER, base, one, "1", "--save-every", "0", "--eval-every", "1"], check=True,
+                        env=env, capture_output=True, text=True)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29517", RUNNER, base, two, "1", "--save-every", "0"], env=env, capture_output=True, text=True)
+                        "29517", RUNNER, base, two, "1", "--save-every", "0", "--eval-every", "1"], env=env,
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
+    count = r"eval items predicted here: (\d+)"
+    assert re.findall(count, r1.stdout) == ["8"] and sorted(re.findall(count, r.stdout)) == ["4", "4"], r.stdout
+    ev_one, ev_two = ([x for x in _log(d) if "eval_hpa" in x] for d in (one, two))
+    assert len(ev_one) == len(ev_two) == 1
+    for k in ("eval_hpa", "eval_plcc", "eval_srcc", "eval_kl"):
+        assert ev_two[0][k] == pytest.approx(ev_one[0][k], abs=1e-4), k
     a, b, start = (_weights(os.path.join(one, "final")), _weights(os.path.join(two, "final")), _weights(base))
     moved = 0
     for k in a:
@@ -154,7 +164,7 @@ def test_two_processes_match_one_process(base, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=5e-6, rtol=0, msg=k)
         moved += int(not torch.equal(a[k], start[k]))
     assert moved > 10  # the step really changed the weights
-    assert [x["loss"] for x in _log(one)] == [x["loss"] for x in _log(two)]
+    assert [x["loss"] for x in _log(one) if "loss" in x] == [x["loss"] for x in _log(two) if "loss" in x]
 
 
 def test_risd_teacher_targets_are_split_over_processes(base, tmp_path):

@@ -1,9 +1,10 @@
 """Runs a small deterministic training job; used by the trainer tests in subprocesses.
 
 usage: python train_runner.py BASE_MODEL_DIR OUT_DIR MAX_STEPS [--resume] [--kill-at N] [--batch B] [--save-every S]
-                              [--items N] [--teacher DIR --cache FILE]
+                              [--items N] [--teacher DIR --cache FILE] [--eval-every N]
 SFT by default; with --teacher, RISD with its targets cached in FILE (and each process prints how
-many items it computed targets for).
+many items it computed targets for).  --eval-every evaluates on 8 fresh toy items (each process
+prints how many items it predicted).
 """
 
 import argparse
@@ -58,7 +59,18 @@ if __name__ == "__main__":
     ap.add_argument("--items", type=int, default=32)
     ap.add_argument("--teacher", default=None)
     ap.add_argument("--cache", default=None)
+    ap.add_argument("--eval-every", type=int, default=0)
     a = ap.parse_args()
+    if a.eval_every:
+        import zreward.evaluate as evaluate_mod
+
+        predict = evaluate_mod.predict_items
+
+        def counted_predict(zm, items, **kw):
+            print(f"eval items predicted here: {len(items)}", flush=True)
+            return predict(zm, items, **kw)
+
+        evaluate_mod.predict_items = counted_predict
     risd = {}
     if a.teacher:
         import zreward.train.teacher as teacher_mod
@@ -72,10 +84,12 @@ if __name__ == "__main__":
         teacher_mod.compute_targets = counted
         risd = dict(method="risd", teacher=a.teacher, teacher_cache=a.cache)
     cfg = TrainConfig(**{**dict(method="sft", model=a.base, output_dir=a.out, max_steps=a.steps, batch_size=a.batch,
-                                lr=3e-3, log_every=1, save_every=a.save_every, device="cpu", seed=1), **risd})
+                                lr=3e-3, log_every=1, save_every=a.save_every, device="cpu", seed=1,
+                                eval_every=a.eval_every), **risd})
 
     def on_step(step, _):
         if a.kill_at and step == a.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no final checkpoint
 
-    train(cfg, items=toy_items(a.items), resume=a.resume, on_step=on_step)
+    train(cfg, items=toy_items(a.items), eval_items=toy_items(8, seed=5) if a.eval_every else None,
+          resume=a.resume, on_step=on_step)

@@ -403,18 +403,26 @@ def _save_checkpoint(acc, cfg: TrainConfig, step: int) -> None:
 
 
 def _evaluate(acc, module, zm, eval_items, step, log_path, cfg: Optional[TrainConfig] = None) -> Dict:
-    from ..evaluate import evaluate_items, evaluate_with_traces
-    from ..scorer import RewardScorer
+    """Metrics on the labelled eval items.  Every process predicts its share of the images (each
+    image with all of its dimensions) and the main process computes the metrics of all of them."""
+    from .. import evaluate as ev
+    from ._dist import gather_shards
 
+    labelled = [it for it in eval_items if it.reference is not None]
+    if not labelled:
+        raise ValueError("no eval item has a score or ratings to evaluate against")
     module.eval()
+    zm.model = acc.unwrap_model(module).model
+    shards = [ev.shard_by_image(labelled, r, acc.num_processes) for r in range(acc.num_processes)]
+    traces = cfg.eval_traces if cfg is not None else 0
+    kw = dict(traces=traces, trace_tokens=cfg.max_trace_tokens, temperature=cfg.sample_temperature) if traces else {}
+    mean, probs = ev.predict_items(zm, [labelled[i] for i in shards[acc.process_index]], **kw)
+    k = len(zm.rubric.bin_values)  # (a process may have no image: zero rows)
+    rows = torch.from_numpy(np.concatenate([mean.reshape(-1, 1), probs.reshape(len(mean), k)], 1))
+    every = gather_shards(acc, rows, shards, len(labelled)).numpy()
     out = {}
     if acc.is_main_process:
-        zm.model = acc.unwrap_model(module).model
-        if cfg is not None and cfg.eval_traces:
-            rep = evaluate_with_traces(zm, eval_items, traces=cfg.eval_traces, trace_tokens=cfg.max_trace_tokens,
-                                       temperature=cfg.sample_temperature)
-        else:
-            rep = evaluate_items(RewardScorer(zm, in_vocab_mass=False), eval_items, plots=False, progress=False)
+        rep = ev.report_items(labelled, every[:, 0], every[:, 1:], zm.rubric.bin_values)
         out = {f"eval_{k}": v for k, v in rep["pooled"].items() if k != "n"}
         with open(log_path, "a") as f:
             f.write(json.dumps({"step": step, **out}) + "\n")

@@ -83,19 +83,12 @@ def sharded_targets(acc, teacher, items: Sequence[RatedItem], **kwargs) -> torch
     """:func:`compute_targets` split over the processes of ``acc`` (an ``accelerate.Accelerator``):
     process r computes items r, r + W, r + 2W, ... and every process gets all N rows, in item order
     (one gather).  With one process it is ``compute_targets``."""
+    from ._dist import gather_shards
+
     world, rank = acc.num_processes, acc.process_index
-    mine = compute_targets(teacher, items[rank::world], progress=acc.is_main_process, **kwargs)
-    if world == 1:
-        return mine
-    per = -(-len(items) // world)  # rows per process, padded to the largest share
-    buf = torch.zeros(per, len(teacher.rubric.bin_values))
-    buf[:mine.shape[0]] = mine
-    every = acc.gather(buf.to(acc.device)).cpu()  # [W * per, K], process-major
-    out = torch.empty(len(items), buf.shape[1])
-    for r in range(world):
-        n_r = len(range(r, len(items), world))
-        out[r::world] = every[r * per:r * per + n_r]
-    return out
+    shards = [list(range(r, len(items), world)) for r in range(world)]
+    mine = compute_targets(teacher, [items[i] for i in shards[rank]], progress=acc.is_main_process, **kwargs)
+    return gather_shards(acc, mine, shards, len(items))
 
 
 def save_targets(path: str, probs: torch.Tensor, items: Sequence[RatedItem], teacher: str,
