@@ -245,6 +245,26 @@ def test_bad_configs_fail_fast_before_loading_a_model(tmp_path):
         TrainConfig.from_file(str(bad))
 
 
+def test_item_problems_found_before_the_first_step(base, tmp_path):
+    """Unlabelled eval items with eval_every set (found at the first evaluation before) and a
+    dimension the model's rubric lacks (found when its batch came up) stop a run before it trains."""
+    items = toy_items(8)
+    cfg = TrainConfig(method="sft", model=base, output_dir=str(tmp_path / "a"), max_steps=4, batch_size=4,
+                      save_every=0, eval_every=2)
+    unlabelled = [RatedItem(prompt="x", image=np.zeros((28, 28, 3), np.uint8), dimension="realism", id="u")]
+    with pytest.raises(ValueError, match="eval_every=2 but none of the 1 eval items has a score"):
+        train(cfg, items=items, eval_items=unlabelled)
+    odd = [dataclasses.replace(it, dimension="beauty") if i == 6 else it for i, it in enumerate(items)]
+    with pytest.raises(ValueError, match=r"training item '6' has dimension 'beauty'; the model's rubric has"):
+        train(dataclasses.replace(cfg, output_dir=str(tmp_path / "b"), eval_every=0), items=odd)
+    assert not (tmp_path / "b" / "metrics.jsonl").exists()  # no step ran
+    with pytest.raises(ValueError, match=r"eval item '3' has dimension 'beauty'"):
+        train(dataclasses.replace(cfg, output_dir=str(tmp_path / "c")), items=items, eval_items=odd[:6] + [
+            dataclasses.replace(items[3], dimension="beauty")])
+    with pytest.warns(UserWarning, match="no evaluation will run"):
+        train(dataclasses.replace(cfg, output_dir=str(tmp_path / "d"), max_steps=1), items=items)
+
+
 def test_train_cli_on_a_manifest(base, tmp_path, capsys):
     from PIL import Image
 

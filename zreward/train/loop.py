@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -178,6 +179,12 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
         items = load_manifest(cfg.train_manifest)
     if eval_items is None and cfg.eval_manifest:
         eval_items = load_manifest(cfg.eval_manifest)
+    if cfg.eval_every and eval_items and all(it.reference is None for it in eval_items):
+        raise ValueError(f"eval_every={cfg.eval_every} but none of the {len(eval_items)} eval items has a score or "
+                         "ratings to evaluate against")
+    if cfg.eval_every and not eval_items:
+        warnings.warn(f"eval_every={cfg.eval_every} but there are no eval items (eval_manifest or eval_items): "
+                      "no evaluation will run", stacklevel=2)
     if cfg.needs_labels():
         unlabelled = [it for it in items if it.reference is None]
         if unlabelled:
@@ -217,6 +224,11 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
                          f"({acc.num_processes} x {cfg.grad_accum})")
     set_seed(cfg.seed)
     zm = ZRewardModel.from_pretrained(cfg.model, device=acc.device)
+    for what, its in (("training", items), ("eval", eval_items or [])):  # before any step, not when a batch needs it
+        bad = next((it for it in its if it.dimension not in zm.rubric.dimensions), None)
+        if bad is not None:
+            raise ValueError(f"{what} item {bad.id!r} has dimension {bad.dimension!r}; the model's rubric has "
+                             f"{list(zm.rubric.dimensions)}")
     zm.model.train()
     if cfg.grad_checkpointing:  # the newer name where transformers has it
         (getattr(zm.model, "activation_checkpointing_enable", None) or zm.model.gradient_checkpointing_enable)()
