@@ -246,8 +246,9 @@ def test_bad_configs_fail_fast_before_loading_a_model(tmp_path):
 
 
 def test_item_problems_found_before_the_first_step(base, tmp_path):
-    """Unlabelled eval items with eval_every set (found at the first evaluation before) and a
-    dimension the model's rubric lacks (found when its batch came up) stop a run before it trains."""
+    """Unlabelled eval items with eval_every set (found at the first evaluation before), a dimension
+    the model's rubric lacks and a missing image file (found when their batch came up) stop a run
+    before it trains."""
     items = toy_items(8)
     cfg = TrainConfig(method="sft", model=base, output_dir=str(tmp_path / "a"), max_steps=4, batch_size=4,
                       save_every=0, eval_every=2)
@@ -261,6 +262,10 @@ def test_item_problems_found_before_the_first_step(base, tmp_path):
     with pytest.raises(ValueError, match=r"eval item '3' has dimension 'beauty'"):
         train(dataclasses.replace(cfg, output_dir=str(tmp_path / "c")), items=items, eval_items=odd[:6] + [
             dataclasses.replace(items[3], dimension="beauty")])
+    gone = [dataclasses.replace(it, image=str(tmp_path / f"gone{i}.png")) if i in (2, 5) else it
+            for i, it in enumerate(items)]
+    with pytest.raises(FileNotFoundError, match=r"2 training image file\(s\) not found, e.g. \['.*gone2.png'"):
+        train(dataclasses.replace(cfg, output_dir=str(tmp_path / "e")), items=gone)
     with pytest.warns(UserWarning, match="no evaluation will run"):
         train(dataclasses.replace(cfg, output_dir=str(tmp_path / "d"), max_steps=1), items=items)
 

@@ -182,6 +182,10 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
     if cfg.eval_every and eval_items and all(it.reference is None for it in eval_items):
         raise ValueError(f"eval_every={cfg.eval_every} but none of the {len(eval_items)} eval items has a score or "
                          "ratings to evaluate against")
+    for what, its in (("training", items), ("eval", eval_items or [])):  # a missing file would stop a run mid-way
+        missing = sorted({it.image for it in its if isinstance(it.image, str) and not os.path.isfile(it.image)})
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} {what} image file(s) not found, e.g. {missing[:3]}")
     if cfg.eval_every and not eval_items:
         warnings.warn(f"eval_every={cfg.eval_every} but there are no eval items (eval_manifest or eval_items): "
                       "no evaluation will run", stacklevel=2)
