@@ -47,6 +47,9 @@ def score_items(scorer: RewardScorer, items: List[RatedItem], batch_size: int = 
     rubric = scorer.model.rubric
     for it in items:
         rubric.index(it.dimension)
+    missing = sorted({it.image for it in items if isinstance(it.image, str) and not os.path.isfile(it.image)})
+    if missing:  # before scoring any image, not when its batch comes up
+        raise FileNotFoundError(f"image not found: {missing[0]} ({len(missing)} missing image file(s))")
     images: "OrderedDict[tuple, List[int]]" = OrderedDict()
     first: Dict[tuple, RatedItem] = {}
     for i, it in enumerate(items):
@@ -62,10 +65,7 @@ def score_items(scorer: RewardScorer, items: List[RatedItem], batch_size: int = 
         chunk = keys[s:s + batch_size]
         pics = []
         for key in chunk:
-            it = first[key]
-            if isinstance(it.image, str) and not os.path.exists(it.image):
-                raise FileNotFoundError(f"image not found: {it.image}")
-            pics.append(load_image(it))
+            pics.append(load_image(first[key]))
         out = scorer.score(pics, [p for _, p in chunk], dims)
         for j, key in enumerate(chunk):
             for i in images[key]:

@@ -67,3 +67,16 @@ def test_cli_errors(saved):
         main(["score", "--model", str(saved / "model"), str(saved / "missing.png"), "--prompt", "x"])
     with pytest.raises(SystemExit, match="give one --prompt, or one per image"):
         main(["score", "--model", str(saved / "model"), "a.png", "b.png", "c.png", "--prompt", "x", "--prompt", "y"])
+
+
+def test_eval_finds_a_missing_image_before_scoring(saved, monkeypatch):
+    """A missing file among the manifest's images stops `eval` before any image is scored (it was
+    found when its batch came up)."""
+    from zreward.scorer import RewardScorer
+
+    calls = []
+    monkeypatch.setattr(RewardScorer, "score", lambda self, *a, **k: calls.append(1))
+    (saved / "img" / "2_2.png").unlink()  # the last image in the manifest
+    with pytest.raises((FileNotFoundError, SystemExit), match=r"2_2.png \(1 missing image file\(s\)\)"):
+        main(["eval", "--model", str(saved / "model"), "--manifest", str(saved / "m.jsonl"), "--out", str(saved / "e")])
+    assert not calls
