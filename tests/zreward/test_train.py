@@ -137,6 +137,24 @@ def test_resume_after_sigkill_matches_uninterrupted_run(base, tmp_path):
     assert {x["step"]: {x["loss"]} for x in _log(full)} == by_step
 
 
+def test_resume_refuses_a_checkpoint_made_with_other_settings(base, tmp_path):
+    """Resuming with another batch size, seed or item count would silently follow neither run (the
+    data order is a function of them): refused before the state is loaded; other changes (here lr
+    and max_steps, to train longer) warn and apply from the resumed step on."""
+    cfg = TrainConfig(method="sft", model=base, output_dir=str(tmp_path / "run"), max_steps=2, batch_size=4, lr=3e-3,
+                      save_every=1, log_every=1, device="cpu")
+    train(cfg, items=toy_items(16))
+    for change, items, msg in ((dict(batch_size=8), toy_items(16), r"batch_size: 4 -> 8"),
+                               (dict(seed=3), toy_items(16), r"seed: 0 -> 3"),
+                               ({}, toy_items(20), r"training items \(pairs for gdso/grpo\): 16 -> 20")):
+        with pytest.raises(ValueError, match=r"cannot resume .*checkpoint-2: it was made with other settings .*" + msg):
+            train(dataclasses.replace(cfg, **change), items=items, resume=True)
+    with pytest.warns(UserWarning, match=r"changed settings \(max_steps: 2 -> 3; lr: 0.003 -> 0.001\)"):
+        train(dataclasses.replace(cfg, max_steps=3, lr=1e-3, model=os.path.relpath(base)), items=toy_items(16),
+              resume=True)
+    assert [x["step"] for x in _log(tmp_path / "run")] == [1, 2, 3]
+
+
 def test_two_processes_match_one_process(base, tmp_path):
     """Weights and losses after a step match; the evaluation after it is split over the processes
     (the main process used to score every eval item while the other waited) and gives the metrics

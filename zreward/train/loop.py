@@ -279,9 +279,11 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
     if resume:
         ckpts = _checkpoints(cfg.output_dir)
         if ckpts:
-            acc.load_state(ckpts[-1])
             with open(os.path.join(ckpts[-1], "trainer_state.json")) as f:
-                start = json.load(f)["step"]
+                state = json.load(f)
+            check_resume(state, cfg, len(units), ckpts[-1])  # before loading a state that may not fit
+            acc.load_state(ckpts[-1])
+            start = state["step"]
             acc.print(f"resumed from {ckpts[-1]} at step {start}")
     log_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     tb = _tensorboard(cfg.output_dir) if acc.is_main_process else None
@@ -364,7 +366,7 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
         if eval_items and cfg.eval_every and done % cfg.eval_every == 0:
             last.update(_evaluate(acc, module, zm, eval_items, done, log_path, cfg))
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
-            _save_checkpoint(acc, cfg, done)
+            _save_checkpoint(acc, cfg, done, len(units))
         if progress is not None:
             progress.update(1)
             key = "reward" if rl else "loss"
@@ -373,7 +375,7 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
             on_step(done, last)
     if progress is not None:
         progress.close()
-    _save_checkpoint(acc, cfg, cfg.max_steps)
+    _save_checkpoint(acc, cfg, cfg.max_steps, len(units))
     acc.wait_for_everyone()
     if acc.is_main_process:
         zm.model = acc.unwrap_model(module).model
@@ -406,12 +408,47 @@ def _batch_pairs(chunk: Sequence[RatedItem]):
     return [list(p) for p in pairs], [chunk[a].reference - chunk[b].reference for a, b in pairs]
 
 
-def _save_checkpoint(acc, cfg: TrainConfig, step: int) -> None:
+#: Config keys a resumed run must share with its checkpoint: they pick the model, the objective or
+#: the order of the data (step s always sees the same items), so changing them would silently give
+#: neither the old run nor a new one.
+RESUME_MUST_MATCH = ("method", "model", "batch_size", "grad_accum", "seed")
+#: Keys that may change on resume (logging, saving, evaluation, where things are written); a change
+#: of any other key is allowed with a warning (it changes the optimisation from the resumed step on).
+RESUME_FREE = ("output_dir", "train_manifest", "eval_manifest", "overwrite_output_dir", "save_every",
+               "keep_checkpoints", "eval_every", "log_every", "device", "eval_traces", "grad_checkpointing",
+               "teacher_cache")
+
+
+def check_resume(state: Dict, cfg: TrainConfig, n_units: int, where: str) -> None:
+    """Refuse to resume a checkpoint made with another model, objective, data order or number of
+    training items (pairs for gdso/grpo); warn about other changed settings."""
+    old = state.get("config", {})
+
+    def same(k):
+        a, b = old[k], getattr(cfg, k)
+        if k == "model" and isinstance(a, str) and isinstance(b, str):  # one directory, however it is written
+            return os.path.realpath(a) == os.path.realpath(b)
+        return a == b
+
+    bad = [f"{k}: {old[k]!r} -> {getattr(cfg, k)!r}" for k in RESUME_MUST_MATCH if k in old and not same(k)]
+    if "units" in state and state["units"] != n_units:
+        bad.append(f"training items (pairs for gdso/grpo): {state['units']} -> {n_units}")
+    if bad:
+        raise ValueError(f"cannot resume {where}: it was made with other settings ({'; '.join(bad)}); resume with "
+                         "the original ones, or start a new run")
+    changed = [f"{k}: {old[k]!r} -> {v!r}" for k, v in cfg.to_dict().items()
+               if k in old and k not in RESUME_FREE and k not in RESUME_MUST_MATCH and old[k] != v]
+    if changed:
+        warnings.warn(f"resuming {where} with changed settings ({'; '.join(changed)}): they apply from the resumed "
+                      "step on", stacklevel=3)
+
+
+def _save_checkpoint(acc, cfg: TrainConfig, step: int, n_units: int) -> None:
     path = os.path.join(cfg.output_dir, f"checkpoint-{step}")
     acc.save_state(path, safe_serialization=True)
     if acc.is_main_process:
         with open(os.path.join(path, "trainer_state.json"), "w") as f:
-            json.dump({"step": step, "config": cfg.to_dict()}, f, indent=2)
+            json.dump({"step": step, "units": n_units, "config": cfg.to_dict()}, f, indent=2)
         old = _checkpoints(cfg.output_dir)
         for d in old[:-cfg.keep_checkpoints] if cfg.keep_checkpoints else []:
             shutil.rmtree(d, ignore_errors=True)
