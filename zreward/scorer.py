@@ -215,18 +215,15 @@ class RewardScorer:
 
     # ---- internals -----------------------------------------------------------------------------
     def _processor_inputs(self, images, texts: List[str]) -> Dict[str, torch.Tensor]:
-        tok = self.model.tokenizer
-        side = tok.padding_side
-        tok.padding_side = "left"
         extra = {}
         if isinstance(images, torch.Tensor):
             extra["do_rescale"] = False  # values are already in [0, 1]
             images = list(images)
         tracked = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in images)
-        try:
-            enc = self.model.processor(text=texts, images=images, return_tensors="pt", padding=True, **extra)
-        finally:
-            tok.padding_side = side
+        # left padding asked for per call: the shared tokenizer's padding_side is never switched (that
+        # raced between threads scoring at once, and code using the tokenizer meanwhile saw "left")
+        enc = self.model.processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left",
+                                   **extra)
         if tracked and not any(isinstance(v, torch.Tensor) and v.requires_grad for v in enc.values()):
             # transformers < 5.4 preprocesses tensor images without keeping their graph: the reward
             # would silently not depend on the pixels as far as autograd can see

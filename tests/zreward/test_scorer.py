@@ -154,6 +154,49 @@ def test_a_tokenizer_without_a_pad_token(family):
     torch.testing.assert_close(RewardScorer(zm).score(_images(2), PROMPTS[:2]).probs, ref.probs, atol=1e-5, rtol=1e-5)
 
 
+def test_scoring_leaves_the_shared_tokenizer_alone_and_is_thread_safe():
+    """The scorer used to switch the tokenizer's padding_side to "left" around each processor call:
+    threads scoring at once left it "left" for good (one saved the other's setting), and any code
+    using the tokenizer meanwhile saw it.  Left padding is now asked for per call."""
+    import threading
+
+    from zreward.tiny import tiny_qwen2_vl
+
+    model, proc = tiny_qwen2_vl()
+    zm = ZRewardModel(model, proc)
+    tok = proc.tokenizer
+    seen = []
+    call = type(proc).__call__
+
+    def spy(self, *a, **k):
+        seen.append(tok.padding_side)
+        return call(self, *a, **k)
+
+    prompts = [["a", "a red car on a long and winding road"], ["a blue dog", "x"]]
+    imgs = _images(4)
+    ref = [RewardScorer(zm).score(imgs[2 * i:2 * i + 2], prompts[i]).probs for i in range(2)]
+    type(proc).__call__ = spy
+    try:
+        RewardScorer(zm).score(imgs[:2], prompts[0])
+    finally:
+        type(proc).__call__ = call
+    assert seen == ["right"]  # the tokenizer's own setting, untouched during the call
+    bad = []
+
+    def work(i):
+        s = RewardScorer(zm)
+        for _ in range(10):
+            if not torch.allclose(s.score(imgs[2 * i:2 * i + 2], prompts[i]).probs, ref[i], atol=1e-5):
+                bad.append(i)
+
+    threads = [threading.Thread(target=work, args=(i % 2,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad and tok.padding_side == "right"
+
+
 def test_differentiable_scoring_reaches_the_pixels(zmodel):
     for p in zmodel.model.parameters():
         p.requires_grad_(False)
