@@ -215,9 +215,11 @@ class RewardScorer:
 
     # ---- internals -----------------------------------------------------------------------------
     def _processor_inputs(self, images, texts: List[str]) -> Dict[str, torch.Tensor]:
-        extra = {}
+        # the layout is stated, not inferred: HF guesses channels-first for an HxWx3 array whose height
+        # is 1 or 3 (or up to 4 in recent releases), silently scoring scrambled pixels
+        extra = {"input_data_format": "channels_last"}  # _as_images gives HxWx3 uint8 arrays
         if isinstance(images, torch.Tensor):
-            extra["do_rescale"] = False  # values are already in [0, 1]
+            extra = {"do_rescale": False, "input_data_format": "channels_first"}  # [3, H, W] in [0, 1]
             images = list(images)
         tracked = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in images)
         # left padding asked for per call: the shared tokenizer's padding_side is never switched (that

@@ -197,6 +197,24 @@ def test_scoring_leaves_the_shared_tokenizer_alone_and_is_thread_safe():
     assert not bad and tok.padding_side == "right"
 
 
+def test_thin_images_are_read_as_height_width_channels(zmodel):
+    """An HxWx3 array with a height of 1, 3 or 4 pixels was taken for channels-first by the processor
+    (its layout guess), so a scrambled image was scored without any error; the layout is now stated.
+    Each route must score what the PIL route scores; tensors [3, H, W] too."""
+    from PIL import Image
+
+    s = RewardScorer(zmodel, in_vocab_mass=False)
+    text = [zmodel.prefix_text("a red car")]
+    for shape in ((1, 1, 3), (3, 40, 3), (4, 300, 3)):
+        arr = (np.random.default_rng(1).random(shape) * 255).astype("uint8")
+        # the tiny models' scores hardly depend on the pixels, so compare what reaches the model
+        pil = zmodel.processor(text=text, images=[Image.fromarray(arr)], return_tensors="pt")["pixel_values"]
+        ours = s._processor_inputs([arr], text)["pixel_values"]
+        assert ours.shape == pil.shape and torch.equal(ours, pil), shape
+        tensor = torch.from_numpy(arr).permute(2, 0, 1).float() / 255
+        s.score(tensor, "a red car")  # [3, H, W] with H or W of 3: stated as channels-first, no guess
+
+
 def test_differentiable_scoring_reaches_the_pixels(zmodel):
     for p in zmodel.model.parameters():
         p.requires_grad_(False)
