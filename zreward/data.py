@@ -106,6 +106,11 @@ def load_manifest(path: PathLike, dimensions: Optional[Sequence[str]] = None) ->
     return items
 
 
+def missing_images(items: Iterable[RatedItem]) -> List[str]:
+    """The image paths of ``items`` that are not files (sorted, each once); in-memory images count as present."""
+    return sorted({it.image for it in items if isinstance(it.image, str) and not os.path.isfile(it.image)})
+
+
 def write_manifest(items: Iterable[RatedItem], path: PathLike, relative_to: Optional[PathLike] = None) -> None:
     """Write items as JSONL (image paths made relative to ``relative_to`` when given)."""
     with open(path, "w", encoding="utf-8") as f:

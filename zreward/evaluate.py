@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .data import RatedItem
+from .data import RatedItem, missing_images
 from .metrics import evaluate, pairwise_calibration, rater_histograms
 from .scorer import RewardScorer
 
@@ -47,7 +47,7 @@ def score_items(scorer: RewardScorer, items: List[RatedItem], batch_size: int = 
     rubric = scorer.model.rubric
     for it in items:
         rubric.index(it.dimension)
-    missing = sorted({it.image for it in items if isinstance(it.image, str) and not os.path.isfile(it.image)})
+    missing = missing_images(items)
     if missing:  # before scoring any image, not when its batch comes up
         raise FileNotFoundError(f"image not found: {missing[0]} ({len(missing)} missing image file(s))")
     images: "OrderedDict[tuple, List[int]]" = OrderedDict()

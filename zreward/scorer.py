@@ -83,7 +83,7 @@ def prompt_list(prompts, images) -> List[str]:
         else:
             n = len(images) if isinstance(images, (list, tuple)) else 1
         return [prompts] * n
-    if not isinstance(prompts, (list, tuple)) and not hasattr(prompts, "__iter__"):
+    if not hasattr(prompts, "__iter__"):
         raise TypeError(f"prompts must be a string or a sequence of strings, got a {type(prompts).__name__}; "
                         "score(images, prompts) takes the images first")
     return list(prompts)

@@ -47,6 +47,17 @@ def gdso_first_step_logs(base, out_root, device, policy_losses=("torch", "liger"
     return logs
 
 
+def _count_items(module, name, label):
+    """Make ``module.name(model, items, **kw)`` print how many items this process passed it."""
+    fn = getattr(module, name)
+
+    def counted(model, items, **kw):
+        print(f"{label}: {len(items)}", flush=True)
+        return fn(model, items, **kw)
+
+    setattr(module, name, counted)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("base")
@@ -64,24 +75,12 @@ if __name__ == "__main__":
     if a.eval_every:
         import zreward.evaluate as evaluate_mod
 
-        predict = evaluate_mod.predict_items
-
-        def counted_predict(zm, items, **kw):
-            print(f"eval items predicted here: {len(items)}", flush=True)
-            return predict(zm, items, **kw)
-
-        evaluate_mod.predict_items = counted_predict
+        _count_items(evaluate_mod, "predict_items", "eval items predicted here")
     risd = {}
     if a.teacher:
         import zreward.train.teacher as teacher_mod
 
-        compute = teacher_mod.compute_targets
-
-        def counted(teacher, items, **kw):
-            print(f"teacher targets computed here: {len(items)}", flush=True)
-            return compute(teacher, items, **kw)
-
-        teacher_mod.compute_targets = counted
+        _count_items(teacher_mod, "compute_targets", "teacher targets computed here")
         risd = dict(method="risd", teacher=a.teacher, teacher_cache=a.cache)
     cfg = TrainConfig(**{**dict(method="sft", model=a.base, output_dir=a.out, max_steps=a.steps, batch_size=a.batch,
                                 lr=3e-3, log_every=1, save_every=a.save_every, device="cpu", seed=1,

@@ -30,7 +30,7 @@ from torch import nn
 from zreward_kernels import rubric_loss
 from zreward_kernels.reference import bin_index
 
-from ..data import RatedItem, load_manifest
+from ..data import RatedItem, load_manifest, missing_images
 from ..metrics import rater_histograms
 from .config import TrainConfig
 from .teacher import load_image, load_targets, sharded_targets, teacher_source
@@ -183,7 +183,7 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
         raise ValueError(f"eval_every={cfg.eval_every} but none of the {len(eval_items)} eval items has a score or "
                          "ratings to evaluate against")
     for what, its in (("training", items), ("eval", eval_items or [])):  # a missing file would stop a run mid-way
-        missing = sorted({it.image for it in its if isinstance(it.image, str) and not os.path.isfile(it.image)})
+        missing = missing_images(its)
         if missing:
             raise FileNotFoundError(f"{len(missing)} {what} image file(s) not found, e.g. {missing[:3]}")
     if cfg.eval_every and not eval_items:
