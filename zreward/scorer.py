@@ -192,6 +192,8 @@ class RewardScorer:
         dims = tuple(dimensions) if dimensions is not None else self.model.rubric.dimensions
         if not dims:
             raise ValueError("dimensions must name at least one rubric dimension")
+        if len(set(dims)) != len(dims):  # a repeated one would count twice in the reward
+            raise ValueError(f"dimensions must be distinct, got {list(dims)}")
         for d in dims:
             self.model.rubric.index(d)
         imgs = _as_images(images, len(prompts))

@@ -284,6 +284,8 @@ def test_bad_inputs(zmodel):
         s.score(torch.zeros(1, 3, 28, 28, dtype=torch.uint8), PROMPTS[:1])
     with pytest.raises(ValueError, match="arrays must be HxWx3 uint8"):
         s.score([np.zeros((28, 28, 3), dtype=np.float32)], PROMPTS[:1])
+    with pytest.raises(ValueError, match=r"dimensions must be distinct, got \['realism', 'realism'\]"):
+        s.score(_images(1), PROMPTS[:1], dimensions=["realism", "realism"])  # it would weigh twice in the reward
     with pytest.raises(ValueError, match="unknown dimension 'beauty'"):
         s.score(_images(1), PROMPTS[:1], dimensions=["beauty"])
     with pytest.raises(TypeError, match="prompts must be strings, got a int"):
