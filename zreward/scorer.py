@@ -103,7 +103,7 @@ def _as_images(images, n: int):
         if not images.is_floating_point():
             raise TypeError(f"an image tensor must be floating point in [0, 1], got {images.dtype}")
         if images.numel():
-            lo, hi = (float(v) for v in torch.aminmax(images.detach()))
+            lo, hi = torch.stack(torch.aminmax(images.detach())).float().tolist()  # one host sync
             if not (lo >= 0 and hi <= 1):  # also false for NaN
                 raise ValueError(f"an image tensor must hold finite values in [0, 1], got min {lo} and max {hi}")
         if images.shape[0] != n:
