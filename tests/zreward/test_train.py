@@ -266,7 +266,7 @@ def test_bad_configs_fail_fast_before_loading_a_model(tmp_path):
 def test_item_problems_found_before_the_first_step(base, tmp_path):
     """Unlabelled eval items with eval_every set (found at the first evaluation before), a dimension
     the model's rubric lacks and a missing image file (found when their batch came up) stop a run
-    before it trains."""
+    before it trains; labels off the rubric's scale (silently snapped to the end bins) too."""
     items = toy_items(8)
     cfg = TrainConfig(method="sft", model=base, output_dir=str(tmp_path / "a"), max_steps=4, batch_size=4,
                       save_every=0, eval_every=2)
@@ -280,6 +280,10 @@ def test_item_problems_found_before_the_first_step(base, tmp_path):
     with pytest.raises(ValueError, match=r"eval item '3' has dimension 'beauty'"):
         train(dataclasses.replace(cfg, output_dir=str(tmp_path / "c")), items=items, eval_items=odd[:6] + [
             dataclasses.replace(items[3], dimension="beauty")])
+    tens = [dataclasses.replace(it, score=it.score * 2, ratings=[r * 2 for r in it.ratings]) for it in items]
+    with pytest.raises(ValueError, match=r"training item '0' has a score or rating outside the rubric's scale \[1.0, "
+                                         r"5.0\] \(score 10.0"):  # a 1..10 scale: snapped to the end bins before
+        train(dataclasses.replace(cfg, output_dir=str(tmp_path / "f"), eval_every=0), items=tens)
     gone = [dataclasses.replace(it, image=str(tmp_path / f"gone{i}.png")) if i in (2, 5) else it
             for i, it in enumerate(items)]
     with pytest.raises(FileNotFoundError, match=r"2 training image file\(s\) not found, e.g. \['.*gone2.png'"):

@@ -228,11 +228,18 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
                          f"({acc.num_processes} x {cfg.grad_accum})")
     set_seed(cfg.seed)
     zm = ZRewardModel.from_pretrained(cfg.model, device=acc.device)
+    lo, hi = zm.rubric.bin_values[0], zm.rubric.bin_values[-1]
     for what, its in (("training", items), ("eval", eval_items or [])):  # before any step, not when a batch needs it
         bad = next((it for it in its if it.dimension not in zm.rubric.dimensions), None)
         if bad is not None:
             raise ValueError(f"{what} item {bad.id!r} has dimension {bad.dimension!r}; the model's rubric has "
                              f"{list(zm.rubric.dimensions)}")
+        # a label off the scale (say 1..10 data for a 1..5 rubric) would be snapped to the end bins
+        bad = next((it for it in its if any(not lo <= v <= hi for v in ([it.score] if it.score is not None else [])
+                                            + list(it.ratings))), None)
+        if bad is not None:
+            raise ValueError(f"{what} item {bad.id!r} has a score or rating outside the rubric's scale [{lo}, {hi}] "
+                             f"(score {bad.score}, ratings {bad.ratings}); rescale the labels to the bins")
     zm.model.train()
     if cfg.grad_checkpointing:  # the newer name where transformers has it
         (getattr(zm.model, "activation_checkpointing_enable", None) or zm.model.gradient_checkpointing_enable)()
