@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import OrderedDict
 from typing import Dict, List, Optional
 
@@ -77,10 +78,17 @@ def score_items(scorer: RewardScorer, items: List[RatedItem], batch_size: int = 
 
 def _report(labelled: List[RatedItem], mean: np.ndarray, probs: np.ndarray, bin_values) -> Dict:
     """Pooled and per-dimension metrics of predictions against the items' references (rater
-    histograms too when every item has ratings)."""
+    histograms too when every item has ratings on the rubric's scale: ratings off it, say on 1..10,
+    would be snapped to the end bins, so the distribution metrics are left out with a warning)."""
     hist = None
     if all(it.ratings for it in labelled):
-        hist = rater_histograms([it.ratings for it in labelled], bin_values)
+        lo, hi = bin_values[0], bin_values[-1]
+        if all(lo <= r <= hi for it in labelled for r in it.ratings):
+            hist = rater_histograms([it.ratings for it in labelled], bin_values)
+        else:
+            warnings.warn(f"ratings outside the rubric's scale [{lo}, {hi}]: the distribution metrics (KL, JS, "
+                          "Wasserstein-1) are left out; the rank and correlation metrics do not depend on the scale",
+                          stacklevel=3)
     return evaluate(mean, np.array([it.reference for it in labelled]), [it.group for it in labelled],
                     [it.dimension for it in labelled], probs=probs, rater_hist=hist, bin_values=bin_values)
 

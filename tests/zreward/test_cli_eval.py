@@ -1,5 +1,6 @@
 """`zreward score` and `zreward eval` end to end on a tiny saved model and a small manifest."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,7 +12,7 @@ pytest.importorskip("torchvision")
 from PIL import Image  # noqa: E402
 
 from zreward.cli import main  # noqa: E402
-from zreward.data import RatedItem, write_manifest  # noqa: E402
+from zreward.data import RatedItem, load_manifest, write_manifest  # noqa: E402
 from zreward.model import ZRewardModel  # noqa: E402
 from zreward.tiny import tiny_qwen2_vl  # noqa: E402
 
@@ -80,3 +81,20 @@ def test_eval_finds_a_missing_image_before_scoring(saved, monkeypatch):
     with pytest.raises((FileNotFoundError, SystemExit), match=r"2_2.png \(1 missing image file\(s\)\)"):
         main(["eval", "--model", str(saved / "model"), "--manifest", str(saved / "m.jsonl"), "--out", str(saved / "e")])
     assert not calls
+
+
+def test_ratings_off_the_scale_leave_out_the_distribution_metrics(saved):
+    """Ratings on 1..10 against a 1..5 rubric: HPA and the correlations are scale-free and equal the
+    1..5 run's; the rater histograms would snap them to the end bins, so KL/JS/W1 are left out."""
+    from zreward.evaluate import evaluate_items
+    from zreward.scorer import RewardScorer
+
+    items = load_manifest(saved / "m.jsonl")
+    scorer = RewardScorer(ZRewardModel.from_pretrained(str(saved / "model")), in_vocab_mass=False)
+    base = evaluate_items(scorer, items, progress=False)
+    tens = [dataclasses.replace(it, ratings=[2 * r for r in it.ratings]) for it in items]
+    with pytest.warns(UserWarning, match="ratings outside the rubric's scale"):
+        rep = evaluate_items(scorer, tens, progress=False)
+    for key in ("hpa", "srcc", "plcc", "krcc"):
+        assert rep["pooled"][key] == pytest.approx(base["pooled"][key]), key
+    assert "kl" in base["pooled"] and not {"kl", "js", "wasserstein1"} & set(rep["pooled"])
