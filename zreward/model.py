@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from typing import List, Optional, Tuple
 
 import torch
@@ -26,6 +27,10 @@ from torch import nn
 from .rubric import Rubric, ScoreTokens
 
 CONFIG_NAME = "zreward_config.json"
+#: Held around the library's tokenizer and processor calls: a Hugging Face fast tokenizer sets its
+#: padding and truncation on the shared Rust tokenizer per call, so two threads tokenising at once
+#: can pad with each other's settings ("Unable to create tensor ...").
+TOKENIZER_LOCK = threading.RLock()
 _SENTINEL = "\u2063ZREWARD_QUESTION\u2063"
 
 
@@ -87,7 +92,8 @@ class ZRewardModel(nn.Module):
     def suffix_ids(self, dimension: str) -> List[int]:
         """Token ids of the dimension's question and the template's tail (ends before the score)."""
         _, tail = self._template()
-        return self.tokenizer(self.rubric.question(dimension) + tail, add_special_tokens=False)["input_ids"]
+        with TOKENIZER_LOCK:
+            return self.tokenizer(self.rubric.question(dimension) + tail, add_special_tokens=False)["input_ids"]
 
     # ---- persistence -------------------------------------------------------------------------
     def save_pretrained(self, directory: str) -> None:

@@ -30,7 +30,7 @@ import torch
 from zreward_kernels import restricted_logits, score_stats
 
 from .hf import backbone, lm_head_params
-from .model import ZRewardModel
+from .model import TOKENIZER_LOCK, ZRewardModel
 
 #: Vocabulary columns per chunk of the in-vocabulary-mass normaliser.
 VOCAB_CHUNK = 32768
@@ -224,10 +224,12 @@ class RewardScorer:
             extra = {"do_rescale": False, "input_data_format": "channels_first"}  # [3, H, W] in [0, 1]
             images = list(images)
         tracked = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in images)
-        # left padding asked for per call: the shared tokenizer's padding_side is never switched (that
-        # raced between threads scoring at once, and code using the tokenizer meanwhile saw "left")
-        enc = self.model.processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left",
-                                   **extra)
+        # left padding asked for per call: the shared tokenizer's padding_side is never switched (code
+        # using the tokenizer meanwhile saw "left").  The call itself is serialised: a fast tokenizer
+        # sets its padding on the shared Rust object per call, which races between threads
+        with TOKENIZER_LOCK:
+            enc = self.model.processor(text=texts, images=images, return_tensors="pt", padding=True,
+                                       padding_side="left", **extra)
         if tracked and not any(isinstance(v, torch.Tensor) and v.requires_grad for v in enc.values()):
             # transformers < 5.4 preprocesses tensor images without keeping their graph: the reward
             # would silently not depend on the pixels as far as autograd can see
