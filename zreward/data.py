@@ -50,6 +50,11 @@ class RatedItem:
             self.id = self.image
 
     @property
+    def labels(self) -> List[float]:
+        """The item's score (when given) and every rating."""
+        return ([self.score] if self.score is not None else []) + list(self.ratings)
+
+    @property
     def reference(self) -> Optional[float]:
         """Trimmed mean of the ratings when there are any, else ``score``."""
         if self.ratings:

@@ -235,8 +235,7 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
             raise ValueError(f"{what} item {bad.id!r} has dimension {bad.dimension!r}; the model's rubric has "
                              f"{list(zm.rubric.dimensions)}")
         # a label off the scale (say 1..10 data for a 1..5 rubric) would be snapped to the end bins
-        bad = next((it for it in its if any(not lo <= v <= hi for v in ([it.score] if it.score is not None else [])
-                                            + list(it.ratings))), None)
+        bad = next((it for it in its if any(not lo <= v <= hi for v in it.labels)), None)
         if bad is not None:
             raise ValueError(f"{what} item {bad.id!r} has a score or rating outside the rubric's scale [{lo}, {hi}] "
                              f"(score {bad.score}, ratings {bad.ratings}); rescale the labels to the bins")
