@@ -100,8 +100,10 @@ def _as_images(images, n: int):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"an image tensor must be [B, 3, H, W] (or [3, H, W] for one image), got shape "
                              f"{tuple(images.shape)}")
+        if images.dtype == torch.uint8:  # torchvision.io.read_image's output: 0..255, unambiguous
+            images = images.float() / 255
         if not images.is_floating_point():
-            raise TypeError(f"an image tensor must be floating point in [0, 1], got {images.dtype}")
+            raise TypeError(f"an image tensor must be uint8 (0..255) or floating point in [0, 1], got {images.dtype}")
         if images.numel():
             lo, hi = torch.stack(torch.aminmax(images.detach())).float().tolist()  # one host sync
             if not (lo >= 0 and hi <= 1):  # also false for NaN
@@ -163,8 +165,8 @@ class RewardScorer:
     # ---- public API ----------------------------------------------------------------------------
     def score(self, images, prompts: Sequence[str], dimensions: Optional[Sequence[str]] = None,
               differentiable: bool = False) -> RewardOutput:
-        """Score ``images`` (a list of PIL images, HxWx3 uint8 arrays or image file paths, or a float
-        tensor [B,3,H,W] in [0,1]; a single image is a batch of one) against their ``prompts`` (one
+        """Score ``images`` (a list of PIL images, HxWx3 uint8 arrays or image file paths, or a tensor
+        [B,3,H,W], float in [0,1] or uint8; a single image is a batch of one) against their ``prompts`` (one
         per image, or one string for all) on ``dimensions`` (a name or a sequence of names; default:
         every rubric dimension).
 

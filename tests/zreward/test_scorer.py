@@ -137,7 +137,8 @@ def test_image_inputs_agree(zmodel, tmp_path):
     for images in ([Image.fromarray(arr)], [str(path)], [path],  # PIL, file paths (str or PathLike)
                    Image.fromarray(arr), arr, str(path)):  # one image not in a list: a batch of one
         torch.testing.assert_close(s.score(images, PROMPTS[:1]).probs, by_array.probs, msg=repr(type(images)))
-    for images in (tensor[None], tensor):  # [1, 3, H, W] and one image [3, H, W]
+    u8 = torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # as torchvision.io.read_image returns it
+    for images in (tensor[None], tensor, u8[None], u8):  # [1, 3, H, W] and one image [3, H, W]; float and uint8
         torch.testing.assert_close(s.score(images, PROMPTS[0]).probs, by_array.probs, atol=1e-5, rtol=1e-5)
 
 
@@ -284,8 +285,8 @@ def test_bad_inputs(zmodel):
         s.score(torch.rand(28, 28, 3), PROMPTS[:1])
     with pytest.raises(FileNotFoundError, match=r"image 1: no image file at 'missing.png'"):
         s.score([_images(1)[0], "missing.png"], PROMPTS[:2])
-    with pytest.raises(TypeError, match="floating point"):
-        s.score(torch.zeros(1, 3, 28, 28, dtype=torch.uint8), PROMPTS[:1])
+    with pytest.raises(TypeError, match=r"uint8 \(0..255\) or floating point"):
+        s.score(torch.zeros(1, 3, 28, 28, dtype=torch.int32), PROMPTS[:1])
     with pytest.raises(ValueError, match="arrays must be HxWx3 uint8"):
         s.score([np.zeros((28, 28, 3), dtype=np.float32)], PROMPTS[:1])
     with pytest.raises(ValueError, match=r"dimensions must be distinct, got \['realism', 'realism'\]"):
