@@ -27,9 +27,10 @@ from torch import nn
 from .rubric import Rubric, ScoreTokens
 
 CONFIG_NAME = "zreward_config.json"
-#: Held around the library's tokenizer and processor calls: a Hugging Face fast tokenizer sets its
-#: padding and truncation on the shared Rust tokenizer per call, so two threads tokenising at once
-#: can pad with each other's settings ("Unable to create tensor ...").
+#: Held around the scoring path's tokenizer and processor calls (``suffix_ids`` and the scorer's
+#: processor call): a Hugging Face fast tokenizer sets its padding and truncation on the shared Rust
+#: tokenizer per call, so two threads tokenising at once can pad with each other's settings ("Unable
+#: to create tensor ...").  The trainers tokenise from one thread and do not take it.
 TOKENIZER_LOCK = threading.RLock()
 _SENTINEL = "\u2063ZREWARD_QUESTION\u2063"
 
