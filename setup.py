@@ -12,6 +12,7 @@ Environment switches:
 Build without isolation so the installed torch is used: ``pip install --no-build-isolation -e .``.
 """
 
+import glob
 import os
 
 from setuptools import setup
@@ -31,7 +32,10 @@ def _extensions():
         print("zreward: torch not importable at build time; building without compiled extensions")
         return [], {}
     cxx = ["-O3"]  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
-    exts = [CppExtension("zreward_kernels._C", ["csrc/group_advantage_cpu.cpp"], extra_compile_args={"cxx": cxx})]
+    # headers as `depends`, so a changed header rebuilds the extension (MANIFEST.in puts them in the sdist)
+    headers = sorted(glob.glob("csrc/*.h"))
+    exts = [CppExtension("zreward_kernels._C", ["csrc/group_advantage_cpu.cpp"], depends=headers,
+                         extra_compile_args={"cxx": cxx})]
     want = os.environ.get("ZREWARD_CUDA", "auto").lower()
     can = CUDA_HOME is not None and torch.version.cuda is not None
     if want == "1" and not can:
@@ -43,6 +47,7 @@ def _extensions():
             CUDAExtension(
                 "zreward_kernels._C_cuda",
                 ["csrc/group_advantage_binding_cuda.cpp", "csrc/group_advantage_cuda.cu"],
+                depends=headers,
                 extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
             )
         )

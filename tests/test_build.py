@@ -42,3 +42,34 @@ def test_top_level_names_without_heavy_imports():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_sdist_holds_every_file_the_extension_includes(tmp_path):
+    """`pip install zreward-*.tar.gz` compiles csrc/: the sdist must carry the headers the sources
+    include (setuptools packs only the compiled sources; building from an sdist failed with
+    'group_advantage_common.h: No such file or directory' before MANIFEST.in and `depends=`)."""
+    import re
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"  # a copy, so the check writes no egg-info into the checkout
+    skip = shutil.ignore_patterns("__pycache__", "*.so", "*.o", "*.egg-info", "build")
+    for name in ("zreward", "zreward_kernels", "csrc"):
+        shutil.copytree(root / name, src / name, ignore=skip)
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
+        shutil.copy(root / name, src / name)
+    out = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=src,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (tarball,) = (tmp_path / "dist").glob("zreward-*.tar.gz")
+    with tarfile.open(tarball) as tar:
+        packed = {Path(n).name: tar.extractfile(n).read().decode() for n in tar.getnames()
+                  if Path(n).parent.name == "csrc" and tar.getmember(n).isfile()}
+    wanted = {p.name for p in (root / "csrc").iterdir() if p.suffix in (".h", ".cpp", ".cu")}
+    assert wanted <= set(packed), sorted(wanted - set(packed))
+    for name, text in packed.items():
+        for inc in re.findall(r'#include\s+"([^"]+)"', text):
+            assert inc in packed, f"{name} includes {inc}, which the sdist lacks"
