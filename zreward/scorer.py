@@ -107,7 +107,9 @@ def _as_images(images, n: int):
         if images.numel():
             lo, hi = torch.stack(torch.aminmax(images.detach())).float().tolist()  # one host sync
             if not (lo >= 0 and hi <= 1):  # also false for NaN
-                raise ValueError(f"an image tensor must hold finite values in [0, 1], got min {lo} and max {hi}")
+                hint = (" (a VAE decoder's output lies in [-1, 1]: pass (images + 1) / 2, as diffusers' "
+                        "postprocessing does)" if -1 <= lo < 0 and hi <= 1 else "")
+                raise ValueError(f"an image tensor must hold finite values in [0, 1], got min {lo} and max {hi}{hint}")
         if images.shape[0] != n:
             raise ValueError(f"got {images.shape[0]} images for {n} prompts")
         return images

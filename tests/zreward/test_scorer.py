@@ -140,6 +140,9 @@ def test_image_inputs_agree(zmodel, tmp_path):
     u8 = torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # as torchvision.io.read_image returns it
     for images in (tensor[None], tensor, u8[None], u8):  # [1, 3, H, W] and one image [3, H, W]; float and uint8
         torch.testing.assert_close(s.score(images, PROMPTS[0]).probs, by_array.probs, atol=1e-5, rtol=1e-5)
+    for dtype, tol in ((torch.float16, 1e-5), (torch.bfloat16, 2e-5), (torch.float64, 1e-5)):  # a pipeline's dtype
+        torch.testing.assert_close(s.score(tensor[None].to(dtype), PROMPTS[0]).probs, by_array.probs, atol=tol,
+                                   rtol=tol, msg=str(dtype))
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
@@ -279,6 +282,8 @@ def test_bad_inputs(zmodel):
         s.score(torch.rand(1, 4, 28, 28), PROMPTS[:1])
     with pytest.raises(ValueError, match=r"must hold finite values in \[0, 1\]"):
         s.score(torch.rand(1, 3, 28, 28) * 2, PROMPTS[:1])
+    with pytest.raises(ValueError, match=r"VAE decoder's output lies in \[-1, 1\]: pass \(images \+ 1\) / 2"):
+        s.score(torch.rand(1, 3, 28, 28) * 2 - 1, PROMPTS[:1])
     with pytest.raises(ValueError, match=r"must hold finite values in \[0, 1\], got min nan"):
         s.score(torch.full((1, 3, 28, 28), float("nan")), PROMPTS[:1])  # not a NaN reward
     with pytest.raises(ValueError, match=r"\[3, H, W\] for one image\), got shape \(28, 28, 3\)"):
