@@ -123,3 +123,22 @@ def test_nan_takes_precedence_over_inf_in_one_row():
     y = torch.zeros(2, 9, dtype=torch.bfloat16)
     y[1, 4] = float("inf")
     _raises(ValueError, r"logits contains \+inf", score_stats, y)
+
+
+def test_low_precision_distributions_pass_the_sum_check():
+    """A bf16 distribution rounded from an exact one sums to 1 only within about 0.004 (it was
+    refused at 1e-3: 'found a row summing to 1.00122'); the tolerance is the dtype's epsilon, and a
+    bf16 row that is really off is still refused."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 4, 9)
+    p = torch.softmax(torch.randn(64, 4, 9) * 3, -1)
+    assert float((p.bfloat16().float().sum(-1) - 1).abs().max()) > 1e-3  # the case that was refused
+    for dt in (torch.bfloat16, torch.float16):
+        ref = rubric_loss(x, target_probs=p.to(dt).float(), teacher_probs=p.to(dt).float(), validate=False)
+        out = rubric_loss(x, target_probs=p.to(dt), teacher_probs=p.to(dt))
+        torch.testing.assert_close(out.loss, ref.loss)
+    off = p.clone()
+    off[0, 0] *= 1.02
+    _raises(ValueError, "target_probs rows must sum to 1 \\(within 0.0078125\\)", rubric_loss, x,
+            target_probs=off.bfloat16())
+    _raises(ValueError, "target_probs rows must sum to 1 \\(within 0.001\\)", rubric_loss, x, target_probs=off)
