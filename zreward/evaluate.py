@@ -15,13 +15,13 @@ from .metrics import evaluate, pairwise_calibration, rater_histograms
 from .scorer import RewardScorer
 
 
-def _progress(iterable, total: int, desc: str):
+def _progress(total: int, desc: str):
+    """A bar counting images (None without tqdm, which comes with transformers)."""
     try:
         from tqdm.auto import tqdm
-
-        return tqdm(iterable, total=total, desc=desc, unit="img")
-    except ImportError:  # tqdm comes with transformers; without it, no bar
-        return iterable
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="img")
 
 
 def image_key(it: RatedItem) -> tuple:
@@ -61,8 +61,8 @@ def score_items(scorer: RewardScorer, items: List[RatedItem], batch_size: int = 
     dims = tuple(d for d in rubric.dimensions if any(it.dimension == d for it in items))
     mean = np.zeros(len(items))
     probs = np.zeros((len(items), len(rubric.bin_values)))
-    batches = range(0, len(keys), batch_size)
-    for s in (_progress(batches, len(batches), "scoring") if progress else batches):
+    bar = _progress(len(keys), "scoring") if progress else None
+    for s in range(0, len(keys), batch_size):
         chunk = keys[s:s + batch_size]
         pics = []
         for key in chunk:
@@ -73,6 +73,10 @@ def score_items(scorer: RewardScorer, items: List[RatedItem], batch_size: int = 
                 d = dims.index(items[i].dimension)
                 mean[i] = float(out.mean[j, d])
                 probs[i] = out.probs[j, d].float().cpu().numpy()
+        if bar is not None:
+            bar.update(len(chunk))  # images, not batches (it counted batches as images)
+    if bar is not None:
+        bar.close()
     return mean, probs
 
 
