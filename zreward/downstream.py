@@ -30,9 +30,11 @@ def refl_loss(scorer: RewardScorer, images: torch.Tensor, prompts: Sequence[str]
               dimensions: Optional[Sequence[str]] = None) -> Tuple[torch.Tensor, RewardOutput]:
     """``(loss, out)`` with ``loss = -out.reward.mean()``, differentiable with respect to ``images``
     (a float tensor ``[B, 3, H, W]`` in ``[0, 1]``, for example the decoded output of the last
-    denoising steps)."""
-    if not isinstance(images, torch.Tensor):
-        raise TypeError("refl_loss needs the generator's images as a float tensor [B, 3, H, W] in [0, 1]")
+    denoising steps, or a list of ``[3, H, W]`` ones of several sizes)."""
+    if not (isinstance(images, torch.Tensor) or (isinstance(images, (list, tuple)) and images
+                                                  and all(isinstance(x, torch.Tensor) for x in images))):
+        raise TypeError("refl_loss needs the generator's images as a float tensor [B, 3, H, W] in [0, 1] "
+                        "(or a list of [3, H, W] ones)")
     out = scorer.score(images, prompts, dimensions, differentiable=True)
     return -out.reward.mean(), out
 

@@ -89,6 +89,31 @@ def prompt_list(prompts, images) -> List[str]:
     return list(prompts)
 
 
+def _unit_range(img: torch.Tensor, what: str) -> torch.Tensor:
+    """A tensor image as floating point in [0, 1]: uint8 (torchvision.io.read_image's output, 0..255,
+    unambiguous) is divided by 255."""
+    if img.dtype == torch.uint8:
+        return img.float() / 255
+    if not img.is_floating_point():
+        raise TypeError(f"{what} must be uint8 (0..255) or floating point in [0, 1], got {img.dtype}")
+    return img
+
+
+def _check_unit_range(imgs: List[torch.Tensor], what: str) -> None:
+    """Refuse values outside [0, 1] or NaN; one host sync for all the tensors."""
+    idx = [i for i, t in enumerate(imgs) if t.numel()]
+    if not idx:
+        return
+    dev = imgs[idx[0]].device
+    ranges = torch.stack([torch.stack(torch.aminmax(imgs[i].detach())).float().to(dev) for i in idx]).tolist()
+    for i, (lo, hi) in zip(idx, ranges):
+        if not (lo >= 0 and hi <= 1):  # also false for NaN
+            hint = (" (a VAE decoder's output lies in [-1, 1]: pass (images + 1) / 2, as diffusers' "
+                    "postprocessing does)" if -1 <= lo < 0 and hi <= 1 else "")
+            where = f" (image {i})" if len(imgs) > 1 else ""
+            raise ValueError(f"{what} must hold finite values in [0, 1], got min {lo} and max {hi}{where}{hint}")
+
+
 def _as_images(images, n: int):
     """Validate images.  A float tensor [B, 3, H, W] in [0, 1] is returned as is (it is preprocessed
     by the processor's torch backend on its own device: no PIL or numpy round trip, and gradients
@@ -100,19 +125,25 @@ def _as_images(images, n: int):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"an image tensor must be [B, 3, H, W] (or [3, H, W] for one image), got shape "
                              f"{tuple(images.shape)}")
-        if images.dtype == torch.uint8:  # torchvision.io.read_image's output: 0..255, unambiguous
-            images = images.float() / 255
-        if not images.is_floating_point():
-            raise TypeError(f"an image tensor must be uint8 (0..255) or floating point in [0, 1], got {images.dtype}")
-        if images.numel():
-            lo, hi = torch.stack(torch.aminmax(images.detach())).float().tolist()  # one host sync
-            if not (lo >= 0 and hi <= 1):  # also false for NaN
-                hint = (" (a VAE decoder's output lies in [-1, 1]: pass (images + 1) / 2, as diffusers' "
-                        "postprocessing does)" if -1 <= lo < 0 and hi <= 1 else "")
-                raise ValueError(f"an image tensor must hold finite values in [0, 1], got min {lo} and max {hi}{hint}")
+        images = _unit_range(images, "an image tensor")
+        _check_unit_range([images], "an image tensor")
         if images.shape[0] != n:
             raise ValueError(f"got {images.shape[0]} images for {n} prompts")
         return images
+    if isinstance(images, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in images):
+        # [3, H, W] tensors of any sizes (a generator at several resolutions): the batch path, image by image
+        out = []
+        for i, img in enumerate(images):
+            if not isinstance(img, torch.Tensor):
+                raise TypeError(f"image {i}: a list that holds tensor images must hold only tensors, got "
+                                f"{type(img).__name__} (convert it, or score the two kinds in separate calls)")
+            if img.dim() != 3 or img.shape[0] != 3:
+                raise ValueError(f"image {i}: a tensor image in a list must be [3, H, W], got shape {tuple(img.shape)}")
+            out.append(_unit_range(img, f"image {i}"))
+        _check_unit_range(out, "an image tensor")
+        if len(out) != n:
+            raise ValueError(f"got {len(out)} images for {n} prompts")
+        return out
     else:
         out = []
         for i, img in enumerate(list(images)):
@@ -167,18 +198,20 @@ class RewardScorer:
     # ---- public API ----------------------------------------------------------------------------
     def score(self, images, prompts: Sequence[str], dimensions: Optional[Sequence[str]] = None,
               differentiable: bool = False) -> RewardOutput:
-        """Score ``images`` (a list of PIL images, HxWx3 uint8 arrays or image file paths, or a tensor
-        [B,3,H,W], float in [0,1] or uint8; a single image is a batch of one) against their ``prompts`` (one
-        per image, or one string for all) on ``dimensions`` (a name or a sequence of names; default:
-        every rubric dimension).
+        """Score ``images`` (a list of PIL images, HxWx3 uint8 arrays or image file paths, a tensor
+        [B,3,H,W], float in [0,1] or uint8, or a list of [3,H,W] such tensors of any sizes; a single
+        image is a batch of one) against their ``prompts`` (one per image, or one string for all) on
+        ``dimensions`` (a name or a sequence of names; default: every rubric dimension).
 
         By default this runs under ``torch.inference_mode()``.  ``differentiable=True`` (tensor
-        images only) keeps the graph, so ``out.reward.sum().backward()`` reaches the input pixels
+        images only: a batch or a list of them) keeps the graph, so ``out.reward.sum().backward()`` reaches the input pixels
         through the processor's torch preprocessing (resize, normalise, patchify) -- the ReFL /
         DRaFT use of SPEC section 6.  The model's own parameters get gradients too unless frozen.
         """
-        if differentiable and not isinstance(images, torch.Tensor):
-            raise TypeError("differentiable=True needs images as a float tensor [B, 3, H, W] in [0, 1]")
+        if differentiable and not (isinstance(images, torch.Tensor) or (
+                isinstance(images, (list, tuple)) and images and all(isinstance(x, torch.Tensor) for x in images))):
+            raise TypeError("differentiable=True needs images as a float tensor [B, 3, H, W] in [0, 1] "
+                            "(or a list of [3, H, W] ones)")
         ctx = torch.enable_grad() if differentiable else torch.inference_mode()
         with ctx:
             return self._score(images, prompts, dimensions)
@@ -224,7 +257,7 @@ class RewardScorer:
         # the layout is stated, not inferred: HF guesses channels-first for an HxWx3 array whose height
         # is 1 or 3 (or up to 4 in recent releases), silently scoring scrambled pixels
         extra = {"input_data_format": "channels_last"}  # _as_images gives HxWx3 uint8 arrays
-        if isinstance(images, torch.Tensor):
+        if isinstance(images, torch.Tensor) or (images and isinstance(images[0], torch.Tensor)):
             extra = {"do_rescale": False, "input_data_format": "channels_first"}  # [3, H, W] in [0, 1]
             images = list(images)
         tracked = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in images)

@@ -11,6 +11,7 @@ from zreward.tiny import FAMILIES, NATIVE_SIDE  # noqa: E402
 
 from zreward.model import ZRewardModel  # noqa: E402
 from zreward.scorer import RewardScorer, as_reward_fn  # noqa: E402
+from zreward.downstream import refl_loss  # noqa: E402
 
 PROMPTS = ["a red car", "a blue dog on the square", "green circle", "a car"]
 
@@ -237,6 +238,32 @@ def test_differentiable_scoring_reaches_the_pixels(zmodel):
     assert not plain.reward.requires_grad
     with pytest.raises(TypeError, match="differentiable=True needs images as a float tensor"):
         RewardScorer(zmodel).score(_images(1), PROMPTS[:1], differentiable=True)
+
+
+def test_a_list_of_tensor_images_of_several_sizes(zmodel):
+    """A generator at several resolutions gives [3, H, W] tensors that cannot be stacked: a list of them
+    scores like each tensor alone and like the uint8 arrays, and keeps the graph to every image."""
+    side = NATIVE_SIDE[zmodel.tiny_family]
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(3, side, side, generator=g), torch.rand(3, 2 * side, side, generator=g)
+    u8 = (a * 255).round().to(torch.uint8)
+    s = RewardScorer(zmodel, batch_size=2)
+    out = s.score([a, b, u8], ["x", "y", "x"])
+    torch.testing.assert_close(out.probs[0], s.score(a, "x").probs[0])
+    torch.testing.assert_close(out.probs[1], s.score(b, "y").probs[0])
+    arrays = [(t.permute(1, 2, 0).numpy() * 255).round().astype("uint8") for t in (a, b)]
+    torch.testing.assert_close(out.probs[:2], s.score(arrays, ["x", "y"]).probs, atol=1e-5, rtol=1e-5)
+    ga, gb = a.clone().requires_grad_(), b.clone().requires_grad_()
+    loss, o = refl_loss(s, [ga, gb], ["x", "y"])
+    loss.backward()
+    assert float(ga.grad.abs().sum()) > 0 and float(gb.grad.abs().sum()) > 0
+    torch.testing.assert_close(o.reward.detach(), out.reward[:2])
+    with pytest.raises(TypeError, match="image 1: a list that holds tensor images must hold only tensors"):
+        s.score([a, arrays[1]], ["x", "y"])
+    with pytest.raises(ValueError, match=r"image 1: a tensor image in a list must be \[3, H, W\]"):
+        s.score([a, b[None]], ["x", "y"])
+    with pytest.raises(ValueError, match=r"got min -0.5 and max 0.5 \(image 1\) \(a VAE decoder's output"):
+        s.score([a, torch.full_like(b, -0.5).index_fill_(1, torch.tensor([0]), 0.5)], ["x", "y"])
 
 
 def test_differentiable_scoring_refuses_a_processor_that_drops_the_graph(zmodel, monkeypatch):
