@@ -9,6 +9,7 @@ that are checked to be exactly one token each.  Both serialise to plain dicts (J
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -69,15 +70,16 @@ class Rubric:
         missing = [d for d in self.dimensions if d not in self.descriptions]
         if missing:
             raise ValueError(f"rubric descriptions missing for {missing}")
-        if len(self.bin_values) < 2 or any(b <= a for a, b in zip(self.bin_values, self.bin_values[1:])):
-            raise ValueError(f"bin_values must be at least two strictly increasing values, got {self.bin_values}")
+        if (len(self.bin_values) < 2 or not all(math.isfinite(v) for v in self.bin_values)
+                or any(b <= a for a, b in zip(self.bin_values, self.bin_values[1:]))):
+            raise ValueError(f"bin_values must be at least two finite, strictly increasing values, got {self.bin_values}")
         if self.weights is None:
             self.weights = tuple(1.0 / len(self.dimensions) for _ in self.dimensions)
         self.weights = tuple(float(w) for w in self.weights)
         if len(self.weights) != len(self.dimensions):
             raise ValueError(f"weights must have one entry per dimension ({len(self.dimensions)}), got {self.weights}")
-        if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
-            raise ValueError(f"weights must be non-negative with a positive sum, got {self.weights}")
+        if not all(math.isfinite(w) and w >= 0 for w in self.weights) or sum(self.weights) <= 0:
+            raise ValueError(f"weights must be finite and non-negative with a positive sum, got {self.weights}")
         try:
             self.question(self.dimensions[0])
             self.preamble_text()
@@ -107,10 +109,11 @@ class Rubric:
         dims = list(dimensions) if dimensions is not None else list(self.dimensions)
         if mean.shape[-1] != len(dims):
             raise ValueError(f"mean has {mean.shape[-1]} dimensions but {len(dims)} were named")
-        w = torch.tensor([self.weights[self.index(d)] for d in dims], dtype=mean.dtype, device=mean.device)
-        if float(w.sum()) <= 0:
+        w = [self.weights[self.index(d)] for d in dims]
+        total = sum(w)  # on the host: no device sync per call
+        if total <= 0:
             raise ValueError(f"the weights of the scored dimensions {dims} sum to zero")
-        return (mean * (w / w.sum())).sum(-1)
+        return (mean * torch.tensor([x / total for x in w], dtype=mean.dtype, device=mean.device)).sum(-1)
 
     def to_dict(self) -> dict:
         return dict(dimensions=list(self.dimensions), descriptions=dict(self.descriptions),

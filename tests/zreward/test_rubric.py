@@ -41,6 +41,11 @@ def test_rubric_validation():
         Rubric(weights=(1.0, 1.0))
     with pytest.raises(ValueError, match="non-negative"):
         Rubric(weights=(1.0, -1.0, 1.0, 1.0))
+    for bad in (float("nan"), float("inf")):  # NaN passed both comparisons: every reward came out NaN
+        with pytest.raises(ValueError, match="weights must be finite"):
+            Rubric(weights=(bad, 1.0, 1.0, 1.0))
+        with pytest.raises(ValueError, match="bin_values must be at least two finite"):
+            Rubric(bin_values=(1.0, bad))
     with pytest.raises(ValueError, match="unknown placeholder"):
         Rubric(question_template="Rate {colour}")
     with pytest.raises(ValueError, match="unknown placeholder"):
