@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -245,6 +246,17 @@ def test_bad_configs_fail_fast_before_loading_a_model(tmp_path):
         (dict(method="sft", lr=0.0), ValueError, "lr must be positive"),
         (dict(method="sft", mixed_precision="fp8"), ValueError, "mixed_precision must be"),
         (dict(method="sft", overwrite_output_dir="false"), ValueError, "overwrite_output_dir must be true or false"),
+        # JSON reads NaN and Infinity, and strings as easily as numbers: NaN passed every comparison check
+        (dict(method="sft", weight_decay=float("nan")), ValueError, "weight_decay must be a finite number, got nan"),
+        (dict(method="sft", lr=float("inf")), ValueError, "lr must be a finite number, got inf"),
+        (dict(method="gdso", beta=float("nan")), ValueError, "beta must be a finite number"),
+        (dict(method="gdso", alpha_pw=float("nan")), ValueError, "alpha_pw must be a finite number"),
+        (dict(method="sft", max_grad_norm="1.0"), ValueError, "max_grad_norm must be a finite number, got '1.0'"),
+        (dict(method="sft", seed="0"), ValueError, "seed must be an integer, got '0'"),
+        (dict(method="sft", seed=-1), ValueError, "seed must be a non-negative integer"),
+        (dict(method="sft", eval_traces=True), ValueError, "eval_traces must be an integer, got True"),
+        (dict(method="sft", schedule=None), ValueError, "schedule must be a string, got None"),
+        (dict(method="sft", eval_manifest=3), ValueError, "eval_manifest must be a path"),
     ]
     for kw, exc, msg in cases:
         with pytest.raises(exc, match=msg):
@@ -254,7 +266,14 @@ def test_bad_configs_fail_fast_before_loading_a_model(tmp_path):
         train(TrainConfig(method="sft", model=missing, output_dir=str(tmp_path / "o"), batch_size=2), items=unlabelled)
     with pytest.raises(ValueError, match="give train_manifest"):
         train(TrainConfig(method="sft", model=missing, output_dir=str(tmp_path / "o")))
+    cfg = TrainConfig(method="sft", model=Path(missing), output_dir=tmp_path / "o", batch_size=2)  # pathlib paths
+    with pytest.raises(OSError):  # validated (paths kept as strings: the config is saved as JSON), then the
+        train(cfg, items=items)   # missing model directory is what fails
+    assert cfg.model == missing and cfg.output_dir == str(tmp_path / "o")
     bad = tmp_path / "bad.json"
+    bad.write_text('{"method": "sft", "model": "m", "output_dir": "o", "train_manifest": "t", "lr": NaN}')
+    with pytest.raises(ValueError, match="lr must be a finite number, got nan"):
+        TrainConfig.from_file(str(bad)).validate()
     bad.write_text(json.dumps({"method": "sft", "model": missing, "output_dir": "o", "learning_rate": 1}))
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['learning_rate'\]"):
         TrainConfig.from_file(str(bad))

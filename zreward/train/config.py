@@ -51,12 +51,15 @@ Common fields
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 METHODS = ("sft", "risd", "gdso", "grpo", "opd")
 IMPLEMENTED = METHODS
 RL_METHODS = ("gdso", "grpo", "opd")
+PATH_FIELDS = ("model", "output_dir", "train_manifest", "eval_manifest", "teacher", "teacher_cache")
 
 
 @dataclass
@@ -137,10 +140,11 @@ class TrainConfig:
             raise NotImplementedError(f"method {self.method!r} is not implemented yet (implemented: {IMPLEMENTED})")
         if not has_items and not self.train_manifest:
             raise ValueError("give train_manifest in the config, or pass items to train() from Python")
+        self._check_types()
         for name in ("max_steps", "batch_size", "grad_accum", "log_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("save_every", "eval_every", "warmup_steps", "keep_checkpoints"):
+        for name in ("save_every", "eval_every", "warmup_steps", "keep_checkpoints", "eval_traces", "seed"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
         for name in ("overwrite_output_dir", "grad_checkpointing", "soft_labels"):  # "false" would be truthy
@@ -193,6 +197,26 @@ class TrainConfig:
 
                 if not liger_available():
                     raise ValueError("policy_loss='liger' needs liger-kernel (pip install liger-kernel)")
+
+    def _check_types(self) -> None:
+        """Every field holds a value of its type; numbers are finite.  JSON gives strings as easily as
+        numbers, and Python's json reads ``NaN`` and ``Infinity``, which pass every range check written
+        as a comparison (NaN) or make the run diverge (an infinite learning rate)."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type == "float":
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ValueError(f"{f.name} must be a finite number, got {v!r}")
+            elif f.type == "int":
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise ValueError(f"{f.name} must be an integer, got {v!r}")
+            elif f.name in PATH_FIELDS:
+                if isinstance(v, os.PathLike):  # a pathlib.Path from Python: kept as a string (the config is JSON)
+                    setattr(self, f.name, os.fspath(v))
+                elif not (isinstance(v, str) or (v is None and f.type == "Optional[str]")):
+                    raise ValueError(f"{f.name} must be a path (a string), got {v!r}")
+            elif f.type == "str" and not isinstance(v, str):
+                raise ValueError(f"{f.name} must be a string, got {v!r}")
 
     def needs_labels(self) -> bool:
         return self.method in ("sft", "gdso", "grpo") or (self.method == "risd" and self.weight_ce > 0)
