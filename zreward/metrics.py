@@ -114,7 +114,9 @@ def _logistic4(x, b1, b2, b3, b4):
 
 
 def plcc(pred, ref, logistic: bool = False) -> float:
-    """Pearson correlation; with ``logistic=True`` after a fitted 4-parameter logistic mapping."""
+    """Pearson correlation; with ``logistic=True`` after a fitted 4-parameter logistic mapping
+    (NaN for fewer than 5 points: four parameters fit four points exactly, and fewer cannot be fit --
+    scipy raised a TypeError, which stopped a whole evaluation on a dimension with 3 items)."""
     from scipy.optimize import OptimizeWarning, curve_fit
     from scipy.stats import pearsonr
 
@@ -122,6 +124,8 @@ def plcc(pred, ref, logistic: bool = False) -> float:
     if x.size < 2 or np.std(x) == 0 or np.std(y) == 0:
         return float("nan")
     if logistic:
+        if x.size <= 4:
+            return float("nan")
         p0 = [y.max(), y.min(), float(np.mean(x)), float(np.std(x)) or 1.0]
         try:
             with warnings.catch_warnings():  # an exact fit has no covariance estimate; that is fine here

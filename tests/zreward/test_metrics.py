@@ -57,6 +57,18 @@ def test_logistic_plcc_linearises_a_monotone_map():
     assert M.plcc(x, y, logistic=True) > 0.999
 
 
+def test_small_sets_give_nan_not_an_error():
+    """A dimension with 3 items (a small eval set, a periodic evaluation) stopped the whole evaluation:
+    scipy's curve_fit raises a TypeError for fewer points than the logistic's 4 parameters."""
+    pred, ref = np.array([1.0, 2.0, 3.5, 4.0, 5.0, 6.0]), np.array([1.0, 2.0, 3.0, 4.0, 5.0, 5.0])
+    for n in (1, 2, 3, 4):  # four points are fit exactly (always 1.0): NaN too
+        assert np.isnan(M.plcc(pred[:n], ref[:n], logistic=True)), n
+    assert np.isfinite(M.plcc(pred[:5], ref[:5], logistic=True))
+    rep = M.evaluate(pred, ref, ["a", "a", "a", "b", "b", "b"], ["realism"] * 3 + ["alignment"] * 3)
+    assert np.isnan(rep["realism"]["plcc_logistic"]) and np.isfinite(rep["pooled"]["plcc_logistic"])
+    assert rep["realism"]["srcc"] == pytest.approx(1.0) and rep["realism"]["hpa"] == 1.0
+
+
 def test_distribution_metrics_hand_cases():
     t = np.zeros((2, 9))
     p = np.zeros((2, 9))
