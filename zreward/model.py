@@ -126,7 +126,10 @@ class ZRewardModel(nn.Module):
 
         path = os.path.join(directory, CONFIG_NAME)
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; it was not saved by ZRewardModel")
+            hint = (" (a Hugging Face model directory: load it with transformers, wrap it as "
+                    "ZRewardModel(model, processor), which adds the score tokens, and save_pretrained that)"
+                    if os.path.exists(os.path.join(directory, "config.json")) else "")
+            raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; it was not saved by ZRewardModel{hint}")
         with open(path, encoding="utf-8") as f:
             cfg = json.load(f)
         model_cls = getattr(transformers, cfg["model_class"], None)

@@ -299,6 +299,12 @@ def test_save_and_reload_offline(zmodel, tmp_path):
     assert loaded.score_tokens == zmodel.score_tokens and loaded.rubric == zmodel.rubric
     after = RewardScorer(loaded).score(_images(2), PROMPTS[:2])
     torch.testing.assert_close(after.probs, before.probs, atol=1e-6, rtol=1e-6)
+    zmodel.model.save_pretrained(tmp_path / "plain")  # a Hugging Face directory, never wrapped
+    with pytest.raises(FileNotFoundError, match=r"has no zreward_config.json; .* wrap it as "
+                                                r"ZRewardModel\(model, processor\)"):
+        ZRewardModel.from_pretrained(str(tmp_path / "plain"))
+    with pytest.raises(FileNotFoundError, match=r"it was not saved by ZRewardModel$"):
+        ZRewardModel.from_pretrained(str(tmp_path / "missing"))
 
 
 def test_bad_inputs(zmodel):
