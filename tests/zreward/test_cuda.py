@@ -82,6 +82,13 @@ def test_differentiable_scoring_on_cuda_reaches_the_pixels(family, dev):
     assert all(float(g[i].abs().sum()) > 0 for i in range(3))  # every image gets its own gradient
     plain = RewardScorer(zm, batch_size=2).score(images.detach(), PROMPTS[:3])
     torch.testing.assert_close(out.reward.detach(), plain.reward, atol=1e-3, rtol=1e-3)
+    # a list of CUDA tensors of two sizes (bf16, as a pipeline gives them): graph kept to each one
+    a = torch.rand(3, 56, 56, device=dev).bfloat16().requires_grad_()
+    b = torch.rand(3, 84, 56, device=dev).bfloat16().requires_grad_()
+    out = RewardScorer(zm).score([a, b], PROMPTS[:2], differentiable=True)
+    out.reward.sum().backward()
+    assert a.grad.device.type == "cuda" and float(a.grad.float().abs().sum()) > 0
+    assert float(b.grad.float().abs().sum()) > 0
 
 
 def test_refl_and_group_rewards_on_cuda(dev):
