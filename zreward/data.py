@@ -19,6 +19,7 @@ Loaders report the file and line of any bad record.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -44,10 +45,18 @@ class RatedItem:
     id: Optional[str] = None
 
     def __post_init__(self):
+        if isinstance(self.image, os.PathLike):
+            self.image = os.fspath(self.image)
+        if self.score is not None:  # numpy scalars (np.float32 is not JSON-serialisable) -> float
+            self.score = float(self.score)
+        self.ratings = [float(r) for r in self.ratings]
         if self.group is None:
             self.group = self.prompt
         if self.id is None:
-            self.id = self.image
+            # an in-memory image is named by its content: its id keys the teacher cache and the
+            # predictions, and the array itself (the id before) crashed evaluation (unhashable) while
+            # its truncated repr let two different images share a cache entry
+            self.id = self.image if isinstance(self.image, str) else _content_id(self.image)
 
     @property
     def labels(self) -> List[float]:
@@ -60,6 +69,16 @@ class RatedItem:
         if self.ratings:
             return float(trimmed_mean([self.ratings])[0])
         return self.score
+
+
+def _content_id(image) -> str:
+    """A stable name for an in-memory image: a hash of its shape, dtype and pixels."""
+    import numpy as np
+
+    a = np.ascontiguousarray(np.asarray(image))
+    h = hashlib.sha1(f"{a.shape}|{a.dtype}|".encode())
+    h.update(a.tobytes())
+    return f"array:{h.hexdigest()[:16]}"
 
 
 def _num(x, what: str, where: str) -> float:
@@ -117,14 +136,29 @@ def missing_images(items: Iterable[RatedItem]) -> List[str]:
 
 
 def write_manifest(items: Iterable[RatedItem], path: PathLike, relative_to: Optional[PathLike] = None) -> None:
-    """Write items as JSONL (image paths made relative to ``relative_to`` when given)."""
-    with open(path, "w", encoding="utf-8") as f:
-        for it in items:
-            rec = asdict(it)
-            if relative_to is not None:
-                rec["image"] = os.path.relpath(rec["image"], relative_to)
-            rec = {k: v for k, v in rec.items() if v not in (None, [])}
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    """Write items as JSONL (image paths made relative to ``relative_to`` when given).
+
+    Every item is checked before the file is touched (an in-memory image cannot be written: a
+    manifest holds paths), and the file is replaced in one step, so an error never leaves a
+    truncated manifest where the old one was."""
+    lines = []
+    for i, it in enumerate(items):
+        if not isinstance(it.image, str):
+            raise TypeError(f"item {i} ({it.id!r}) has an in-memory image ({type(it.image).__name__}); a manifest "
+                            "holds image paths: save the image to a file and give its path")
+        rec = asdict(it)
+        if relative_to is not None:
+            rec["image"] = os.path.relpath(rec["image"], relative_to)
+        rec = {k: v for k, v in rec.items() if v is not None and v != []}
+        lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 #: AVT axis -> rubric dimension (SPEC section 1 / the data README); there is no plausibility axis.

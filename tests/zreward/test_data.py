@@ -90,3 +90,39 @@ def test_import_avt_real_ratings():
     assert rep["pooled"]["srcc"] > 0.95 and rep["realism"]["hpa"] > 0.85
     # a constant predictor ties every pair: HPA 0 under the SPEC's tie rule
     assert hpa([3.0] * len(items), ref, [f"{it.dimension}/{it.group}" for it in items]) == 0.0
+
+
+def test_in_memory_images_are_named_by_their_content():
+    """Items with an array image and no id took the array as id: evaluation crashed ('unhashable
+    type'), and the teacher cache keyed them by the array's truncated repr, so two images that
+    differ only inside shared one cache entry (silently wrong RISD targets)."""
+    import numpy as np
+
+    from zreward.evaluate import shard_by_image
+    from zreward.train.teacher import item_key
+
+    a = np.zeros((56, 56, 3), np.uint8)
+    b = a.copy()
+    b[28, 28, 0] = 1  # not visible in numpy's truncated repr
+    ia, ib, ia2 = (RatedItem(prompt="p", image=x, dimension="realism", score=3.0) for x in (a, b, a.copy()))
+    assert ia.id.startswith("array:") and ia.id == ia2.id != ib.id
+    assert item_key(ia) != item_key(ib) and item_key(ia) == item_key(ia2)
+    assert shard_by_image([ia, ib, ia2], 0, 1) == [0, 2, 1]  # one prefix pass per distinct image
+    assert RatedItem(prompt="p", image=a, dimension="realism", id="mine").id == "mine"
+
+
+def test_write_manifest_checks_before_writing_and_takes_paths_and_numpy(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "m.jsonl"
+    path.write_text("the old manifest\n")
+    good = RatedItem(prompt="p", image=tmp_path / "i.png", dimension="realism", score=np.float32(3.5),
+                     ratings=np.array([3, 4]))  # pathlib path, numpy score and ratings
+    arr = RatedItem(prompt="p", image=np.zeros((8, 8, 3), np.uint8), dimension="realism")
+    with pytest.raises(TypeError, match=r"item 1 \('array:[0-9a-f]+'\) has an in-memory image"):
+        write_manifest([good, arr], path)
+    assert path.read_text() == "the old manifest\n"  # it was truncated before: the file was opened first
+    write_manifest([good], path)
+    (back,) = load_manifest(path)
+    assert back.image == str(tmp_path / "i.png") and back.score == 3.5 and back.ratings == [3.0, 4.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.jsonl"]  # no temporary file left
