@@ -126,7 +126,17 @@ def test_resume_after_sigkill_matches_uninterrupted_run(base, tmp_path):
     r = subprocess.run([sys.executable, RUNNER, base, killed, "6", "--kill-at", "3"], env=env, capture_output=True)
     assert r.returncode == -9  # SIGKILL between checkpoints (the last one was written at step 2)
     assert not os.path.exists(os.path.join(killed, "final"))
-    subprocess.run([sys.executable, RUNNER, base, killed, "6", "--resume"], check=True, env=env, capture_output=True)
+    # as if a later run had been killed while saving checkpoint-4: its files, but no trainer_state.json
+    # (written last); resuming opened its missing trainer_state.json and failed
+    import shutil
+
+    shutil.copytree(os.path.join(killed, "checkpoint-2"), os.path.join(killed, "checkpoint-4"),
+                    ignore=shutil.ignore_patterns("trainer_state.json"))
+    r = subprocess.run([sys.executable, RUNNER, base, killed, "6", "--resume"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "checkpoint-4 has no trainer_state.json (the run stopped while saving it); resuming from checkpoint-2" \
+        in r.stderr
+    assert os.path.isfile(os.path.join(killed, "checkpoint-4", "trainer_state.json"))  # saved whole this time
     a, b = _weights(os.path.join(full, "final")), _weights(os.path.join(killed, "final"))
     assert a.keys() == b.keys()
     for k in a:

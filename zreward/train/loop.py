@@ -118,11 +118,21 @@ def batch_indices(n_items: int, cfg: TrainConfig, step: int, rank: int, world: i
     return [list(map(int, c)) for c in np.array_split(mine, cfg.grad_accum)]
 
 
-def _checkpoints(output_dir: str) -> List[str]:
+def _step_of(checkpoint: str) -> int:
+    return int(os.path.basename(checkpoint).rsplit("-", 1)[1])
+
+
+def _checkpoints(output_dir: str, complete: Optional[bool] = None) -> List[str]:
+    """``checkpoint-<step>`` folders by step; ``complete=True`` / ``False``: only those with / without
+    their ``trainer_state.json``, which is written last (atomically), so a folder without it is
+    what a run killed while saving left behind."""
     if not os.path.isdir(output_dir):
         return []
     found = [(int(m.group(1)), d) for d in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", d))]
-    return [os.path.join(output_dir, d) for _, d in sorted(found)]
+    paths = [os.path.join(output_dir, d) for _, d in sorted(found)]
+    if complete is None:
+        return paths
+    return [p for p in paths if os.path.isfile(os.path.join(p, "trainer_state.json")) == complete]
 
 
 def refuse_sharded_parameters(acc) -> None:
@@ -283,7 +293,13 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
     os.makedirs(cfg.output_dir, exist_ok=True)
     start = 0
     if resume:
-        ckpts = _checkpoints(cfg.output_dir)
+        ckpts = _checkpoints(cfg.output_dir, complete=True)
+        partial = [p for p in _checkpoints(cfg.output_dir, complete=False)
+                   if not ckpts or _step_of(p) > _step_of(ckpts[-1])]
+        if partial:  # a run killed while saving: its files are incomplete, resume from the last whole one
+            warnings.warn(f"{', '.join(map(os.path.basename, partial))} has no trainer_state.json (the run stopped "
+                          f"while saving it); resuming from {os.path.basename(ckpts[-1]) if ckpts else 'step 0'}",
+                          stacklevel=2)
         if ckpts:
             with open(os.path.join(ckpts[-1], "trainer_state.json")) as f:
                 state = json.load(f)
@@ -450,13 +466,23 @@ def check_resume(state: Dict, cfg: TrainConfig, n_units: int, where: str) -> Non
 
 
 def _save_checkpoint(acc, cfg: TrainConfig, step: int, n_units: int) -> None:
+    """``checkpoint-<step>/``: accelerate's state, then ``trainer_state.json`` last and atomically (its
+    presence marks a whole checkpoint); then older ones beyond ``keep_checkpoints`` are removed, and
+    incomplete ones that a killed run left at earlier steps."""
     path = os.path.join(cfg.output_dir, f"checkpoint-{step}")
+    if acc.is_main_process and os.path.isdir(path):  # a leftover of a run killed while saving it
+        shutil.rmtree(path)
+    acc.wait_for_everyone()
     acc.save_state(path, safe_serialization=True)
+    acc.wait_for_everyone()  # every process's files are written before the checkpoint is marked whole
     if acc.is_main_process:
-        with open(os.path.join(path, "trainer_state.json"), "w") as f:
+        tmp = os.path.join(path, "trainer_state.json.tmp")
+        with open(tmp, "w") as f:
             json.dump({"step": step, "units": n_units, "config": cfg.to_dict()}, f, indent=2)
-        old = _checkpoints(cfg.output_dir)
-        for d in old[:-cfg.keep_checkpoints] if cfg.keep_checkpoints else []:
+        os.replace(tmp, os.path.join(path, "trainer_state.json"))
+        whole = _checkpoints(cfg.output_dir, complete=True)
+        stale = [d for d in _checkpoints(cfg.output_dir, complete=False) if _step_of(d) < step]
+        for d in (whole[:-cfg.keep_checkpoints] if cfg.keep_checkpoints else []) + stale:
             shutil.rmtree(d, ignore_errors=True)
     acc.wait_for_everyone()
 
