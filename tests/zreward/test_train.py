@@ -119,6 +119,33 @@ def test_risd_distils_teacher_distributions_and_caches_them(base, tmp_path):
         load_targets(str(cache), sub, teacher.rubric.bin_values, source=other)
 
 
+def test_teacher_cache_is_replaced_whole(tmp_path, monkeypatch):
+    """The cache is written to a temporary file and renamed: a write that dies half way (a killed
+    run, a full disk) leaves the previous cache readable, not a torn file at its path."""
+    import safetensors.torch
+
+    from zreward.train.teacher import save_targets
+
+    items = toy_items(4)
+    bins = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0)
+    probs = torch.softmax(torch.randn(4, 9), -1)
+    cache = str(tmp_path / "targets.safetensors")
+    save_targets(cache, probs, items, "t", bins)
+    real = safetensors.torch.save_file
+
+    def dies_half_way(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(40)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dies_half_way)
+    with pytest.raises(OSError, match="No space left"):
+        save_targets(cache, probs * 0 + 1 / 9, items, "t", bins)
+    torch.testing.assert_close(load_targets(cache, items, bins), probs)
+    assert os.listdir(tmp_path) == ["targets.safetensors"]
+
+
 def test_resume_after_sigkill_matches_uninterrupted_run(base, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")

@@ -97,7 +97,13 @@ def save_targets(path: str, probs: torch.Tensor, items: Sequence[RatedItem], tea
 
     meta = {"keys": json.dumps([item_key(it) for it in items]), "teacher": str(teacher),
             "bin_values": json.dumps(list(bin_values)), "format": "1"}
-    save_file({"probs": probs.float().contiguous()}, path, metadata=meta)
+    tmp = f"{path}.tmp{os.getpid()}"  # written whole, then renamed: a run killed while writing leaves no torn cache
+    try:
+        save_file({"probs": probs.float().contiguous()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def teacher_source(teacher: str, traces: int, trace_tokens: int, temperature: float) -> str:
