@@ -209,6 +209,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: What bad input raises across the library (each message names the argument or file): shown as one
+#: line, not a traceback, on the command line.  ``ZREWARD_TRACEBACK=1`` shows the traceback.
+USER_ERRORS = (ValueError, TypeError, OSError, NotImplementedError)
+
+
 def main(argv=None) -> int:
+    """Run a command.  From the shell (``argv`` None), bad input (:data:`USER_ERRORS`) prints
+    ``zreward <command>: error: <message>`` and exits with status 2, as argparse does for bad
+    flags; called with ``argv`` from Python, the exception propagates."""
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    if argv is not None or os.environ.get("ZREWARD_TRACEBACK", "0") not in ("", "0"):
+        return args.fn(args)
+    try:
+        return args.fn(args)
+    except USER_ERRORS as exc:
+        import sys
+
+        what = f"{type(exc).__name__}: " if not isinstance(exc, ValueError) else ""
+        print(f"zreward {args.command}: error: {what}{exc}", file=sys.stderr)
+        return 2

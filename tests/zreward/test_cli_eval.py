@@ -74,6 +74,24 @@ def test_cli_errors(saved):
         main(["score", "--model", str(saved / "model"), "a.png", "b.png", "c.png", "--prompt", "x", "--prompt", "y"])
 
 
+def test_shell_errors_are_one_line_not_a_traceback(saved):
+    """From the shell, bad input prints `zreward <command>: error: ...` and exits 2 (argparse's status
+    for bad flags); ZREWARD_TRACEBACK=1 shows the traceback."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "zreward", "score", "--model", str(saved / "model"), str(saved / "img" / "0_0.png"),
+           "--prompt", "x", "--dimensions", "beauty"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "zreward score: error: unknown dimension 'beauty'; this rubric has" in r.stderr
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, ZREWARD_TRACEBACK="1"))
+    assert r.returncode == 1 and "Traceback" in r.stderr and "ValueError: unknown dimension" in r.stderr
+    with pytest.raises(ValueError, match="unknown dimension"):  # from Python, the exception propagates
+        main(cmd[3:])
+
+
 def test_eval_finds_a_missing_image_before_scoring(saved, monkeypatch):
     """A missing file among the manifest's images stops `eval` before any image is scored (it was
     found when its batch came up)."""
