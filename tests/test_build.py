@@ -73,3 +73,17 @@ def test_sdist_holds_every_file_the_extension_includes(tmp_path):
     for name, text in packed.items():
         for inc in re.findall(r'#include\s+"([^"]+)"', text):
             assert inc in packed, f"{name} includes {inc}, which the sdist lacks"
+
+
+def test_one_version_everywhere(capsys):
+    """The installed metadata, both packages and `zreward --version` name one version."""
+    import importlib.metadata
+
+    import zreward
+    import zreward_kernels
+    from zreward.cli import main
+
+    assert importlib.metadata.version("zreward") == zreward.__version__ == zreward_kernels.__version__
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith(f"zreward {zreward.__version__} (torch ")

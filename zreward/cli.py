@@ -170,6 +170,9 @@ def info(_args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``zreward`` command line (every subcommand; ``main`` parses and runs)."""
     parser = argparse.ArgumentParser(prog="zreward", description=__doc__.splitlines()[0])
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"zreward {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="the main job: the Z-Reward pipeline on the synthetic world")
     p.add_argument("--preset", choices=["quick", "full"], default="quick",
