@@ -18,6 +18,7 @@ Loaders report the file and line of any bad record.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -69,6 +70,19 @@ class RatedItem:
         if self.ratings:
             return float(trimmed_mean([self.ratings])[0])
         return self.score
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike):
+    """A temporary path beside ``path``: renamed onto ``path`` when the block succeeds, removed when it
+    fails, so a writer that dies half way never leaves a torn file where a good one was."""
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _content_id(image) -> str:
@@ -151,14 +165,8 @@ def write_manifest(items: Iterable[RatedItem], path: PathLike, relative_to: Opti
             rec["image"] = os.path.relpath(rec["image"], relative_to)
         rec = {k: v for k, v in rec.items() if v is not None and v != []}
         lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
-    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(lines)
 
 
 #: AVT axis -> rubric dimension (SPEC section 1 / the data README); there is no plausibility axis.

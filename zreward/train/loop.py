@@ -30,7 +30,7 @@ from torch import nn
 from zreward_kernels import rubric_loss
 from zreward_kernels.reference import bin_index
 
-from ..data import RatedItem, load_manifest, missing_images
+from ..data import RatedItem, atomic_path, load_manifest, missing_images
 from ..metrics import rater_histograms
 from .config import TrainConfig
 from .teacher import load_image, load_targets, sharded_targets, teacher_source
@@ -476,10 +476,8 @@ def _save_checkpoint(acc, cfg: TrainConfig, step: int, n_units: int) -> None:
     acc.save_state(path, safe_serialization=True)
     acc.wait_for_everyone()  # every process's files are written before the checkpoint is marked whole
     if acc.is_main_process:
-        tmp = os.path.join(path, "trainer_state.json.tmp")
-        with open(tmp, "w") as f:
+        with atomic_path(os.path.join(path, "trainer_state.json")) as tmp, open(tmp, "w") as f:
             json.dump({"step": step, "units": n_units, "config": cfg.to_dict()}, f, indent=2)
-        os.replace(tmp, os.path.join(path, "trainer_state.json"))
         whole = _checkpoints(cfg.output_dir, complete=True)
         stale = [d for d in _checkpoints(cfg.output_dir, complete=False) if _step_of(d) < step]
         for d in (whole[:-cfg.keep_checkpoints] if cfg.keep_checkpoints else []) + stale:

@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..data import RatedItem
+from ..data import RatedItem, atomic_path
 from ..scorer import read_image
 
 
@@ -97,13 +97,8 @@ def save_targets(path: str, probs: torch.Tensor, items: Sequence[RatedItem], tea
 
     meta = {"keys": json.dumps([item_key(it) for it in items]), "teacher": str(teacher),
             "bin_values": json.dumps(list(bin_values)), "format": "1"}
-    tmp = f"{path}.tmp{os.getpid()}"  # written whole, then renamed: a run killed while writing leaves no torn cache
-    try:
+    with atomic_path(path) as tmp:  # a run killed while writing leaves no torn cache
         save_file({"probs": probs.float().contiguous()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def teacher_source(teacher: str, traces: int, trace_tokens: int, temperature: float) -> str:
