@@ -23,7 +23,7 @@ import torch
 
 from zreward_kernels import GroupStats, group_advantage
 
-from .scorer import RewardOutput, RewardScorer, prompt_list
+from .scorer import RewardOutput, RewardScorer, prompt_list, tensor_images
 
 
 def refl_loss(scorer: RewardScorer, images: torch.Tensor, prompts: Sequence[str],
@@ -31,8 +31,7 @@ def refl_loss(scorer: RewardScorer, images: torch.Tensor, prompts: Sequence[str]
     """``(loss, out)`` with ``loss = -out.reward.mean()``, differentiable with respect to ``images``
     (a float tensor ``[B, 3, H, W]`` in ``[0, 1]``, for example the decoded output of the last
     denoising steps, or a list of ``[3, H, W]`` ones of several sizes)."""
-    if not (isinstance(images, torch.Tensor) or (isinstance(images, (list, tuple)) and images
-                                                  and all(isinstance(x, torch.Tensor) for x in images))):
+    if not tensor_images(images):
         raise TypeError("refl_loss needs the generator's images as a float tensor [B, 3, H, W] in [0, 1] "
                         "(or a list of [3, H, W] ones)")
     out = scorer.score(images, prompts, dimensions, differentiable=True)

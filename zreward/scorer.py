@@ -114,6 +114,13 @@ def _check_unit_range(imgs: List[torch.Tensor], what: str) -> None:
             raise ValueError(f"{what} must hold finite values in [0, 1], got min {lo} and max {hi}{where}{hint}")
 
 
+def tensor_images(images) -> bool:
+    """Whether ``images`` are tensors (a batch, or a non-empty list of them): what differentiable
+    scoring takes."""
+    return isinstance(images, torch.Tensor) or (isinstance(images, (list, tuple)) and len(images) > 0
+                                                and all(isinstance(x, torch.Tensor) for x in images))
+
+
 def _as_images(images, n: int):
     """Validate images.  A float tensor [B, 3, H, W] in [0, 1] is returned as is (it is preprocessed
     by the processor's torch backend on its own device: no PIL or numpy round trip, and gradients
@@ -204,12 +211,12 @@ class RewardScorer:
         ``dimensions`` (a name or a sequence of names; default: every rubric dimension).
 
         By default this runs under ``torch.inference_mode()``.  ``differentiable=True`` (tensor
-        images only: a batch or a list of them) keeps the graph, so ``out.reward.sum().backward()`` reaches the input pixels
-        through the processor's torch preprocessing (resize, normalise, patchify) -- the ReFL /
-        DRaFT use of SPEC section 6.  The model's own parameters get gradients too unless frozen.
+        images only: a batch or a list of them) keeps the graph, so ``out.reward.sum().backward()``
+        reaches the input pixels through the processor's torch preprocessing (resize, normalise,
+        patchify) -- the ReFL / DRaFT use of SPEC section 6.  The model's own parameters get
+        gradients too unless frozen.
         """
-        if differentiable and not (isinstance(images, torch.Tensor) or (
-                isinstance(images, (list, tuple)) and images and all(isinstance(x, torch.Tensor) for x in images))):
+        if differentiable and not tensor_images(images):
             raise TypeError("differentiable=True needs images as a float tensor [B, 3, H, W] in [0, 1] "
                             "(or a list of [3, H, W] ones)")
         ctx = torch.enable_grad() if differentiable else torch.inference_mode()
