@@ -50,7 +50,7 @@ class RatedItem:
             self.image = os.fspath(self.image)
         if self.score is not None:  # numpy scalars (np.float32 is not JSON-serialisable) -> float
             self.score = float(self.score)
-        self.ratings = [float(r) for r in self.ratings]
+        self.ratings = [float(r) for r in self.ratings] if self.ratings is not None else []
         if self.group is None:
             self.group = self.prompt
         if self.id is None:
