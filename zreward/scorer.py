@@ -126,6 +126,9 @@ def _as_images(images, n: int):
     by the processor's torch backend on its own device: no PIL or numpy round trip, and gradients
     flow); PIL images, HxWx3 uint8 arrays and image file paths are returned as a list of uint8
     arrays.  A single image (not in a list; a tensor ``[3, H, W]``) is a batch of one."""
+    if isinstance(images, np.ndarray) and images.ndim not in (3, 4):  # list() would split it into rows
+        raise ValueError(f"an image array must be HxWx3 (or a batch BxHxWx3), got shape {images.shape}"
+                         + ("; a grey image: np.stack([img] * 3, -1)" if images.ndim == 2 else ""))
     if _single_image(images):
         images = images[None] if isinstance(images, torch.Tensor) else [images]
     if isinstance(images, torch.Tensor):
@@ -161,7 +164,11 @@ def _as_images(images, n: int):
                     raise FileNotFoundError(f"image {i}: {e}") from None
             elif isinstance(img, np.ndarray):
                 if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-                    raise ValueError(f"image {i}: arrays must be HxWx3 uint8, got {img.dtype} {img.shape}")
+                    hint = ("; drop the alpha channel (img[..., :3])" if img.ndim == 3 and img.shape[2] == 4 else
+                            "; a grey image: np.stack([img] * 3, -1)" if img.ndim == 2 else
+                            "; floats in [0, 1]: (img * 255).round().astype(np.uint8), or pass a tensor"
+                            if img.dtype.kind == "f" else "")
+                    raise ValueError(f"image {i}: arrays must be HxWx3 uint8, got {img.dtype} {img.shape}{hint}")
                 out.append(img)
             elif _is_pil(img):
                 out.append(np.array(img.convert("RGB")))

@@ -325,8 +325,14 @@ def test_bad_inputs(zmodel):
         s.score([_images(1)[0], "missing.png"], PROMPTS[:2])
     with pytest.raises(TypeError, match=r"uint8 \(0..255\) or floating point"):
         s.score(torch.zeros(1, 3, 28, 28, dtype=torch.int32), PROMPTS[:1])
-    with pytest.raises(ValueError, match="arrays must be HxWx3 uint8"):
+    with pytest.raises(ValueError, match=r"arrays must be HxWx3 uint8, .*; floats in \[0, 1\]: \(img \* 255\)"):
         s.score([np.zeros((28, 28, 3), dtype=np.float32)], PROMPTS[:1])
+    with pytest.raises(ValueError, match=r"arrays must be HxWx3 uint8, .*; drop the alpha channel"):
+        s.score([np.zeros((28, 28, 4), dtype=np.uint8)], PROMPTS[:1])
+    with pytest.raises(ValueError, match=r"arrays must be HxWx3 uint8, .*; a grey image"):
+        s.score([np.zeros((28, 28), dtype=np.uint8)], PROMPTS[:1])
+    with pytest.raises(ValueError, match=r"an image array must be HxWx3 .*got shape \(28, 28\); a grey image"):
+        s.score(np.zeros((28, 28), dtype=np.uint8), PROMPTS[0])  # alone: it was split into 28 rows
     with pytest.raises(ValueError, match=r"dimensions must be distinct, got \['realism', 'realism'\]"):
         s.score(_images(1), PROMPTS[:1], dimensions=["realism", "realism"])  # it would weigh twice in the reward
     with pytest.raises(ValueError, match="unknown dimension 'beauty'"):
