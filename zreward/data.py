@@ -131,7 +131,7 @@ def load_manifest(path: PathLike, dimensions: Optional[Sequence[str]] = None) ->
     path = Path(path)
     base = path.parent
     items = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -190,7 +190,7 @@ def import_rating_table(
     mean.  Axes missing from ``axis_map`` are skipped.  Items are sorted by (image, dimension).
     """
     collected: Dict[tuple, List[float]] = {}
-    with open(ratings_csv, newline="", encoding="utf-8") as f:
+    with open(ratings_csv, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         for col in (image_col, axis_col, rating_col):
             if col not in (reader.fieldnames or []):
@@ -219,7 +219,7 @@ def import_avt(root: PathLike) -> List[RatedItem]:
     """
     root = Path(root)
     prompts = {}
-    with open(root / "prompts.csv", newline="", encoding="utf-8") as f:
+    with open(root / "prompts.csv", newline="", encoding="utf-8-sig") as f:
         for row in csv.DictReader(f):
             prompts[row["ID"]] = row["prompts"]
     items = import_rating_table(

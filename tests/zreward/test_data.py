@@ -126,3 +126,22 @@ def test_write_manifest_checks_before_writing_and_takes_paths_and_numpy(tmp_path
     (back,) = load_manifest(path)
     assert back.image == str(tmp_path / "i.png") and back.score == 3.5 and back.ratings == [3.0, 4.0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.jsonl"]  # no temporary file left
+
+
+def test_files_saved_with_a_byte_order_mark_load(tmp_path):
+    """Excel and many Windows tools write UTF-8 with a byte-order mark: the manifest's first line was
+    'invalid JSON (Unexpected UTF-8 BOM)', a rating table's first column was not found, a config
+    was not valid JSON."""
+    from zreward.data import import_rating_table
+    from zreward.train.config import TrainConfig
+
+    line = json.dumps({"prompt": "a car", "image": "a.png", "dimension": "realism", "score": 4.0})
+    (tmp_path / "m.jsonl").write_text(line + "\n", encoding="utf-8-sig")
+    (item,) = load_manifest(tmp_path / "m.jsonl")
+    assert item.prompt == "a car" and item.score == 4.0
+    (tmp_path / "r.csv").write_text("image,axis,rating\nsd/p1,realism,4\nsd/p1,realism,5\n", encoding="utf-8-sig")
+    (item,) = import_rating_table(tmp_path / "r.csv", image_path_of=str, prompt_of=lambda k: "p", group_of=str,
+                                  axis_map={"realism": "realism"})
+    assert item.ratings == [4.0, 5.0] and item.id == "sd/p1"
+    (tmp_path / "c.json").write_text('{"method": "sft", "model": "m", "output_dir": "o"}', encoding="utf-8-sig")
+    assert TrainConfig.from_file(str(tmp_path / "c.json")).method == "sft"

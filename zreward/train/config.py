@@ -112,7 +112,7 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str, **overrides) -> "TrainConfig":
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             try:
                 data = json.load(f)
             except json.JSONDecodeError as exc:
