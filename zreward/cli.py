@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print which kernel backends are available")
     p.set_defaults(fn=info)
     p = sub.add_parser("train", help="train a reward model (sft, risd, gdso, grpo, opd)")
-    p.add_argument("method", help="sft | risd | gdso | grpo | opd (overrides the config's method)")
+    p.add_argument("method", help="sft | risd | gdso | grpo | opd (overrides the config's method; "
+                                  "a warning says so when they differ)")
     p.add_argument("--config", required=True, help="JSON config (see zreward.train.config for every key)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     p.add_argument("--overwrite-output-dir", action="store_true",

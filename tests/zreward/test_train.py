@@ -314,6 +314,9 @@ def test_bad_configs_fail_fast_before_loading_a_model(tmp_path):
     bad.write_text(json.dumps({"method": "sft", "model": missing, "output_dir": "o", "learning_rate": 1}))
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['learning_rate'\]"):
         TrainConfig.from_file(str(bad))
+    bad.write_text(json.dumps({"method": "gdso", "model": missing, "output_dir": "o"}))
+    with pytest.warns(UserWarning, match=r"the command line overrides method='gdso' with 'sft'"):
+        assert TrainConfig.from_file(str(bad), method="sft").method == "sft"  # `zreward train sft --config gdso.json`
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         TrainConfig.from_file(str(bad))
@@ -348,6 +351,7 @@ def test_item_problems_found_before_the_first_step(base, tmp_path):
         train(dataclasses.replace(cfg, output_dir=str(tmp_path / "d"), max_steps=1), items=items)
 
 
+@pytest.mark.filterwarnings("ignore:.*the command line overrides method")
 def test_train_cli_on_a_manifest(base, tmp_path, capsys):
     from PIL import Image
 
@@ -364,7 +368,8 @@ def test_train_cli_on_a_manifest(base, tmp_path, capsys):
     cfg.write_text(json.dumps({"method": "risd", "model": base, "output_dir": str(tmp_path / "run"),
                                "train_manifest": str(tmp_path / "train.jsonl"), "max_steps": 3, "batch_size": 4,
                                "save_every": 0}))
-    assert main(["train", "sft", "--config", str(cfg)]) == 0  # the command line's method wins
+    with pytest.warns(UserWarning, match="the command line overrides method='risd' with 'sft'"):
+        assert main(["train", "sft", "--config", str(cfg)]) == 0  # the command line's method wins
     last = json.loads(capsys.readouterr().out)
     assert last["step"] == 3 and last["kl"] == 0.0 and last["ce"] > 0  # it ran sft, not the file's risd
     assert (tmp_path / "run" / "final" / "zreward_config.json").exists()

@@ -53,6 +53,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
@@ -119,7 +120,12 @@ class TrainConfig:
                 raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: the config must be a JSON object")
-        data.update({k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        changed = sorted(k for k in given if k in data and data[k] != given[k])
+        if changed:  # `zreward train sft --config gdso.json` is more often a slip than a plan
+            what = ", ".join(f"{k}={data[k]!r} with {given[k]!r}" for k in changed)
+            warnings.warn(f"{path}: the command line overrides {what}", stacklevel=2)
+        data.update(given)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
