@@ -72,7 +72,8 @@ class Rubric:
             raise ValueError(f"rubric descriptions missing for {missing}")
         if (len(self.bin_values) < 2 or not all(math.isfinite(v) for v in self.bin_values)
                 or any(b <= a for a, b in zip(self.bin_values, self.bin_values[1:]))):
-            raise ValueError(f"bin_values must be at least two finite, strictly increasing values, got {self.bin_values}")
+            raise ValueError(f"bin_values must be at least two finite, strictly increasing values, "
+                             f"got {self.bin_values}")
         if self.weights is None:
             self.weights = tuple(1.0 / len(self.dimensions) for _ in self.dimensions)
         self.weights = tuple(float(w) for w in self.weights)
