@@ -192,8 +192,8 @@ class RewardScorer:
         accelerate's ``mixed_precision`` decide.  ``layout`` places the D dimension suffixes after
         the shared prefix: ``"packed"`` (one row per image, block mask), ``"repeat"`` (the cache
         repeated D times) or ``"auto"`` (packed under SDPA and eager attention, repeat otherwise)."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if layout not in ("auto", "packed", "repeat"):
             raise ValueError(f"layout must be 'auto', 'packed' or 'repeat', got {layout!r}")
         self.layout = layout

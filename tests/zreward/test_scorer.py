@@ -308,6 +308,9 @@ def test_save_and_reload_offline(zmodel, tmp_path):
 
 
 def test_bad_inputs(zmodel):
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1, got"):
+            RewardScorer(zmodel, batch_size=bad)
     s = RewardScorer(zmodel)
     with pytest.raises(ValueError, match=r"got 1 images for 2 prompts"):
         s.score(_images(1), PROMPTS[:2])
