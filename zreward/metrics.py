@@ -35,8 +35,9 @@ PRED_TIES = ("wrong", "half", "skip")
 def _np(x, name: Optional[str] = None) -> np.ndarray:
     """``x`` as a float64 array; with ``name``, NaN or inf is refused naming the argument (scipy's
     own message names neither, and a NaN prediction would silently count as a wrong pair in HPA)."""
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
+    if hasattr(x, "detach"):  # a torch tensor, of any dtype (numpy has no bfloat16) and device
+        x = x.detach().cpu()
+        x = (x.double() if x.is_floating_point() else x).numpy()
     a = np.asarray(x, dtype=np.float64)
     if name is not None and not np.isfinite(a).all():
         bad = np.flatnonzero(~np.isfinite(a.ravel()))

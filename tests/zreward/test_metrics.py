@@ -57,6 +57,18 @@ def test_logistic_plcc_linearises_a_monotone_map():
     assert M.plcc(x, y, logistic=True) > 0.999
 
 
+def test_torch_tensors_of_any_dtype():
+    """Predictions straight from a model: bf16 tensors failed ('Got unsupported ScalarType BFloat16',
+    numpy has none); fp16/bf16/fp32 tensors and int tensors for groups give the float64 results."""
+    rng = np.random.default_rng(0)
+    pred, ref = rng.integers(1, 10, 40) / 2.0, rng.integers(1, 10, 40) / 2.0  # exact in bf16
+    groups, dims = np.repeat(np.arange(10), 4), ["realism"] * 40
+    want = M.evaluate(pred, ref, groups, dims)
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        got = M.evaluate(torch.tensor(pred).to(dt), torch.tensor(ref).to(dt), torch.tensor(groups), dims)
+        assert got == want, dt
+
+
 def test_small_sets_give_nan_not_an_error():
     """A dimension with 3 items (a small eval set, a periodic evaluation) stopped the whole evaluation:
     scipy's curve_fit raises a TypeError for fewer points than the logistic's 4 parameters."""
