@@ -105,36 +105,60 @@ def _load_scorer(args):
     return RewardScorer(model, batch_size=args.batch_size)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def _image_paths(paths):
+    """Image files, a directory standing for the image files in it (sorted by name, not recursive)."""
+    out = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(path, n) for n in os.listdir(path) if n.lower().endswith(IMAGE_SUFFIXES))
+            if not found:
+                raise SystemExit(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in directory {path}")
+            out.extend(found)
+        else:
+            out.append(path)
+    return out
+
+
 def score_cmd(args) -> int:
+    from .evaluate import _progress
     from .scorer import read_image
 
+    paths = _image_paths(args.images)
     prompts = args.prompt
-    if len(prompts) == 1 and len(args.images) > 1:
-        prompts = prompts * len(args.images)
-    if len(prompts) != len(args.images):
-        raise SystemExit(f"give one --prompt, or one per image ({len(args.images)}), got {len(prompts)}")
-    pics = []
-    for path in args.images:
-        try:
-            pics.append(read_image(path))
-        except FileNotFoundError as e:
-            raise SystemExit(f"image not found: {path}") from e
+    if len(prompts) == 1 and len(paths) > 1:
+        prompts = prompts * len(paths)
+    if len(prompts) != len(paths):
+        raise SystemExit(f"give one --prompt, or one per image ({len(paths)}), got {len(prompts)}")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:  # all of them before any is scored
+        raise SystemExit(f"image not found: {missing[0]}" + (f" ({len(missing)} missing)" if len(missing) > 1 else ""))
     scorer = _load_scorer(args)
-    out = scorer.score(pics, prompts, args.dimensions)
-    rows = []
-    for i, path in enumerate(args.images):
-        row = {"image": path, "prompt": prompts[i], "reward": float(out.reward[i])}
-        for j, d in enumerate(out.dimensions):
-            row[d] = {"mean": float(out.mean[i, j]), "std": float(out.std[i, j]),
-                      "probs": [round(float(x), 6) for x in out.probs[i, j]]}
-        rows.append(row)
+    rows, dims = [], None
+    bs = args.batch_size
+    bar = _progress(len(paths), "scoring") if len(paths) > bs else None
+    for s in range(0, len(paths), bs):  # images are read batch by batch, not all at once
+        out = scorer.score([read_image(p) for p in paths[s:s + bs]], prompts[s:s + bs], args.dimensions)
+        dims = out.dimensions
+        for i, path in enumerate(paths[s:s + bs]):
+            row = {"image": path, "prompt": prompts[s + i], "reward": float(out.reward[i])}
+            for j, d in enumerate(dims):
+                row[d] = {"mean": float(out.mean[i, j]), "std": float(out.std[i, j]),
+                          "probs": [round(float(x), 6) for x in out.probs[i, j]]}
+            rows.append(row)
+        if bar is not None:
+            bar.update(len(paths[s:s + bs]))
+    if bar is not None:
+        bar.close()
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print("| image | reward | " + " | ".join(f"{d} (mean +- std)" for d in out.dimensions) + " |")
-        print("|---|---|" + "---|" * len(out.dimensions))
+        print("| image | reward | " + " | ".join(f"{d} (mean +- std)" for d in dims) + " |")
+        print("|---|---|" + "---|" * len(dims))
         for r in rows:
-            cells = " | ".join(f"{r[d]['mean']:.3f} +- {r[d]['std']:.3f}" for d in out.dimensions)
+            cells = " | ".join(f"{r[d]['mean']:.3f} +- {r[d]['std']:.3f}" for d in dims)
             print(f"| {r['image']} | {r['reward']:.3f} | {cells} |")
     return 0
 
@@ -201,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto")
         p.add_argument("--batch-size", type=int, default=16)
         if name == "score":
-            p.add_argument("images", nargs="+", help="image files")
+            p.add_argument("images", nargs="+", help="image files, or directories (the image files in them, by name)")
             p.add_argument("--prompt", action="append", required=True, help="the prompt (once, or once per image)")
             p.add_argument("--dimensions", nargs="+", default=None)
             p.add_argument("--json", action="store_true", help="print JSON instead of a table")

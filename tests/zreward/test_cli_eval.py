@@ -65,6 +65,36 @@ def test_score_prints_json(saved, capsys):
     assert rows[0]["reward"] == pytest.approx(rows[0]["realism"]["mean"])
 
 
+def test_score_a_directory_in_batches(saved, capsys, monkeypatch):
+    """A directory stands for its image files (sorted by name); images are read batch by batch (they
+    were all read into memory first) and every path is checked before any scoring."""
+    import zreward.scorer
+
+    (saved / "img" / "notes.txt").write_text("not an image")
+    reads = []
+    real = zreward.scorer.read_image
+    monkeypatch.setattr(zreward.scorer, "read_image", lambda p: reads.append(p) or real(p))
+    seen = []  # images read when each batch is scored
+    score = zreward.scorer.RewardScorer.score
+    monkeypatch.setattr(zreward.scorer.RewardScorer, "score", lambda self, *a, **k: seen.append(len(reads))
+                        or score(self, *a, **k))
+    assert main(["score", "--model", str(saved / "model"), str(saved / "img"), "--prompt", "a red car", "--json",
+                 "--batch-size", "4", "--dimensions", "realism"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    names = sorted(p.name for p in (saved / "img").glob("*.png"))
+    assert [r["image"].rsplit("/", 1)[1] for r in rows] == names and len(rows) == 9 == len(reads)
+    assert seen == [4, 8, 9]
+    one = json.loads((main(["score", "--model", str(saved / "model"), str(saved / "img" / names[5]), "--prompt",
+                            "a red car", "--json", "--dimensions", "realism"]), capsys.readouterr().out)[1])
+    assert one[0]["realism"]["mean"] == pytest.approx(rows[5]["realism"]["mean"], abs=1e-5)  # batching is invariant
+    (saved / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no image files .* in directory"):
+        main(["score", "--model", str(saved / "model"), str(saved / "empty"), "--prompt", "x"])
+    with pytest.raises(SystemExit, match=r"image not found: .*gone.png \(2 missing\)"):
+        main(["score", "--model", str(saved / "model"), str(saved / "gone.png"), str(saved / "img"),
+              str(saved / "gone2.png"), "--prompt", "x"])
+
+
 def test_cli_errors(saved):
     with pytest.raises(SystemExit, match="is not a directory"):
         main(["score", "--model", str(saved / "nope"), str(saved / "img" / "0_0.png"), "--prompt", "x"])
