@@ -80,9 +80,25 @@ def demo(args) -> int:
     return 0
 
 
+def _device(name: str) -> torch.device:
+    """``--device``: ``auto`` (CUDA when available), or a torch device that exists here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name!r}, but no CUDA device is available here (torch {torch.__version__}); "
+                         "use --device auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SystemExit(f"--device {name!r}, but there are {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def ops(args) -> int:
     """Forward+backward time of every fused op against its reference on this device."""
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device)
     gen = torch.Generator().manual_seed(0)
     print(f"forward+backward time per call on {device} ({args.rows} rows; ms):")
     print("| op | reference (eager) | fused Triton / compiled op |")
@@ -100,7 +116,7 @@ def _load_scorer(args):
 
     if not os.path.isdir(args.model):
         raise SystemExit(f"--model {args.model!r} is not a directory (a ZRewardModel saved with save_pretrained)")
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device)
     model = ZRewardModel.from_pretrained(args.model, device=device)
     return RewardScorer(model, batch_size=args.batch_size)
 
@@ -249,11 +265,16 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if argv is not None or os.environ.get("ZREWARD_TRACEBACK", "0") not in ("", "0"):
         return args.fn(args)
+    import sys
+
     try:
         return args.fn(args)
+    except SystemExit as exc:  # the commands' own checks (a missing image, a bad --device)
+        if not isinstance(exc.code, str):
+            raise
+        print(f"zreward {args.command}: error: {exc.code}", file=sys.stderr)
+        return 2
     except USER_ERRORS as exc:
-        import sys
-
         what = f"{type(exc).__name__}: " if not isinstance(exc, ValueError) else ""
         print(f"zreward {args.command}: error: {what}{exc}", file=sys.stderr)
         return 2

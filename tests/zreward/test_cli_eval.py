@@ -95,6 +95,30 @@ def test_score_a_directory_in_batches(saved, capsys, monkeypatch):
               str(saved / "gone2.png"), "--prompt", "x"])
 
 
+def test_a_device_that_is_not_here_is_refused(saved, tmp_path):
+    """--device cuda without CUDA failed deep in torch; a training config's device='cuda' quietly
+    trained on the CPU (accelerate falls back)."""
+    import torch
+
+    from zreward.train import TrainConfig, train
+
+    img = str(saved / "img" / "0_0.png")
+    with pytest.raises(SystemExit, match=r"--device 'gpu' is not a device"):
+        main(["score", "--model", str(saved / "model"), img, "--prompt", "x", "--device", "gpu"])
+    if torch.cuda.is_available():
+        return
+    with pytest.raises(SystemExit, match=r"--device 'cuda', but no CUDA device is available here"):
+        main(["score", "--model", str(saved / "model"), img, "--prompt", "x", "--device", "cuda"])
+    with pytest.raises(SystemExit, match=r"--device 'cuda:1', but no CUDA device"):
+        main(["ops", "--device", "cuda:1", "--rows", "64"])
+    items = load_manifest(saved / "m.jsonl")
+    cfg = TrainConfig(method="sft", model=str(saved / "model"), output_dir=str(tmp_path / "o"), batch_size=2,
+                      device="cuda")
+    with pytest.raises(ValueError, match=r"device='cuda', but no CUDA device is available here"):
+        train(cfg, items=items)
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
 def test_cli_errors(saved):
     with pytest.raises(SystemExit, match="is not a directory"):
         main(["score", "--model", str(saved / "nope"), str(saved / "img" / "0_0.png"), "--prompt", "x"])
@@ -120,6 +144,9 @@ def test_shell_errors_are_one_line_not_a_traceback(saved):
     assert r.returncode == 1 and "Traceback" in r.stderr and "ValueError: unknown dimension" in r.stderr
     with pytest.raises(ValueError, match="unknown dimension"):  # from Python, the exception propagates
         main(cmd[3:])
+    r = subprocess.run(cmd[:6] + [str(saved / "gone.png"), "--prompt", "x"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().endswith("zreward score: error: image not found: " +
+                                                           str(saved / "gone.png")), r.stderr[-2000:]
 
 
 def test_eval_finds_a_missing_image_before_scoring(saved, monkeypatch):

@@ -178,6 +178,9 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
           resume: bool = False, on_step: Optional[Callable[[int, Dict], None]] = None) -> Dict:
     """Run ``cfg.method``; returns the last logged metrics.  See the module docstring."""
     cfg.validate(has_items=items is not None)
+    if cfg.device == "cuda" and not torch.cuda.is_available():  # accelerate would quietly train on the CPU
+        raise ValueError(f"device='cuda', but no CUDA device is available here (torch {torch.__version__}); "
+                           "use device='auto' or 'cpu'")
     previous = [] if resume else _previous_run(cfg.output_dir)
     if previous and not cfg.overwrite_output_dir:
         raise ValueError(f"output_dir {cfg.output_dir!r} holds a previous run ({', '.join(previous[:4])}"
