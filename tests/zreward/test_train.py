@@ -298,6 +298,8 @@ def test_bad_configs_fail_fast_before_loading_a_model(tmp_path):
     for kw, exc, msg in cases:
         with pytest.raises(exc, match=msg):
             train(TrainConfig(model=missing, output_dir=str(tmp_path / "o"), **kw), items=items)
+    # every field is of a kind the type check covers (a new kind would go unchecked)
+    assert {f.type for f in dataclasses.fields(TrainConfig)} == {"float", "int", "str", "bool", "Optional[str]"}
     unlabelled = [RatedItem(prompt="x", image=np.zeros((28, 28, 3), np.uint8), dimension="realism")] * 4
     with pytest.raises(ValueError, match="needs a score or ratings on every item"):
         train(TrainConfig(method="sft", model=missing, output_dir=str(tmp_path / "o"), batch_size=2), items=unlabelled)

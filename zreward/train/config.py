@@ -210,18 +210,19 @@ class TrainConfig:
         as a comparison (NaN) or make the run diverge (an infinite learning rate)."""
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.type == "float":
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))  # "float", ...
+            if kind == "float":
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                     raise ValueError(f"{f.name} must be a finite number, got {v!r}")
-            elif f.type == "int":
+            elif kind == "int":
                 if isinstance(v, bool) or not isinstance(v, int):
                     raise ValueError(f"{f.name} must be an integer, got {v!r}")
             elif f.name in PATH_FIELDS:
                 if isinstance(v, os.PathLike):  # a pathlib.Path from Python: kept as a string (the config is JSON)
                     setattr(self, f.name, os.fspath(v))
-                elif not (isinstance(v, str) or (v is None and f.type == "Optional[str]")):
+                elif not (isinstance(v, str) or (v is None and "Optional" in kind)):
                     raise ValueError(f"{f.name} must be a path (a string), got {v!r}")
-            elif f.type == "str" and not isinstance(v, str):
+            elif kind == "str" and not isinstance(v, str):
                 raise ValueError(f"{f.name} must be a string, got {v!r}")
 
     def needs_labels(self) -> bool:
