@@ -156,16 +156,17 @@ def score_cmd(args) -> int:
     bs = args.batch_size
     bar = _progress(len(paths), "scoring") if len(paths) > bs else None
     for s in range(0, len(paths), bs):  # images are read batch by batch, not all at once
-        out = scorer.score([read_image(p) for p in paths[s:s + bs]], prompts[s:s + bs], args.dimensions)
+        chunk = paths[s:s + bs]
+        out = scorer.score([read_image(p) for p in chunk], prompts[s:s + bs], args.dimensions)
         dims = out.dimensions
-        for i, path in enumerate(paths[s:s + bs]):
+        for i, path in enumerate(chunk):
             row = {"image": path, "prompt": prompts[s + i], "reward": float(out.reward[i])}
             for j, d in enumerate(dims):
                 row[d] = {"mean": float(out.mean[i, j]), "std": float(out.std[i, j]),
                           "probs": [round(float(x), 6) for x in out.probs[i, j]]}
             rows.append(row)
         if bar is not None:
-            bar.update(len(paths[s:s + bs]))
+            bar.update(len(chunk))
     if bar is not None:
         bar.close()
     if args.json:
