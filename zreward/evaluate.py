@@ -158,11 +158,8 @@ def report_items(labelled: List[RatedItem], mean, probs, bin_values) -> Dict:
 
 def write_plots(out_dir, mean, ref, probs, groups, dims, report) -> List[str]:
     """Reliability diagram, predicted-vs-reference scatter, per-dimension bars (needs matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # Figure, not pyplot: no global backend switch in the caller's process (a notebook keeps its own)
+        from matplotlib.figure import Figure
     except ImportError:
         print("matplotlib is not installed: no plots (pip install 'zreward[plots]')")
         return []
@@ -170,7 +167,8 @@ def write_plots(out_dir, mean, ref, probs, groups, dims, report) -> List[str]:
     grp = [f"{d}/{g}" for g, d in zip(groups, dims)]
     cal = pairwise_calibration(probs, ref, grp)
     if cal is not None:
-        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        fig = Figure(figsize=(4.5, 4.5))
+        ax = fig.subplots()
         m = cal["count"] > 0
         centers = 0.5 * (cal["edges"][1:] + cal["edges"][:-1])
         ax.bar(centers[m], cal["accuracy"][m], width=0.045, alpha=0.7, label="accuracy")
@@ -185,8 +183,8 @@ def write_plots(out_dir, mean, ref, probs, groups, dims, report) -> List[str]:
         fig.tight_layout()
         written.append(os.path.join(out_dir, "reliability.png"))
         fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5, 4.5))
+    fig = Figure(figsize=(5, 4.5))
+    ax = fig.subplots()
     for d in sorted(set(dims)):
         sel = np.array([x == d for x in dims])
         ax.scatter(ref[sel], mean[sel], s=12, alpha=0.7, label=d)
@@ -197,9 +195,9 @@ def write_plots(out_dir, mean, ref, probs, groups, dims, report) -> List[str]:
     fig.tight_layout()
     written.append(os.path.join(out_dir, "scatter.png"))
     fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
     names = [d for d in report if not d.startswith("_") and d != "pooled"]
-    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.5))
+    fig = Figure(figsize=(1.6 * len(names) + 2, 3.5))
+    ax = fig.subplots()
     x = np.arange(len(names))
     for j, key in enumerate(("hpa", "margin_hpa", "srcc")):
         ax.bar(x + (j - 1) * 0.27, [report[n][key] for n in names], width=0.27, label=key)
@@ -211,7 +209,6 @@ def write_plots(out_dir, mean, ref, probs, groups, dims, report) -> List[str]:
     fig.tight_layout()
     written.append(os.path.join(out_dir, "dimensions.png"))
     fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
     return written
 
 

@@ -56,6 +56,22 @@ def test_eval_writes_metrics_predictions_and_plots(saved, capsys):
         assert "9/9 [" in cap.err and "img/s" in cap.err, cap.err[-500:]  # the bar counts images (it counted batches)
 
 
+def test_plots_leave_the_callers_matplotlib_backend(saved):
+    """The plots were drawn through pyplot after matplotlib.use('Agg'), which switched the backend of
+    the caller's whole process (a notebook's inline plots stopped showing); they now use Figure."""
+    matplotlib = pytest.importorskip("matplotlib")
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # standing in for a notebook's backend
+    try:
+        assert main(["eval", "--model", str(saved / "model"), "--manifest", str(saved / "m.jsonl"), "--out",
+                     str(saved / "ev")]) == 0
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    for name in ("reliability.png", "scatter.png", "dimensions.png"):
+        assert (saved / "ev" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_score_prints_json(saved, capsys):
     img = str(saved / "img" / "0_0.png")
     assert main(["score", "--model", str(saved / "model"), img, img, "--prompt", "a red car", "--json",

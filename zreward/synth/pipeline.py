@@ -310,15 +310,13 @@ def results_markdown(summary: Dict) -> str:
 
 
 def write_demo_plots(out_dir: str, summary: Dict, test_items: List[RatedItem]) -> List[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # Figure, not pyplot: no global backend switch in the caller's process
+        from matplotlib.figure import Figure
     except ImportError:
         return []
     written = []
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2, sharey=True)
     panels = {"direct": ("sft_teacher", "sft_student", "risd_student"), "policy": ("grpo_teacher", "gdso_teacher",
                                                                                    "opd_student")}
     for ax, (kind, names) in zip(axes, panels.items()):
@@ -335,7 +333,6 @@ def write_demo_plots(out_dir: str, summary: Dict, test_items: List[RatedItem]) -
     fig.tight_layout()
     written.append(os.path.join(out_dir, "hpa_over_steps.png"))
     fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
     risd = os.path.join(out_dir, "risd_student", "final")
     if os.path.isdir(risd):
         zm = ZRewardModel.from_pretrained(risd)
@@ -343,11 +340,11 @@ def write_demo_plots(out_dir: str, summary: Dict, test_items: List[RatedItem]) -
                        plots=True, progress=False)
         written.append(os.path.join(out_dir, "risd_eval", "reliability.png"))
         written.append(os.path.join(out_dir, "risd_eval", "scatter.png"))
-        written.append(_distribution_plot(out_dir, test_items, plt))
+        written.append(_distribution_plot(out_dir, test_items, Figure))
     return written
 
 
-def _distribution_plot(out_dir: str, test_items: List[RatedItem], plt) -> str:
+def _distribution_plot(out_dir: str, test_items: List[RatedItem], Figure) -> str:
     """Per dimension: the RISD student's mean predicted distribution over the bins against the raters' histogram."""
     from ..metrics import rater_histograms
 
@@ -355,7 +352,8 @@ def _distribution_plot(out_dir: str, test_items: List[RatedItem], plt) -> str:
         preds = [json.loads(x) for x in f]
     by_key = {(it.id, it.dimension): it for it in test_items}
     bins = WORLD_RUBRIC.bin_values
-    fig, axes = plt.subplots(1, len(DIMENSIONS), figsize=(3.2 * len(DIMENSIONS), 3), sharey=True)
+    fig = Figure(figsize=(3.2 * len(DIMENSIONS), 3))
+    axes = fig.subplots(1, len(DIMENSIONS), sharey=True)
     for ax, d in zip(axes, DIMENSIONS):
         rows = [p for p in preds if p["dimension"] == d]
         model = np.mean([p["probs"] for p in rows], axis=0)
@@ -370,7 +368,6 @@ def _distribution_plot(out_dir: str, test_items: List[RatedItem], plt) -> str:
     fig.tight_layout()
     path = os.path.join(out_dir, "score_distributions.png")
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
