@@ -1,6 +1,7 @@
 """Rated-item manifests (JSONL) and importers for per-rater rating tables.
 
-Manifest format: one JSON object per line, one line per (image, dimension)::
+Manifest format: one JSON object per line, one line per (image, dimension) (a JSON file holding one
+array of the same objects is read too)::
 
     {"prompt": "a red car", "image": "images/sd/p01.jpg", "dimension": "alignment",
      "score": 4.5, "ratings": [4, 5, 4, 5], "group": "p01", "id": "sd/p01"}
@@ -127,11 +128,22 @@ def parse_record(obj: Mapping, where: str = "record", base_dir: Optional[Path] =
 
 
 def load_manifest(path: PathLike, dimensions: Optional[Sequence[str]] = None) -> List[RatedItem]:
-    """Read a JSONL manifest; relative image paths are resolved against the manifest's folder."""
+    """Read a JSONL manifest (or a JSON file holding one array of such records); relative image paths
+    are resolved against the manifest's folder."""
     path = Path(path)
     base = path.parent
     items = []
     with open(path, encoding="utf-8-sig") as f:
+        head = f.read(4096).lstrip()
+        f.seek(0)
+        if head.startswith("["):  # a JSON array of records, as json.dump(list) writes it
+            try:
+                records = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+            if not isinstance(records, list):
+                raise ValueError(f"{path}: expected a JSON array of records")
+            return [parse_record(obj, f"{path}: record {i}", base, dimensions) for i, obj in enumerate(records)]
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -145,3 +145,15 @@ def test_files_saved_with_a_byte_order_mark_load(tmp_path):
     assert item.ratings == [4.0, 5.0] and item.id == "sd/p1"
     (tmp_path / "c.json").write_text('{"method": "sft", "model": "m", "output_dir": "o"}', encoding="utf-8-sig")
     assert TrainConfig.from_file(str(tmp_path / "c.json")).method == "sft"
+
+
+def test_a_json_array_manifest_loads_like_jsonl(tmp_path):
+    """A JSON file holding one array of records (json.dump of a list) failed on its first line ('[')."""
+    recs = [{"prompt": "a car", "image": "a.png", "dimension": "realism", "score": 4.0},
+            {"prompt": "a dog", "image": "b.png", "dimension": "alignment", "ratings": [3, 4, 5]}]
+    (tmp_path / "m.json").write_text(json.dumps(recs, indent=2))
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert load_manifest(tmp_path / "m.json") == load_manifest(tmp_path / "m.jsonl")
+    (tmp_path / "bad.json").write_text(json.dumps([recs[0], {"prompt": "x", "image": "c.png"}]))
+    with pytest.raises(ValueError, match=r"bad.json: record 1: 'dimension' must be a non-empty string"):
+        load_manifest(tmp_path / "bad.json")
