@@ -24,6 +24,7 @@ Inputs may be tensors, arrays or lists; computation is float64 numpy/scipy.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Dict, Optional, Sequence
 
@@ -90,6 +91,8 @@ def hpa(pred, ref, groups, margin: float = 0.0, pred_ties: str = "wrong") -> flo
     """
     if pred_ties not in PRED_TIES:
         raise ValueError(f"pred_ties must be one of {PRED_TIES}, got {pred_ties!r}")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 0:
+        raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")  # NaN gave HPA NaN, silently
     p, r = _np(pred, "pred").ravel(), _np(ref, "ref").ravel()
     g = np.asarray(groups.detach().cpu() if hasattr(groups, "detach") else groups).ravel()
     if not (p.shape == r.shape == g.shape):

@@ -171,6 +171,9 @@ def test_bad_inputs_are_named():
     groups, dims = ["a", "a", "b", "b"], ["realism"] * 4
     with pytest.raises(ValueError, match=r"pred must be finite; found nan at flat index 1 \(1 non-finite"):
         M.evaluate(pred, ref, groups, dims)
+    for bad in (float("nan"), -1.0, "0.5"):  # NaN gave HPA NaN, a string a numpy ufunc error
+        with pytest.raises(ValueError, match="margin must be a finite number >= 0"):
+            M.hpa(ref, ref, groups, margin=bad)
     with pytest.raises(ValueError, match="pred must be finite"):
         M.hpa(pred, ref, groups)
     with pytest.raises(ValueError, match="ref must be finite; found inf"):
