@@ -221,6 +221,8 @@ def pairwise_calibration(probs, ref, groups, n_bins: int = 10) -> Optional[Dict[
     predicted winner comes first (confidence in [0.5, 1]); returns per confidence bin the ``count``,
     mean ``confidence`` and ``accuracy`` (NaN for empty bins), and the bin ``edges``.
     """
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
     pr = _np(probs, "probs")
     r = _np(ref, "ref").ravel()
     g = np.asarray(groups.detach().cpu() if hasattr(groups, "detach") else groups).ravel()

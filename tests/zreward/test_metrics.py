@@ -174,6 +174,10 @@ def test_bad_inputs_are_named():
     for bad in (float("nan"), -1.0, "0.5"):  # NaN gave HPA NaN, a string a numpy ufunc error
         with pytest.raises(ValueError, match="margin must be a finite number >= 0"):
             M.hpa(ref, ref, groups, margin=bad)
+    probs = np.full((4, 9), 1 / 9)
+    for bad in (0, 2.5, True):  # numpy's messages named neither the argument nor the function
+        with pytest.raises(ValueError, match="n_bins must be a positive integer"):
+            M.pairwise_ece(probs, ref, groups, n_bins=bad)
     with pytest.raises(ValueError, match="pred must be finite"):
         M.hpa(pred, ref, groups)
     with pytest.raises(ValueError, match="ref must be finite; found inf"):
