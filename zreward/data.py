@@ -86,6 +86,16 @@ def atomic_path(path: PathLike):
             os.remove(tmp)
 
 
+def read_json(path: PathLike):
+    """A JSON file (UTF-8; a byte-order mark, as Excel and Windows tools write, is allowed); a parse
+    error names the file and line."""
+    with open(path, encoding="utf-8-sig") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
 def _content_id(image) -> str:
     """A stable name for an in-memory image: a hash of its shape, dtype and pixels."""
     import numpy as np
@@ -137,10 +147,7 @@ def load_manifest(path: PathLike, dimensions: Optional[Sequence[str]] = None) ->
         head = f.read(4096).lstrip()
         f.seek(0)
         if head.startswith("["):  # a JSON array of records, as json.dump(list) writes it
-            try:
-                records = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+            records = read_json(path)
             if not isinstance(records, list):
                 raise ValueError(f"{path}: expected a JSON array of records")
             return [parse_record(obj, f"{path}: record {i}", base, dimensions) for i, obj in enumerate(records)]

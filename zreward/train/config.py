@@ -50,7 +50,6 @@ Common fields
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -113,11 +112,9 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str, **overrides) -> "TrainConfig":
-        with open(path, encoding="utf-8-sig") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        from ..data import read_json
+
+        data = read_json(path)
         if not isinstance(data, dict):
             raise ValueError(f"{path}: the config must be a JSON object")
         given = {k: v for k, v in overrides.items() if v is not None}
