@@ -109,7 +109,7 @@ def evaluate_items(scorer: RewardScorer, items: List[RatedItem], out_dir: Option
     dims = [it.dimension for it in labelled]
     report = _report(labelled, mean, probs, scorer.model.rubric.bin_values)
     report["_meta"] = {"items": len(labelled), "skipped_unlabelled": len(items) - len(labelled),
-                       "images": len({(it.image if isinstance(it.image, str) else it.id, it.prompt) for it in labelled})}
+                       "images": len({image_key(it) for it in labelled})}
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:

@@ -271,7 +271,7 @@ class RewardScorer:
         # the layout is stated, not inferred: HF guesses channels-first for an HxWx3 array whose height
         # is 1 or 3 (or up to 4 in recent releases), silently scoring scrambled pixels
         extra = {"input_data_format": "channels_last"}  # _as_images gives HxWx3 uint8 arrays
-        if isinstance(images, torch.Tensor) or (images and isinstance(images[0], torch.Tensor)):
+        if tensor_images(images):  # _as_images gave a batch, or a list of tensors only
             extra = {"do_rescale": False, "input_data_format": "channels_first"}  # [3, H, W] in [0, 1]
             images = list(images)
         tracked = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in images)
