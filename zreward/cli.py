@@ -81,13 +81,15 @@ def demo(args) -> int:
 
 
 def _device(name: str) -> torch.device:
-    """``--device``: ``auto`` (CUDA when available), or a torch device that exists here."""
+    """``--device``: ``auto`` (CUDA when available), ``cpu``, or a CUDA device that exists here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
         raise SystemExit(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type not in ("cpu", "cuda"):  # meta, mps, xpu, ...: nothing here is built or tested for them
+        raise SystemExit(f"--device {name!r}: zreward runs on cpu or cuda (or auto)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {name!r}, but no CUDA device is available here (torch {torch.__version__}); "
                          "use --device auto or cpu")
@@ -208,6 +210,21 @@ def info(_args) -> int:
     return 0
 
 
+def _int_at_least(low: int):
+    """An argparse type: an integer >= ``low`` (argparse names the flag in its error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # argparse's messages name the type
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``zreward`` command line (every subcommand; ``main`` parses and runs)."""
     parser = argparse.ArgumentParser(prog="zreward", description=__doc__.splitlines()[0])
@@ -219,10 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=["quick", "full"], default="quick",
                    help="quick: about 2 min on 2 CPU cores; full: the README's table (about 11 min)")
     p.add_argument("--out", default="demo_out", help="folder for models, results.md/json and plots")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.set_defaults(fn=demo)
     p = sub.add_parser("ops", help="time every fused op against its reference on this device")
-    p.add_argument("--rows", type=int, default=16384)
+    p.add_argument("--rows", type=_int_at_least(1), default=16384,
+                   help="rows of logits per call (group_advantage times 16 x as many rewards)")
     p.add_argument("--device", default="auto")
     p.set_defaults(fn=ops)
     p = sub.add_parser("info", help="print which kernel backends are available")
@@ -240,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--model", required=True, help="directory written by ZRewardModel.save_pretrained")
         p.add_argument("--device", default="auto")
-        p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument("--batch-size", type=_int_at_least(1), default=16)
         if name == "score":
             p.add_argument("images", nargs="+", help="image files, or directories (the image files in them, by name)")
             p.add_argument("--prompt", action="append", required=True, help="the prompt (once, or once per image)")

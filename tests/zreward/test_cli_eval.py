@@ -135,6 +135,33 @@ def test_a_device_that_is_not_here_is_refused(saved, tmp_path):
     assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
+def test_numeric_flags_and_device_types_are_checked_before_any_work(saved, capsys):
+    """`ops --rows 0` and `--rows -5` died in torch.randint / torch.randn with a traceback, `demo --seed -1`
+    in numpy ("expected non-negative integer", no flag named), `--device meta` in the compiled op."""
+    img = str(saved / "img" / "0_0.png")
+    for argv, flag, msg in ((["ops", "--rows", "0"], "--rows", "must be an integer >= 1, got 0"),
+                            (["ops", "--rows", "-5"], "--rows", "must be an integer >= 1, got -5"),
+                            (["ops", "--rows", "1.5"], "--rows", "invalid int value: '1.5'"),
+                            (["demo", "--seed", "-1", "--out", str(saved / "never")], "--seed",
+                             "must be an integer >= 0, got -1"),
+                            (["score", "--model", str(saved / "model"), img, "--prompt", "x", "--batch-size", "0"],
+                             "--batch-size", "must be an integer >= 1, got 0"),
+                            (["eval", "--model", str(saved / "model"), "--manifest", str(saved / "m.jsonl"),
+                              "--out", str(saved / "never"), "--batch-size", "-2"], "--batch-size",
+                             "must be an integer >= 1, got -2")):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2, argv
+        assert f"argument {flag}: {msg}" in capsys.readouterr().err, argv
+    assert not (saved / "never").exists()
+    for dev in ("meta", "mps"):
+        with pytest.raises(SystemExit, match=rf"--device '{dev}': zreward runs on cpu or cuda"):
+            main(["ops", "--device", dev, "--rows", "4"])
+    main(["ops", "--device", "cpu", "--rows", "1"])  # one row: no pairs, one GDSO pair, 16 rewards
+    out = capsys.readouterr().out
+    assert "| gdso_loss |" in out and "M=16, groups of 16" in out
+
+
 def test_cli_errors(saved):
     with pytest.raises(SystemExit, match="is not a directory"):
         main(["score", "--model", str(saved / "nope"), str(saved / "img" / "0_0.png"), "--prompt", "x"])
