@@ -5,6 +5,10 @@ Qwen3-VL (interleaved M-RoPE, DeepStack visual features, 16-pixel patches) and L
 
 Used by the tests and benchmarks, and as a starting point for models trained from scratch here
 (no pretrained weights can be downloaded).  ``hidden``/``layers``/``vision_depth`` size them.
+
+``seed`` fixes the weights: they are drawn from torch's CPU random stream seeded with it, and the
+caller's stream is restored afterwards, so building a model leaves the caller's random numbers as
+they were.  ``seed=None`` draws the weights from (and advances) the global stream instead.
 """
 
 import torch
@@ -25,6 +29,17 @@ QWEN_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c i
 LLAVA_TEMPLATE = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
                   "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n"
                   "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def _seeded(seed, build):
+    """``build()`` with the weights drawn from a stream seeded with ``seed``, the caller's restored."""
+    if seed is None:
+        return build()
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
+    with torch.random.fork_rng(devices=[]):  # the weights are made on the CPU
+        torch.manual_seed(seed)
+        return build()
 
 
 def _tokenizer(special, eos, extra_words=()):
@@ -72,8 +87,7 @@ def _tiny_qwen2_family(config_cls, model_cls, processor_cls, vision_config, seed
     cfg = config_cls(
         text_config=_qwen2_text_config(tok, ids, hidden, layers), vision_config=vision_config,
         pad_token_id=tok.pad_token_id, eos_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|im_start|>"], **special)
-    torch.manual_seed(seed)
-    return model_cls(cfg).eval(), proc
+    return _seeded(seed, lambda: model_cls(cfg).eval()), proc
 
 
 def tiny_qwen2_vl(seed=0, hidden=32, layers=2, vision_depth=2, max_pixels=84 * 84, extra_words=()):
@@ -108,8 +122,7 @@ def tiny_qwen3_vl(seed=0, hidden=32, layers=2, vision_depth=2, max_pixels=96 * 9
                            out_hidden_size=hidden, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
                            num_position_embeddings=64, deepstack_visual_indexes=[0]),
         **special)
-    torch.manual_seed(seed)
-    return transformers.Qwen3VLForConditionalGeneration(cfg).eval(), proc
+    return _seeded(seed, lambda: transformers.Qwen3VLForConditionalGeneration(cfg).eval()), proc
 
 
 def tiny_llava(seed=0, hidden=32, layers=2, vision_depth=2, extra_words=()):
@@ -127,8 +140,7 @@ def tiny_llava(seed=0, hidden=32, layers=2, vision_depth=2, extra_words=()):
     cfg = transformers.LlavaConfig(vision_config=vision, text_config=text,
                                    image_token_index=tok.convert_tokens_to_ids("<image>"),
                                    vision_feature_select_strategy="default", vision_feature_layer=-1)
-    torch.manual_seed(seed)
-    return transformers.LlavaForConditionalGeneration(cfg).eval(), proc
+    return _seeded(seed, lambda: transformers.LlavaForConditionalGeneration(cfg).eval()), proc
 
 
 FAMILIES = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl, "llava": tiny_llava}

@@ -102,7 +102,8 @@ def _log(msg: str) -> None:
 
 
 def build_base(hidden: int, layers: int, seed: int) -> ZRewardModel:
-    model, proc = tiny_qwen2_vl(seed=seed, hidden=hidden, layers=layers, vision_depth=2, max_pixels=56 * 56,
+    torch.manual_seed(seed)  # the pipeline owns the process: the weights and what follows draw from one stream
+    model, proc = tiny_qwen2_vl(seed=None, hidden=hidden, layers=layers, vision_depth=2, max_pixels=56 * 56,
                                 extra_words=WORLD_WORDS)
     zm = ZRewardModel(model, proc, rubric=WORLD_RUBRIC)
     ensure_marker(zm)
