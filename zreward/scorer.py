@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -46,6 +46,10 @@ class RewardOutput:
     reward: torch.Tensor  # [B]: rubric-weighted mean over the scored dimensions
     in_vocab_mass: Optional[torch.Tensor]  # [B, D]: softmax mass of the K score tokens in the full vocabulary
     dimensions: Tuple[str, ...]
+
+
+def _out_of_inference(value):
+    return value.clone() if isinstance(value, torch.Tensor) and value.is_inference() else value
 
 
 def _is_pil(img) -> bool:
@@ -217,7 +221,10 @@ class RewardScorer:
         image is a batch of one) against their ``prompts`` (one per image, or one string for all) on
         ``dimensions`` (a name or a sequence of names; default: every rubric dimension).
 
-        By default this runs under ``torch.inference_mode()``.  ``differentiable=True`` (tensor
+        By default the model runs under ``torch.inference_mode()``; the outputs are then copied out
+        of it (a few hundred numbers per image), so they behave like ``torch.no_grad()`` results: a
+        policy-gradient loss may multiply them with log-probabilities, and they may be changed in place.
+        ``differentiable=True`` (tensor
         images only: a batch or a list of them) keeps the graph, so ``out.reward.sum().backward()``
         reaches the input pixels through the processor's torch preprocessing (resize, normalise,
         patchify) -- the ReFL / DRaFT use of SPEC section 6.  The model's own parameters get
@@ -226,9 +233,14 @@ class RewardScorer:
         if differentiable and not tensor_images(images):
             raise TypeError("differentiable=True needs images as a float tensor [B, 3, H, W] in [0, 1] "
                             "(or a list of [3, H, W] ones)")
-        ctx = torch.enable_grad() if differentiable else torch.inference_mode()
-        with ctx:
-            return self._score(images, prompts, dimensions)
+        if differentiable:
+            with torch.enable_grad():
+                return self._score(images, prompts, dimensions)
+        with torch.inference_mode():
+            out = self._score(images, prompts, dimensions)
+        # inference tensors cannot be saved for backward nor changed in place outside inference mode:
+        # `(logp * out.reward).mean().backward()` or `out.reward -= baseline` would raise
+        return RewardOutput(**{f.name: _out_of_inference(getattr(out, f.name)) for f in fields(out)})
 
     def _score(self, images, prompts, dimensions) -> RewardOutput:
         prompts = prompt_list(prompts, images)

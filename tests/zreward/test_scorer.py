@@ -382,6 +382,30 @@ def test_reward_fn_adapter(zmodel):
     assert set(info["mean"]) == {"alignment", "aesthetics"} and info["std"]["alignment"].shape == (2,)
 
 
+def test_scores_work_in_a_policy_gradient_loss_and_in_place(zmodel):
+    """The outputs were inference tensors (the model runs under torch.inference_mode): REINFORCE's
+    `(logp * reward).mean().backward()` raised "Inference tensors cannot be saved for backward", and
+    `reward -= baseline` raised too.  They now behave like torch.no_grad() results."""
+    from zreward.downstream import group_rewards
+
+    scorer = RewardScorer(zmodel)
+    out = scorer.score(_images(2), PROMPTS[:2])
+    expected = out.reward.clone()
+    for t in (out.probs, out.mean, out.std, out.reward, out.in_vocab_mass):
+        assert not t.is_inference() and not t.requires_grad
+    logp = torch.zeros(2, requires_grad=True)
+    (logp * out.reward).sum().backward()
+    torch.testing.assert_close(logp.grad, expected)
+    out.reward -= out.reward.mean()  # in place, outside any inference mode
+    torch.testing.assert_close(out.reward, expected - expected.mean())
+    scores, _ = as_reward_fn(scorer)(_images(2), PROMPTS[:2], None)
+    g = group_rewards(scorer, _images(2), "a red car", group_size=2)
+    for t in (scores, g.rewards, g.advantages):
+        logp = torch.zeros(2, requires_grad=True)
+        (logp * t).sum().backward()
+        torch.testing.assert_close(logp.grad, t)
+
+
 def test_query_logits_rows_match_scoring_and_train(zmodel):
     imgs = _images(3)
     dims = ["realism", "alignment", "realism"]
