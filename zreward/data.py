@@ -36,7 +36,8 @@ PathLike = Union[str, os.PathLike]
 
 @dataclass
 class RatedItem:
-    """One image judged on one rubric dimension."""
+    """One image judged on one rubric dimension.  ``image`` is a file path or, for items made in
+    Python, an HxWx3 uint8 array or a PIL image (any mode; read as RGB)."""
 
     prompt: str
     image: str
@@ -49,6 +50,7 @@ class RatedItem:
     def __post_init__(self):
         if isinstance(self.image, os.PathLike):
             self.image = os.fspath(self.image)
+        _check_item_image(self.image, self.id)
         if self.score is not None:  # numpy scalars (np.float32 is not JSON-serialisable) -> float
             self.score = float(self.score)
         self.ratings = [float(r) for r in self.ratings] if self.ratings is not None else []
@@ -94,6 +96,23 @@ def read_json(path: PathLike):
             return json.load(f)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def _check_item_image(image, item_id) -> None:
+    """A path, an HxWx3 uint8 array or a PIL image; anything else failed only when the first batch
+    was read (a PIL image from a datasets row gave "stat: path should be string ... not Image")."""
+    import numpy as np
+
+    from .scorer import _is_pil, check_array_image
+
+    where = f"RatedItem{f' {item_id!r}' if item_id is not None else ''}: image"
+    if isinstance(image, np.ndarray):
+        check_array_image(image, where)
+    elif not (isinstance(image, str) or _is_pil(image)):
+        hint = ("; a [3, H, W] float tensor in [0, 1]: (t.permute(1, 2, 0) * 255).round().byte().cpu().numpy()"
+                if type(image).__name__ == "Tensor" else "")
+        raise TypeError(f"{where} must be a file path, an HxWx3 uint8 array or a PIL image, got "
+                        f"{type(image).__name__}{hint}")
 
 
 def _content_id(image) -> str:

@@ -125,6 +125,33 @@ def tensor_images(images) -> bool:
                                                 and all(isinstance(x, torch.Tensor) for x in images))
 
 
+def check_array_image(img: np.ndarray, where: str) -> None:
+    """An image array must be HxWx3 uint8; the error says how to make one."""
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        hint = ("; drop the alpha channel (img[..., :3])" if img.ndim == 3 and img.shape[2] == 4 else
+                "; a grey image: np.stack([img] * 3, -1)" if img.ndim == 2 else
+                "; floats in [0, 1]: (img * 255).round().astype(np.uint8), or pass a tensor"
+                if img.dtype.kind == "f" else "")
+        raise ValueError(f"{where}: arrays must be HxWx3 uint8, got {img.dtype} {img.shape}{hint}")
+
+
+def image_array(img, where: str = "image") -> np.ndarray:
+    """One image given as a file path, a PIL image (any mode: converted to RGB) or an HxWx3 uint8
+    array, as an HxWx3 uint8 array; ``where`` names it in errors."""
+    if isinstance(img, (str, os.PathLike)):
+        try:
+            return read_image(img)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{where}: {e}") from None
+    if isinstance(img, np.ndarray):
+        check_array_image(img, where)
+        return img
+    if _is_pil(img):
+        return np.array(img.convert("RGB"))
+    raise TypeError(f"{where}: expected a PIL image, an HxWx3 uint8 array, an image file path or "
+                    f"a [B,3,H,W] tensor, got {type(img).__name__}")
+
+
 def _as_images(images, n: int):
     """Validate images.  A float tensor [B, 3, H, W] in [0, 1] is returned as is (it is preprocessed
     by the processor's torch backend on its own device: no PIL or numpy round trip, and gradients
@@ -159,26 +186,7 @@ def _as_images(images, n: int):
             raise ValueError(f"got {len(out)} images for {n} prompts")
         return out
     else:
-        out = []
-        for i, img in enumerate(list(images)):
-            if isinstance(img, (str, os.PathLike)):
-                try:
-                    out.append(read_image(img))
-                except FileNotFoundError as e:
-                    raise FileNotFoundError(f"image {i}: {e}") from None
-            elif isinstance(img, np.ndarray):
-                if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-                    hint = ("; drop the alpha channel (img[..., :3])" if img.ndim == 3 and img.shape[2] == 4 else
-                            "; a grey image: np.stack([img] * 3, -1)" if img.ndim == 2 else
-                            "; floats in [0, 1]: (img * 255).round().astype(np.uint8), or pass a tensor"
-                            if img.dtype.kind == "f" else "")
-                    raise ValueError(f"image {i}: arrays must be HxWx3 uint8, got {img.dtype} {img.shape}{hint}")
-                out.append(img)
-            elif _is_pil(img):
-                out.append(np.array(img.convert("RGB")))
-            else:
-                raise TypeError(f"image {i}: expected a PIL image, an HxWx3 uint8 array, an image file path or "
-                                f"a [B,3,H,W] tensor, got {type(img).__name__}")
+        out = [image_array(img, f"image {i}") for i, img in enumerate(list(images))]
     if len(out) != n:
         raise ValueError(f"got {len(out)} images for {n} prompts")
     return out

@@ -51,6 +51,32 @@ def _log(out):
         return [json.loads(x) for x in f]
 
 
+def test_items_with_pil_images_train_and_evaluate_like_arrays(base, tmp_path):
+    """A PIL image in an item (what a datasets row holds) failed when the first batch was read:
+    "stat: path should be string ... not Image".  Other kinds are refused when the item is made."""
+    from PIL import Image
+
+    from zreward.evaluate import evaluate_items
+
+    arrays = toy_items(8)
+    pils = [dataclasses.replace(it, image=Image.fromarray(it.image).convert("RGBA")) for it in arrays]  # any mode
+    for name, items in (("arrays", arrays), ("pil", pils)):
+        train(TrainConfig(method="sft", model=base, output_dir=str(tmp_path / name), max_steps=2, batch_size=4,
+                          save_every=0, log_every=1), items=items)
+    wa, wp = _weights(tmp_path / "arrays" / "final"), _weights(tmp_path / "pil" / "final")
+    assert wa.keys() == wp.keys() and all(torch.equal(wa[k], wp[k]) for k in wa)
+    scorer = RewardScorer(ZRewardModel.from_pretrained(base), in_vocab_mass=False)
+    ra = evaluate_items(scorer, arrays, plots=False, progress=False)
+    rp = evaluate_items(scorer, pils, plots=False, progress=False)
+    assert ra["pooled"] == rp["pooled"]
+    with pytest.raises(TypeError, match=r"RatedItem 'x': image must be a file path, an HxWx3 uint8 array or a PIL "
+                                        r"image, got Tensor; a \[3, H, W\] float tensor"):
+        RatedItem(prompt="p", image=torch.zeros(3, 8, 8), dimension="realism", id="x")
+    with pytest.raises(ValueError, match=r"RatedItem: image: arrays must be HxWx3 uint8, got uint8 \(8, 8, 4\); "
+                                         r"drop the alpha channel"):
+        RatedItem(prompt="p", image=np.zeros((8, 8, 4), np.uint8), dimension="realism")
+
+
 @pytest.mark.parametrize("grad_checkpointing", [False, True])
 def test_sft_learns_a_toy_task(base, tmp_path, grad_checkpointing):
     cfg = TrainConfig(method="sft", model=base, output_dir=str(tmp_path), max_steps=40, batch_size=8, lr=3e-3,

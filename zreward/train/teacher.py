@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..data import RatedItem, atomic_path
-from ..scorer import read_image
+from ..scorer import image_array
 
 
 def item_key(it: RatedItem) -> str:
@@ -25,10 +25,8 @@ def item_key(it: RatedItem) -> str:
 
 
 def load_image(it: RatedItem) -> np.ndarray:
-    """The item's image as an HxWx3 uint8 array (``image`` may be a path or, in memory, an array)."""
-    if isinstance(it.image, np.ndarray):
-        return it.image
-    return read_image(it.image)
+    """The item's image as an HxWx3 uint8 array (``image``: a path or, in memory, an array or a PIL image)."""
+    return image_array(it.image, f"item {it.id!r}")
 
 
 @torch.no_grad()
