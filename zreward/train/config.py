@@ -1,6 +1,8 @@
 """Training configuration: one JSON file (or a ``TrainConfig`` in Python), validated up front.
 
-Every field has a documented default; ``TrainConfig.from_file`` rejects unknown keys.  Validation
+Every field has a documented default; ``TrainConfig.from_file`` rejects unknown keys.  Paths are
+used as given: relative ones resolve against the current directory, not the config file's folder
+(a manifest's relative image paths resolve against the manifest).  Validation
 (``validate``) runs before any model is loaded, so a bad config fails in milliseconds.
 
 Common fields
