@@ -24,6 +24,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
+from .hf import check_plain_lm_head
 from .rubric import Rubric, ScoreTokens
 
 CONFIG_NAME = "zreward_config.json"
@@ -47,6 +48,7 @@ class ZRewardModel(nn.Module):
 
     def __init__(self, model, processor, rubric: Optional[Rubric] = None, score_tokens: Optional[ScoreTokens] = None):
         super().__init__()
+        check_plain_lm_head(model)  # the score logits are W h + b: a capped or scaled head would be off
         self.model = model
         self.processor = processor
         self.rubric = rubric or Rubric()

@@ -121,3 +121,80 @@ def test_vlm_with_an_image():
                                   weight, IDS, bias)
     torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
     assert float((moved - got).abs().max()) > 1e-6
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "granite", "cohere"])
+def test_models_that_transform_their_logits_after_the_head_are_refused(kind):
+    """Gemma 2 (and PaliGemma 2) soft-caps its logits after the LM head, Granite divides and Cohere
+    (Aya Vision) multiplies them: the restricted head's W h + b then is not the model's own
+    distribution, and a ZRewardModel of such a model scored silently off.  It is refused, naming the
+    config field; with the field switched off, model and restricted head agree again."""
+    from zreward.hf import check_plain_lm_head, logit_transforms
+    from zreward.model import ZRewardModel
+
+    common = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=0)
+    cls, cfg_cls, field, off = {
+        "gemma2": (transformers.Gemma2ForCausalLM, transformers.Gemma2Config, "final_logit_softcapping", None),
+        "granite": (transformers.GraniteForCausalLM, transformers.GraniteConfig, "logits_scaling", 1.0),
+        "cohere": (transformers.CohereForCausalLM, transformers.CohereConfig, "logit_scale", 1.0)}[kind]
+    extra = {"head_dim": 8, "final_logit_softcapping": 0.5} if kind == "gemma2" else {
+        "logits_scaling": 4.0} if kind == "granite" else {"logit_scale": 0.25}
+    torch.manual_seed(0)
+    model = cls(cfg_cls(**common, **extra)).eval()
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(2))
+    weight, bias = lm_head_params(model)
+
+    def gap():
+        with torch.no_grad():
+            full = model(input_ids=ids).logits[:, -1][:, IDS]
+            got = restricted_logits(final_hidden_states(model, torch.tensor([-1, -1]), input_ids=ids), weight,
+                                    torch.tensor(IDS), bias)
+        return float((full - got).abs().max())
+
+    assert logit_transforms(model) == {field: extra[field]}
+    assert gap() > 1e-2  # what the scores would have been off by
+    with pytest.raises(NotImplementedError, match=rf"{cls.__name__} transforms its logits after the LM head "
+                                                  rf"\({field}="):
+        ZRewardModel(model, processor=None)
+    setattr(model.config, field, off)
+    if kind == "cohere":  # the model copied the value when it was built: still refused
+        assert logit_transforms(model) == {field: extra[field]}
+    torch.manual_seed(0)  # the way out the error names: the transform off when the model is made
+    model = cls(cfg_cls(**common, **{**extra, field: off})).eval()
+    weight, bias = lm_head_params(model)
+    assert logit_transforms(model) == {}
+    check_plain_lm_head(model)
+    assert gap() < 1e-5
+
+
+def test_logit_transforms_of_vision_language_models_follow_their_forward():
+    """PaliGemma 2 soft-caps with its Gemma 2 text config's field; Aya Vision's text config carries
+    Cohere's logit_scale but its forward returns the plain projection, so it is not refused.  Checked
+    on the classes with their default configs (no weights are made)."""
+    from zreward.hf import logit_transforms
+
+    def shell(cls, cfg):
+        m = cls.__new__(cls)
+        torch.nn.Module.__init__(m)
+        m.config = cfg
+        return m
+
+    import inspect
+
+    pali = shell(transformers.PaliGemmaForConditionalGeneration,
+                 transformers.PaliGemmaConfig(text_config={"model_type": "gemma2"}))
+    # PaliGemma's forward applies its text config's cap since transformers 5.18 or so (5.17 does not)
+    caps = "final_logit_softcapping" in inspect.getsource(transformers.PaliGemmaForConditionalGeneration.forward)
+    assert logit_transforms(pali) == ({"final_logit_softcapping": 30.0} if caps else {})
+    from packaging.version import Version
+
+    assert caps or Version(transformers.__version__) < Version("5.24")  # the version CI installs caps
+    aya = shell(transformers.AyaVisionForConditionalGeneration, transformers.AyaVisionConfig())
+    assert logit_transforms(aya) == {}
+    for cls, cfg in ((transformers.Qwen2VLForConditionalGeneration, transformers.Qwen2VLConfig()),
+                     (transformers.Qwen2_5_VLForConditionalGeneration, transformers.Qwen2_5_VLConfig()),
+                     (transformers.Qwen3VLForConditionalGeneration, transformers.Qwen3VLConfig()),
+                     (transformers.Gemma3ForConditionalGeneration, transformers.Gemma3Config()),
+                     (transformers.LlavaForConditionalGeneration, transformers.LlavaConfig())):
+        assert logit_transforms(shell(cls, cfg)) == {}, cls.__name__
