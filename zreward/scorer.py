@@ -242,6 +242,9 @@ class RewardScorer:
             raise TypeError("differentiable=True needs images as a float tensor [B, 3, H, W] in [0, 1] "
                             "(or a list of [3, H, W] ones)")
         if differentiable:
+            if torch.is_inference_mode_enabled():  # enable_grad cannot leave it: the reward would have no graph
+                raise RuntimeError("score(differentiable=True) was called inside torch.inference_mode(), where no "
+                                   "graph can be recorded; call it outside inference mode")
             with torch.enable_grad():
                 return self._score(images, prompts, dimensions)
         with torch.inference_mode():

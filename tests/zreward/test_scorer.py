@@ -240,6 +240,18 @@ def test_differentiable_scoring_reaches_the_pixels(zmodel):
         RewardScorer(zmodel).score(_images(1), PROMPTS[:1], differentiable=True)
 
 
+def test_differentiable_scoring_inside_inference_mode_is_refused(zmodel):
+    """It returned a reward without a graph (enable_grad cannot leave inference mode), so the
+    caller's backward() failed later with "does not require grad"."""
+    x = torch.rand(1, 3, 56, 56, requires_grad=True)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"inside torch.inference_mode\(\)"):
+        RewardScorer(zmodel).score(x, "a red car", differentiable=True)
+    with torch.no_grad():  # no_grad is fine: enable_grad leaves it
+        out = RewardScorer(zmodel).score(x, "a red car", differentiable=True)
+    out.reward.sum().backward()
+    assert x.grad is not None and bool(x.grad.abs().sum() > 0)
+
+
 def test_a_list_of_tensor_images_of_several_sizes(zmodel):
     """A generator at several resolutions gives [3, H, W] tensors that cannot be stacked: a list of them
     scores like each tensor alone and like the uint8 arrays, and keeps the graph to every image."""
