@@ -51,6 +51,23 @@ def _log(out):
         return [json.loads(x) for x in f]
 
 
+def test_items_from_a_generator_and_items_that_shadow_a_manifest(base, tmp_path):
+    """A generator of items was used up by the first check (missing files), so training saw 0 items
+    ("batch_size 4 is larger than the 0 training items"); items passed beside a config's manifest
+    silently replaced it."""
+    items = toy_items(8)
+    train(TrainConfig(method="sft", model=base, output_dir=str(tmp_path / "list"), max_steps=2, batch_size=4,
+                      save_every=0), items=items)
+    train(TrainConfig(method="sft", model=base, output_dir=str(tmp_path / "gen"), max_steps=2, batch_size=4,
+                      save_every=0), items=(it for it in items), eval_items=iter(items[:2]))
+    wl, wg = _weights(tmp_path / "list" / "final"), _weights(tmp_path / "gen" / "final")
+    assert all(torch.equal(wl[k], wg[k]) for k in wl)
+    cfg = TrainConfig(method="sft", model=base, output_dir=str(tmp_path / "both"), max_steps=1, batch_size=4,
+                      save_every=0, train_manifest=str(tmp_path / "never_read.jsonl"))
+    with pytest.warns(UserWarning, match=r"train\(\) got items, so the config's train_manifest .*never_read.jsonl"):
+        train(cfg, items=items)
+
+
 def test_items_with_pil_images_train_and_evaluate_like_arrays(base, tmp_path):
     """A PIL image in an item (what a datasets row holds) failed when the first batch was read:
     "stat: path should be string ... not Image".  Other kinds are refused when the item is made."""

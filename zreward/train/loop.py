@@ -188,10 +188,16 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
                          "overwrite_output_dir=true to delete those entries first")
     from ..model import ZRewardModel  # imported late: config errors must not wait for transformers
 
-    if items is None:
-        items = load_manifest(cfg.train_manifest)
+    for what, given, manifest in (("items", items, cfg.train_manifest), ("eval_items", eval_items, cfg.eval_manifest)):
+        if given is not None and manifest:
+            warnings.warn(f"train() got {what}, so the config's {'train' if what == 'items' else 'eval'}_manifest "
+                          f"{manifest!r} is not read", stacklevel=2)
+    # a generator would be used up by the first check that walks it
+    items = load_manifest(cfg.train_manifest) if items is None else list(items)
     if eval_items is None and cfg.eval_manifest:
         eval_items = load_manifest(cfg.eval_manifest)
+    elif eval_items is not None:
+        eval_items = list(eval_items)
     if cfg.eval_every and eval_items and all(it.reference is None for it in eval_items):
         raise ValueError(f"eval_every={cfg.eval_every} but none of the {len(eval_items)} eval items has a score or "
                          "ratings to evaluate against")
