@@ -45,6 +45,7 @@ def score_items(scorer: RewardScorer, items: List[RatedItem], batch_size: int = 
     """
     from .train.teacher import load_image
 
+    items = list(items)  # any iterable: it is walked more than once
     rubric = scorer.model.rubric
     for it in items:
         rubric.index(it.dimension)
@@ -100,6 +101,7 @@ def _report(labelled: List[RatedItem], mean: np.ndarray, probs: np.ndarray, bin_
 def evaluate_items(scorer: RewardScorer, items: List[RatedItem], out_dir: Optional[str] = None,
                    batch_size: int = 16, plots: bool = True, progress: bool = True) -> Dict:
     """Metrics (pooled and per dimension) of the scorer on the items that have a reference score."""
+    items = list(items)  # any iterable: it is walked more than once
     labelled = [it for it in items if it.reference is not None]
     if not labelled:
         raise ValueError("no item has a score or ratings to evaluate against")
@@ -142,6 +144,7 @@ def predict_items(zm, items: List[RatedItem], *, traces: int = 0, trace_tokens: 
     """Predicted mean ``[N]`` and distribution ``[N, K]`` (numpy float64) of a ``ZRewardModel`` per item:
     read right after the question (each image scored once, :func:`score_items`), or with ``traces``
     averaged over that many sampled reasoning traces (``zreward.train.teacher.compute_targets``)."""
+    items = list(items)
     if not traces:
         return score_items(RewardScorer(zm, in_vocab_mass=False), items, batch_size, progress)
     from .train.teacher import compute_targets

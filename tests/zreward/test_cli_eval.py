@@ -56,6 +56,24 @@ def test_eval_writes_metrics_predictions_and_plots(saved, capsys):
         assert "9/9 [" in cap.err and "img/s" in cap.err, cap.err[-500:]  # the bar counts images (it counted batches)
 
 
+def test_evaluation_takes_items_from_a_generator(saved):
+    """evaluate_items / score_items / predict_items on a generator failed: "object of type 'generator'
+    has no len()" (the items are walked more than once)."""
+    from zreward.evaluate import evaluate_items, predict_items, score_items
+    from zreward.model import ZRewardModel
+    from zreward.scorer import RewardScorer
+
+    items = load_manifest(saved / "m.jsonl")
+    zm = ZRewardModel.from_pretrained(str(saved / "model"))
+    scorer = RewardScorer(zm, in_vocab_mass=False)
+    want = evaluate_items(scorer, items, plots=False, progress=False)
+    assert evaluate_items(scorer, iter(items), plots=False, progress=False) == want
+    m_list, p_list = score_items(scorer, items, progress=False)
+    for got in (score_items(scorer, (it for it in items), progress=False), predict_items(zm, iter(items))):
+        np.testing.assert_array_equal(got[0], m_list)
+        np.testing.assert_array_equal(got[1], p_list)
+
+
 def test_plots_leave_the_callers_matplotlib_backend(saved):
     """The plots were drawn through pyplot after matplotlib.use('Agg'), which switched the backend of
     the caller's whole process (a notebook's inline plots stopped showing); they now use Figure."""
