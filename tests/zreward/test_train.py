@@ -150,6 +150,7 @@ def test_risd_distils_teacher_distributions_and_caches_them(base, tmp_path):
     sub = [items[5], items[2]]
     torch.testing.assert_close(load_targets(str(cache), sub, teacher.rubric.bin_values),
                                compute_targets(teacher, sub), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compute_targets(teacher, iter(sub)), compute_targets(teacher, sub))  # any iterable
     with pytest.raises(ValueError, match="no teacher target for 1 item"):
         load_targets(str(cache), [RatedItem(prompt="x", image="y", dimension="realism")], teacher.rubric.bin_values)
     # a later run reuses the cache only when it names the same teacher with the same trace settings

@@ -41,6 +41,7 @@ def compute_targets(teacher, items: Sequence[RatedItem], batch_size: int = 16, t
     """
     from ..scorer import RewardScorer
 
+    items = list(items)  # any iterable: it is sliced into batches
     scorer = RewardScorer(teacher, in_vocab_mass=False)
     rows = []
     if traces:
