@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -36,6 +37,8 @@ PRED_TIES = ("wrong", "half", "skip")
 def _np(x, name: Optional[str] = None) -> np.ndarray:
     """``x`` as a float64 array; with ``name``, NaN or inf is refused naming the argument (scipy's
     own message names neither, and a NaN prediction would silently count as a wrong pair in HPA)."""
+    if isinstance(x, Iterator):  # a generator: numpy would make a 0-d object array of it
+        x = list(x)
     if hasattr(x, "detach"):  # a torch tensor, of any dtype (numpy has no bfloat16) and device
         x = x.detach().cpu()
         x = (x.double() if x.is_floating_point() else x).numpy()
@@ -45,6 +48,13 @@ def _np(x, name: Optional[str] = None) -> np.ndarray:
         raise ValueError(f"{name} must be finite; found {a.ravel()[bad[0]]} at flat index {bad[0]} "
                          f"({len(bad)} non-finite entries)")
     return a
+
+
+def _labels(groups) -> np.ndarray:
+    """Group labels (any hashable values; a tensor, an array, a list or a generator) as a flat array."""
+    if isinstance(groups, Iterator):
+        groups = list(groups)
+    return np.asarray(groups.detach().cpu() if hasattr(groups, "detach") else groups).ravel()
 
 
 def _same_shape(a: np.ndarray, b: np.ndarray, names: str) -> None:
@@ -94,7 +104,7 @@ def hpa(pred, ref, groups, margin: float = 0.0, pred_ties: str = "wrong") -> flo
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 0:
         raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")  # NaN gave HPA NaN, silently
     p, r = _np(pred, "pred").ravel(), _np(ref, "ref").ravel()
-    g = np.asarray(groups.detach().cpu() if hasattr(groups, "detach") else groups).ravel()
+    g = _labels(groups)
     if not (p.shape == r.shape == g.shape):
         raise ValueError(f"pred, ref and groups must have the same length, got {p.shape}, {r.shape}, {g.shape}")
     a, b = _pairs_within(g)
@@ -225,7 +235,7 @@ def pairwise_calibration(probs, ref, groups, n_bins: int = 10) -> Optional[Dict[
         raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
     pr = _np(probs, "probs")
     r = _np(ref, "ref").ravel()
-    g = np.asarray(groups.detach().cpu() if hasattr(groups, "detach") else groups).ravel()
+    g = _labels(groups)
     a, b = _pairs_within(g)
     keep = r[a] != r[b]
     a, b = a[keep], b[keep]

@@ -191,3 +191,22 @@ def test_bad_inputs_are_named():
             f(ref[:3], ref)
     with pytest.raises(ValueError, match=r"target_hist and pred_probs must have the same shape"):
         M.kl_divergence(np.ones((2, 9)) / 9, np.ones((3, 9)) / 9)
+
+
+def test_generators_and_lists_of_scalar_tensors_are_read_like_arrays():
+    """A generator gave "float() argument must be ... not 'generator'" (a 0-d object array), and a
+    generator of group labels one group of length 1 ("must have the same length ... (1,)")."""
+    import torch
+
+    from zreward.metrics import hpa, pairwise_ece, plcc, srcc
+
+    pred = [torch.tensor(v) for v in (3.0, 2.0, 4.0, 1.0, 5.0, 2.5)]  # e.g. out.reward[i] collected in a loop
+    ref = [3.0, 2.5, 4.5, 1.0, 4.0, 2.0]
+    groups = ["a", "a", "b", "b", "b", "a"]
+    probs = np.random.default_rng(0).dirichlet(np.ones(9), 6)
+    want = (srcc(np.array([float(x) for x in pred]), ref), plcc(np.array([float(x) for x in pred]), ref),
+            hpa(np.array([float(x) for x in pred]), ref, groups), pairwise_ece(probs, ref, groups))
+    assert (srcc(pred, ref), plcc(pred, ref), hpa(pred, ref, groups), pairwise_ece(probs, ref, groups)) == want
+    got = (srcc(iter(pred), iter(ref)), plcc((x for x in pred), ref), hpa(iter(pred), iter(ref), iter(groups)),
+           pairwise_ece(iter(list(probs)), iter(ref), iter(groups)))
+    assert got == want
