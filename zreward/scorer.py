@@ -232,11 +232,10 @@ class RewardScorer:
         By default the model runs under ``torch.inference_mode()``; the outputs are then copied out
         of it (a few hundred numbers per image), so they behave like ``torch.no_grad()`` results: a
         policy-gradient loss may multiply them with log-probabilities, and they may be changed in place.
-        ``differentiable=True`` (tensor
-        images only: a batch or a list of them) keeps the graph, so ``out.reward.sum().backward()``
-        reaches the input pixels through the processor's torch preprocessing (resize, normalise,
-        patchify) -- the ReFL / DRaFT use of SPEC section 6.  The model's own parameters get
-        gradients too unless frozen.
+        ``differentiable=True`` (tensor images only: a batch or a list of them; not inside
+        ``torch.inference_mode()``) keeps the graph, so ``out.reward.sum().backward()`` reaches the
+        input pixels through the processor's torch preprocessing (resize, normalise, patchify) -- the
+        ReFL / DRaFT use of SPEC section 6.  The model's own parameters get gradients too unless frozen.
         """
         if differentiable and not tensor_images(images):
             raise TypeError("differentiable=True needs images as a float tensor [B, 3, H, W] in [0, 1] "
