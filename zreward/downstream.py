@@ -54,9 +54,10 @@ def group_rewards(scorer: RewardScorer, images, prompts: Sequence[str], *, group
     """Score the samples (no gradients) and normalise the rewards within each prompt's group.
 
     The samples of a group are consecutive: ``group_size`` for groups of equal size or
-    ``group_offsets [G+1]`` (like ``cu_seqlens``) otherwise; ``mode`` is ``std`` (GRPO), ``mean``
-    (Dr. GRPO) or ``rloo``, as in :func:`zreward_kernels.group_advantage`.  ``check_prompts`` raises
-    if a group holds different prompts (a sign of mis-ordered samples).
+    ``group_offsets [G+1]`` (like ``cu_seqlens``; a tensor, a list or an array of ints) otherwise;
+    ``mode`` is ``std`` (GRPO), ``mean`` (Dr. GRPO) or ``rloo``, as in
+    :func:`zreward_kernels.group_advantage`.  ``check_prompts`` raises if a group holds different
+    prompts (a sign of mis-ordered samples).
     """
     prompts = prompt_list(prompts, images)
     if check_prompts:
@@ -79,5 +80,7 @@ def group_rewards(scorer: RewardScorer, images, prompts: Sequence[str], *, group
                     raise ValueError(f"group {g} (samples {a}..{b - 1}) mixes prompts {sorted(set(prompts[a:b]))[:3]}; "
                                      "a group's samples must share one prompt")
     out = scorer.score(images, prompts, dimensions)
+    if group_offsets is not None:  # a list or array is fine here; the op itself takes a tensor on the rewards' device
+        group_offsets = torch.as_tensor(group_offsets, device=out.reward.device)
     adv, stats = group_advantage(out.reward, group_size=group_size, group_offsets=group_offsets, mode=mode, eps=eps)
     return GroupRewards(adv, out.reward, stats, out)
