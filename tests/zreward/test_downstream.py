@@ -65,7 +65,8 @@ def test_group_rewards_normalise_within_each_prompt(scorer):
     torch.testing.assert_close(res2.advantages, torch.cat([r[:2] - r[:2].mean(), r[2:] - r[2:].mean()]),
                                atol=1e-6, rtol=1e-6)
     for given in ([0, 2, 6], (0, 2, 6), np.array([0, 2, 6])):  # passed the prompt check, then failed in the op
-        as_list = group_rewards(scorer, images, ["a red car"] * 2 + ["a blue dog"] * 4, group_offsets=given, mode="mean")
+        as_list = group_rewards(scorer, images, ["a red car"] * 2 + ["a blue dog"] * 4, group_offsets=given,
+                                mode="mean")
         torch.testing.assert_close(as_list.advantages, res2.advantages)
     with pytest.raises(ValueError, match=r"group 1 \(samples 3\.\.5\) mixes prompts"):
         group_rewards(scorer, images, prompts[:4] + ["a red car", "a blue dog"], group_size=3)
