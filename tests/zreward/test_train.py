@@ -430,6 +430,13 @@ def test_train_cli_on_a_manifest(base, tmp_path, capsys):
     assert [x["step"] for x in _log(tmp_path / "run")] == [1, 3]  # only the new run's lines (log_every 10)
     assert not (tmp_path / "run" / "checkpoint-7").exists() and (tmp_path / "run" / "notes.txt").read_text() == "mine"
     assert main(["train", "sft", "--config", str(cfg), "--resume"]) == 0  # resuming a finished run: no steps left
+    assert "at step 3 (max_steps=3: nothing left to train)" in capsys.readouterr().out  # it printed only {}
+    fresh = json.loads(cfg.read_text())
+    fresh["output_dir"] = str(tmp_path / "first")  # a job that always passes --resume, on its first start
+    cfg.write_text(json.dumps(fresh))
+    assert main(["train", "sft", "--config", str(cfg), "--resume"]) == 0
+    assert f"resume: no checkpoint in {tmp_path / 'first'}; starting at step 0" in capsys.readouterr().out
+    assert [x["step"] for x in _log(tmp_path / "first")] == [1, 3]
 
 
 def test_teacher_targets_averaged_over_sampled_traces(base):

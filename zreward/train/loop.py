@@ -315,7 +315,10 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
             check_resume(state, cfg, len(units), ckpts[-1])  # before loading a state that may not fit
             acc.load_state(ckpts[-1])
             start = state["step"]
-            acc.print(f"resumed from {ckpts[-1]} at step {start}")
+            acc.print(f"resumed from {ckpts[-1]} at step {start}"
+                      + (f" (max_steps={cfg.max_steps}: nothing left to train)" if start >= cfg.max_steps else ""))
+        else:  # a job that always passes --resume starts from scratch the first time
+            acc.print(f"resume: no checkpoint in {cfg.output_dir}; starting at step 0")
     log_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     tb = _tensorboard(cfg.output_dir) if acc.is_main_process else None
 
