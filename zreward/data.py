@@ -24,6 +24,7 @@ import csv
 import hashlib
 import json
 import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,9 +52,12 @@ class RatedItem:
         if isinstance(self.image, os.PathLike):
             self.image = os.fspath(self.image)
         _check_item_image(self.image, self.id)
+        where = f"RatedItem{f' {self.id!r}' if self.id is not None else ''}"
         if self.score is not None:  # numpy scalars (np.float32 is not JSON-serialisable) -> float
-            self.score = float(self.score)
-        self.ratings = [float(r) for r in self.ratings] if self.ratings is not None else []
+            self.score = _label(self.score, "score", where)
+        if isinstance(self.ratings, (str, bytes)):  # "345" was read as three ratings, 3, 4 and 5
+            raise TypeError(f"{where}: ratings must be a list of numbers, got the string {self.ratings!r}")
+        self.ratings = [_label(r, "each rating", where) for r in self.ratings] if self.ratings is not None else []
         if self.group is None:
             self.group = self.prompt
         if self.id is None:
@@ -123,6 +127,16 @@ def _content_id(image) -> str:
     h = hashlib.sha1(f"{a.shape}|{a.dtype}|".encode())
     h.update(a.tobytes())
     return f"array:{h.hexdigest()[:16]}"
+
+
+def _label(x, what: str, where: str) -> float:
+    """A score or rating given from Python: a finite real number (numpy scalars too; not a bool or a
+    string), as a float.  NaN passed every later range check written as a comparison."""
+    import numpy as np
+
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real) or not math.isfinite(float(x)):
+        raise ValueError(f"{where}: {what} must be a finite number, got {x!r}")
+    return float(x)
 
 
 def _num(x, what: str, where: str) -> float:
@@ -241,6 +255,8 @@ def import_rating_table(
                 value = float(row[rating_col])
             except ValueError:
                 raise ValueError(f"{ratings_csv}:{n}: rating {row[rating_col]!r} is not a number") from None
+            if not math.isfinite(value):  # float() reads "nan" and "inf"
+                raise ValueError(f"{ratings_csv}:{n}: rating {row[rating_col]!r} is not a finite number")
             collected.setdefault((row[image_col], axis_map[axis]), []).append(value)
     items = []
     for (key, dim), rs in sorted(collected.items()):

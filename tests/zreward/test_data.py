@@ -157,3 +157,27 @@ def test_a_json_array_manifest_loads_like_jsonl(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps([recs[0], {"prompt": "x", "image": "c.png"}]))
     with pytest.raises(ValueError, match=r"bad.json: record 1: 'dimension' must be a non-empty string"):
         load_manifest(tmp_path / "bad.json")
+
+
+def test_labels_given_from_python_or_a_table_must_be_finite_numbers(tmp_path):
+    """RatedItem took NaN and inf (which pass every range check written as a comparison), a string
+    score, a bool, and read ratings="345" as the three ratings 3, 4 and 5; a rating table's "nan"
+    cell became a NaN rating.  numpy scalars and arrays are still taken."""
+    import numpy as np
+
+    from zreward.data import import_rating_table
+
+    nan = float("nan")
+    for kw, err, msg in ((dict(score=nan), ValueError, "RatedItem 'i': score must be a finite number, got nan"),
+                         (dict(ratings=[3, float("inf")]), ValueError, "each rating must be a finite number, got inf"),
+                         (dict(score="3.5"), ValueError, "score must be a finite number, got '3.5'"),
+                         (dict(score=True), ValueError, "score must be a finite number, got True"),
+                         (dict(ratings="345"), TypeError, "ratings must be a list of numbers, got the string '345'")):
+        with pytest.raises(err, match=msg):
+            RatedItem(prompt="p", image="x.png", dimension="realism", id="i", **kw)
+    it = RatedItem(prompt="p", image="x.png", dimension="realism", score=np.int64(4), ratings=np.array([3.5, 4]))
+    assert it.score == 4.0 and type(it.score) is float and it.ratings == [3.5, 4.0]
+    (tmp_path / "r.csv").write_text("image,axis,rating\nsd/p1,realism,4\nsd/p1,realism,nan\n")
+    with pytest.raises(ValueError, match=r"r.csv:3: rating 'nan' is not a finite number"):
+        import_rating_table(tmp_path / "r.csv", image_path_of=str, prompt_of=lambda k: "p", group_of=str,
+                            axis_map={"realism": "realism"})
