@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -45,8 +45,9 @@ def _fmt(v: float) -> str:
 class Rubric:
     """Rubric dimensions, anchor descriptions, score bins and aggregation weights.
 
-    ``weights`` default to equal weights summing to one, so the reward ``sum_d w_d mu_d`` stays on
-    the score scale.  The rubric text (every dimension's anchors, the scale) is the ``preamble``,
+    ``weights`` (one per dimension, in order, or a dict by dimension) default to equal weights
+    summing to one, so the reward ``sum_d w_d mu_d`` stays on the score scale.  A single string
+    for ``dimensions`` is one dimension.  The rubric text (every dimension's anchors, the scale) is the ``preamble``,
     shared by all dimensions of an image; each query then names its one dimension with the short
     ``question``.  Keeping the per-dimension part short is what makes one shared prefix pay off.
     ``preamble`` may use ``{low}``, ``{high}``, ``{step}`` and ``{rubric}``; ``question`` uses
@@ -61,6 +62,8 @@ class Rubric:
     question_template: str = QUESTION
 
     def __post_init__(self):
+        if isinstance(self.dimensions, str):  # one dimension, as score(dimensions="realism") takes it
+            self.dimensions = (self.dimensions,)
         self.dimensions = tuple(str(d) for d in self.dimensions)
         self.bin_values = tuple(float(v) for v in self.bin_values)
         if not self.dimensions:
@@ -76,7 +79,18 @@ class Rubric:
                              f"got {self.bin_values}")
         if self.weights is None:
             self.weights = tuple(1.0 / len(self.dimensions) for _ in self.dimensions)
-        self.weights = tuple(float(w) for w in self.weights)
+        if isinstance(self.weights, Mapping):  # {dimension: weight}: one for every dimension, none other
+            unknown = sorted(set(map(str, self.weights)) - set(self.dimensions))
+            missing = [d for d in self.dimensions if d not in self.weights]
+            if unknown or missing:
+                raise ValueError(f"weights given by dimension must name each of {list(self.dimensions)} once; "
+                                 f"unknown {unknown}, missing {missing}")
+            self.weights = tuple(self.weights[d] for d in self.dimensions)
+        try:
+            self.weights = tuple(float(w) for w in self.weights)
+        except (TypeError, ValueError):
+            raise ValueError(f"weights must be numbers, one per dimension in the order {list(self.dimensions)} "
+                             f"(or a dict by dimension), got {self.weights!r}") from None
         if len(self.weights) != len(self.dimensions):
             raise ValueError(f"weights must have one entry per dimension ({len(self.dimensions)}), got {self.weights}")
         if not all(math.isfinite(w) and w >= 0 for w in self.weights) or sum(self.weights) <= 0:

@@ -114,3 +114,19 @@ def test_existing_tokens_must_be_single_and_distinct(tiny_tokenizer):
     other = ScoreTokens("existing", ("1", "2"), (99, 98))
     with pytest.raises(ValueError, match="maps to .* but the model was saved with 99"):
         other.verify(tiny_tokenizer)
+
+
+def test_weights_by_dimension_and_one_dimension_as_a_string():
+    """weights={"realism": 2, ...} failed with "could not convert string to float: 'realism'", and
+    dimensions="realism" was split into letters ("descriptions missing for ['r', 'e', ...]")."""
+    r = Rubric(weights={"realism": 2, "alignment": 1, "aesthetics": 1, "plausibility": 0})
+    assert r.weights == (1.0, 2.0, 1.0, 0.0)  # in the rubric's dimension order
+    assert r.weights == Rubric(weights=(1, 2, 1, 0)).weights
+    with pytest.raises(ValueError, match=r"once; unknown \['beauty'\], missing \['plausibility'\]"):
+        Rubric(weights={"realism": 2, "alignment": 1, "aesthetics": 1, "beauty": 1})
+    with pytest.raises(ValueError, match=r"weights must be numbers, one per dimension in the order"):
+        Rubric(weights=["a", "b", "c", "d"])
+    one = Rubric(dimensions="realism", descriptions={"realism": "looks real"})
+    assert one.dimensions == ("realism",) and one.weights == (1.0,)
+    assert Rubric.from_dict(Rubric(weights={"realism": 2, "alignment": 1, "aesthetics": 1, "plausibility": 0})
+                            .to_dict()).weights == (1.0, 2.0, 1.0, 0.0)
