@@ -126,6 +126,9 @@ class ZRewardModel(nn.Module):
             has_fa = importlib.util.find_spec("flash_attn") is not None
             attn_implementation = "flash_attention_2" if (on_cuda and has_fa) else "sdpa"
 
+        if not os.path.isdir(directory):  # a typo, or a file: not "has no zreward_config.json"
+            raise FileNotFoundError(f"no directory at {os.fspath(directory)!r} (a ZRewardModel saved with "
+                                    "save_pretrained is a directory)")
         path = os.path.join(directory, CONFIG_NAME)
         if not os.path.exists(path):
             hint = (" (a Hugging Face model directory: load it with transformers, wrap it as "

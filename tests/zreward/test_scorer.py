@@ -315,8 +315,12 @@ def test_save_and_reload_offline(zmodel, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"has no zreward_config.json; .* wrap it as "
                                                 r"ZRewardModel\(model, processor\)"):
         ZRewardModel.from_pretrained(str(tmp_path / "plain"))
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"it was not saved by ZRewardModel$"):
-        ZRewardModel.from_pretrained(str(tmp_path / "missing"))
+        ZRewardModel.from_pretrained(str(tmp_path / "empty"))
+    for gone in (tmp_path / "missing", tmp_path / "zreward_config.json"):  # it said "has no zreward_config.json"
+        with pytest.raises(FileNotFoundError, match=r"no directory at .* \(a ZRewardModel saved with save_pretrained"):
+            ZRewardModel.from_pretrained(str(gone))
 
 
 def test_bad_inputs(zmodel):
