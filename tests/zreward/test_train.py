@@ -350,8 +350,14 @@ def test_bad_configs_fail_fast_before_loading_a_model(tmp_path):
     with pytest.raises(ValueError, match="give train_manifest"):
         train(TrainConfig(method="sft", model=missing, output_dir=str(tmp_path / "o")))
     cfg = TrainConfig(method="sft", model=Path(missing), output_dir=tmp_path / "o", batch_size=2)  # pathlib paths
-    with pytest.raises(OSError):  # validated (paths kept as strings: the config is saved as JSON), then the
-        train(cfg, items=items)   # missing model directory is what fails
+    # validated (paths kept as strings: the config is saved as JSON), then the missing model directory is what
+    # fails, named by its config key (from_pretrained said it "has no zreward_config.json")
+    with pytest.raises(FileNotFoundError, match=r"^model '.*no-such-model' is not a directory"):
+        train(cfg, items=items)
+    with pytest.raises(FileNotFoundError, match=r"^teacher '.*no-such-teacher' is not a directory"):
+        train(dataclasses.replace(cfg, method="risd", model=str(tmp_path), teacher=str(tmp_path / "no-such-teacher")),
+              items=items)
+    assert not (tmp_path / "o").exists()  # nothing written
     assert cfg.model == missing and cfg.output_dir == str(tmp_path / "o")
     bad = tmp_path / "bad.json"
     bad.write_text('{"method": "sft", "model": "m", "output_dir": "o", "train_manifest": "t", "lr": NaN}')

@@ -225,6 +225,10 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
     if cfg.batch_size > len(units):
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the {len(units)} training "
                          f"{'pairs' if units is not items else 'items'}")
+    for name in ("model", "teacher"):  # named by their config key, before accelerate or any model starts
+        path = getattr(cfg, name)
+        if path and not os.path.isdir(path):
+            raise FileNotFoundError(f"{name} {path!r} is not a directory (a ZRewardModel saved with save_pretrained)")
 
     from accelerate import Accelerator
     from accelerate.utils import set_seed
