@@ -54,10 +54,10 @@ class RatedItem:
         _check_item_image(self.image, self.id)
         where = f"RatedItem{f' {self.id!r}' if self.id is not None else ''}"
         if self.score is not None:  # numpy scalars (np.float32 is not JSON-serialisable) -> float
-            self.score = _label(self.score, "score", where)
+            self.score = _num(self.score, "score", where)
         if isinstance(self.ratings, (str, bytes)):  # "345" was read as three ratings, 3, 4 and 5
             raise TypeError(f"{where}: ratings must be a list of numbers, got the string {self.ratings!r}")
-        self.ratings = [_label(r, "each rating", where) for r in self.ratings] if self.ratings is not None else []
+        self.ratings = [_num(r, "each rating", where) for r in self.ratings] if self.ratings is not None else []
         if self.group is None:
             self.group = self.prompt
         if self.id is None:
@@ -129,18 +129,13 @@ def _content_id(image) -> str:
     return f"array:{h.hexdigest()[:16]}"
 
 
-def _label(x, what: str, where: str) -> float:
-    """A score or rating given from Python: a finite real number (numpy scalars too; not a bool or a
-    string), as a float.  NaN passed every later range check written as a comparison."""
+def _num(x, what: str, where: str) -> float:
+    """A score or rating (from a manifest line or from Python): a finite real number (numpy scalars
+    too; not a bool or a string), as a float.  NaN passed every later range check written as a
+    comparison."""
     import numpy as np
 
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real) or not math.isfinite(float(x)):
-        raise ValueError(f"{where}: {what} must be a finite number, got {x!r}")
-    return float(x)
-
-
-def _num(x, what: str, where: str) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(float(x)):
         raise ValueError(f"{where}: {what} must be a finite number, got {x!r}")
     return float(x)
 

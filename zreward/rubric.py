@@ -47,9 +47,9 @@ class Rubric:
 
     ``weights`` (one per dimension, in order, or a dict by dimension) default to equal weights
     summing to one, so the reward ``sum_d w_d mu_d`` stays on the score scale.  A single string
-    for ``dimensions`` is one dimension.  The rubric text (every dimension's anchors, the scale) is the ``preamble``,
-    shared by all dimensions of an image; each query then names its one dimension with the short
-    ``question``.  Keeping the per-dimension part short is what makes one shared prefix pay off.
+    for ``dimensions`` is one dimension.  The rubric text (every dimension's anchors, the scale) is
+    the ``preamble``, shared by all dimensions of an image; each query then names its one dimension
+    with the short ``question``.  Keeping the per-dimension part short is what makes one shared prefix pay off.
     ``preamble`` may use ``{low}``, ``{high}``, ``{step}`` and ``{rubric}``; ``question`` uses
     ``{dimension}`` (and may use ``{description}``).
     """
