@@ -23,6 +23,7 @@ memory stays flat in V and tiny in N without chunking; ``bench/test_bench_restri
 
 from __future__ import annotations
 
+import operator
 from typing import Optional, Sequence, Union
 
 import torch
@@ -76,8 +77,8 @@ def _as_ids(token_ids, device: torch.device) -> torch.Tensor:
         if token_ids.device != device:
             raise ValueError(f"token_ids is on {token_ids.device} but hidden is on {device}")
         return token_ids.long()
-    try:
-        ids = [int(t) for t in token_ids]
+    try:  # operator.index: ints, numpy ints and 0-d integer tensors; a float such as 2.7 is refused, not truncated
+        ids = [operator.index(t) for t in token_ids]
     except TypeError as exc:
         raise TypeError(f"token_ids must be a 1-D integer tensor or a sequence of ints, got {token_ids!r}") from exc
     return torch.tensor(ids, dtype=torch.long, device=device)

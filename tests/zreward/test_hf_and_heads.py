@@ -198,3 +198,58 @@ def test_logit_transforms_of_vision_language_models_follow_their_forward():
                      (transformers.Gemma3ForConditionalGeneration, transformers.Gemma3Config()),
                      (transformers.LlavaForConditionalGeneration, transformers.LlavaConfig())):
         assert logit_transforms(shell(cls, cfg)) == {}, cls.__name__
+
+
+def test_restricted_head_write_back_loses_nothing_and_checks_first():
+    """A head with a bias refuses to write back without the LM head's bias (the trained entries were
+    dropped without a word); shapes are checked before anything is written."""
+    w, b = torch.randn(20, 8), torch.randn(20)
+    head = RestrictedHead.from_lm_head(w, [1, 2, 3], b)
+    with torch.no_grad():
+        head.weight += 1.0
+        head.bias += 1.0
+    w2, b2 = w.clone(), b.clone()
+    with pytest.raises(ValueError, match="pass lm_head_bias"):
+        head.write_back(w2)
+    assert torch.equal(w2, w)  # nothing written
+    with pytest.raises(ValueError, match=r"lm_head_bias must be \[V\] = \[20\]"):
+        head.write_back(w2, torch.zeros(19))
+    with pytest.raises(ValueError, match=r"H = 8"):
+        head.write_back(torch.zeros(20, 16), b2)
+    with pytest.raises(ValueError, match="token_ids reach 3"):
+        head.write_back(torch.zeros(3, 8), torch.zeros(3))
+    assert torch.equal(w2, w) and torch.equal(b2, b)
+    head.write_back(w2, b2)
+    torch.testing.assert_close(w2[[1, 2, 3]], w[[1, 2, 3]] + 1.0)
+    torch.testing.assert_close(b2[[1, 2, 3]], b[[1, 2, 3]] + 1.0)
+    no_bias = RestrictedHead.from_lm_head(w, [4, 5])
+    with pytest.raises(ValueError, match="has no bias"):
+        no_bias.write_back(w2, b2)
+
+
+def test_restricted_head_constructor_checks_its_arguments():
+    rows = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="token_ids must be distinct"):
+        RestrictedHead(rows, [1, 1, 2])
+    with pytest.raises(ValueError, match="token_ids must be >= 0"):
+        RestrictedHead(rows, [1, -1, 2])
+    with pytest.raises(ValueError, match=r"bias must be \[K\] = \[3\]"):
+        RestrictedHead(rows, [1, 2, 3], bias=torch.randn(20))  # the LM head's full bias, not the rows'
+    with pytest.raises(TypeError, match="rows must be a floating-point tensor"):
+        RestrictedHead(torch.ones(3, 8, dtype=torch.long), [1, 2, 3])
+    with pytest.raises(TypeError, match="token_ids must be"):
+        RestrictedHead(rows, [1.0, 2.5, 3.0])
+    head = RestrictedHead(rows, torch.tensor([7, 8, 9]))
+    assert head.token_ids.tolist() == [7, 8, 9]
+
+
+def test_restricted_logits_refuses_fractional_token_ids():
+    """``[1.7, 2.2]`` was truncated to ids 1 and 2 without a word."""
+    h, w = torch.randn(2, 8), torch.randn(20, 8)
+    with pytest.raises(TypeError, match="token_ids must be"):
+        restricted_logits(h, w, [1.7, 2.2])
+    import numpy as np
+
+    ref = restricted_logits(h, w, [3, 4])
+    for ids in (np.array([3, 4]), [torch.tensor(3), np.int64(4)], (3, 4)):
+        torch.testing.assert_close(restricted_logits(h, w, ids), ref)
