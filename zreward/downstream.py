@@ -16,6 +16,7 @@ scorer's ``reward``); ``dimensions=`` restricts them.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
@@ -62,7 +63,8 @@ def group_rewards(scorer: RewardScorer, images, prompts: Sequence[str], *, group
     prompts = prompt_list(prompts, images)
     if check_prompts:
         if group_size is not None:
-            if not isinstance(group_size, int) or group_size < 1 or len(prompts) % group_size:
+            if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size < 1 \
+                    or len(prompts) % group_size:
                 raise ValueError(f"group_size must be a positive int dividing the {len(prompts)} samples, "
                                  f"got {group_size!r}")
             bounds = list(range(0, len(prompts) + 1, group_size))

@@ -14,6 +14,7 @@ falls back to the reference and :func:`zreward_kernels.backend_info` says so.
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Optional, Tuple
 
@@ -115,8 +116,9 @@ def group_advantage(
     if (group_size is None) == (group_offsets is None):
         raise ValueError("give exactly one of group_size and group_offsets")
     if group_size is not None:
-        if isinstance(group_size, bool) or not isinstance(group_size, int):
+        if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
             raise TypeError(f"group_size must be an int, got {group_size!r}")
+        group_size = int(group_size)  # a numpy integer (np.unique counts, a shape entry) is taken as its value
         if group_size <= 0:
             raise ValueError(f"group_size must be positive, got {group_size}")
         if m % group_size != 0:

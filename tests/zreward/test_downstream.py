@@ -56,6 +56,8 @@ def test_group_rewards_normalise_within_each_prompt(scorer):
     torch.testing.assert_close(res.advantages, adv)
     torch.testing.assert_close(res.stats.mean, stats.mean)
     assert abs(float(res.advantages[:3].sum())) < 1e-4 and abs(float(res.advantages[3:].sum())) < 1e-4
+    as_np = group_rewards(scorer, images, prompts, group_size=np.int64(3))  # was "must be a positive int"
+    torch.testing.assert_close(as_np.advantages, res.advantages)
     one = group_rewards(scorer, images[:3], "a red car", group_size=3)  # one prompt string for the group
     torch.testing.assert_close(one.rewards, res.rewards[:3])
     # variable groups through offsets; Dr. GRPO's mean-only mode

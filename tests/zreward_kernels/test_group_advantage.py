@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from kernel_helpers import assert_close
@@ -163,6 +164,11 @@ def test_bad_input():
         zk.group_advantage(r, group_size=3)
     with pytest.raises(ValueError, match="group_size must be positive"):
         zk.group_advantage(r, group_size=0)
+    for not_int in (True, 5.0, torch.tensor(5)):
+        with pytest.raises(TypeError, match="group_size must be an int"):
+            zk.group_advantage(r, group_size=not_int)
+    # a numpy integer (np.unique counts, a shape entry) is an int; it was refused
+    torch.testing.assert_close(zk.group_advantage(r, group_size=np.int64(5))[0], zk.group_advantage(r, group_size=5)[0])
     with pytest.raises(ValueError, match="must start at 0 and end at M=10"):
         zk.group_advantage(r, group_offsets=torch.tensor([0, 4, 9]))
     with pytest.raises(ValueError, match="must be sorted"):
