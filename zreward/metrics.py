@@ -25,6 +25,7 @@ Inputs may be tensors, arrays or lists; computation is float64 numpy/scipy.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Iterator
 from typing import Dict, Optional, Sequence
@@ -101,7 +102,7 @@ def hpa(pred, ref, groups, margin: float = 0.0, pred_ties: str = "wrong") -> flo
     """
     if pred_ties not in PRED_TIES:
         raise ValueError(f"pred_ties must be one of {PRED_TIES}, got {pred_ties!r}")
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 0:
+    if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not math.isfinite(margin) or margin < 0:
         raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")  # NaN gave HPA NaN, silently
     p, r = _np(pred, "pred").ravel(), _np(ref, "ref").ravel()
     g = _labels(groups)
@@ -231,8 +232,9 @@ def pairwise_calibration(probs, ref, groups, n_bins: int = 10) -> Optional[Dict[
     predicted winner comes first (confidence in [0.5, 1]); returns per confidence bin the ``count``,
     mean ``confidence`` and ``accuracy`` (NaN for empty bins), and the bin ``edges``.
     """
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, numbers.Integral) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+    n_bins = int(n_bins)
     pr = _np(probs, "probs")
     r = _np(ref, "ref").ravel()
     g = _labels(groups)

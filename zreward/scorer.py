@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import numbers
 import os
 from dataclasses import dataclass, fields
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -204,8 +205,9 @@ class RewardScorer:
         accelerate's ``mixed_precision`` decide.  ``layout`` places the D dimension suffixes after
         the shared prefix: ``"packed"`` (one row per image, block mask), ``"repeat"`` (the cache
         repeated D times) or ``"auto"`` (packed under SDPA and eager attention, repeat otherwise)."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        batch_size = int(batch_size)
         if layout not in ("auto", "packed", "repeat"):
             raise ValueError(f"layout must be 'auto', 'packed' or 'repeat', got {layout!r}")
         self.layout = layout

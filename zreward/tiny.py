@@ -11,6 +11,8 @@ caller's stream is restored afterwards, so building a model leaves the caller's 
 they were.  ``seed=None`` draws the weights from (and advances) the global stream instead.
 """
 
+import numbers
+
 import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -35,10 +37,10 @@ def _seeded(seed, build):
     """``build()`` with the weights drawn from a stream seeded with ``seed``, the caller's restored."""
     if seed is None:
         return build()
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int or None, got {seed!r}")
     with torch.random.fork_rng(devices=[]):  # the weights are made on the CPU
-        torch.manual_seed(seed)
+        torch.manual_seed(int(seed))
         return build()
 
 

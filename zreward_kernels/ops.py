@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -115,8 +116,9 @@ def rubric_loss(
     w_pair = check_float("weight_pair", weight_pair)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    ignore_index = int(ignore_index)  # a numpy integer is taken as its value
     check_logits("logits", logits, k)
     if logits.dim() not in (2, 3):
         raise ValueError(f"logits must be [N, K] or [N, D, K], got shape {tuple(logits.shape)}")

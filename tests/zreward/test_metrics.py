@@ -193,6 +193,16 @@ def test_bad_inputs_are_named():
         M.kl_divergence(np.ones((2, 9)) / 9, np.ones((3, 9)) / 9)
 
 
+def test_numpy_scalar_options_are_taken():
+    """``margin=np.float32(0.5)`` and ``n_bins=np.int64(5)`` were refused as not numbers."""
+    pred, ref, groups = [1.0, 2.0, 3.5, 2.0], [1.0, 2.0, 3.0, 4.0], [0, 0, 0, 0]
+    assert M.hpa(pred, ref, groups, margin=np.float32(0.5)) == M.hpa(pred, ref, groups, margin=0.5)
+    probs = torch.softmax(torch.randn(4, 9, generator=torch.Generator().manual_seed(0)), -1)
+    assert M.pairwise_ece(probs, ref, groups, n_bins=np.int64(5)) == M.pairwise_ece(probs, ref, groups, n_bins=5)
+    with pytest.raises(ValueError, match="n_bins must be a positive integer"):
+        M.pairwise_ece(probs, ref, groups, n_bins=np.float64(5.0))
+
+
 def test_generators_and_lists_of_scalar_tensors_are_read_like_arrays():
     """A generator gave "float() argument must be ... not 'generator'" (a 0-d object array), and a
     generator of group labels one group of length 1 ("must have the same length ... (1,)")."""

@@ -327,6 +327,7 @@ def test_bad_inputs(zmodel):
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1, got"):
             RewardScorer(zmodel, batch_size=bad)
+    assert RewardScorer(zmodel, batch_size=np.int64(4)).batch_size == 4  # a numpy integer was refused
     s = RewardScorer(zmodel)
     with pytest.raises(ValueError, match=r"got 1 images for 2 prompts"):
         s.score(_images(1), PROMPTS[:2])

@@ -1,5 +1,6 @@
 """The tiny model builders: ``seed`` fixes the weights without touching the caller's random stream."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,3 +29,4 @@ def test_seed_fixes_the_weights_and_leaves_the_callers_stream(family):
     assert torch.equal(_weights(build(seed=None)[0]), a)
     with pytest.raises(TypeError, match="seed must be an int or None"):
         build(seed="5")
+    assert torch.equal(_weights(build(seed=np.int64(5))[0]), a)  # a numpy integer was refused

@@ -374,6 +374,23 @@ def test_bad_configs_fail_fast_before_loading_a_model(tmp_path):
         TrainConfig.from_file(str(bad))
 
 
+def test_numpy_scalars_in_a_config_are_taken_as_python_numbers(tmp_path):
+    """A config built in Python from numpy values (``np.int64`` steps, an ``np.float32`` rate) was refused
+    ("max_steps must be an integer, got np.int64(5)"); it is taken, kept as Python numbers (the config is saved
+    as JSON in every checkpoint), and numpy floats are still not integers."""
+    cfg = TrainConfig(method="sft", model="m", output_dir=str(tmp_path), train_manifest="t.jsonl",
+                      max_steps=np.int64(5), batch_size=np.int32(4), seed=np.uint8(3), lr=np.float32(1e-3),
+                      weight_decay=np.float64(0.0))
+    cfg.validate()
+    assert (type(cfg.max_steps), type(cfg.batch_size), type(cfg.seed), type(cfg.lr)) == (int, int, int, float)
+    assert (cfg.max_steps, cfg.batch_size, cfg.seed) == (5, 4, 3) and cfg.lr == float(np.float32(1e-3))
+    json.dumps(cfg.to_dict())  # numpy scalars are not JSON serialisable
+    with pytest.raises(ValueError, match="max_steps must be an integer"):
+        TrainConfig(method="sft", model="m", output_dir="o", train_manifest="t", max_steps=np.float64(5.0)).validate()
+    with pytest.raises(ValueError, match="lr must be a finite number"):
+        TrainConfig(method="sft", model="m", output_dir="o", train_manifest="t", lr=np.float32("nan")).validate()
+
+
 def test_item_problems_found_before_the_first_step(base, tmp_path):
     """Unlabelled eval items with eval_every set (found at the first evaluation before), a dimension
     the model's rubric lacks and a missing image file (found when their batch came up) stop a run

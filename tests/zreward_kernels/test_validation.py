@@ -63,6 +63,18 @@ def test_rubric_loss_bad_inputs():
     _raises(ValueError, "ZREWARD_BACKEND|backend must be one of", rubric_loss, x, target=t, backend="cuda")
 
 
+def test_numpy_integer_ignore_index_is_taken():
+    """``ignore_index=np.int64(-100)`` was refused ("must be an int")."""
+    import numpy as np
+
+    x = torch.randn(6, 9)
+    t = torch.tensor([0, 3, -100, 8, -100, 4])
+    a = rubric_loss(x, target=t, ignore_index=np.int64(-100))
+    b = rubric_loss(x, target=t, ignore_index=-100)
+    assert torch.equal(a.loss, b.loss) and torch.equal(a.ce, b.ce)
+    _raises(TypeError, "ignore_index must be an int", rubric_loss, x, target=t, ignore_index=-100.0)
+
+
 def test_device_mismatch_is_named():
     x = torch.randn(4, 9, device="meta")
     t = torch.zeros(4, dtype=torch.long)

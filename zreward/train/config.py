@@ -53,6 +53,7 @@ Common fields
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -211,11 +212,14 @@ class TrainConfig:
             v = getattr(self, f.name)
             kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))  # "float", ...
             if kind == "float":
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
                     raise ValueError(f"{f.name} must be a finite number, got {v!r}")
+                if not isinstance(v, (int, float)):  # a numpy scalar: kept as its Python value (the config is JSON)
+                    setattr(self, f.name, float(v))
             elif kind == "int":
-                if isinstance(v, bool) or not isinstance(v, int):
+                if isinstance(v, bool) or not isinstance(v, numbers.Integral):
                     raise ValueError(f"{f.name} must be an integer, got {v!r}")
+                setattr(self, f.name, int(v))
             elif f.name in PATH_FIELDS:
                 if isinstance(v, os.PathLike):  # a pathlib.Path from Python: kept as a string (the config is JSON)
                     setattr(self, f.name, os.fspath(v))
