@@ -142,7 +142,7 @@ def _image_paths(paths):
 
 def score_cmd(args) -> int:
     from .evaluate import _progress
-    from .scorer import read_image
+    from .scorer import read_image, unreadable_images
 
     paths = _image_paths(args.images)
     prompts = args.prompt
@@ -153,6 +153,9 @@ def score_cmd(args) -> int:
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:  # all of them before any is scored
         raise SystemExit(f"image not found: {missing[0]}" + (f" ({len(missing)} missing)" if len(missing) > 1 else ""))
+    bad = unreadable_images(paths)  # headers only; a broken file would otherwise stop the run when its batch came up
+    if bad:
+        raise SystemExit(f"{bad[0][0]}: {bad[0][1]}" + (f" ({len(bad)} unreadable files)" if len(bad) > 1 else ""))
     scorer = _load_scorer(args)
     rows, dims = [], None
     bs = args.batch_size

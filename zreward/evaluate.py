@@ -12,7 +12,7 @@ import numpy as np
 
 from .data import RatedItem, missing_images
 from .metrics import evaluate, pairwise_calibration, rater_histograms
-from .scorer import RewardScorer
+from .scorer import RewardScorer, unreadable_images
 
 
 def _progress(total: int, desc: str):
@@ -52,6 +52,9 @@ def score_items(scorer: RewardScorer, items: List[RatedItem], batch_size: int = 
     missing = missing_images(items)
     if missing:  # before scoring any image, not when its batch comes up
         raise FileNotFoundError(f"image not found: {missing[0]} ({len(missing)} missing image file(s))")
+    bad = unreadable_images(sorted({it.image for it in items if isinstance(it.image, str)}))
+    if bad:  # likewise for a file that is there but is not an image (headers only)
+        raise ValueError(f"{bad[0][0]}: {bad[0][1]} ({len(bad)} unreadable image file(s))")
     images: "OrderedDict[tuple, List[int]]" = OrderedDict()
     first: Dict[tuple, RatedItem] = {}
     for i, it in enumerate(items):

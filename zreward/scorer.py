@@ -77,6 +77,25 @@ def read_image(path) -> np.ndarray:
         return np.array(im.convert("RGB"))
 
 
+def unreadable_images(paths) -> List[Tuple[str, str]]:
+    """``(path, reason)`` for each path that is not an image file PIL can identify, checked from the
+    file headers alone (no pixels are decoded), so a broken or mislabelled file in a long list is
+    found before any image is scored rather than when its batch comes up."""
+    from PIL import Image, UnidentifiedImageError
+
+    bad = []
+    for p in paths:
+        if not os.path.isfile(p):
+            bad.append((os.fspath(p), "not found"))
+            continue
+        try:
+            with Image.open(p):  # lazy: reads the header only
+                pass
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            bad.append((os.fspath(p), f"not a readable image ({type(exc).__name__}: {exc})"))
+    return bad
+
+
 def prompt_list(prompts, images) -> List[str]:
     """``prompts`` as a list, one per image; a single string is every image's prompt (as ImageReward
     and HPS take one prompt for a list of images)."""

@@ -223,6 +223,22 @@ def test_eval_finds_a_missing_image_before_scoring(saved, monkeypatch):
     assert not calls
 
 
+def test_a_file_that_is_not_an_image_stops_score_and_eval_before_any_scoring(saved, monkeypatch):
+    """A broken or mislabelled file among the images failed only when its batch came up, so every score
+    computed before it was lost; it is now found from the file headers before any image is scored."""
+    from zreward.scorer import RewardScorer
+
+    calls = []
+    monkeypatch.setattr(RewardScorer, "score", lambda self, *a, **k: calls.append(1))
+    (saved / "img" / "9_9.png").write_text("not an image")  # sorts last in the directory
+    with pytest.raises(SystemExit, match=r"9_9.png: not a readable image \(UnidentifiedImageError"):
+        main(["score", "--model", str(saved / "model"), str(saved / "img"), "--prompt", "x", "--batch-size", "2"])
+    (saved / "img" / "2_2.png").write_bytes(b"\x89PNG but not really")  # the manifest's last image
+    with pytest.raises((ValueError, SystemExit), match=r"2_2.png: not a readable image .*\(1 unreadable image file"):
+        main(["eval", "--model", str(saved / "model"), "--manifest", str(saved / "m.jsonl"), "--out", str(saved / "e")])
+    assert not calls
+
+
 def test_ratings_off_the_scale_leave_out_the_distribution_metrics(saved):
     """Ratings on 1..10 against a 1..5 rubric: HPA and the correlations are scale-free and equal the
     1..5 run's; the rater histograms would snap them to the end bins, so KL/JS/W1 are left out."""
