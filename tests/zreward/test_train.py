@@ -416,6 +416,11 @@ def test_item_problems_found_before_the_first_step(base, tmp_path):
             for i, it in enumerate(items)]
     with pytest.raises(FileNotFoundError, match=r"2 training image file\(s\) not found, e.g. \['.*gone2.png'"):
         train(dataclasses.replace(cfg, output_dir=str(tmp_path / "e")), items=gone)
+    (tmp_path / "broken.png").write_text("not an image")  # failed when its batch came up, mid-run
+    broken = [dataclasses.replace(it, image=str(tmp_path / "broken.png")) if i == 7 else it for i, it in enumerate(items)]
+    with pytest.raises(ValueError, match=r"1 eval image file\(s\) are not readable images, e.g. .*broken.png: not a "):
+        train(dataclasses.replace(cfg, output_dir=str(tmp_path / "g")), items=items, eval_items=broken)
+    assert not (tmp_path / "g").exists()
     with pytest.warns(UserWarning, match="no evaluation will run"):
         train(dataclasses.replace(cfg, output_dir=str(tmp_path / "d"), max_steps=1), items=items)
 

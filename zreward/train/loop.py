@@ -187,6 +187,7 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
                          f"{', ...' if len(previous) > 4 else ''}); resume it (resume=True, --resume) or set "
                          "overwrite_output_dir=true to delete those entries first")
     from ..model import ZRewardModel  # imported late: config errors must not wait for transformers
+    from ..scorer import unreadable_images
 
     for what, given, manifest in (("items", items, cfg.train_manifest), ("eval_items", eval_items, cfg.eval_manifest)):
         if given is not None and manifest:
@@ -205,6 +206,9 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
         missing = missing_images(its)
         if missing:
             raise FileNotFoundError(f"{len(missing)} {what} image file(s) not found, e.g. {missing[:3]}")
+        bad = unreadable_images(sorted({it.image for it in its if isinstance(it.image, str)}))  # headers only
+        if bad:
+            raise ValueError(f"{len(bad)} {what} image file(s) are not readable images, e.g. {bad[0][0]}: {bad[0][1]}")
     if cfg.eval_every and not eval_items:
         warnings.warn(f"eval_every={cfg.eval_every} but there are no eval items (eval_manifest or eval_items): "
                       "no evaluation will run", stacklevel=2)
