@@ -143,3 +143,19 @@ def test_command_lines_parse():
         args = parser.parse_args(argv)
         assert callable(args.fn), argv
     assert json.dumps(sorted({c[0] for c in commands})) == '["eval", "score", "train"]'
+
+
+def test_every_command_line_option_is_explained():
+    """`zreward --help` showed the first line of the description, cut mid-list; --device, --seed,
+    --batch-size, --dimensions and --no-plots had no help text."""
+    import argparse
+
+    from zreward.cli import build_parser
+
+    parser = build_parser()
+    assert parser.description.endswith("``info`` (backends).")
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subs.choices.items():
+        for action in sub._actions:
+            if not isinstance(action, argparse._HelpAction):
+                assert action.help, f"zreward {name} {action.dest} has no help text"

@@ -228,9 +228,12 @@ def _int_at_least(low: int):
     return parse
 
 
+DEVICE_HELP = "auto (cuda when there is one, else cpu), cpu, cuda or cuda:N"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``zreward`` command line (every subcommand; ``main`` parses and runs)."""
-    parser = argparse.ArgumentParser(prog="zreward", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="zreward", description=" ".join(__doc__.split()))  # the whole sentence, not its first line
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"zreward {__version__} (torch {torch.__version__})")
@@ -239,12 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=["quick", "full"], default="quick",
                    help="quick: about 2 min on 2 CPU cores; full: the README's table (about 11 min)")
     p.add_argument("--out", default="demo_out", help="folder for models, results.md/json and plots")
-    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of the world and every model (default 0)")
     p.set_defaults(fn=demo)
     p = sub.add_parser("ops", help="time every fused op against its reference on this device")
     p.add_argument("--rows", type=_int_at_least(1), default=16384,
                    help="rows of logits per call (group_advantage times 16 x as many rewards)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(fn=ops)
     p = sub.add_parser("info", help="print which kernel backends are available")
     p.set_defaults(fn=info)
@@ -260,17 +263,18 @@ def build_parser() -> argparse.ArgumentParser:
                                ("eval", eval_cmd, "evaluate a saved reward model on a JSONL manifest")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--model", required=True, help="directory written by ZRewardModel.save_pretrained")
-        p.add_argument("--device", default="auto")
-        p.add_argument("--batch-size", type=_int_at_least(1), default=16)
+        p.add_argument("--device", default="auto", help=DEVICE_HELP)
+        p.add_argument("--batch-size", type=_int_at_least(1), default=16, help="images per forward pass (default 16)")
         if name == "score":
             p.add_argument("images", nargs="+", help="image files, or directories (the image files in them, by name)")
             p.add_argument("--prompt", action="append", required=True, help="the prompt (once, or once per image)")
-            p.add_argument("--dimensions", nargs="+", default=None)
+            p.add_argument("--dimensions", nargs="+", default=None,
+                           help="rubric dimensions to score (default: all of the model's)")
             p.add_argument("--json", action="store_true", help="print JSON instead of a table")
         else:
             p.add_argument("--manifest", required=True, help="JSONL manifest (see zreward.data)")
             p.add_argument("--out", required=True, help="folder for metrics.json, predictions.jsonl and plots")
-            p.add_argument("--no-plots", action="store_true")
+            p.add_argument("--no-plots", action="store_true", help="skip the three plots (no matplotlib needed)")
         p.set_defaults(fn=fn)
     return parser
 
