@@ -106,6 +106,10 @@ def final_hidden_states(model, positions: torch.Tensor, **inputs) -> torch.Tenso
     row-major order).  Negative positions count from the end.  ``inputs`` go to the backbone
     unchanged (``input_ids``, ``attention_mask``, ``pixel_values``, ``image_grid_thw``, ...).
     """
+    if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.bool, torch.int32, torch.int64):
+        # checked before the forward pass, which would otherwise run for nothing
+        raise TypeError(f"positions must be an integer or boolean tensor, got "
+                        f"{positions.dtype if isinstance(positions, torch.Tensor) else type(positions).__name__}")
     out = backbone(model)(**inputs, return_dict=True)
     h = out.last_hidden_state  # [B, T, H]
     b, t, _ = h.shape
@@ -113,8 +117,6 @@ def final_hidden_states(model, positions: torch.Tensor, **inputs) -> torch.Tenso
         if tuple(positions.shape) != (b, t):
             raise ValueError(f"a boolean positions mask must be [B, T] = [{b}, {t}], got {tuple(positions.shape)}")
         return h[positions]
-    if positions.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"positions must be an integer or boolean tensor, got {positions.dtype}")
     pos = positions.to(h.device).long()
     squeeze = pos.dim() == 1
     if squeeze:

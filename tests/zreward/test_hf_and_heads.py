@@ -72,8 +72,13 @@ def test_bad_positions():
         final_hidden_states(model, torch.tensor([8, 0]), input_ids=ids)
     with pytest.raises(ValueError, match=r"positions must be \[B\] or \[B, P\] with B = 2"):
         final_hidden_states(model, torch.tensor([1, 2, 3]), input_ids=ids)
-    with pytest.raises(TypeError, match="positions must be an integer or boolean tensor"):
+    calls = []
+    model.model.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(TypeError, match="positions must be an integer or boolean tensor, got torch.float32"):
         final_hidden_states(model, torch.tensor([1.0, 2.0]), input_ids=ids)
+    with pytest.raises(TypeError, match="positions must be an integer or boolean tensor, got list"):
+        final_hidden_states(model, [1, 2], input_ids=ids)  # an AttributeError after a whole forward pass
+    assert not calls  # refused before the backbone ran
 
 
 def test_restricted_head_trains_rows_and_writes_back():
