@@ -12,7 +12,7 @@ import numpy as np
 
 from .data import RatedItem, missing_images
 from .metrics import evaluate, pairwise_calibration, rater_histograms
-from .scorer import RewardScorer, unreadable_images
+from .scorer import RewardScorer, check_count, unreadable_images
 
 
 def _progress(total: int, desc: str):
@@ -46,6 +46,7 @@ def score_items(scorer: RewardScorer, items: List[RatedItem], batch_size: int = 
     from .train.teacher import load_image
 
     items = list(items)  # any iterable: it is walked more than once
+    batch_size = check_count("batch_size", batch_size)
     rubric = scorer.model.rubric
     for it in items:
         rubric.index(it.dimension)

@@ -145,8 +145,13 @@ class Rubric:
 def fit_embeddings(model, vocab: int) -> None:
     """Grow the model's embedding table (and untied head) to hold ``vocab`` token ids; never shrink
     it (real checkpoints pad the table beyond the tokenizer: Qwen has 151936 rows)."""
-    if vocab > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(vocab, mean_resizing=False)
+    weight = model.get_input_embeddings().weight
+    if vocab > weight.shape[0]:
+        # the new rows' random initialisation is overwritten by the callers; drawing it from a forked
+        # stream leaves the caller's random numbers as they were (seeded sampling right after adding
+        # a token gave other samples than the same call once the token was there)
+        with torch.random.fork_rng(devices=[weight.device] if weight.device.type == "cuda" else []):
+            model.resize_token_embeddings(vocab, mean_resizing=False)
 
 
 @dataclass

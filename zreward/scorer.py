@@ -77,6 +77,13 @@ def read_image(path) -> np.ndarray:
         return np.array(im.convert("RGB"))
 
 
+def check_count(name: str, value, low: int = 1) -> int:
+    """``value`` as an ``int`` (numpy integers too), refused by ``name`` unless an integer >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
 def unreadable_images(paths) -> List[Tuple[str, str]]:
     """``(path, reason)`` for each path that is not an image file PIL can identify, checked from the
     file headers alone (no pixels are decoded), so a broken or mislabelled file in a long list is
@@ -224,9 +231,7 @@ class RewardScorer:
         accelerate's ``mixed_precision`` decide.  ``layout`` places the D dimension suffixes after
         the shared prefix: ``"packed"`` (one row per image, block mask), ``"repeat"`` (the cache
         repeated D times) or ``"auto"`` (packed under SDPA and eager attention, repeat otherwise)."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        batch_size = int(batch_size)
+        batch_size = check_count("batch_size", batch_size)
         if layout not in ("auto", "packed", "repeat"):
             raise ValueError(f"layout must be 'auto', 'packed' or 'repeat', got {layout!r}")
         self.layout = layout

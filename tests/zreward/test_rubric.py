@@ -90,6 +90,19 @@ def test_special_score_tokens_are_single_and_initialised_from_the_number(tiny_to
     ScoreTokens.from_dict(st.to_dict()).verify(reloaded)
 
 
+def test_adding_score_tokens_leaves_the_callers_random_stream(tiny_tokenizer):
+    """Growing the embedding table drew the new rows' (overwritten) random initialisation from the
+    global stream, so wrapping a model moved the caller's random numbers, and a seeded sampling call
+    that first added the trace marker sampled other traces than the same call once it was there."""
+    model = _tiny_model(tiny_tokenizer, tied=False)
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    st = ScoreTokens.add_special(tiny_tokenizer, model)
+    assert model.get_input_embeddings().weight.shape[0] == len(tiny_tokenizer) and len(st.token_ids) == 9
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_special_score_tokens_never_shrink_a_padded_vocabulary(tiny_tokenizer):
     """Real checkpoints pad the embedding table beyond the tokenizer (Qwen: 151936 rows); the new
     tokens take padding rows and the table keeps its size."""

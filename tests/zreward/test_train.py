@@ -480,6 +480,23 @@ def test_teacher_targets_averaged_over_sampled_traces(base):
         torch.testing.assert_close(t.sum(-1), torch.ones(3))
     # reading after a trace differs from reading right after the question, and averaging changes it again
     assert float((one - direct).abs().max()) > 1e-4 and float((four - one).abs().max()) > 1e-6
+    # bad settings are named before any trace is sampled (generate's errors named none: traces=-1 gave
+    # "max() arg is an empty sequence", batch_size=0 "range() arg 3 must not be zero")
+    from zreward.evaluate import predict_items
+
+    for kw, msg in ((dict(traces=-1), "traces must be an integer >= 0, got -1"),
+                    (dict(traces=2.5), "traces must be an integer >= 0, got 2.5"),
+                    (dict(traces=1, trace_tokens=0), "trace_tokens must be an integer >= 1, got 0"),
+                    (dict(traces=1, temperature=0.0), r"temperature must be a finite number > 0 .* got 0.0"),
+                    (dict(traces=1, temperature=float("nan")), "temperature must be a finite number > 0"),
+                    (dict(batch_size=0), "batch_size must be an integer >= 1, got 0")):
+        with pytest.raises(ValueError, match=msg):
+            compute_targets(teacher, items, **kw)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        predict_items(teacher, items, batch_size=0)  # the no-trace path (score_items)
+    torch.manual_seed(0)
+    torch.testing.assert_close(compute_targets(teacher, items, traces=np.int64(1), trace_tokens=4,
+                                               temperature=np.float32(1.5)), one)
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "llava"])

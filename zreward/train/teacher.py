@@ -39,9 +39,20 @@ def compute_targets(teacher, items: Sequence[RatedItem], batch_size: int = 16, t
     ``temperature``), reads q_T(s | p, I, d, rho) at each marker and averages the n distributions.
     ``progress`` shows a progress bar over the items (when tqdm is installed).
     """
-    from ..scorer import RewardScorer
+    import math
+    import numbers
+
+    from ..scorer import RewardScorer, check_count
 
     items = list(items)  # any iterable: it is sliced into batches
+    batch_size = check_count("batch_size", batch_size)
+    traces = check_count("traces", traces, 0)
+    if traces:  # generate's own errors named neither argument ("max() arg is an empty sequence" for traces=-1)
+        trace_tokens = check_count("trace_tokens", trace_tokens)
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
+                math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0 (the traces are sampled), got {temperature!r}")
+        temperature = float(temperature)  # generate refuses a numpy float
     scorer = RewardScorer(teacher, in_vocab_mass=False)
     rows = []
     if traces:
