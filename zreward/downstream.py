@@ -24,7 +24,7 @@ import torch
 
 from zreward_kernels import GroupStats, group_advantage
 
-from .scorer import RewardOutput, RewardScorer, prompt_list, tensor_images
+from .scorer import RewardOutput, RewardScorer, image_batch, prompt_list, tensor_images
 
 
 def refl_loss(scorer: RewardScorer, images: torch.Tensor, prompts: Sequence[str],
@@ -32,6 +32,7 @@ def refl_loss(scorer: RewardScorer, images: torch.Tensor, prompts: Sequence[str]
     """``(loss, out)`` with ``loss = -out.reward.mean()``, differentiable with respect to ``images``
     (a float tensor ``[B, 3, H, W]`` in ``[0, 1]``, for example the decoded output of the last
     denoising steps, or a list of ``[3, H, W]`` ones of several sizes)."""
+    images = image_batch(images)
     if not tensor_images(images):
         raise TypeError("refl_loss needs the generator's images as a float tensor [B, 3, H, W] in [0, 1] "
                         "(or a list of [3, H, W] ones)")
@@ -60,6 +61,7 @@ def group_rewards(scorer: RewardScorer, images, prompts: Sequence[str], *, group
     :func:`zreward_kernels.group_advantage`.  ``check_prompts`` raises if a group holds different
     prompts (a sign of mis-ordered samples).
     """
+    images = image_batch(images)
     prompts = prompt_list(prompts, images)
     if check_prompts:
         if group_size is not None:

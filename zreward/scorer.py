@@ -22,6 +22,7 @@ import contextlib
 import inspect
 import numbers
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -101,6 +102,12 @@ def unreadable_images(paths) -> List[Tuple[str, str]]:
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             bad.append((os.fspath(p), f"not a readable image ({type(exc).__name__}: {exc})"))
     return bad
+
+
+def image_batch(images):
+    """``images`` as given, except that a one-pass iterable (a generator, ``map``) becomes a list: it
+    is counted against the prompts and then read, and a single prompt string made it one image."""
+    return list(images) if isinstance(images, Iterator) else images
 
 
 def prompt_list(prompts, images) -> List[str]:
@@ -252,7 +259,7 @@ class RewardScorer:
               differentiable: bool = False) -> RewardOutput:
         """Score ``images`` (a list of PIL images, HxWx3 uint8 arrays or image file paths, a tensor
         [B,3,H,W], float in [0,1] or uint8, or a list of [3,H,W] such tensors of any sizes; a single
-        image is a batch of one) against their ``prompts`` (one per image, or one string for all) on
+        image is a batch of one; a generator is read as a list) against their ``prompts`` (one per image, or one string for all) on
         ``dimensions`` (a name or a sequence of names; default: every rubric dimension).
 
         By default the model runs under ``torch.inference_mode()``; the outputs are then copied out
@@ -263,6 +270,7 @@ class RewardScorer:
         input pixels through the processor's torch preprocessing (resize, normalise, patchify) -- the
         ReFL / DRaFT use of SPEC section 6.  The model's own parameters get gradients too unless frozen.
         """
+        images = image_batch(images)
         if differentiable and not tensor_images(images):
             raise TypeError("differentiable=True needs images as a float tensor [B, 3, H, W] in [0, 1] "
                             "(or a list of [3, H, W] ones)")

@@ -43,6 +43,11 @@ def test_refl_loss_optimises_images_towards_higher_reward(scorer):
     assert all(p.grad is None for p in scorer.model.model.parameters())
     with pytest.raises(TypeError, match="refl_loss needs the generator's images as a float tensor"):
         refl_loss(scorer, [torch.zeros(56, 56, 3).numpy()], PROMPTS[:1])
+    # a generator of [3, H, W] tensors (several resolutions) was refused as "not tensors"
+    pics = [torch.rand(3, 56, 56, requires_grad=True), torch.rand(3, 84, 56, requires_grad=True)]
+    loss, _ = refl_loss(scorer, (p for p in pics), PROMPTS)
+    loss.backward()
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in pics)
 
 
 def test_group_rewards_normalise_within_each_prompt(scorer):
@@ -57,6 +62,8 @@ def test_group_rewards_normalise_within_each_prompt(scorer):
     torch.testing.assert_close(res.stats.mean, stats.mean)
     assert abs(float(res.advantages[:3].sum())) < 1e-4 and abs(float(res.advantages[3:].sum())) < 1e-4
     as_np = group_rewards(scorer, images, prompts, group_size=np.int64(3))  # was "must be a positive int"
+    as_gen = group_rewards(scorer, (x for x in images[:3]), "a red car", group_size=3)  # was "3 images for 1 prompts"
+    torch.testing.assert_close(as_gen.rewards, res.rewards[:3])
     torch.testing.assert_close(as_np.advantages, res.advantages)
     one = group_rewards(scorer, images[:3], "a red car", group_size=3)  # one prompt string for the group
     torch.testing.assert_close(one.rewards, res.rewards[:3])

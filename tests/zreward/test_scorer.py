@@ -390,6 +390,11 @@ def test_one_prompt_string_for_every_image_and_one_dimension_name(zmodel):
         listed = s.score(images, ["a red car"] * 2, dimensions=["realism"])
         assert one.dimensions == ("realism",) and one.mean.shape == (2, 1)
         torch.testing.assert_close(one.probs, listed.probs)
+    # a generator of images with one prompt string was counted as one image ("got 2 images for 1 prompts")
+    gen = s.score((x for x in imgs), "a red car", dimensions="realism")
+    torch.testing.assert_close(gen.probs, s.score(imgs, "a red car", dimensions="realism").probs)
+    torch.testing.assert_close(s.score(map(torch.as_tensor, [tensor[0], tensor[1]]), "a red car").reward,
+                               s.score(tensor, "a red car").reward)
 
 
 def test_reward_fn_adapter(zmodel):
