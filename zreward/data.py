@@ -129,6 +129,29 @@ def _content_id(image) -> str:
     return f"array:{h.hexdigest()[:16]}"
 
 
+def _same_image(a, b) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, str) or isinstance(b, str):
+        return isinstance(a, str) and isinstance(b, str) and os.path.realpath(a) == os.path.realpath(b)
+    return _content_id(a) == _content_id(b)  # two in-memory images (hashed only when their keys meet)
+
+
+def check_one_image_per_key(items: Sequence[RatedItem], key: Callable[[RatedItem], object], what: str,
+                            why: str) -> None:
+    """Raise when two items share ``key(item)`` but hold different images: wherever results are
+    keyed by an item's id (teacher targets, in-memory images in evaluation), the second image would
+    silently take the first one's result.  The same image repeated (another dimension, a duplicate
+    item) is fine."""
+    seen: Dict[object, int] = {}
+    for i, it in enumerate(items):
+        j = seen.setdefault(key(it), i)
+        if j != i and not _same_image(items[j].image, it.image):
+            raise ValueError(f"{what} {j} and {i} share the id {it.id!r} (and prompt {it.prompt!r}) but hold different "
+                             f"images; {why}, so one would take the other's result: give each image its own id "
+                             "(or leave id unset: a path, or a hash of the pixels, names it)")
+
+
 def _num(x, what: str, where: str) -> float:
     """A score or rating (from a manifest line or from Python): a finite real number (numpy scalars
     too; not a bool or a string), as a float.  NaN passed every later range check written as a

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .data import RatedItem, missing_images
+from .data import RatedItem, check_one_image_per_key, missing_images
 from .metrics import evaluate, pairwise_calibration, rater_histograms
 from .scorer import RewardScorer, check_count, unreadable_images
 
@@ -56,6 +56,7 @@ def score_items(scorer: RewardScorer, items: List[RatedItem], batch_size: int = 
     bad = unreadable_images(sorted({it.image for it in items if isinstance(it.image, str)}))
     if bad:  # likewise for a file that is there but is not an image (headers only)
         raise ValueError(f"{bad[0][0]}: {bad[0][1]} ({len(bad)} unreadable image file(s))")
+    check_one_image_per_key(items, image_key, "items", "an in-memory image is known by its id here")
     images: "OrderedDict[tuple, List[int]]" = OrderedDict()
     first: Dict[tuple, RatedItem] = {}
     for i, it in enumerate(items):

@@ -239,6 +239,32 @@ def test_a_file_that_is_not_an_image_stops_score_and_eval_before_any_scoring(sav
     assert not calls
 
 
+def test_in_memory_images_that_share_an_id_are_refused(saved):
+    """Evaluation scores each in-memory image once, known by its id: two different images with one id
+    (say a prompt id given to every candidate) were all scored as the first, and HPA came out 0 without a
+    word. The same array under every dimension is still one image."""
+    from zreward.evaluate import evaluate_items
+    from zreward.scorer import RewardScorer
+    from zreward.train.teacher import save_targets
+
+    scorer = RewardScorer(ZRewardModel.from_pretrained(str(saved / "model")))
+    rng = np.random.default_rng(1)
+    pics = [rng.integers(0, 255, (56, 56, 3), dtype=np.uint8) for _ in range(3)]
+    dims = ("alignment", "realism")
+    shared = [RatedItem(prompt="a car", image=p, dimension=d, score=float(1 + i), id="p01")
+              for i, p in enumerate(pics) for d in dims]
+    with pytest.raises(ValueError, match=r"items 0 and 2 share the id 'p01' .* hold different images"):
+        evaluate_items(scorer, shared, progress=False)
+    own = [dataclasses.replace(it, id=f"p01-{i // 2}") for i, it in enumerate(shared)]
+    assert evaluate_items(scorer, own, progress=False)["pooled"]["n"] == 6
+    copies = [dataclasses.replace(it, image=it.image.copy()) for it in own]  # equal pixels, other arrays: one image
+    assert evaluate_items(scorer, copies, progress=False)["pooled"]["n"] == 6
+    paths = [dataclasses.replace(it, image=str(saved / "img" / f"0_{i // 2}.png")) for i, it in enumerate(shared)]
+    with pytest.raises(ValueError, match="teacher targets are keyed by id, dimension and prompt"):
+        save_targets(str(saved / "t.safetensors"), np.zeros((6, 9)), paths, "teacher", (1, 2, 3, 4, 5, 6, 7, 8, 9))
+    assert not (saved / "t.safetensors").exists()
+
+
 def test_ratings_off_the_scale_leave_out_the_distribution_metrics(saved):
     """Ratings on 1..10 against a 1..5 rubric: HPA and the correlations are scale-free and equal the
     1..5 run's; the rater histograms would snap them to the end bins, so KL/JS/W1 are left out."""

@@ -357,6 +357,15 @@ def test_bad_configs_fail_fast_before_loading_a_model(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"^teacher '.*no-such-teacher' is not a directory"):
         train(dataclasses.replace(cfg, method="risd", model=str(tmp_path), teacher=str(tmp_path / "no-such-teacher")),
               items=items)
+    # ids shared by different images: RISD's targets are computed, cached and looked up by id, dimension and
+    # prompt, so one image silently took the other's target; evaluation knows in-memory images by id
+    shared = [dataclasses.replace(it, id="p01") for it in items[:2]]
+    with pytest.raises(ValueError, match=r"training items 0 and 1 share the id 'p01' .* hold different images"):
+        train(TrainConfig(method="risd", model=missing, teacher=missing, output_dir=str(tmp_path / "o"), batch_size=2),
+              items=shared)
+    with pytest.raises(ValueError, match=r"eval items 0 and 1 share the id 'p01'"):
+        train(TrainConfig(method="sft", model=missing, output_dir=str(tmp_path / "o"), batch_size=2), items=items,
+              eval_items=shared)
     assert not (tmp_path / "o").exists()  # nothing written
     assert cfg.model == missing and cfg.output_dir == str(tmp_path / "o")
     bad = tmp_path / "bad.json"

@@ -30,10 +30,10 @@ from torch import nn
 from zreward_kernels import rubric_loss
 from zreward_kernels.reference import bin_index
 
-from ..data import RatedItem, atomic_path, load_manifest, missing_images
+from ..data import RatedItem, atomic_path, check_one_image_per_key, load_manifest, missing_images
 from ..metrics import rater_histograms
 from .config import TrainConfig
-from .teacher import load_image, load_targets, sharded_targets, teacher_source
+from .teacher import item_key, load_image, load_targets, sharded_targets, teacher_source
 
 
 class TraceModule(nn.Module):
@@ -187,6 +187,7 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
                          f"{', ...' if len(previous) > 4 else ''}); resume it (resume=True, --resume) or set "
                          "overwrite_output_dir=true to delete those entries first")
     from ..model import ZRewardModel  # imported late: config errors must not wait for transformers
+    from ..evaluate import image_key
     from ..scorer import unreadable_images
 
     for what, given, manifest in (("items", items, cfg.train_manifest), ("eval_items", eval_items, cfg.eval_manifest)):
@@ -209,6 +210,10 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
         bad = unreadable_images(sorted({it.image for it in its if isinstance(it.image, str)}))  # headers only
         if bad:
             raise ValueError(f"{len(bad)} {what} image file(s) are not readable images, e.g. {bad[0][0]}: {bad[0][1]}")
+    if cfg.method == "risd":  # its targets are computed, cached and looked up by item id
+        check_one_image_per_key(items, item_key, "training items", "teacher targets are keyed by id, dimension and prompt")
+    if eval_items:
+        check_one_image_per_key(eval_items, image_key, "eval items", "an in-memory image is known by its id in evaluation")
     if cfg.eval_every and not eval_items:
         warnings.warn(f"eval_every={cfg.eval_every} but there are no eval items (eval_manifest or eval_items): "
                       "no evaluation will run", stacklevel=2)

@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..data import RatedItem, atomic_path
+from ..data import RatedItem, atomic_path, check_one_image_per_key
 from ..scorer import image_array
 
 
@@ -105,6 +105,7 @@ def save_targets(path: str, probs: torch.Tensor, items: Sequence[RatedItem], tea
                  bin_values: Sequence[float]) -> None:
     from safetensors.torch import save_file
 
+    check_one_image_per_key(items, item_key, "items", "teacher targets are keyed by id, dimension and prompt")
     meta = {"keys": json.dumps([item_key(it) for it in items]), "teacher": str(teacher),
             "bin_values": json.dumps(list(bin_values)), "format": "1"}
     with atomic_path(path) as tmp:  # a run killed while writing leaves no torn cache
