@@ -163,6 +163,38 @@ def test_risd_distils_teacher_distributions_and_caches_them(base, tmp_path):
         load_targets(str(cache), sub, teacher.rubric.bin_values, source=other)
 
 
+@pytest.mark.parametrize("tau", [2.0, 1.0])
+def test_risd_temperature_softens_the_teacher_too(base, tmp_path, tau):
+    """RISD at temperature tau is KL(softmax(z_T / tau) || softmax(z_S / tau)) (Hinton; the config says both
+    logits are divided): the cached teacher distributions were used as they were (tau = 1) against the
+    tempered student, and the CE to human labels was taken at tau as well. The first step's logged KL and CE
+    are recomputed here from the untrained student and the teacher's distributions."""
+    from zreward.scorer import RewardScorer
+
+    teacher_dir = tmp_path / "teacher"
+    t_model, proc = tiny_qwen2_vl(seed=7)
+    ZRewardModel(t_model, proc).save_pretrained(teacher_dir)
+    items = toy_items(8)
+    cfg = TrainConfig(method="risd", model=base, output_dir=str(tmp_path / "run"), max_steps=1, batch_size=8,
+                      lr=1e-6, log_every=1, save_every=0, teacher=str(teacher_dir), temperature=tau, weight_ce=0.5)
+    train(cfg, items=items)
+    first = _log(tmp_path / "run")[0]
+    student = RewardScorer(ZRewardModel.from_pretrained(base), in_vocab_mass=False)
+    images = [it.image for it in items]
+    with torch.no_grad():
+        z_s = student.query_logits(images, [it.prompt for it in items], [it.dimension for it in items]).double()
+    q = compute_targets(ZRewardModel.from_pretrained(str(teacher_dir)), items).double()
+    q_tau = torch.softmax(q.log() / tau, -1)
+    log_p_tau = torch.log_softmax(z_s / tau, -1)
+    kl = (q_tau * (q_tau.log() - log_p_tau)).sum(-1).mean()
+    bins = torch.tensor([1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0], dtype=torch.float64)
+    hard = (torch.tensor([it.reference for it in items], dtype=torch.float64)[:, None] - bins).abs().argmin(-1)
+    ce = -torch.log_softmax(z_s, -1).gather(1, hard[:, None]).mean()
+    assert first["kl"] == pytest.approx(float(kl), rel=1e-4, abs=1e-6)
+    assert first["ce"] == pytest.approx(float(ce), rel=1e-4, abs=1e-6)
+    assert first["loss"] == pytest.approx(tau ** 2 * float(kl) + 0.5 * float(ce), rel=1e-4, abs=1e-6)
+
+
 def test_teacher_cache_is_replaced_whole(tmp_path, monkeypatch):
     """The cache is written to a temporary file and renamed: a write that dies half way (a killed
     run, a full disk) leaves the previous cache readable, not a torn file at its path."""

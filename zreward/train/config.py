@@ -33,8 +33,9 @@ Common fields
     teacher_cache       a file of cached teacher distributions (``zreward.train.teacher``); made on the
                         first run that names a teacher, and refused later if another teacher or other
                         trace settings made it
-    temperature=1.0     student and teacher logits divided by it; the KL term is scaled by its square
-    weight_ce=0.0       optional extra CE to the human labels (then items need labels)
+    temperature=1.0     student and teacher logits divided by it (a cached or trace-averaged teacher
+                        distribution q as q^(1/tau), renormalised); the KL term is scaled by its square
+    weight_ce=0.0       optional extra CE to the human labels (then items need labels), at temperature 1
     teacher_traces=0    0: the teacher's distribution right after the question; n: averaged over n sampled
                         reasoning traces (read at the <|score|> marker; max_trace_tokens, sample_temperature)
 

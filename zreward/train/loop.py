@@ -352,11 +352,18 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
                               pair_gaps=torch.tensor(gaps, dtype=torch.float32, device=logits.device),
                               weight_pair=cfg.weight_pair)
         else:  # risd: forward KL to the teacher at temperature tau, scaled by tau^2 (Hinton)
-            kw.update(teacher_probs=targets[idx].to(logits.device), temperature=cfg.temperature,
-                      weight_kl=cfg.temperature ** 2)
+            tau = cfg.temperature
+            q = targets[idx].to(logits.device)  # the teacher's own distributions (tau = 1), as cached
+            if tau != 1.0:  # the teacher at tau too: q^(1/tau) renormalised, = softmax(z_T / tau) for one read
+                q = torch.softmax(q.log() / tau, dim=-1)
+            kw.update(teacher_probs=q, temperature=tau, weight_kl=tau ** 2)
             if cfg.weight_ce > 0:
-                kw.update(target=_targets(chunk, bins, logits.device),
-                          weight_ce=cfg.weight_ce)
+                hard = _targets(chunk, bins, logits.device)
+                if tau != 1.0:  # the human labels' CE on the student's own distribution (tau = 1), as Hinton's
+                    soft = rubric_loss(logits, bin_values=bins, **kw)
+                    ce = rubric_loss(logits, bin_values=bins, target=hard, weight_ce=cfg.weight_ce)
+                    return soft._replace(loss=soft.loss + ce.loss, ce=ce.ce)
+                kw.update(target=hard, weight_ce=cfg.weight_ce)
         return rubric_loss(logits, bin_values=bins, **kw)
 
     method = None
