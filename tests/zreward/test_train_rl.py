@@ -157,7 +157,8 @@ def test_opd_pulls_the_student_towards_the_teacher(base, tmp_path):
     assert after < 0.5 * before, (before, after)
 
 
-def test_liger_fused_policy_loss_matches_the_pytorch_path():
+@pytest.mark.parametrize("tau", [1.0, 0.7])
+def test_liger_fused_policy_loss_matches_the_pytorch_path(tau):
     pytest.importorskip("liger_kernel")
     from zreward.train.rl import liger_token_loss
 
@@ -169,19 +170,67 @@ def test_liger_fused_policy_loss_matches_the_pytorch_path():
     mask = torch.rand(b, t, generator=g) > 0.2
     adv = torch.randn(b, generator=g)
     with torch.no_grad():
-        lp0 = torch.log_softmax(hid @ w.t(), -1).gather(-1, tok[..., None]).squeeze(-1)
+        lp0 = torch.log_softmax(hid @ w.t() / tau, -1).gather(-1, tok[..., None]).squeeze(-1)
     old = lp0 + 0.1 * torch.randn(b, t, generator=g)
     ref = lp0 + 0.1 * torch.randn(b, t, generator=g)
-    fused, _ = liger_token_loss(hid, tok, w, None, old, ref, adv, mask, 0.2, 0.04, compiled=False)
+    fused, _ = liger_token_loss(hid, tok, w, None, old, ref, adv, mask, 0.2, 0.04, compiled=False, temperature=tau)
     fused.backward()
     gh, gw = hid.grad.clone(), w.grad.clone()
     hid.grad = w.grad = None
-    lp = torch.log_softmax(hid @ w.t(), -1).gather(-1, tok[..., None]).squeeze(-1)
+    lp = torch.log_softmax(hid @ w.t() / tau, -1).gather(-1, tok[..., None]).squeeze(-1)
     plain, _ = grpo_token_loss(lp, old, ref, adv, mask, 0.2, 0.04)
     plain.backward()
     assert abs(float(fused.detach()) - float(plain.detach())) < 1e-6
     torch.testing.assert_close(gh, hid.grad, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(gw, w.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["gdso", "opd"])
+def test_every_log_probability_is_taken_at_the_sampling_temperature(base, tmp_path, monkeypatch, method):
+    """Traces are drawn at sample_temperature, but the old, reference, current (and OPD's teacher)
+    token log-probabilities were taken at temperature 1: the importance ratio and the KL then referred
+    to a policy that did not draw the tokens (TRL and verl divide the logits by the sampling
+    temperature). Every log-probability of a step now comes from the policy at that temperature."""
+    import zreward.train.rl as rl
+
+    seen = []
+    real = rl.trace_forward
+
+    def recording(*a, **kw):
+        seen.append(kw.get("temperature", 1.0))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(rl, "trace_forward", recording)
+    import zreward.train.loop as loop_mod
+
+    monkeypatch.setattr(loop_mod.TraceModule, "forward", lambda self, *a, temperature=1.0, **kw: (
+        seen.append(temperature), real(self._scorer, *a[:5], torch.tensor(self._ids), *a[5:], **kw,
+                                       temperature=temperature))[1])
+    kw = dict(method=method, model=base, output_dir=str(tmp_path / method), max_steps=1, batch_size=4, lr=1e-3,
+              save_every=0, max_trace_tokens=4, inner_updates=2, beta=0.04, sample_temperature=0.7, policy_loss="torch")
+    if method == "opd":
+        kw["teacher"] = base
+    else:
+        kw["group_size"] = 2
+    train(TrainConfig(**kw), items=toy_items(8))
+    # old (+ OPD: old with the score token, teacher), reference, then the two inner updates
+    assert len(seen) == (6 if method == "opd" else 4) and seen == [0.7] * len(seen), seen
+    # and the log-probabilities are the policy's at that temperature: log_softmax(W h / tau)
+    zm = ZRewardModel.from_pretrained(base)
+    marker = ensure_marker(zm)
+    items = toy_items(2)
+    sc = RewardScorer(zm, in_vocab_mass=False)
+    args = ([it.image for it in items], [it.prompt for it in items], ["realism"] * 2)
+    torch.manual_seed(0)
+    traces, forced = sample_traces(sc, zm.model, *args, group_size=1, max_new=4, temperature=0.7, marker=marker)
+    ids = torch.tensor(zm.score_tokens.token_ids)
+    with torch.no_grad():
+        logp, mask, _ = real(sc, *args, traces, forced, ids, temperature=0.7)
+        (h, tok), _, _ = real(sc, *args, traces, forced, ids, fused_head=True)
+        w, b = lm_head_params(zm.model)
+        z = h @ w.t() + (b if b is not None else 0)
+        want = torch.log_softmax(z / 0.7, -1).gather(-1, tok[..., None]).squeeze(-1)
+    torch.testing.assert_close(logp[mask], want[mask], atol=1e-5, rtol=1e-5)
 
 
 def test_gdso_step_with_liger_equals_pytorch(base, tmp_path):

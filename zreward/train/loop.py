@@ -47,11 +47,12 @@ class TraceModule(nn.Module):
         self._scorer = RewardScorer(zmodel, in_vocab_mass=False, autocast=False)
         self._ids = list(zmodel.score_tokens.token_ids)
 
-    def forward(self, images, prompts, dims, traces, forced, extra=None, fused_head=False):
+    def forward(self, images, prompts, dims, traces, forced, extra=None, fused_head=False, temperature=1.0):
         from .rl import trace_forward
 
         ids = torch.tensor(self._ids, device=next(self.model.parameters()).device)
-        return trace_forward(self._scorer, images, prompts, dims, traces, forced, ids, extra, fused_head)
+        return trace_forward(self._scorer, images, prompts, dims, traces, forced, ids, extra, fused_head,
+                             temperature=temperature)
 
 
 def _pair_indices(items: Sequence[RatedItem]) -> List[tuple]:

@@ -12,6 +12,9 @@ Per outer iteration (one ``step`` of the loop):
 2. each query of the batch gets ``group_size`` sampled traces from the current (old) policy;
 3. old and reference token log-probabilities and the rewards / advantages are computed once,
    without gradient (``gdso_loss`` for GDSO and GRPO; per-token teacher-student log-ratios for OPD);
+   every token log-probability (old, reference, current, OPD's teacher) is taken at the sampling
+   temperature, ``log_softmax(logits / sample_temperature)``: the policy that drew the tokens, as
+   TRL and verl take it, so the importance ratio and the KL refer to it;
 4. ``inner_updates`` optimizer steps each run the current policy on the fixed traces and minimise
    the clipped GRPO surrogate (:func:`grpo_token_loss`, the one implementation of it) plus, for GDSO,
    ``alpha_pt * ce + alpha_pw * pw`` from ``gdso_loss`` on the current score logits.
@@ -91,13 +94,16 @@ def choose_policy_loss(policy_loss: str, method: str, device_type: str) -> str:
 
 
 def liger_token_loss(hidden: torch.Tensor, tokens: torch.Tensor, weight: torch.Tensor, bias, logp_old, logp_ref,
-                     advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float, beta: float, compiled: bool):
+                     advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float, beta: float, compiled: bool,
+                     temperature: float = 1.0):
     """The same loss as :func:`grpo_token_loss` through Liger-Kernel's fused linear GRPO loss: the
-    ``[N, T, V]`` logits of the trace tokens are computed chunk by chunk and never stored whole."""
+    ``[N, T, V]`` logits of the trace tokens are computed chunk by chunk and never stored whole
+    (divided by the sampling ``temperature``, as :func:`trace_forward` divides them)."""
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
     fn = LigerFusedLinearGRPOLoss(beta=beta, compiled=compiled, use_ref_model=beta > 0 and logp_ref is not None,
-                                  epsilon_low=clip_eps, epsilon_high=clip_eps, loss_type="grpo", chunk_size=1)
+                                  epsilon_low=clip_eps, epsilon_high=clip_eps, loss_type="grpo", chunk_size=1,
+                                  temperature=temperature)
     loss, metrics = fn(hidden, weight, tokens, mask.long(), advantages.float(), bias=bias,
                        ref_per_token_logps=logp_ref if beta > 0 else None, old_per_token_logps=logp_old)
     m = [float(x) for x in metrics]
@@ -187,10 +193,13 @@ def sample_traces(scorer, model, images, prompts, dims, group_size: int, max_new
 
 
 def trace_forward(scorer, images, prompts, dims, traces: Sequence[Sequence[int]], forced: Sequence[bool],
-                  score_ids: torch.Tensor, extra_tokens: Optional[Sequence[int]] = None, fused_head: bool = False):
+                  score_ids: torch.Tensor, extra_tokens: Optional[Sequence[int]] = None, fused_head: bool = False,
+                  temperature: float = 1.0):
     """Run the policy on ``prefix + question + trace``; returns ``(logp [N, T], mask [N, T],
-    score_logits [N, K])``: the sampled tokens' log-probabilities (``mask`` covers the tokens the
-    policy sampled) and the score logits at the marker.  ``extra_tokens`` (one per row) appends a
+    score_logits [N, K])``: the sampled tokens' log-probabilities under the policy at the sampling
+    ``temperature`` (``log_softmax(logits / temperature)``: the policy that drew them, as TRL and verl
+    compute them; ``mask`` covers the tokens the policy sampled) and the score logits at the marker
+    (read at temperature 1, as the scorer reads them).  ``extra_tokens`` (one per row) appends a
     token after the marker whose log-probability is included (OPD's sampled score token).
 
     ``fused_head=True`` returns ``((hidden [N, T, H], tokens [N, T]), mask, score_logits)`` instead of
@@ -235,8 +244,8 @@ def trace_forward(scorer, images, prompts, dims, traces: Sequence[Sequence[int]]
     logits = (h @ weight.to(h.dtype).t()).float()
     if bias is not None:
         logits = logits + bias.float()
-    logp = torch.log_softmax(logits, -1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)
-    return logp, mask, score_logits
+    logp = torch.log_softmax(logits / temperature if temperature != 1.0 else logits, -1)
+    return logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1), mask, score_logits
 
 
 def parse_score(text: str) -> float:
@@ -285,18 +294,19 @@ class RLMethod:
         rep = lambda xs: [x for x in xs for _ in range(g)]  # noqa: E731  (query-major, like generate)
         r_images, r_prompts, r_dims = rep(images), rep(prompts), rep(dims)
         extra = None
+        tau = cfg.sample_temperature  # every log-probability is the sampling policy's, at the temperature it sampled
         with torch.no_grad():
             logp_old, mask, score_old = trace_forward(self.scorer, r_images, r_prompts, r_dims, traces, forced,
-                                                      self.score_ids)
+                                                      self.score_ids, temperature=tau)
             if cfg.method == "opd":
-                probs = torch.softmax(score_old, -1)
+                probs = torch.softmax(score_old / tau, -1)  # the score token is drawn at the same temperature
                 pick = torch.multinomial(probs, 1, generator=self.ctx.gen).squeeze(1).tolist()
                 extra = [int(self.score_ids[k]) for k in pick]
                 logp_old, mask, _ = trace_forward(self.scorer, r_images, r_prompts, r_dims, traces, forced,
-                                                  self.score_ids, extra)
+                                                  self.score_ids, extra, temperature=tau)
                 t_scorer = self.ctx.teacher_scorer
                 logp_t, _, _ = trace_forward(t_scorer, r_images, r_prompts, r_dims, traces, forced,
-                                             self.score_ids, extra)
+                                             self.score_ids, extra, temperature=tau)
                 adv_tok = (logp_t - logp_old) * mask
                 rewards = adv_tok.sum(1) / mask.sum(1).clamp(min=1)
                 advantages = adv_tok
@@ -323,7 +333,7 @@ class RLMethod:
             if ref is not None:
                 r_scorer = self.ctx.scorer_for(ref)
                 logp_ref, _, _ = trace_forward(r_scorer, r_images, r_prompts, r_dims, traces, forced,
-                                               self.score_ids, extra)
+                                               self.score_ids, extra, temperature=tau)
         policy.train()
         stats: Dict[str, float] = {"reward": float(rewards.mean()), "trace_len": float(mask.sum(1).float().mean()),
                                    "forced_marker": float(np.mean(forced))}
@@ -337,7 +347,7 @@ class RLMethod:
                     (h, tok), _, score_logits = module(r_images, r_prompts, r_dims, traces, forced, extra, True)
                     weight, bias = lm_head_params(policy)
                     pol, pstats = liger_token_loss(h, tok, weight, bias, logp_old, logp_ref, advantages, mask,
-                                                   cfg.clip_eps, cfg.beta, compiled=h.is_cuda)
+                                                   cfg.clip_eps, cfg.beta, compiled=h.is_cuda, temperature=tau)
                 except Exception as exc:  # noqa: BLE001 - auto falls back, an explicit request raises
                     if cfg.policy_loss == "liger":
                         raise
@@ -346,7 +356,7 @@ class RLMethod:
                     self.ctx.use_liger = False
                     pol = None
             if pol is None:
-                logp, _, score_logits = module(r_images, r_prompts, r_dims, traces, forced, extra)
+                logp, _, score_logits = module(r_images, r_prompts, r_dims, traces, forced, extra, temperature=tau)
                 pol, pstats = grpo_token_loss(logp, logp_old, logp_ref, advantages, mask, cfg.clip_eps, cfg.beta)
             loss = pol
             if cfg.method == "gdso":
