@@ -10,6 +10,8 @@ by that teacher (absolute path) with the same trace settings.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 from typing import List, Optional, Sequence
 
@@ -39,9 +41,6 @@ def compute_targets(teacher, items: Sequence[RatedItem], batch_size: int = 16, t
     ``temperature``), reads q_T(s | p, I, d, rho) at each marker and averages the n distributions.
     ``progress`` shows a progress bar over the items (when tqdm is installed).
     """
-    import math
-    import numbers
-
     from ..scorer import RewardScorer, check_count
 
     items = list(items)  # any iterable: it is sliced into batches
