@@ -229,7 +229,8 @@ def pairwise_calibration(probs, ref, groups, n_bins: int = 10) -> Optional[Dict[
     """Reliability data of pairwise preference probabilities (None without pairs).
 
     Pairs as in :func:`hpa` (same group, reference scores differ).  Each pair is oriented so the
-    predicted winner comes first (confidence in [0.5, 1]); returns per confidence bin the ``count``,
+    predicted winner comes first (confidence in [0.5, 1]; a pair at exactly 0.5 counts half right);
+    returns per confidence bin the ``count``,
     mean ``confidence`` and ``accuracy`` (NaN for empty bins), and the bin ``edges``.
     """
     if isinstance(n_bins, bool) or not isinstance(n_bins, numbers.Integral) or n_bins < 1:
@@ -246,13 +247,15 @@ def pairwise_calibration(probs, ref, groups, n_bins: int = 10) -> Optional[Dict[
     p_ab = preference_probability(pr[a], pr[b])
     a_wins = r[a] > r[b]
     conf = np.maximum(p_ab, 1 - p_ab)
-    correct = np.where(p_ab >= 0.5, a_wins, ~a_wins)
+    # a pair predicted at exactly 0.5 names no winner: it counts half right (it counted as "a wins", so a
+    # model that gives every image the same distribution, calibrated at 0.5, got an ECE of 0.5)
+    correct = np.where(p_ab > 0.5, a_wins, np.where(p_ab < 0.5, ~a_wins, 0.5)).astype(float)
     edges = np.linspace(0.5, 1.0, n_bins + 1)
     idx = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
     count = np.bincount(idx, minlength=n_bins)
     with np.errstate(invalid="ignore"):
         confidence = np.bincount(idx, weights=conf, minlength=n_bins) / count
-        accuracy = np.bincount(idx, weights=correct.astype(float), minlength=n_bins) / count
+        accuracy = np.bincount(idx, weights=correct, minlength=n_bins) / count
     return {"edges": edges, "count": count, "confidence": confidence, "accuracy": accuracy}
 
 

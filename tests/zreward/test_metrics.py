@@ -114,6 +114,13 @@ def test_preference_probability_and_ece():
     ref = [4.0, 2.0, 2.0, 4.0]
     groups = ["x", "x", "y", "y"]
     assert M.pairwise_ece(probs, ref, groups) == pytest.approx(0.25)
+    # a model that gives every image the same distribution predicts 0.5 for every pair: calibrated, ECE 0
+    # (the tie counted as "the first item wins", so ECE was 0.5 whichever order the items came in)
+    same = np.tile(np.full(9, 1 / 9), (4, 1))
+    for order in ([4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]):
+        assert M.pairwise_ece(same, order, [0] * 4) == pytest.approx(0.0)
+        cal = M.pairwise_calibration(same, order, [0] * 4)
+        assert cal["count"][0] == 6 and cal["accuracy"][0] == pytest.approx(0.5)
 
 
 def test_trimmed_mean():
