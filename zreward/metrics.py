@@ -229,7 +229,7 @@ def pairwise_calibration(probs, ref, groups, n_bins: int = 10) -> Optional[Dict[
     """Reliability data of pairwise preference probabilities (None without pairs).
 
     Pairs as in :func:`hpa` (same group, reference scores differ).  Each pair is oriented so the
-    predicted winner comes first (confidence in [0.5, 1]; a pair at exactly 0.5 counts half right);
+    predicted winner comes first (confidence in [0.5, 1]; a pair at 0.5, within 1e-9, counts half right);
     returns per confidence bin the ``count``,
     mean ``confidence`` and ``accuracy`` (NaN for empty bins), and the bin ``edges``.
     """
@@ -247,9 +247,11 @@ def pairwise_calibration(probs, ref, groups, n_bins: int = 10) -> Optional[Dict[
     p_ab = preference_probability(pr[a], pr[b])
     a_wins = r[a] > r[b]
     conf = np.maximum(p_ab, 1 - p_ab)
-    # a pair predicted at exactly 0.5 names no winner: it counts half right (it counted as "a wins", so a
-    # model that gives every image the same distribution, calibrated at 0.5, got an ECE of 0.5)
-    correct = np.where(p_ab > 0.5, a_wins, np.where(p_ab < 0.5, ~a_wins, 0.5)).astype(float)
+    # a pair predicted at 0.5 names no winner: it counts half right (it counted as "a wins", so a model that
+    # gives every image the same distribution, calibrated at 0.5, got an ECE of 0.5).  Equal distributions
+    # give 0.5 only up to rounding (within 4e-16 for random ones), hence the tolerance
+    tie = np.abs(p_ab - 0.5) <= 1e-9
+    correct = np.where(tie, 0.5, np.where(p_ab > 0.5, a_wins, ~a_wins).astype(float))
     edges = np.linspace(0.5, 1.0, n_bins + 1)
     idx = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
     count = np.bincount(idx, minlength=n_bins)

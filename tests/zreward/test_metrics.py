@@ -121,6 +121,9 @@ def test_preference_probability_and_ece():
         assert M.pairwise_ece(same, order, [0] * 4) == pytest.approx(0.0)
         cal = M.pairwise_calibration(same, order, [0] * 4)
         assert cal["count"][0] == 6 and cal["accuracy"][0] == pytest.approx(0.5)
+    # equal but non-uniform distributions give 0.5 only up to rounding (about a third exactly)
+    rand = np.tile(np.random.default_rng(0).dirichlet(np.ones(9)), (4, 1))
+    assert M.pairwise_ece(rand, [4.0, 3.0, 2.0, 1.0], [0] * 4) == pytest.approx(0.0)
 
 
 def test_trimmed_mean():
