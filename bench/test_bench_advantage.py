@@ -19,8 +19,8 @@ from zreward_kernels.advantage import compiled_available
 
 SIZES = [1024, 16384] if QUICK else [1024, 16384, 262144, 1048576, 4194304]
 GROUPS = ["2", "16", "64", "var"]
-# trl: TRL GRPOTrainer's fixed-group code; kernel2: the KERNEL=2 CUDA segment kernel
-IMPLS = ["verl_loop", "trl", "vectorized", "compiled", "compiled_kernel2"]
+# trl: TRL GRPOTrainer's fixed-group code; kernel1: the first CUDA segment kernel (KERNEL=1; the default is 2)
+IMPLS = ["verl_loop", "trl", "vectorized", "compiled", "compiled_kernel1"]
 
 
 def verl_loop(scores: torch.Tensor, index, epsilon: float = 1e-6) -> torch.Tensor:
@@ -115,8 +115,8 @@ def test_group_advantage(benchmark, impl, groups, m):
         else:
             if compiled_available(DEVICE) is not None:
                 pytest.skip(f"compiled op unavailable: {compiled_available(DEVICE)}")
-            if impl == "compiled_kernel2" and DEVICE.type != "cuda":
-                pytest.skip("KERNEL=2 selects a CUDA segment kernel; on CPU it is the same op as 'compiled'")
+            if impl == "compiled_kernel1" and DEVICE.type != "cuda":
+                pytest.skip("KERNEL=1 selects a CUDA segment kernel; on CPU it is the same op as 'compiled'")
             kw = dict(group_size=g) if g else dict(group_offsets=off_d)
             fn = lambda: group_advantage(r, validate=False, **kw)  # noqa: E731
         rounds = 10 if m >= 1048576 else 50
@@ -126,7 +126,7 @@ def test_group_advantage(benchmark, impl, groups, m):
         sync()
         return out
 
-    with override("group_advantage", KERNEL=2) if impl == "compiled_kernel2" else contextlib.nullcontext():
+    with override("group_advantage", KERNEL=1) if impl == "compiled_kernel1" else contextlib.nullcontext():
         _run(benchmark, step, impl, groups, m, rounds, r, g, offsets)
 
 

@@ -262,8 +262,10 @@ __global__ void __launch_bounds__(kBlock) seg_kernel_regs(const T* __restrict__ 
   }
 }
 
-int g_elems_per_lane = 1;  // see group_advantage_cuda_set_config
-int g_kernel = 1;
+// the defaults of zreward_kernels._tuning.CONFIGS["group_advantage"] (the H200 sweep of 2026-11-27);
+// the Python side pushes the table in force when it loads this extension
+int g_elems_per_lane = 4;  // see group_advantage_cuda_set_config
+int g_kernel = 2;
 
 template <typename T, typename O, int L>
 cudaError_t launch_seg(const T* r, const int64_t* offsets, int64_t G, int64_t gsize, int mode, double eps, O* adv,

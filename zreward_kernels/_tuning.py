@@ -1,9 +1,11 @@
 """Launch configurations of the Triton kernels, in one table.
 
 Each kernel's tile size and warp count are read from :data:`CONFIGS` at launch time.  The defaults
-are the configurations the committed H200 figures were measured with (``bench/results/h200*``);
-``bench/tune_kernels.py`` times alternatives on a GPU through :func:`override`, so a GPU session
-can pick better defaults from measurements rather than guesses.
+are the best configurations of the H200 sweep of 2026-11-27 (``bench/results/h200_tune.md``, written
+to ``bench/results/h200_kernel_configs.json``; the benchmarks with them are ``h200_tuned.md``, those
+with the earlier defaults ``h200.md``): the sweep ranks candidates by their geometric-mean speed-up
+over its two sizes, timed in CUDA graphs.  ``bench/tune_kernels.py`` times alternatives on a GPU
+through :func:`override`, so a GPU session picks defaults from measurements rather than guesses.
 
 Keys:
 
@@ -15,7 +17,7 @@ Keys:
 * ``ELEMS_PER_LANE`` (``group_advantage``, the CUDA kernel of ``csrc/``): group members each lane
   visits for the typical group size (1: one lane per member, up to a warp per group); a power of two;
 * ``KERNEL`` (``group_advantage``): which CUDA segment kernel runs groups below 1024 members: 1, the
-  first one (the committed H200 figures), or 2, with full-warp shuffles, members kept in registers
+  first one, or 2 (the default since the H200 sweep), with full-warp shuffles, members kept in registers
   between the passes and a ballot for ``zero_std`` (``csrc/group_advantage_cuda.cu`` says more);
 * ``FLAT``: 0 for the tile layout (a ``[BLOCK_R, 16]`` tile, bins padded to a power of two,
   reductions across lanes), 1 for row per thread (each lane owns whole rows and visits the bins in
@@ -36,13 +38,17 @@ import sys
 from typing import Dict, Iterator, Optional
 
 CONFIGS: Dict[str, Dict[str, int]] = {
-    "stats_fwd": {"BLOCK_R": 128, "num_warps": 4, "FLAT": 0},
-    "stats_bwd": {"BLOCK_R": 128, "num_warps": 4, "FLAT": 0},
-    "rubric_fwd": {"BLOCK_R": 128, "BLOCK_P": 128, "num_warps": 4, "FLAT": 0},
-    "rubric_bwd": {"BLOCK_R": 128, "num_warps": 4, "FLAT": 0},
+    "stats_fwd": {"BLOCK_R": 64, "num_warps": 8, "FLAT": 0},
+    "stats_bwd": {"BLOCK_R": 64, "num_warps": 2, "FLAT": 0},
+    "rubric_fwd": {"BLOCK_R": 256, "BLOCK_P": 256, "num_warps": 8, "FLAT": 1},
+    "rubric_bwd": {"BLOCK_R": 128, "num_warps": 4, "FLAT": 1},
     "gdso_fwd": {"PAIRS": 1, "num_warps": 0},
-    "group_advantage": {"ELEMS_PER_LANE": 1, "KERNEL": 1},
+    "group_advantage": {"ELEMS_PER_LANE": 4, "KERNEL": 2},
 }
+
+#: The shipped defaults, as they were before a tuned file (``ZREWARD_KERNEL_CONFIGS``) or
+#: :func:`load_configs` changed :data:`CONFIGS`; a copy, never changed.
+DEFAULT_CONFIGS: Dict[str, Dict[str, int]] = {k: dict(v) for k, v in CONFIGS.items()}
 
 _POW2_KEYS = ("BLOCK_R", "BLOCK_P", "PAIRS", "ELEMS_PER_LANE")
 

@@ -170,12 +170,16 @@ def test_load_configs_applies_a_tuned_file(tmp_path, restore_configs, kdev):
     path = tmp_path / "tuned.json"
     path.write_text(json.dumps({"device": "NVIDIA H200", "configs": {
         "rubric_fwd": {"BLOCK_R": 64, "BLOCK_P": 32, "num_warps": 2}, "gdso_fwd": {"PAIRS": 4}}}))
+    before = {k: dict(v) for k, v in CONFIGS.items()}
     with pytest.raises(ValueError, match="tuned on 'NVIDIA H200', not on 'NVIDIA H100'"):
         load_configs(str(path), strict_device="NVIDIA H100")
-    assert CONFIGS["rubric_fwd"]["BLOCK_R"] == 128  # nothing applied
+    assert CONFIGS == before  # nothing applied
     load_configs(str(path))
-    assert CONFIGS["rubric_fwd"] == {"BLOCK_R": 64, "BLOCK_P": 32, "num_warps": 2, "FLAT": 0}
-    assert CONFIGS["gdso_fwd"] == {"PAIRS": 4, "num_warps": 0}
+    # the file's settings replace those it names; the others (FLAT, num_warps) keep their values
+    assert CONFIGS["rubric_fwd"] == {"BLOCK_R": 64, "BLOCK_P": 32, "num_warps": 2, "FLAT": before["rubric_fwd"]["FLAT"]}
+    assert CONFIGS["gdso_fwd"] == {"PAIRS": 4, "num_warps": before["gdso_fwd"]["num_warps"]}
+    assert {k: v for k, v in CONFIGS.items() if k not in ("rubric_fwd", "gdso_fwd")} == {
+        k: v for k, v in before.items() if k not in ("rubric_fwd", "gdso_fwd")}
     # the tuned launch still computes the reference's values
     x = torch.randn(3, 2, 8, 9, generator=torch.Generator().manual_seed(0)).to(kdev)
     scores = torch.full((3, 2), 3.0, device=kdev)
@@ -214,10 +218,17 @@ def test_environment_variable_applies_a_file_at_import(tmp_path):
     path.write_text(json.dumps({"configs": {"stats_bwd": {"BLOCK_R": 256, "num_warps": 8}}}))
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, ZREWARD_KERNEL_CONFIGS=str(path), PYTHONPATH=root)
-    code = "from zreward_kernels._tuning import CONFIGS; print(CONFIGS['stats_bwd'], CONFIGS['stats_fwd'])"
+    code = ("from zreward_kernels._tuning import CONFIGS, DEFAULT_CONFIGS as D; "
+            "print(CONFIGS['stats_bwd'], CONFIGS['stats_fwd'] == D['stats_fwd'], D['stats_bwd'])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "{'BLOCK_R': 256, 'num_warps': 8, 'FLAT': 0} {'BLOCK_R': 128, 'num_warps': 4, 'FLAT': 0}"
+    from zreward_kernels._tuning import DEFAULT_CONFIGS
+
+    # the file's two settings applied, FLAT kept, the other kernels and the defaults' copy untouched
+    flat = DEFAULT_CONFIGS["stats_bwd"]["FLAT"]
+    assert r.stdout.strip() == (f"{{'BLOCK_R': 256, 'num_warps': 8, 'FLAT': {flat}}} True "
+                                f"{DEFAULT_CONFIGS['stats_bwd']}")
+    assert DEFAULT_CONFIGS["stats_bwd"] != {"BLOCK_R": 256, "num_warps": 8, "FLAT": flat}  # the file changes something
 
 
 def test_group_advantage_settings_reach_the_cuda_extension():
@@ -231,13 +242,17 @@ def test_group_advantage_settings_reach_the_cuda_extension():
     if ext is None:
         pytest.skip("the CUDA extension is not built here")
     cfg = CONFIGS["group_advantage"]
-    assert ext.config() == (cfg["ELEMS_PER_LANE"], cfg["KERNEL"]) == (1, 1)
-    with override("group_advantage", ELEMS_PER_LANE=4):
-        assert ext.config() == (4, 1)
-        with override("group_advantage", KERNEL=2):
-            assert ext.config() == (4, 2)
-        assert ext.config() == (4, 1)
-    assert ext.config() == (1, 1)
+    start = (cfg["ELEMS_PER_LANE"], cfg["KERNEL"])
+    assert ext.config() == start
+    with override("group_advantage", ELEMS_PER_LANE=1, KERNEL=1):
+        assert ext.config() == (1, 1)
+        with override("group_advantage", ELEMS_PER_LANE=4):
+            assert ext.config() == (4, 1)
+            with override("group_advantage", KERNEL=2):
+                assert ext.config() == (4, 2)
+            assert ext.config() == (4, 1)
+        assert ext.config() == (1, 1)
+    assert ext.config() == start
     for bad in ((3, 1), (64, 1), (1, 0), (1, 3)):
         with pytest.raises(ValueError, match=f"got elems_per_lane={bad[0]}, kernel={bad[1]}"):
             ext.set_config(*bad)
@@ -250,7 +265,7 @@ def test_group_advantage_settings_reach_the_cuda_extension():
     with pytest.raises(ValueError, match="group_advantage.KERNEL must be 1 or 2, got 3"):
         with override("group_advantage", KERNEL=3):
             pass
-    assert ext.config() == (1, 1)
+    assert ext.config() == start
 
 
 @pytest.mark.cuda
