@@ -175,7 +175,9 @@ def score_cmd(args) -> int:
     if bar is not None:
         bar.close()
     if args.json:
-        print(json.dumps(rows, indent=2))
+        from ._json import dumps
+
+        print(dumps(rows, indent=2))
     else:
         print("| image | reward | " + " | ".join(f"{d} (mean +- std)" for d in dims) + " |")
         print("|---|---|" + "---|" * len(dims))
@@ -204,7 +206,9 @@ def train_cmd(args) -> int:
     cfg = TrainConfig.from_file(args.config, method=args.method,
                                 overwrite_output_dir=True if args.overwrite_output_dir else None)
     last = train(cfg, resume=args.resume)
-    print(json.dumps(last, indent=2))
+    from ._json import dumps
+
+    print(dumps(last, indent=2))
     return 0
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections import OrderedDict
@@ -10,6 +9,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from . import _json as strict_json
 from .data import RatedItem, check_one_image_per_key, missing_images
 from .metrics import evaluate, pairwise_calibration, rater_histograms
 from .scorer import RewardScorer, check_count, unreadable_images
@@ -120,10 +120,10 @@ def evaluate_items(scorer: RewardScorer, items: List[RatedItem], out_dir: Option
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-            json.dump(report, f, indent=2, default=float)
+            strict_json.dump(report, f, indent=2, default=float)
         with open(os.path.join(out_dir, "predictions.jsonl"), "w") as f:
             for it, m, p in zip(labelled, mean, probs):
-                f.write(json.dumps({"id": it.id, "dimension": it.dimension, "group": it.group, "mean": m,
+                f.write(strict_json.dumps({"id": it.id, "dimension": it.dimension, "group": it.group, "mean": m,
                                     "reference": it.reference, "probs": [round(x, 6) for x in p]}) + "\n")
         if plots:
             report["_meta"]["plots"] = write_plots(out_dir, mean, ref, probs, groups, dims, report)

@@ -3,6 +3,7 @@
 import dataclasses
 import importlib.util
 import json
+import os
 
 import numpy as np
 import pytest
@@ -34,6 +35,28 @@ def saved(tmp_path):
                                        ratings=[float(x) for x in rng.integers(1, 6, size=5)]))
     write_manifest(items, tmp_path / "m.jsonl", relative_to=tmp_path)
     return tmp_path
+
+
+def test_eval_files_are_strict_json_with_null_for_undefined_metrics(saved, tmp_path, capsys):
+    """Four images (four items per dimension): a dimension's logistic PLCC is undefined (NaN), and
+    metrics.json carried it as the bare word NaN, which is not JSON (JavaScript's JSON.parse refuses
+    the file).  It is now null; the pooled value (8 items) stays a number."""
+    items = [it for it in load_manifest(saved / "m.jsonl")
+             if os.path.basename(str(it.image)) in ("0_0.png", "0_1.png", "1_0.png", "1_1.png")]
+    assert len(items) == 8
+    write_manifest(items, tmp_path / "small.jsonl", relative_to=tmp_path)
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(saved / "model"), "--manifest", str(tmp_path / "small.jsonl"), "--out",
+                 str(out), "--no-plots"]) == 0
+
+    def strict(word):
+        raise AssertionError(f"{word} is not JSON")
+
+    rep = json.loads((out / "metrics.json").read_text(), parse_constant=strict)
+    assert rep["alignment"]["plcc_logistic"] is None and rep["realism"]["plcc_logistic"] is None
+    assert isinstance(rep["pooled"]["plcc_logistic"], float)
+    for line in (out / "predictions.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=strict)
 
 
 def test_eval_writes_metrics_predictions_and_plots(saved, capsys):

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import re
 import subprocess
@@ -46,9 +47,26 @@ def _weights(path):
     return out
 
 
+def _strict(word):
+    raise AssertionError(f"{word} is not JSON (RFC 8259): strict parsers refuse the file")
+
+
 def _log(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(x) for x in f]
+        return [json.loads(x, parse_constant=_strict) for x in f]
+
+
+def test_metrics_log_is_strict_json(base, tmp_path):
+    """A run without gradient clipping logged grad_norm as the bare word NaN, which is not JSON:
+    JavaScript's JSON.parse refuses the whole metrics.jsonl over it.  It is now null; the same run
+    with clipping logs a finite norm."""
+    for clip, name in ((0.0, "noclip"), (1.0, "clip")):
+        train(TrainConfig(method="sft", model=base, output_dir=str(tmp_path / name), max_steps=1, batch_size=4,
+                          save_every=0, max_grad_norm=clip), items=toy_items(8))
+    (row,) = _log(tmp_path / "noclip")
+    assert row["grad_norm"] is None and row["step"] == 1 and math.isfinite(row["loss"])
+    (row,) = _log(tmp_path / "clip")
+    assert math.isfinite(row["grad_norm"]) and row["grad_norm"] > 0
 
 
 def test_items_from_a_generator_and_items_that_shadow_a_manifest(base, tmp_path):

@@ -33,6 +33,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 
+from .. import _json as strict_json
 from ..data import RatedItem
 from ..evaluate import evaluate_items, evaluate_with_traces
 from ..model import ZRewardModel
@@ -257,7 +258,7 @@ def run(cfg: DemoConfig) -> Dict:
     summary = {"config": asdict(cfg), "pretraining": pre, "judge_agreement": judge_agree, "results": results,
                "minutes": round((time.time() - t0) / 60, 2)}
     with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=float)
+        strict_json.dump(summary, f, indent=2, default=float)
     table = results_markdown(summary)
     with open(os.path.join(cfg.out_dir, "results.md"), "w") as f:
         f.write(table)

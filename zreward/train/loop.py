@@ -30,6 +30,7 @@ from torch import nn
 from zreward_kernels import rubric_loss
 from zreward_kernels.reference import bin_index
 
+from .. import _json as strict_json
 from ..data import RatedItem, atomic_path, check_one_image_per_key, load_manifest, missing_images
 from ..metrics import rater_histograms
 from .config import TrainConfig
@@ -450,7 +451,7 @@ def _log_step(acc, cfg, done, start, totals, grad_norm, lr_used, t0, log_path, t
                  "elapsed_s": round(time.time() - t0, 2)})
     if acc.is_main_process:
         with open(log_path, "a") as f:
-            f.write(json.dumps(last) + "\n")
+            f.write(strict_json.dumps(last) + "\n")
         if tb is not None:
             for k, v in last.items():
                 if k != "step":
@@ -541,7 +542,7 @@ def _evaluate(acc, module, zm, eval_items, step, log_path, cfg: Optional[TrainCo
         rep = ev.report_items(labelled, every[:, 0], every[:, 1:], zm.rubric.bin_values)
         out = {f"eval_{k}": v for k, v in rep["pooled"].items() if k != "n"}
         with open(log_path, "a") as f:
-            f.write(json.dumps({"step": step, **out}) + "\n")
+            f.write(strict_json.dumps({"step": step, **out}) + "\n")
     acc.wait_for_everyone()
     module.train()
     return out
