@@ -317,6 +317,27 @@ def test_two_processes_match_one_process(base, tmp_path):
     assert [x["loss"] for x in _log(one) if "loss" in x] == [x["loss"] for x in _log(two) if "loss" in x]
 
 
+def test_two_processes_follow_the_same_lr_schedule(base, tmp_path):
+    """The LR schedule counts optimizer steps.  accelerate's scheduler wrapper stepped it once per
+    process at each step (it assumes every process loads a whole batch; here the batch is split), so
+    a two-process run warmed up and decayed twice as fast: 0.5, 1, 0.5, 0, 0, 0 (x lr) over 6 steps
+    with 2 warmup steps and linear decay, i.e. no learning for the last half.  Both runs now log
+    0.5, 1, 1, 0.75, 0.5, 0.25 and the same losses."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    args = ["6", "--save-every", "0", "--items", "24", "--warmup", "2", "--schedule", "linear"]
+    subprocess.run([sys.executable, RUNNER, base, one, *args], check=True, env=env, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29519", RUNNER, base, two, *args], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lr_one, lr_two = ([x["lr"] for x in _log(d)] for d in (one, two))
+    want = [3e-3 * f for f in (0.5, 1.0, 1.0, 0.75, 0.5, 0.25)]
+    assert lr_one == pytest.approx(want, abs=1e-12) and lr_two == pytest.approx(want, abs=1e-12), (lr_one, lr_two)
+    loss_one, loss_two = ([x["loss"] for x in _log(d)] for d in (one, two))
+    assert loss_two == pytest.approx(loss_one, abs=1e-4)
+
+
 def test_risd_teacher_targets_are_split_over_processes(base, tmp_path):
     """Under a two-process launch each process computes the teacher targets of its share of the
     items only (every process used to compute all of them), and the gathered rows are the

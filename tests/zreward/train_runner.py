@@ -1,7 +1,8 @@
 """Runs a small deterministic training job; used by the trainer tests in subprocesses.
 
 usage: python train_runner.py BASE_MODEL_DIR OUT_DIR MAX_STEPS [--resume] [--kill-at N] [--batch B] [--save-every S]
-                              [--items N] [--teacher DIR --cache FILE] [--eval-every N]
+                              [--items N] [--teacher DIR --cache FILE] [--eval-every N] [--warmup N]
+                              [--schedule cosine|linear|constant]
 SFT by default; with --teacher, RISD with its targets cached in FILE (and each process prints how
 many items it computed targets for).  --eval-every evaluates on 8 fresh toy items (each process
 prints how many items it predicted).
@@ -71,6 +72,8 @@ if __name__ == "__main__":
     ap.add_argument("--teacher", default=None)
     ap.add_argument("--cache", default=None)
     ap.add_argument("--eval-every", type=int, default=0)
+    ap.add_argument("--warmup", type=int, default=0)
+    ap.add_argument("--schedule", default="cosine")
     a = ap.parse_args()
     if a.eval_every:
         import zreward.evaluate as evaluate_mod
@@ -84,7 +87,7 @@ if __name__ == "__main__":
         risd = dict(method="risd", teacher=a.teacher, teacher_cache=a.cache)
     cfg = TrainConfig(**{**dict(method="sft", model=a.base, output_dir=a.out, max_steps=a.steps, batch_size=a.batch,
                                 lr=3e-3, log_every=1, save_every=a.save_every, device="cpu", seed=1,
-                                eval_every=a.eval_every), **risd})
+                                eval_every=a.eval_every, warmup_steps=a.warmup, schedule=a.schedule), **risd})
 
     def on_step(step, _):
         if a.kill_at and step == a.kill_at:

@@ -108,6 +108,13 @@ def _schedule(cfg: TrainConfig):
     return factor
 
 
+def _step_schedule(acc, sched) -> None:
+    """One step of the LR schedule per optimizer step, whatever the number of processes; none when
+    fp16 loss scaling skipped the optimizer step (what accelerate's wrapper did with one process)."""
+    if not acc.optimizer_step_was_skipped:
+        sched.step()
+
+
 def batch_indices(n_items: int, cfg: TrainConfig, step: int, rank: int, world: int) -> List[List[int]]:
     """This process's micro-batches (item indices) for optimizer step ``step`` (0-based)."""
     per_epoch = n_items // cfg.batch_size
@@ -246,7 +253,11 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
 
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     _fresh_accelerate_state()
-    acc = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
+    # step_scheduler_with_optimizer=False: accelerate's scheduler wrapper otherwise steps the schedule
+    # num_processes times per call (it assumes each process loads a full batch), but batch_size here is
+    # the global batch, split over the processes, and the schedule counts optimizer steps: under two
+    # processes the warmup and the decay ran twice as fast and the LR sat at 0 for the second half
+    acc = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision, step_scheduler_with_optimizer=False)
     refuse_sharded_parameters(acc)
     if previous:  # overwrite_output_dir: the main process deletes the previous run's entries
         if acc.is_main_process:
@@ -399,7 +410,7 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
             idx = [i for c in batch_indices(len(units), cfg, step, acc.process_index, acc.num_processes) for i in c]
             lr_used = sched.get_last_lr()[0]
             totals = method.step(step, [units[i] for i in idx])
-            sched.step()
+            _step_schedule(acc, sched)
             grad_norm = totals.pop("grad_norm", float("nan"))  # mean over the inner updates; NaN without clipping
         else:
             micro = batch_indices(len(items), cfg, step, acc.process_index, acc.num_processes)
@@ -415,7 +426,7 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
                          if cfg.max_grad_norm > 0 else float("nan"))
             lr_used = sched.get_last_lr()[0]
             opt.step()
-            sched.step()
+            _step_schedule(acc, sched)
             opt.zero_grad(set_to_none=True)
         done = step + 1
         _log_step(acc, cfg, done, start, totals, grad_norm, lr_used, t0, log_path, tb, last)
