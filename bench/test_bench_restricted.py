@@ -8,7 +8,7 @@ runs on CPU only up to N = 1024 (one N = 1024 forward is about 1.1 TFLOP).
 
 import pytest
 import torch
-from conftest import DEVICE, QUICK, peak_memory_bytes, sync
+from conftest import DEVICE, QUICK, capture_graph, peak_memory_bytes, sync
 
 from zreward_kernels import restricted_logits, score_stats
 
@@ -16,6 +16,7 @@ H, V = 3584, 152064
 IDS = list(range(151665, 151674))  # nine ids near the end of the vocabulary, like added special tokens
 SIZES = [16, 64] if QUICK else [16, 64, 256, 1024, 4096]
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+REPLAYS = 20  # back-to-back CUDA-graph replays per timed round
 _WEIGHT = {}
 
 
@@ -62,6 +63,50 @@ def test_restricted_head(benchmark, impl, mode, n):
                                 peak_mem_bytes=peak, device=str(DEVICE), torch=torch.__version__,
                                 device_name=torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else "cpu")
     benchmark.pedantic(step, rounds=1 if slow else 10, iterations=1, warmup_rounds=0)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("impl", ["full_head", "restricted"])
+def test_restricted_head_cuda_graph_back_to_back(benchmark, impl, mode):
+    """The goal point N = 1024, one call captured in a CUDA graph and replayed REPLAYS times with one
+    sync, timed per replay: the device time of a call, which the per-call timings above hide under
+    the host time of the restricted path (56-84 us per forward on the lent H200, 2026-11-27).  CUDA
+    only; the same two paths and modes as test_restricted_head."""
+    if DEVICE.type != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    n = 1024
+    weight = _weight()
+    ids = torch.tensor(IDS, device=DEVICE)
+    hidden = torch.randn(n, H, generator=torch.Generator().manual_seed(n)).to(DEVICE, DTYPE)
+    hidden.requires_grad_(mode == "fwd+bwd")
+
+    def logits():
+        if impl == "full_head":
+            return (hidden @ weight.t())[:, ids]
+        return restricted_logits(hidden, weight, ids, validate=False)
+
+    def step():  # no sync inside: it is captured
+        hidden.grad = None
+        if mode == "fwd":
+            with torch.no_grad():
+                logits()
+        else:
+            score_stats(logits(), validate=False).mean.sum().backward()
+
+    graph = capture_graph(step)
+
+    def replays():
+        for _ in range(REPLAYS):
+            graph.replay()
+        sync()
+
+    replays()
+    benchmark.group = f"restricted head {mode} N={n} (CUDA graph, {REPLAYS} back to back)"
+    benchmark.extra_info.update(op="restricted_head", impl=impl, mode=f"{mode} cuda-graph x{REPLAYS}", n=n, h=H,
+                                v=V, dtype=str(DTYPE), peak_mem_bytes=None, calls_per_call=REPLAYS,
+                                device=str(DEVICE), torch=torch.__version__,
+                                device_name=torch.cuda.get_device_name(0))
+    benchmark.pedantic(replays, rounds=20, iterations=1, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("n", SIZES)
