@@ -79,6 +79,17 @@ def capture_graph(step, warmup: int = 3):
     return graph
 
 
+def back_to_back(graph, replays: int):
+    """A function that replays ``graph`` ``replays`` times, then syncs once (timed per replay by the
+    back-to-back benchmarks: ``calls_per_call=replays`` in their extra_info)."""
+    def run():
+        for _ in range(replays):
+            graph.replay()
+        sync()
+
+    return run
+
+
 def capture_fwd_bwd(fn, x, kw):
     """``fn(x, **kw).backward()`` captured by :func:`capture_graph` (``x.grad`` reset before each
     call; the graph owns the gradient buffer it writes)."""

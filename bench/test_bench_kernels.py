@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, QUICK, capture_fwd_bwd, kernel_names, peak_memory_bytes, sync
+from conftest import DEVICE, QUICK, back_to_back, capture_fwd_bwd, kernel_names, peak_memory_bytes, sync
 
 from zreward_kernels import BIN_VALUES, gdso_loss, rubric_loss, score_stats
 from zreward_kernels import reference as ref
@@ -169,12 +169,7 @@ def test_fwd_bwd_cuda_graph_back_to_back(benchmark, op, impl, rows):
     the device time of one step, or the host cost of one graph launch where that is larger.  Only
     the goal's ops and sizes (gdso_loss at 8192 rows is P = 512, G = 8)."""
     graph, _inputs = _captured(op, impl, rows)
-
-    def replays():
-        for _ in range(REPLAYS):
-            graph.replay()
-        sync()
-
+    replays = back_to_back(graph, REPLAYS)
     replays()
     benchmark.group = f"{op} rows={rows} (CUDA graph, {REPLAYS} back to back)"
     benchmark.extra_info.update(op=op, impl=impl, rows=rows, mode=f"cuda-graph x{REPLAYS}", calls_per_call=REPLAYS,

@@ -8,7 +8,7 @@ runs on CPU only up to N = 1024 (one N = 1024 forward is about 1.1 TFLOP).
 
 import pytest
 import torch
-from conftest import DEVICE, QUICK, capture_graph, peak_memory_bytes, sync
+from conftest import DEVICE, QUICK, back_to_back, capture_graph, peak_memory_bytes, sync
 
 from zreward_kernels import restricted_logits, score_stats
 
@@ -27,12 +27,10 @@ def _weight():
     return _WEIGHT["w"]
 
 
-@pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("impl", ["full_head", "restricted"])
-def test_restricted_head(benchmark, impl, mode, n):
-    if impl == "full_head" and DEVICE.type == "cpu" and n > 1024:
-        pytest.skip("full head at N > 1024 on CPU takes minutes; the goal point is N = 1024")
+def _head_call(impl: str, mode: str, n: int):
+    """``(hidden, call)``: one call of the full or restricted head at N = ``n`` (``fwd``: logits
+    under no_grad; ``fwd+bwd``: logits -> score_stats mean -> backward into the hidden states), with
+    no sync, so it can be captured in a CUDA graph too."""
     weight = _weight()
     ids = torch.tensor(IDS, device=DEVICE)
     hidden = torch.randn(n, H, generator=torch.Generator().manual_seed(n)).to(DEVICE, DTYPE)
@@ -43,14 +41,28 @@ def test_restricted_head(benchmark, impl, mode, n):
             return (hidden @ weight.t())[:, ids]
         return restricted_logits(hidden, weight, ids, validate=False)
 
-    def step():
+    def call():
         hidden.grad = None
         if mode == "fwd":
             with torch.no_grad():
-                out = logits()
-        else:
-            out = logits()
-            score_stats(out, validate=False).mean.sum().backward()
+                return logits()
+        out = logits()
+        score_stats(out, validate=False).mean.sum().backward()
+        return out
+
+    return hidden, call
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("impl", ["full_head", "restricted"])
+def test_restricted_head(benchmark, impl, mode, n):
+    if impl == "full_head" and DEVICE.type == "cpu" and n > 1024:
+        pytest.skip("full head at N > 1024 on CPU takes minutes; the goal point is N = 1024")
+    _, call = _head_call(impl, mode, n)
+
+    def step():
+        out = call()
         sync()
         return out
 
@@ -75,31 +87,8 @@ def test_restricted_head_cuda_graph_back_to_back(benchmark, impl, mode):
     if DEVICE.type != "cuda":
         pytest.skip("CUDA graphs need a CUDA device")
     n = 1024
-    weight = _weight()
-    ids = torch.tensor(IDS, device=DEVICE)
-    hidden = torch.randn(n, H, generator=torch.Generator().manual_seed(n)).to(DEVICE, DTYPE)
-    hidden.requires_grad_(mode == "fwd+bwd")
-
-    def logits():
-        if impl == "full_head":
-            return (hidden @ weight.t())[:, ids]
-        return restricted_logits(hidden, weight, ids, validate=False)
-
-    def step():  # no sync inside: it is captured
-        hidden.grad = None
-        if mode == "fwd":
-            with torch.no_grad():
-                logits()
-        else:
-            score_stats(logits(), validate=False).mean.sum().backward()
-
-    graph = capture_graph(step)
-
-    def replays():
-        for _ in range(REPLAYS):
-            graph.replay()
-        sync()
-
+    _, call = _head_call(impl, mode, n)
+    replays = back_to_back(capture_graph(call), REPLAYS)
     replays()
     benchmark.group = f"restricted head {mode} N={n} (CUDA graph, {REPLAYS} back to back)"
     benchmark.extra_info.update(op="restricted_head", impl=impl, mode=f"{mode} cuda-graph x{REPLAYS}", n=n, h=H,
