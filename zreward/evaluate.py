@@ -71,8 +71,9 @@ def score_items(scorer: RewardScorer, items: List[RatedItem], batch_size: int = 
     for s in range(0, len(keys), batch_size):
         chunk = keys[s:s + batch_size]
         pics = []
-        for key in chunk:
-            pics.append(load_image(first[key]))
+        for key in chunk:  # a file is given as its path, so an image the processor refuses is named by it
+            img = first[key].image
+            pics.append(img if isinstance(img, (str, os.PathLike)) else load_image(first[key]))
         out = scorer.score(pics, [p for _, p in chunk], dims)
         for j, key in enumerate(chunk):
             for i in images[key]:

@@ -226,6 +226,39 @@ def _as_images(images, n: int):
     return out
 
 
+def _failing_image(call, images, texts) -> Optional[int]:
+    """The first image that ``call([text], [image])`` refuses on its own while it takes the same text
+    with a plain 64 x 64 image of the same kind (None if there is none: the batch failed for another
+    reason).  Run only after the whole batch failed, to say which image."""
+    for k, (img, text) in enumerate(zip(images, texts)):
+        try:
+            call([text], [img])
+        except Exception:
+            plain = (torch.zeros(3, 64, 64, device=img.device) if isinstance(img, torch.Tensor)
+                     else np.zeros((64, 64, 3), np.uint8))
+            try:
+                call([text], [plain])
+            except Exception:
+                return None  # not this image's fault
+            return k
+    return None
+
+
+def _pixel_size(img) -> str:
+    """``H x W pixels`` of an HxWx3 array or a [3, H, W] tensor."""
+    h, w = (img.shape[-2:] if isinstance(img, torch.Tensor) else img.shape[:2])
+    return f"{int(h)} x {int(w)} pixels"
+
+
+def _named(exc: Exception, message: str) -> Exception:
+    """``exc``'s type with ``message``, or a ValueError where that type takes no single message."""
+    try:
+        out = type(exc)(message)
+    except Exception:
+        return ValueError(message)
+    return out if str(out) == message else ValueError(message)
+
+
 class RewardScorer:
     """High-throughput scorer over a :class:`ZRewardModel`."""
 
@@ -309,7 +342,9 @@ class RewardScorer:
         for s in range(0, len(order), self.batch_size):
             idx = order[s:s + self.batch_size]
             batch = imgs[torch.tensor(idx, device=imgs.device)] if isinstance(imgs, torch.Tensor) else [imgs[i] for i in idx]
-            lg, ms = self._score_batch(batch, [prompts[i] for i in idx], dims)
+            names = [f"image {i}" + (f" ({os.fspath(images[i])!r})" if isinstance(images, (list, tuple)) and
+                                     isinstance(images[i], (str, os.PathLike)) else "") for i in idx]
+            lg, ms = self._score_batch(batch, [prompts[i] for i in idx], dims, names)
             parts.append(lg)
             masses.append(ms)
             where.extend(idx)
@@ -323,7 +358,10 @@ class RewardScorer:
         return RewardOutput(st.probs, st.mean, st.std, reward, mass, dims)
 
     # ---- internals -----------------------------------------------------------------------------
-    def _processor_inputs(self, images, texts: List[str]) -> Dict[str, torch.Tensor]:
+    def _processor_inputs(self, images, texts: List[str], names: Optional[Sequence[str]] = None
+                          ) -> Dict[str, torch.Tensor]:
+        """The processor's inputs for one batch.  ``names`` (one per image) say which image the caller
+        gave, for the error raised when the processor refuses one (default: its place in the batch)."""
         # the layout is stated, not inferred: HF guesses channels-first for an HxWx3 array whose height
         # is 1 or 3 (or up to 4 in recent releases), silently scoring scrambled pixels
         extra = {"input_data_format": "channels_last"}  # _as_images gives HxWx3 uint8 arrays
@@ -335,8 +373,17 @@ class RewardScorer:
         # using the tokenizer meanwhile saw "left").  The call itself is serialised: a fast tokenizer
         # sets its padding on the shared Rust object per call, which races between threads
         with TOKENIZER_LOCK:
-            enc = self.model.processor(text=texts, images=images, return_tensors="pt", padding=True,
-                                       padding_side="left", **extra)
+            call = lambda t, im: self.model.processor(text=t, images=im, return_tensors="pt",  # noqa: E731
+                                                      padding=True, padding_side="left", **extra)
+            try:
+                enc = call(texts, images)
+            except Exception as exc:  # which image? (Qwen's "absolute aspect ratio must be smaller than 200")
+                bad = _failing_image(call, images, texts)
+                if bad is None:
+                    raise
+                raise _named(exc, f"{names[bad] if names is not None else f'image {bad} of the batch'} "
+                                  f"({_pixel_size(images[bad])}) cannot be preprocessed by "
+                                  f"{type(self.model.processor).__name__}: {exc}") from exc
         if tracked and not any(isinstance(v, torch.Tensor) and v.requires_grad for v in enc.values()):
             # transformers < 5.4 preprocesses tensor images without keeping their graph: the reward
             # would silently not depend on the pixels as far as autograd can see
@@ -394,10 +441,10 @@ class RewardScorer:
                 mass = torch.exp(torch.logsumexp(logits.detach(), -1) - lse)
         return logits, mass
 
-    def _score_batch(self, images, prompts, dims):
+    def _score_batch(self, images, prompts, dims, names: Optional[Sequence[str]] = None):
         b, d = len(prompts), len(dims)
         suffix, suffix_mask, suffix_len = self._suffixes(dims)
-        prefix = self._processor_inputs(images, [self.model.prefix_text(p) for p in prompts])
+        prefix = self._processor_inputs(images, [self.model.prefix_text(p) for p in prompts], names)
         with self._autocast():
             if self.shared_prefix:
                 h = self._shared(prefix, suffix, suffix_mask, suffix_len, b, d)

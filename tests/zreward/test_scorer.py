@@ -464,3 +464,56 @@ def test_in_vocab_mass_is_chunked_and_gradient_free(zmodel, monkeypatch):
     x = torch.rand(1, 3, 56, 56, requires_grad=True)
     out = RewardScorer(zmodel).score(x, PROMPTS[:1], differentiable=True)
     assert out.reward.requires_grad and not out.in_vocab_mass.requires_grad
+
+
+def test_an_image_the_processor_refuses_is_named(tmp_path):
+    """Qwen's processor refuses an image whose sides differ more than 200-fold, and the error named no
+    image: in a batch of hundreds, which one?  It now names the caller's index (and file), and its
+    size, in the processor's own exception type; the images around it are unaffected."""
+    from PIL import Image
+
+    from zreward.evaluate import score_items
+    from zreward.data import RatedItem
+    from zreward.tiny import tiny_qwen2_vl
+
+    m, p = tiny_qwen2_vl()
+    zm = ZRewardModel(m, p)
+    sc = RewardScorer(zm, batch_size=2)
+    ok = np.zeros((64, 64, 3), np.uint8)
+    wide = np.zeros((30, 6400, 3), np.uint8)  # aspect ratio 213
+    with pytest.raises(ValueError, match=r"^image 3 \(30 x 6400 pixels\) cannot be preprocessed by Qwen2VLProcessor: "
+                                         r"absolute aspect ratio must be smaller than 200"):
+        sc.score([ok, ok, ok, wide], ["a car", "a red car", "a car", "a car"])
+    with pytest.raises(ValueError, match=r"^image 0 \(20 x 4500 pixels\) cannot be preprocessed"):
+        sc.score(torch.rand(1, 3, 20, 4500), "a car")
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    Image.fromarray(ok).save(tmp_path / "ok.png")
+    paths = [str(tmp_path / "ok.png"), str(tmp_path / "wide.png")]
+    with pytest.raises(ValueError, match=r"^image 1 \('.*wide\.png'\) \(30 x 6400 pixels\)"):
+        sc.score(paths, "a car")
+    items = [RatedItem(prompt="a car", image=x, dimension="realism", score=3.0, id=str(i)) for i, x in enumerate(paths)]
+    with pytest.raises(ValueError, match=r"\('.*wide\.png'\) \(30 x 6400 pixels\) cannot be preprocessed"):
+        score_items(sc, items)
+    out = sc.score([ok, ok], "a car")  # the scorer is still usable
+    assert out.reward.shape == (2,) and torch.isfinite(out.reward).all()
+
+
+def test_a_batch_error_that_is_no_images_fault_is_left_as_it_is(monkeypatch):
+    """When the processor refuses the batch for a reason that is not an image's (here: any text with
+    'BAD' in it), no image is blamed: the processor's own error comes through unchanged."""
+    from zreward.tiny import tiny_qwen2_vl
+
+    m, p = tiny_qwen2_vl()
+    zm = ZRewardModel(m, p)
+    real = type(zm.processor).__call__
+
+    def picky(self, *args, text=None, **kw):
+        if any("BAD" in t for t in text):
+            raise ValueError("the text holds BAD")
+        return real(self, *args, text=text, **kw)
+
+    monkeypatch.setattr(type(zm.processor), "__call__", picky)
+    sc = RewardScorer(zm)
+    with pytest.raises(ValueError, match=r"^the text holds BAD$"):
+        sc.score(_images(3), ["a car", "a BAD car", "a car"])
+    assert torch.isfinite(sc.score(_images(2), "a car").reward).all()
