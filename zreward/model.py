@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from typing import List, Optional, Tuple
 
@@ -33,6 +34,16 @@ CONFIG_NAME = "zreward_config.json"
 #: tokenizer per call, so two threads tokenising at once can pad with each other's settings ("Unable
 #: to create tensor ...").  The trainers tokenise from one thread and do not take it.
 TOKENIZER_LOCK = threading.RLock()
+
+
+def special_token_ids(tokenizer) -> set:
+    """Ids of the tokenizer's special tokens: its named ones and every added token marked special
+    (chat markers, image and video placeholders, the score tokens, the trace marker)."""
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for tid, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if getattr(added, "special", False):
+            ids.add(int(tid))
+    return ids
 _SENTINEL = "\u2063ZREWARD_QUESTION\u2063"
 
 
@@ -65,6 +76,7 @@ class ZRewardModel(nn.Module):
             raise ValueError(f"{len(score_tokens.token_ids)} score tokens for {len(self.rubric.bin_values)} bins")
         self.score_tokens = score_tokens
         self._prefix_cache = None
+        self._special_cache = None  # (tokenizer length, pattern of its special tokens' texts)
 
     # ---- text layout -------------------------------------------------------------------------
     @property
@@ -85,10 +97,29 @@ class ZRewardModel(nn.Module):
             self._prefix_cache = (head, tail)
         return self._prefix_cache
 
-    def prefix_text(self, prompt: str) -> str:
-        """Everything up to the image and the user's prompt (shared by all dimensions)."""
+    def check_prompt(self, prompt: str, where: str = "prompt") -> None:
+        """Refuse a prompt that holds the text of one of the tokenizer's special tokens (a chat-template
+        marker such as ``<|im_end|>``, an image placeholder, a score token, the trace marker): the
+        processor would read it as that token, not as text, and end the user's turn early, add an
+        image slot or plant a score -- a different query, scored without a word."""
         if not isinstance(prompt, str):
             raise TypeError(f"prompts must be strings, got {type(prompt).__name__}")
+        tok = self.tokenizer
+        n = len(tok)
+        if self._special_cache is None or self._special_cache[0] != n:  # tokens may be added later (the marker)
+            texts = {t for t in tok.convert_ids_to_tokens(sorted(special_token_ids(tok))) if t}
+            pattern = re.compile("|".join(map(re.escape, sorted(texts, key=len, reverse=True)))) if texts else None
+            self._special_cache = (n, pattern)
+        pattern = self._special_cache[1]
+        found = pattern.search(prompt) if pattern is not None else None
+        if found is not None:
+            raise ValueError(f"{where} {prompt!r} holds {found.group(0)!r}, a special token of the model's tokenizer, "
+                             "which would be read as that token (a chat marker, an image placeholder or a score "
+                             "token), not as text; remove it from the prompt")
+
+    def prefix_text(self, prompt: str) -> str:
+        """Everything up to the image and the user's prompt (shared by all dimensions)."""
+        self.check_prompt(prompt)
         head, _ = self._template()
         return f"{head}Prompt: {prompt}\n{self.rubric.preamble_text()}"
 

@@ -1,5 +1,7 @@
 """ZRewardModel + RewardScorer on tiny models of four families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA), offline."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -517,3 +519,25 @@ def test_a_batch_error_that_is_no_images_fault_is_left_as_it_is(monkeypatch):
     with pytest.raises(ValueError, match=r"^the text holds BAD$"):
         sc.score(_images(3), ["a car", "a BAD car", "a car"])
     assert torch.isfinite(sc.score(_images(2), "a car").reward).all()
+
+
+def test_prompts_holding_special_token_text_are_refused(zmodel, tmp_path):
+    """A prompt holding a special token's text was read as that token: '<|im_end|>' ended the user's
+    turn early, '<score_1.0>' planted a score token, '<|image_pad|>' added an image slot (Qwen's
+    processor then failed naming no prompt) -- a different query, scored without a word.  Such a
+    prompt is now refused by name, in every family; the trace marker added later is covered too."""
+    from zreward.train.rl import ensure_marker
+
+    sc = RewardScorer(zmodel)
+    tok = zmodel.tokenizer
+    score_text = tok.convert_ids_to_tokens(zmodel.score_tokens.token_ids[0])
+    bad = [f"a car {score_text}"] + [f"a car {t}" for t in ("<|im_end|>", "<|image_pad|>", "<|im_start|>")
+                                     if t in tok.get_vocab()]
+    for prompt in bad:
+        with pytest.raises(ValueError, match=r"holds '.+', a special token of the model's tokenizer"):
+            sc.score(_images(1), prompt)
+    ok = sc.score(_images(2), ["a car [sic] <b>bold</b> | 1.0", "score: 4.5"])  # ordinary text passes
+    assert torch.isfinite(ok.reward).all()
+    marker = tok.convert_ids_to_tokens(ensure_marker(zmodel))
+    with pytest.raises(ValueError, match=re.escape(repr(marker))):
+        sc.score(_images(1), f"then {marker}")

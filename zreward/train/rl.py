@@ -132,12 +132,9 @@ def ensure_marker(zm) -> int:
 def structural_tokens(tokenizer, marker: int) -> List[int]:
     """Special tokens a trace must never contain (image / video placeholders, chat markers, padding):
     every special token of the tokenizer except the trace marker."""
-    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
-    for tid, added in getattr(tokenizer, "added_tokens_decoder", {}).items():
-        if getattr(added, "special", False):
-            ids.add(int(tid))
-    ids.discard(marker)
-    return sorted(ids)
+    from ..model import special_token_ids
+
+    return sorted(special_token_ids(tokenizer) - {marker})
 
 
 def _generation_inputs(scorer, images, prompts, dims) -> Dict[str, torch.Tensor]:
