@@ -142,7 +142,7 @@ def _image_paths(paths):
 
 def score_cmd(args) -> int:
     from .evaluate import _progress
-    from .scorer import read_image, unreadable_images
+    from .scorer import unreadable_images
 
     paths = _image_paths(args.images)
     prompts = args.prompt
@@ -157,12 +157,18 @@ def score_cmd(args) -> int:
     if bad:
         raise SystemExit(f"{bad[0][0]}: {bad[0][1]}" + (f" ({len(bad)} unreadable files)" if len(bad) > 1 else ""))
     scorer = _load_scorer(args)
+    for prompt in dict.fromkeys(prompts):  # a special token's text, before any image is scored
+        try:
+            scorer.model.check_prompt(prompt, "--prompt")
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     rows, dims = [], None
     bs = args.batch_size
     bar = _progress(len(paths), "scoring") if len(paths) > bs else None
     for s in range(0, len(paths), bs):  # images are read batch by batch, not all at once
         chunk = paths[s:s + bs]
-        out = scorer.score([read_image(p) for p in chunk], prompts[s:s + bs], args.dimensions)
+        # paths, read by the scorer: an image its processor refuses is named by its file
+        out = scorer.score(chunk, prompts[s:s + bs], args.dimensions)
         dims = out.dimensions
         for i, path in enumerate(chunk):
             row = {"image": path, "prompt": prompts[s + i], "reward": float(out.reward[i])}

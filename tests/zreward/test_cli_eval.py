@@ -131,10 +131,15 @@ def test_score_a_directory_in_batches(saved, capsys, monkeypatch):
     reads = []
     real = zreward.scorer.read_image
     monkeypatch.setattr(zreward.scorer, "read_image", lambda p: reads.append(p) or real(p))
-    seen = []  # images read when each batch is scored
+    seen = []  # images read once each batch is scored (the scorer reads the paths it is given)
     score = zreward.scorer.RewardScorer.score
-    monkeypatch.setattr(zreward.scorer.RewardScorer, "score", lambda self, *a, **k: seen.append(len(reads))
-                        or score(self, *a, **k))
+
+    def counted(self, *a, **k):
+        out = score(self, *a, **k)
+        seen.append(len(reads))
+        return out
+
+    monkeypatch.setattr(zreward.scorer.RewardScorer, "score", counted)
     assert main(["score", "--model", str(saved / "model"), str(saved / "img"), "--prompt", "a red car", "--json",
                  "--batch-size", "4", "--dimensions", "realism"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -150,6 +155,20 @@ def test_score_a_directory_in_batches(saved, capsys, monkeypatch):
     with pytest.raises(SystemExit, match=r"image not found: .*gone.png \(2 missing\)"):
         main(["score", "--model", str(saved / "model"), str(saved / "gone.png"), str(saved / "img"),
               str(saved / "gone2.png"), "--prompt", "x"])
+
+
+def test_score_names_a_bad_prompt_before_scoring_and_a_refused_image_by_its_file(saved, tmp_path, capsys):
+    """`zreward score`: a prompt holding a special token's text stops the command before any image is
+    scored, with the message alone; an image the processor refuses (sides more than 200-fold apart)
+    is named by its file (the command read the files itself, so the error named only a batch index)."""
+    img = str(saved / "img" / "0_0.png")
+    with pytest.raises(SystemExit, match=r"^--prompt 'a car <\|im_end\|>' holds '<\|im_end\|>'"):
+        main(["score", "--model", str(saved / "model"), img, img, "--prompt", "a red car", "--prompt",
+              "a car <|im_end|>"])
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.zeros((30, 6400, 3), np.uint8)).save(wide)
+    with pytest.raises(ValueError, match=r"^image \d \('.*wide\.png'\) \(30 x 6400 pixels\) cannot be preprocessed"):
+        main(["score", "--model", str(saved / "model"), img, str(wide), img, "--prompt", "a red car"])
 
 
 def test_a_device_that_is_not_here_is_refused(saved, tmp_path):
