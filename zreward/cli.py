@@ -12,6 +12,8 @@ import torch
 
 from zreward_kernels import BIN_VALUES, backend_info, gdso_loss, group_advantage, rubric_loss, score_stats
 
+from ._json import dumps as strict_dumps
+
 
 def _time(fn, device, reps: int) -> float:
     fn()
@@ -181,9 +183,7 @@ def score_cmd(args) -> int:
     if bar is not None:
         bar.close()
     if args.json:
-        from ._json import dumps
-
-        print(dumps(rows, indent=2))
+        print(strict_dumps(rows, indent=2))
     else:
         print("| image | reward | " + " | ".join(f"{d} (mean +- std)" for d in dims) + " |")
         print("|---|---|" + "---|" * len(dims))
@@ -212,9 +212,7 @@ def train_cmd(args) -> int:
     cfg = TrainConfig.from_file(args.config, method=args.method,
                                 overwrite_output_dir=True if args.overwrite_output_dir else None)
     last = train(cfg, resume=args.resume)
-    from ._json import dumps
-
-    print(dumps(last, indent=2))
+    print(strict_dumps(last, indent=2))
     return 0
 
 

@@ -57,11 +57,7 @@ def score_items(scorer: RewardScorer, items: List[RatedItem], batch_size: int = 
     if bad:  # likewise for a file that is there but is not an image (headers only)
         raise ValueError(f"{bad[0][0]}: {bad[0][1]} ({len(bad)} unreadable image file(s))")
     check_one_image_per_key(items, image_key, "items", "an in-memory image is known by its id here")
-    seen = set()
-    for it in items:  # a special token's text in a prompt, before any image is scored
-        if it.prompt not in seen:
-            seen.add(it.prompt)
-            scorer.model.check_prompt(it.prompt, f"item {it.id!r}: prompt")
+    scorer.model.check_item_prompts(items)  # a special token's text in a prompt, before any image is scored
     images: "OrderedDict[tuple, List[int]]" = OrderedDict()
     first: Dict[tuple, RatedItem] = {}
     for i, it in enumerate(items):

@@ -44,6 +44,8 @@ def special_token_ids(tokenizer) -> set:
         if getattr(added, "special", False):
             ids.add(int(tid))
     return ids
+
+
 _SENTINEL = "\u2063ZREWARD_QUESTION\u2063"
 
 
@@ -116,6 +118,15 @@ class ZRewardModel(nn.Module):
             raise ValueError(f"{where} {prompt!r} holds {found.group(0)!r}, a special token of the model's tokenizer, "
                              "which would be read as that token (a chat marker, an image placeholder or a score "
                              "token), not as text; remove it from the prompt")
+
+    def check_item_prompts(self, items, what: str = "item") -> None:
+        """:meth:`check_prompt` of every distinct prompt of ``items`` (RatedItems), the error naming
+        the first item that holds it (``what`` says which items: "training item", ...)."""
+        seen = set()
+        for it in items:
+            if it.prompt not in seen:
+                seen.add(it.prompt)
+                self.check_prompt(it.prompt, f"{what} {it.id!r}: prompt")
 
     def prefix_text(self, prompt: str) -> str:
         """Everything up to the image and the user's prompt (shared by all dimensions)."""

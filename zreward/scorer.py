@@ -24,7 +24,7 @@ import numbers
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -244,6 +244,12 @@ def _failing_image(call, images, texts) -> Optional[int]:
     return None
 
 
+def _image_label(images, i: int) -> str:
+    """How an error names the caller's image ``i``: its index, and its file where it was given as one."""
+    given = images[i] if isinstance(images, (list, tuple)) else None
+    return f"image {i}" + (f" ({os.fspath(given)!r})" if isinstance(given, (str, os.PathLike)) else "")
+
+
 def _pixel_size(img) -> str:
     """``H x W pixels`` of an HxWx3 array or a [3, H, W] tensor."""
     h, w = (img.shape[-2:] if isinstance(img, torch.Tensor) else img.shape[:2])
@@ -342,9 +348,8 @@ class RewardScorer:
         for s in range(0, len(order), self.batch_size):
             idx = order[s:s + self.batch_size]
             batch = imgs[torch.tensor(idx, device=imgs.device)] if isinstance(imgs, torch.Tensor) else [imgs[i] for i in idx]
-            names = [f"image {i}" + (f" ({os.fspath(images[i])!r})" if isinstance(images, (list, tuple)) and
-                                     isinstance(images[i], (str, os.PathLike)) else "") for i in idx]
-            lg, ms = self._score_batch(batch, [prompts[i] for i in idx], dims, names)
+            lg, ms = self._score_batch(batch, [prompts[i] for i in idx], dims,
+                                       lambda k, idx=idx: _image_label(images, idx[k]))
             parts.append(lg)
             masses.append(ms)
             where.extend(idx)
@@ -358,10 +363,11 @@ class RewardScorer:
         return RewardOutput(st.probs, st.mean, st.std, reward, mass, dims)
 
     # ---- internals -----------------------------------------------------------------------------
-    def _processor_inputs(self, images, texts: List[str], names: Optional[Sequence[str]] = None
+    def _processor_inputs(self, images, texts: List[str], name_of: Optional[Callable[[int], str]] = None
                           ) -> Dict[str, torch.Tensor]:
-        """The processor's inputs for one batch.  ``names`` (one per image) say which image the caller
-        gave, for the error raised when the processor refuses one (default: its place in the batch)."""
+        """The processor's inputs for one batch.  ``name_of(k)`` says which image the caller gave as the
+        batch's k-th, for the error raised when the processor refuses one (default: its place in the
+        batch); it is called on that error only."""
         # the layout is stated, not inferred: HF guesses channels-first for an HxWx3 array whose height
         # is 1 or 3 (or up to 4 in recent releases), silently scoring scrambled pixels
         extra = {"input_data_format": "channels_last"}  # _as_images gives HxWx3 uint8 arrays
@@ -381,7 +387,7 @@ class RewardScorer:
                 bad = _failing_image(call, images, texts)
                 if bad is None:
                     raise
-                raise _named(exc, f"{names[bad] if names is not None else f'image {bad} of the batch'} "
+                raise _named(exc, f"{name_of(bad) if name_of is not None else f'image {bad} of the batch'} "
                                   f"({_pixel_size(images[bad])}) cannot be preprocessed by "
                                   f"{type(self.model.processor).__name__}: {exc}") from exc
         if tracked and not any(isinstance(v, torch.Tensor) and v.requires_grad for v in enc.values()):
@@ -441,10 +447,10 @@ class RewardScorer:
                 mass = torch.exp(torch.logsumexp(logits.detach(), -1) - lse)
         return logits, mass
 
-    def _score_batch(self, images, prompts, dims, names: Optional[Sequence[str]] = None):
+    def _score_batch(self, images, prompts, dims, name_of: Optional[Callable[[int], str]] = None):
         b, d = len(prompts), len(dims)
         suffix, suffix_mask, suffix_len = self._suffixes(dims)
-        prefix = self._processor_inputs(images, [self.model.prefix_text(p) for p in prompts], names)
+        prefix = self._processor_inputs(images, [self.model.prefix_text(p) for p in prompts], name_of)
         with self._autocast():
             if self.shared_prefix:
                 h = self._shared(prefix, suffix, suffix_mask, suffix_len, b, d)

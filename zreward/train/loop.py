@@ -279,11 +279,7 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
         if bad is not None:
             raise ValueError(f"{what} item {bad.id!r} has dimension {bad.dimension!r}; the model's rubric has "
                              f"{list(zm.rubric.dimensions)}")
-        seen = set()
-        for it in its:  # a special token's text in a prompt
-            if it.prompt not in seen:
-                seen.add(it.prompt)
-                zm.check_prompt(it.prompt, f"{what} item {it.id!r}: prompt")
+        zm.check_item_prompts(its, f"{what} item")  # a special token's text in a prompt
         # a label off the scale (say 1..10 data for a 1..5 rubric) would be snapped to the end bins
         bad = next((it for it in its if any(not lo <= v <= hi for v in it.labels)), None)
         if bad is not None:
