@@ -306,6 +306,28 @@ def test_resume_refuses_a_checkpoint_made_with_other_settings(base, tmp_path):
     assert [x["step"] for x in _log(tmp_path / "run")] == [1, 2, 3]
 
 
+def test_a_resumed_run_follows_its_own_lr_schedule_and_weight_decay(base, tmp_path):
+    """Resuming with changed settings warns that they apply from the resumed step on, but the loaded
+    optimizer and scheduler state kept the old run's: lr 3e-3 -> 1e-3 still trained at 3e-3 (the
+    scheduler's saved base LR), weight_decay stayed 0, and a run extended from max_steps 2 to 3 took
+    its first resumed step at the old schedule's final LR (0 under cosine decay).  Now step 3 trains
+    at 1e-3 x cosine(2/3) = 2.5e-4 with weight decay 0.1; an unchanged resume stays exact (see the
+    SIGKILL test)."""
+    import math
+
+    cfg = TrainConfig(method="sft", model=base, output_dir=str(tmp_path / "run"), max_steps=2, batch_size=4, lr=3e-3,
+                      save_every=1, log_every=1, device="cpu")
+    train(cfg, items=toy_items(16))
+    with pytest.warns(UserWarning, match=r"changed settings \(max_steps: 2 -> 3; lr: 0.003 -> 0.001; "
+                                         r"weight_decay: 0.0 -> 0.1\)"):
+        train(dataclasses.replace(cfg, max_steps=3, lr=1e-3, weight_decay=0.1), items=toy_items(16), resume=True)
+    lrs = [x["lr"] for x in _log(tmp_path / "run")]
+    assert lrs[:2] == pytest.approx([3e-3, 3e-3 * 0.5 * (1 + math.cos(math.pi / 2))])
+    assert lrs[2] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(2 * math.pi / 3)))  # 2.5e-4
+    groups = torch.load(tmp_path / "run" / "checkpoint-3" / "optimizer.bin", weights_only=False)["param_groups"]
+    assert all(g["weight_decay"] == 0.1 and g["initial_lr"] == 1e-3 for g in groups)
+
+
 def test_two_processes_match_one_process(base, tmp_path):
     """Weights and losses after a step match; the evaluation after it is split over the processes
     (the main process used to score every eval item while the other waited) and gives the metrics

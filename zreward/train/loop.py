@@ -108,6 +108,22 @@ def _schedule(cfg: TrainConfig):
     return factor
 
 
+def _apply_resumed_settings(opt, sched, cfg: TrainConfig) -> None:
+    """After a checkpoint's optimizer and scheduler state are loaded, the run's own ``lr``,
+    ``weight_decay`` and schedule (``max_steps``, ``warmup_steps``, ``schedule``) govern from the
+    resumed step on, as the resume warning says: the loaded state carries the old run's base LR and
+    weight decay (a changed ``lr`` was ignored) and the LR its schedule set last (an extended
+    ``max_steps`` trained its first resumed step at the old schedule's final LR, 0 under decay).
+    With unchanged settings this sets the values the state already holds (a resume stays exact)."""
+    inner = getattr(sched, "scheduler", sched)  # accelerate's wrapper holds the LambdaLR
+    inner.base_lrs = [cfg.lr for _ in inner.base_lrs]
+    for g, base, factor in zip(opt.param_groups, inner.base_lrs, inner.lr_lambdas):
+        g["initial_lr"] = base
+        g["lr"] = base * factor(inner.last_epoch)  # the LR LambdaLR sets at this step
+        g["weight_decay"] = cfg.weight_decay
+    inner._last_lr = [g["lr"] for g in opt.param_groups]
+
+
 def _step_schedule(acc, sched) -> None:
     """One step of the LR schedule per optimizer step, whatever the number of processes; none when
     fp16 loss scaling skipped the optimizer step (what accelerate's wrapper did with one process)."""
@@ -341,6 +357,7 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
                 state = json.load(f)
             check_resume(state, cfg, len(units), ckpts[-1])  # before loading a state that may not fit
             acc.load_state(ckpts[-1])
+            _apply_resumed_settings(opt, sched, cfg)
             start = state["step"]
             acc.print(f"resumed from {ckpts[-1]} at step {start}"
                       + (f" (max_steps={cfg.max_steps}: nothing left to train)" if start >= cfg.max_steps else ""))
