@@ -1,6 +1,6 @@
 """The library on a GPU: the scorer (fp32 and bf16 autocast, shared prefix, both suffix layouts,
 differentiable tensor images), the downstream reward helpers and the trainers (the fused rubric loss
-in an SFT run; a GDSO step with Liger's compiled GRPO loss against the PyTorch one).
+in an SFT run; a GDSO step with Liger's compiled GRPO loss against the PyTorch one; OPD steps).
 
 Every test needs CUDA (skipped elsewhere; `bench/gpu_check.sh` runs this module).  CPU results are
 the reference: the other library tests check them in detail."""
@@ -157,3 +157,28 @@ def test_gdso_step_on_cuda_with_compiled_liger_equals_pytorch(base, tmp_path):
     logs = gdso_first_step_logs(base, tmp_path, "cuda")
     for k in ("policy_loss", "loss", "ce", "pw", "reward"):
         assert logs["torch"][k] == pytest.approx(logs["liger"][k], rel=1e-4, abs=1e-5), k
+
+
+def test_opd_steps_on_cuda(base, tmp_path):
+    """OPD on the GPU.  Its score tokens were drawn with a CPU generator from CUDA probabilities,
+    which raises ("Expected a 'cuda' device type for generator") at the first step; they are drawn on
+    the CPU now.  Two steps run, move the weights, and log finite values."""
+    import math
+
+    from train_runner import toy_items
+
+    from zreward.tiny import tiny_qwen2_vl
+    from zreward.train import TrainConfig, train
+    from zreward.train.rl import ensure_marker
+
+    t_model, t_proc = tiny_qwen2_vl(seed=7)
+    teacher = ZRewardModel(t_model, t_proc)
+    ensure_marker(teacher)
+    teacher.save_pretrained(str(tmp_path / "teacher"))
+    cfg = TrainConfig(method="opd", model=base, output_dir=str(tmp_path / "run"), max_steps=2, batch_size=2, lr=1e-2,
+                      log_every=1, save_every=0, teacher=str(tmp_path / "teacher"), max_trace_tokens=4,
+                      inner_updates=1, schedule="constant", device="cuda")
+    train(cfg, items=toy_items(8))
+    log = _log(tmp_path / "run")
+    assert [x["step"] for x in log] == [1, 2]
+    assert all(math.isfinite(x["loss"]) and x["grad_norm"] > 0 for x in log)

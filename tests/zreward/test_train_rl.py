@@ -1,6 +1,7 @@
 """GDSO, GRPO and OPD: the policy loss against a loop reference, reference-policy resets, degenerate
 groups, and each method learning a toy task on tiny models."""
 
+import dataclasses
 import json
 import math
 
@@ -155,6 +156,45 @@ def test_opd_pulls_the_student_towards_the_teacher(base, tmp_path):
     before = kl(ZRewardModel.from_pretrained(base))
     after = kl(ZRewardModel.from_pretrained(str(tmp_path / "run" / "final")))
     assert after < 0.5 * before, (before, after)
+
+
+def test_an_opd_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_one_does(base, tmp_path):
+    """OPD drew its score tokens from a generator seeded once per run and saved in no checkpoint: a
+    resumed run restarted that stream and drew other tokens than the uninterrupted run (final weights
+    0.03 apart after 1 + 2 steps).  The generator is now seeded per outer step (and process), so the
+    resumed run ends with the same weights, bit for bit."""
+    from zreward.tiny import tiny_qwen2_vl
+    from zreward.train.rl import ensure_marker
+
+    t_model, t_proc = tiny_qwen2_vl(seed=7)  # another model, the same tokenizer (ids of marker and score tokens)
+    teacher = ZRewardModel(t_model, t_proc)
+    ensure_marker(teacher)
+    teacher.save_pretrained(str(tmp_path / "teacher"))
+    cfg = TrainConfig(method="opd", model=base, output_dir=str(tmp_path / "full"), max_steps=3, batch_size=2, lr=1e-2,
+                      log_every=1, save_every=1, teacher=str(tmp_path / "teacher"), max_trace_tokens=4,
+                      inner_updates=1, schedule="constant", device="cpu")
+    train(cfg, items=toy_items(16))
+    part = dataclasses.replace(cfg, output_dir=str(tmp_path / "part"))
+    train(dataclasses.replace(part, max_steps=1), items=toy_items(16))
+    with pytest.warns(UserWarning, match="max_steps: 1 -> 3"):
+        train(part, items=toy_items(16), resume=True)
+    full, resumed = (ZRewardModel.from_pretrained(str(tmp_path / d / "final")).model.state_dict() for d in ("full", "part"))
+    moved = ZRewardModel.from_pretrained(base).model.state_dict()
+    assert any(not torch.equal(full[k], moved[k]) for k in full)  # the steps trained something
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+
+
+def test_score_token_generator_is_per_step_and_process_on_the_cpu():
+    from zreward.train.rl import score_token_generator
+
+    def draw(*args):
+        return torch.multinomial(torch.full((64, 9), 1 / 9), 1, generator=score_token_generator(*args)).flatten()
+
+    assert score_token_generator(0, 3, 0).device.type == "cpu"
+    assert torch.equal(draw(0, 3, 0), draw(0, 3, 0))  # a function of (seed, step, process) alone
+    for other in ((0, 4, 0), (0, 3, 1), (1, 3, 0)):
+        assert not torch.equal(draw(0, 3, 0), draw(*other)), other
 
 
 @pytest.mark.parametrize("tau", [1.0, 0.7])

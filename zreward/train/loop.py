@@ -415,8 +415,7 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
                               use_liger=use_liger,
                               module_scorer=RewardScorer(zm, in_vocab_mass=False, autocast=False),
                               teacher=teacher_zm, teacher_scorer=(RewardScorer(teacher_zm, in_vocab_mass=False,
-                                                                               autocast=False) if teacher_zm else None),
-                              gen=torch.Generator().manual_seed(cfg.seed))
+                                                                               autocast=False) if teacher_zm else None))
         method = RLMethod(ctx)
 
     last: Dict = {}

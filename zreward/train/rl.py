@@ -245,6 +245,16 @@ def trace_forward(scorer, images, prompts, dims, traces: Sequence[Sequence[int]]
     return logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1), mask, score_logits
 
 
+def score_token_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """The CPU generator OPD draws its score tokens from at outer step ``step`` on process ``rank``:
+    seeded from the three, so a resumed run draws what an uninterrupted one draws (a generator seeded
+    once per run restarted its stream on resume, and no checkpoint holds its state), processes draw
+    independently (they shared one stream), and the draw does not depend on the device of the
+    probabilities (a CPU generator with CUDA tensors raises: the draw happens on the CPU)."""
+    state = np.random.SeedSequence([int(seed), int(step), int(rank)]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
 def parse_score(text: str) -> float:
     """The last number written in a trace (the report's parsed-text reward), NaN if none."""
     found = re.findall(r"\d+(?:\.\d+)?", text)
@@ -297,7 +307,8 @@ class RLMethod:
                                                       self.score_ids, temperature=tau)
             if cfg.method == "opd":
                 probs = torch.softmax(score_old / tau, -1)  # the score token is drawn at the same temperature
-                pick = torch.multinomial(probs, 1, generator=self.ctx.gen).squeeze(1).tolist()
+                pick = torch.multinomial(probs.float().cpu(), 1, generator=score_token_generator(
+                    cfg.seed, step, acc.process_index)).squeeze(1).tolist()
                 extra = [int(self.score_ids[k]) for k in pick]
                 logp_old, mask, _ = trace_forward(self.scorer, r_images, r_prompts, r_dims, traces, forced,
                                                   self.score_ids, extra, temperature=tau)
