@@ -36,3 +36,21 @@ def rl_base(tmp_path_factory):
     ensure_marker(zm)
     zm.save_pretrained(d)
     return str(d)
+
+
+@pytest.fixture(scope="module")
+def rl_teacher(tmp_path_factory):
+    """Another tiny Qwen2-VL (seed 7) with the trace marker: an OPD teacher whose tokenizer has the
+    student's ids (marker and score tokens) and whose weights differ from ``rl_base``'s."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("torchvision")
+    from zreward.model import ZRewardModel
+    from zreward.tiny import tiny_qwen2_vl
+    from zreward.train.rl import ensure_marker
+
+    d = tmp_path_factory.mktemp("rlteacher")
+    model, proc = tiny_qwen2_vl(seed=7)
+    zm = ZRewardModel(model, proc)
+    ensure_marker(zm)
+    zm.save_pretrained(d)
+    return str(d)

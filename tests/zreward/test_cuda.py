@@ -159,7 +159,7 @@ def test_gdso_step_on_cuda_with_compiled_liger_equals_pytorch(base, tmp_path):
         assert logs["torch"][k] == pytest.approx(logs["liger"][k], rel=1e-4, abs=1e-5), k
 
 
-def test_opd_steps_on_cuda(base, tmp_path):
+def test_opd_steps_on_cuda(base, rl_teacher, tmp_path):
     """OPD on the GPU.  Its score tokens were drawn with a CPU generator from CUDA probabilities,
     which raises ("Expected a 'cuda' device type for generator") at the first step; they are drawn on
     the CPU now.  Two steps run, move the weights, and log finite values."""
@@ -167,16 +167,10 @@ def test_opd_steps_on_cuda(base, tmp_path):
 
     from train_runner import toy_items
 
-    from zreward.tiny import tiny_qwen2_vl
     from zreward.train import TrainConfig, train
-    from zreward.train.rl import ensure_marker
 
-    t_model, t_proc = tiny_qwen2_vl(seed=7)
-    teacher = ZRewardModel(t_model, t_proc)
-    ensure_marker(teacher)
-    teacher.save_pretrained(str(tmp_path / "teacher"))
     cfg = TrainConfig(method="opd", model=base, output_dir=str(tmp_path / "run"), max_steps=2, batch_size=2, lr=1e-2,
-                      log_every=1, save_every=0, teacher=str(tmp_path / "teacher"), max_trace_tokens=4,
+                      log_every=1, save_every=0, teacher=rl_teacher, max_trace_tokens=4,
                       inner_updates=1, schedule="constant", device="cuda")
     train(cfg, items=toy_items(8))
     log = _log(tmp_path / "run")

@@ -158,20 +158,13 @@ def test_opd_pulls_the_student_towards_the_teacher(base, tmp_path):
     assert after < 0.5 * before, (before, after)
 
 
-def test_an_opd_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_one_does(base, tmp_path):
+def test_an_opd_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_one_does(base, rl_teacher, tmp_path):
     """OPD drew its score tokens from a generator seeded once per run and saved in no checkpoint: a
     resumed run restarted that stream and drew other tokens than the uninterrupted run (final weights
     0.03 apart after 1 + 2 steps).  The generator is now seeded per outer step (and process), so the
     resumed run ends with the same weights, bit for bit."""
-    from zreward.tiny import tiny_qwen2_vl
-    from zreward.train.rl import ensure_marker
-
-    t_model, t_proc = tiny_qwen2_vl(seed=7)  # another model, the same tokenizer (ids of marker and score tokens)
-    teacher = ZRewardModel(t_model, t_proc)
-    ensure_marker(teacher)
-    teacher.save_pretrained(str(tmp_path / "teacher"))
     cfg = TrainConfig(method="opd", model=base, output_dir=str(tmp_path / "full"), max_steps=3, batch_size=2, lr=1e-2,
-                      log_every=1, save_every=1, teacher=str(tmp_path / "teacher"), max_trace_tokens=4,
+                      log_every=1, save_every=1, teacher=rl_teacher, max_trace_tokens=4,
                       inner_updates=1, schedule="constant", device="cpu")
     train(cfg, items=toy_items(16))
     part = dataclasses.replace(cfg, output_dir=str(tmp_path / "part"))
