@@ -112,8 +112,9 @@ def test_custom_bins_and_equal_rewards(kdev, G):
         assert float(gdso_loss(x, scores, bin_values=bins, eps=0.0, backend=backend).advantage.abs().max()) == 0.0
 
 
+@pytest.mark.parametrize("lam", [1.0, 0.7])
 @pytest.mark.parametrize("G", [3, 8, 20])
-def test_rewards_flat_in_mu_give_no_rounding_noise_advantages(kdev, G):
+def test_rewards_flat_in_mu_give_no_rounding_noise_advantages(kdev, G, lam):
     # With lambda_pt == lambda_pw the reward of side w is flat in mu wherever mu_w < s_w and every
     # predicted gap mu_w - mu_l exceeds the annotated one: the +1/R of r_pt and the -G/(G R) of r_pw
     # cancel.  Such a group's rewards are equal in exact arithmetic, so its advantages must be ~0,
@@ -126,12 +127,17 @@ def test_rewards_flat_in_mu_give_no_rounding_noise_advantages(kdev, G):
     x = torch.stack([-4 * (bins - mu_w[..., None]) ** 2, -4 * (bins - mu_l[..., None]) ** 2], 1).to(kdev)
     scores = torch.tensor([[4.0, 3.0]]).repeat(P, 1).to(kdev)
     for backend in ("reference", "triton"):
-        out = gdso_loss(x, scores, backend=backend)
+        out = gdso_loss(x, scores, lambda_pt=lam, lambda_pw=lam, backend=backend)
         mw, ml = out.mean[:, 0].cpu(), out.mean[:, 1].cpu()
         assert bool((mw < 4).all()) and bool((mw.amin(1) - ml.amax(1) > 1).all())  # inside the flat region
         assert float(out.reward[:, 0].std(1).max()) < 1e-6, backend
         assert float(out.advantage[:, 0].abs().max()) < 1e-4, backend
         assert float(out.advantage[:, 1].abs().amax(1).min()) > 0.5, backend  # side l is not flat: real spread
+        if backend == "triton":
+            # the kernel's float32 reward is affine in mu with a slope of exactly 0 here (also for a
+            # lambda whose product with G rounds): equal rewards, advantage exactly 0
+            assert bool((out.reward[:, 0] == out.reward[:, 0, :1]).all())
+            assert float(out.advantage[:, 0].abs().max()) == 0.0
 
 
 def test_upstream_gradient_scales(kdev):
