@@ -212,8 +212,19 @@ def wasserstein1(target_hist, pred_probs, bin_values: Sequence[float]) -> np.nda
     """Per-item earth mover's distance on the score axis: ``sum_k |CDF_t - CDF_p|_k (v_{k+1} - v_k)``."""
     t, p = _dists(target_hist, pred_probs)
     v = np.asarray(bin_values, dtype=np.float64)
+    if v.ndim != 1 or len(v) != t.shape[-1]:
+        raise ValueError(f"bin_values must give one value per bin of the histograms ({t.shape[-1]}), got {len(v)}")
     cdf = np.cumsum(t - p, axis=-1)[..., :-1]
     return np.abs(cdf) @ np.diff(v)
+
+
+def _check_distributions(p: np.ndarray, name: str) -> None:
+    """Rows of ``p`` must be distributions: non-negative, summing to 1 within 1e-3 (float32 softmax
+    output passes; logits, or scores, would otherwise give preference probabilities outside [0, 1])."""
+    if p.size and (p.min() < 0 or np.abs(p.sum(-1) - 1).max() > 1e-3):
+        bad = int(np.flatnonzero((p < 0).any(-1) | (np.abs(p.sum(-1) - 1) > 1e-3))[0])
+        raise ValueError(f"{name} must hold probability rows (>= 0, summing to 1); row {bad} sums to "
+                         f"{p[bad].sum():.6g} with minimum {p[bad].min():.6g}")
 
 
 def preference_probability(probs_a, probs_b) -> np.ndarray:
@@ -239,6 +250,11 @@ def pairwise_calibration(probs, ref, groups, n_bins: int = 10) -> Optional[Dict[
     pr = _np(probs, "probs")
     r = _np(ref, "ref").ravel()
     g = _labels(groups)
+    if pr.ndim != 2 or not (len(pr) == len(r) == len(g)):
+        # extra rows, or a shorter ref/groups, were used as far as they went: an ECE of the wrong items
+        raise ValueError(f"probs must be [N, K] with one row per item of ref and groups, got probs {pr.shape}, "
+                         f"ref {r.shape}, groups {g.shape}")
+    _check_distributions(pr, "probs")
     a, b = _pairs_within(g)
     keep = r[a] != r[b]
     a, b = a[keep], b[keep]
@@ -370,6 +386,9 @@ def evaluate(
     hs = None if rater_hist is None else _np(rater_hist, "rater_hist")
     if not (p.shape[0] == r.shape[0] == len(dims) == len(grp)):
         raise ValueError("pred, ref, groups and dimensions must have one entry per item")
+    for name, a in (("probs", pr), ("rater_hist", hs)):
+        if a is not None and (a.ndim != 2 or a.shape[0] != p.shape[0]):
+            raise ValueError(f"{name} must be [N, K] with one row per item ({p.shape[0]}), got {a.shape}")
     report = {"pooled": _block(p, r, grp, pr, hs, bin_values)}
     for d in sorted(set(dims.tolist())):
         m = dims == d

@@ -230,3 +230,27 @@ def test_generators_and_lists_of_scalar_tensors_are_read_like_arrays():
     got = (srcc(iter(pred), iter(ref)), plcc((x for x in pred), ref), hpa(iter(pred), iter(ref), iter(groups)),
            pairwise_ece(iter(list(probs)), iter(ref), iter(groups)))
     assert got == want
+
+
+def test_calibration_inputs_must_line_up():
+    """pairwise_ece used as many rows of probs as ref and groups named and ignored the rest (an ECE of
+    the wrong items), took logits for probabilities, and wasserstein1 named no argument when the bins
+    did not match the histograms."""
+    rng = np.random.default_rng(0)
+    probs = rng.random((12, 9))
+    probs /= probs.sum(1, keepdims=True)
+    ref, groups = rng.integers(1, 6, 12).astype(float), np.repeat(np.arange(3), 4)
+    with pytest.raises(ValueError, match=r"probs must be \[N, K\] with one row per item of ref and groups"):
+        M.pairwise_ece(np.vstack([probs, probs[:3]]), ref, groups)
+    with pytest.raises(ValueError, match=r"got probs \(12, 9\), ref \(8,\), groups \(8,\)"):
+        M.pairwise_ece(probs, ref[:8], groups[:8])
+    with pytest.raises(ValueError, match=r"probs must be \[N, K\]"):
+        M.pairwise_ece(probs.ravel(), ref, groups)
+    with pytest.raises(ValueError, match=r"probs must hold probability rows .* row 0 sums to"):
+        M.pairwise_ece(np.log(probs), ref, groups)
+    assert 0 <= M.pairwise_ece(probs.astype(np.float32), ref, groups) <= 1  # float32 softmax rows pass
+    with pytest.raises(ValueError, match=r"bin_values must give one value per bin of the histograms \(9\), got 3"):
+        M.wasserstein1(probs, probs, [1.0, 2.0, 3.0])
+    for kw, name in ((dict(probs=probs[:10]), "probs"), (dict(probs=probs, rater_hist=probs[:11]), "rater_hist")):
+        with pytest.raises(ValueError, match=rf"{name} must be \[N, K\] with one row per item \(12\)"):
+            M.evaluate(probs.sum(1) + ref, ref, groups, ["a"] * 12, **kw)
