@@ -169,7 +169,7 @@ def test_opd_steps_on_cuda(base, rl_teacher, tmp_path):
 
     from zreward.train import TrainConfig, train
 
-    cfg = TrainConfig(method="opd", model=base, output_dir=str(tmp_path / "run"), max_steps=2, batch_size=2, lr=1e-2,
+    cfg = TrainConfig(method="opd", model=base, group_size=1, output_dir=str(tmp_path / "run"), max_steps=2, batch_size=2, lr=1e-2,
                       log_every=1, save_every=0, teacher=rl_teacher, max_trace_tokens=4,
                       inner_updates=1, schedule="constant", device="cuda")
     train(cfg, items=toy_items(8))

@@ -143,7 +143,7 @@ def test_opd_pulls_the_student_towards_the_teacher(base, tmp_path):
         direction = h.mean(0) / h.mean(0).norm()
         lm_head_params(teacher.model)[0][teacher.tokenizer.convert_tokens_to_ids("5")] += 8.0 * direction
     teacher.save_pretrained(str(tmp_path / "teacher"))
-    cfg = TrainConfig(method="opd", model=base, output_dir=str(tmp_path / "run"), max_steps=30, batch_size=4, lr=1e-2,
+    cfg = TrainConfig(method="opd", model=base, group_size=1, output_dir=str(tmp_path / "run"), max_steps=30, batch_size=4, lr=1e-2,
                       log_every=5, save_every=0, teacher=str(tmp_path / "teacher"), max_trace_tokens=4,
                       inner_updates=2, schedule="constant", device="cpu")
     train(cfg, items=items)
@@ -163,7 +163,7 @@ def test_an_opd_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_one_do
     resumed run restarted that stream and drew other tokens than the uninterrupted run (final weights
     0.03 apart after 1 + 2 steps).  The generator is now seeded per outer step (and process), so the
     resumed run ends with the same weights, bit for bit."""
-    cfg = TrainConfig(method="opd", model=base, output_dir=str(tmp_path / "full"), max_steps=3, batch_size=2, lr=1e-2,
+    cfg = TrainConfig(method="opd", model=base, group_size=1, output_dir=str(tmp_path / "full"), max_steps=3, batch_size=2, lr=1e-2,
                       log_every=1, save_every=1, teacher=rl_teacher, max_trace_tokens=4,
                       inner_updates=1, schedule="constant", device="cpu")
     train(cfg, items=toy_items(16))
@@ -176,6 +176,28 @@ def test_an_opd_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_one_do
     assert any(not torch.equal(full[k], moved[k]) for k in full)  # the steps trained something
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
+
+
+def test_opd_samples_group_size_traces_per_item(base, rl_teacher, tmp_path, monkeypatch):
+    """OPD took one trace per item whatever group_size said (the config documents it as the traces
+    sampled per query); it now samples group_size traces, each with its own score token."""
+    import zreward.train.rl as rl
+
+    seen = []
+
+    def recording(scorer, model, images, prompts, dims, group_size, *args, **kwargs):
+        traces, forced = sample_traces(scorer, model, images, prompts, dims, group_size, *args, **kwargs)
+        seen.append((len(images), group_size, len(traces)))
+        return traces, forced
+
+    monkeypatch.setattr(rl, "sample_traces", recording)
+    cfg = TrainConfig(method="opd", model=base, group_size=3, output_dir=str(tmp_path / "run"), max_steps=1,
+                      batch_size=2, lr=1e-2, log_every=1, save_every=0, teacher=rl_teacher, max_trace_tokens=4,
+                      inner_updates=1, schedule="constant", device="cpu")
+    train(cfg, items=toy_items(8))
+    assert seen == [(2, 3, 6)]
+    with pytest.raises(ValueError, match="group_size must be a positive integer, got 0"):
+        train(dataclasses.replace(cfg, group_size=0), items=toy_items(8))
 
 
 def test_score_token_generator_is_per_step_and_process_on_the_cpu():

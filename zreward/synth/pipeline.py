@@ -223,7 +223,7 @@ def run(cfg: DemoConfig) -> Dict:
                              group_size=cfg.group_size, eval_traces=1, **rl),
         "sft_student": dict(method="sft", model=bases["student"], max_steps=cfg.direct_steps, batch_size=cfg.direct_batch),
         "opd_student": dict(method="opd", model=bases["student"], max_steps=cfg.rl_steps, batch_size=cfg.rl_pairs * 2,
-                            teacher="@gdso_teacher", eval_traces=1, **rl),
+                            group_size=1, teacher="@gdso_teacher", eval_traces=1, **rl),  # one trace per item (SPEC)
         "risd_student": dict(method="risd", model=bases["student"], max_steps=cfg.direct_steps,
                              batch_size=cfg.direct_batch, teacher="@gdso_teacher", teacher_traces=1),
     }

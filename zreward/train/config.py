@@ -40,7 +40,8 @@ Common fields
                         reasoning traces (read at the <|score|> marker; max_trace_tokens, sample_temperature)
 
 ``gdso``, ``grpo`` (same-prompt pairs; ``batch_size`` = pairs per step) and ``opd`` (``batch_size`` = items)
-    group_size=4        traces sampled per query (G >= 2 for gdso and grpo)
+    group_size=4        traces sampled per query (G >= 2 for gdso and grpo; opd: each trace with its own
+                        score token, every token's teacher-student log-ratio its advantage; 1 is one trace)
     max_trace_tokens=32 the trace ends at the ``<|score|>`` marker or after this many tokens
     sample_temperature=1.0, inner_updates=2, clip_eps=0.2, beta=0.04 (KL to the per-iteration reference)
     lambda_pt=1.0, lambda_pw=1.0 (reward mix), alpha_pt=1.0, alpha_pw=1.0 (gdso direct losses)
@@ -182,6 +183,8 @@ class TrainConfig:
             if self.method in ("gdso", "grpo") and (not isinstance(self.group_size, int) or self.group_size < 2):
                 raise ValueError(f"{self.method} needs group_size >= 2 (the group advantage of one sample is 0), "
                                  f"got {self.group_size!r}")
+            if not isinstance(self.group_size, int) or self.group_size < 1:
+                raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
             if self.grad_accum != 1:
                 raise ValueError(f"{self.method} takes inner_updates optimizer steps per batch; use grad_accum=1")
             for name in ("max_trace_tokens", "inner_updates"):

@@ -294,7 +294,7 @@ class RLMethod:
             images = [x for b in batch for x in (load_image(b[0]), load_image(b[1]))]
             prompts = [x for b in batch for x in (b[0].prompt, b[1].prompt)]
             dims = [x for b in batch for x in (b[0].dimension, b[1].dimension)]
-        g = cfg.group_size if cfg.method != "opd" else 1
+        g = cfg.group_size  # traces per query (OPD too: each trace gets its own score token)
         policy.eval()
         traces, forced = sample_traces(self.scorer, policy, images, prompts, dims, g, cfg.max_trace_tokens,
                                        cfg.sample_temperature, self.marker)
