@@ -422,6 +422,33 @@ def test_sharded_parameter_launches_are_refused():
         refuse_sharded_parameters(acc(DistributedType.DEEPSPEED, 3))
 
 
+def test_settings_the_method_does_not_read_are_named():
+    """A setting of another method (weight_pair for risd, soft_labels for gdso, a teacher for sft) was
+    ignored without a word; validate() now warns, naming each.  Defaults, and the trace settings of
+    runs that sample traces, stay quiet."""
+    import warnings
+
+    def warned(**kw):
+        cfg = TrainConfig(**{"model": "m", "output_dir": "o", **kw})
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            cfg.validate(has_items=True)
+        return [str(w.message) for w in rec if "does not use" in str(w.message)]
+
+    assert warned(method="risd", teacher="t", weight_pair=0.5, soft_labels=True) == [
+        "method 'risd' does not use soft_labels=True, weight_pair=0.5 (set away from the default): they change "
+        "nothing in this run"]
+    assert "teacher='t'" in warned(method="sft", teacher="t")[0]
+    assert "max_trace_tokens=8" in warned(method="sft", max_trace_tokens=8)[0]  # no traces sampled
+    assert "alpha_pw=2.0" in warned(method="grpo", alpha_pw=2.0)[0]  # grpo has no direct losses
+    assert "lambda_pt=0.5" in warned(method="opd", teacher="t", lambda_pt=0.5)[0]
+    quiet = [dict(method="sft", max_trace_tokens=8, eval_traces=2), dict(method="risd", teacher="t", teacher_traces=1,
+             sample_temperature=0.7), dict(method="gdso", alpha_pw=2.0, group_size=8, max_trace_tokens=8),
+             dict(method="opd", teacher="t", group_size=2, beta=0.0), dict(method="sft", soft_labels=True, weight_pair=1.0)]
+    for kw in quiet:
+        assert warned(**kw) == [], kw
+
+
 def test_bad_configs_fail_fast_before_loading_a_model(tmp_path):
     missing = str(tmp_path / "no-such-model")  # would fail differently if a model were loaded
     items = toy_items(4)

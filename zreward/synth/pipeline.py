@@ -212,9 +212,8 @@ def run(cfg: DemoConfig) -> Dict:
 
     n_eval = max(cfg.curve_points, 1)
     common = dict(lr=cfg.lr, device="cpu", save_every=0, seed=cfg.seed, log_every=5, schedule="cosine",
-                  warmup_steps=0, max_trace_tokens=cfg.max_trace_tokens,
-                  overwrite_output_dir=True)  # a re-run of the demo replaces its runs
-    rl = dict(lr=cfg.rl_lr, sample_temperature=cfg.rl_temperature)
+                  warmup_steps=0, overwrite_output_dir=True)  # a re-run of the demo replaces its runs
+    rl = dict(lr=cfg.rl_lr, sample_temperature=cfg.rl_temperature, max_trace_tokens=cfg.max_trace_tokens)
     runs = {
         "sft_teacher": dict(method="sft", model=bases["teacher"], max_steps=cfg.direct_steps, batch_size=cfg.direct_batch),
         "grpo_teacher": dict(method="grpo", model=bases["reasoning"], max_steps=cfg.rl_steps, batch_size=cfg.rl_pairs,
@@ -225,7 +224,8 @@ def run(cfg: DemoConfig) -> Dict:
         "opd_student": dict(method="opd", model=bases["student"], max_steps=cfg.rl_steps, batch_size=cfg.rl_pairs * 2,
                             group_size=1, teacher="@gdso_teacher", eval_traces=1, **rl),  # one trace per item (SPEC)
         "risd_student": dict(method="risd", model=bases["student"], max_steps=cfg.direct_steps,
-                             batch_size=cfg.direct_batch, teacher="@gdso_teacher", teacher_traces=1),
+                             batch_size=cfg.direct_batch, teacher="@gdso_teacher", teacher_traces=1,
+                             max_trace_tokens=cfg.max_trace_tokens),
     }
     curve_items = [it for it in test_items if int(it.group[1:]) % 2 == 0]  # half the test prompts for curves
     results = {}

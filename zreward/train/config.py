@@ -67,6 +67,22 @@ RL_METHODS = ("gdso", "grpo", "opd")
 PATH_FIELDS = ("model", "output_dir", "train_manifest", "eval_manifest", "teacher", "teacher_cache")
 
 
+#: The fields each method reads (besides ``common``); ``max_trace_tokens`` and ``sample_temperature``
+#: whenever traces are sampled (RL methods, ``eval_traces``, RISD's ``teacher_traces``).
+_USED_BY = {
+    "common": ("method", "model", "output_dir", "train_manifest", "eval_manifest", "overwrite_output_dir", "max_steps",
+               "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "schedule", "max_grad_norm",
+               "mixed_precision", "grad_checkpointing", "save_every", "keep_checkpoints", "eval_every", "log_every",
+               "seed", "device", "eval_traces"),
+    "sft": ("soft_labels", "weight_pair"),
+    "risd": ("teacher", "teacher_cache", "temperature", "weight_ce", "teacher_traces"),
+    "gdso": ("group_size", "inner_updates", "clip_eps", "beta", "lambda_pt", "lambda_pw", "alpha_pt", "alpha_pw",
+             "reward_source", "policy_loss"),
+    "grpo": ("group_size", "inner_updates", "clip_eps", "beta", "lambda_pt", "lambda_pw", "reward_source", "policy_loss"),
+    "opd": ("group_size", "inner_updates", "clip_eps", "beta", "teacher", "policy_loss"),
+}
+
+
 @dataclass
 class TrainConfig:
     method: str
@@ -207,6 +223,19 @@ class TrainConfig:
 
                 if not liger_available():
                     raise ValueError("policy_loss='liger' needs liger-kernel (pip install liger-kernel)")
+        unused = self.unused_settings()
+        if unused:
+            warnings.warn(f"method {self.method!r} does not use {', '.join(f'{k}={getattr(self, k)!r}' for k in unused)}"
+                          " (set away from the default): they change nothing in this run", UserWarning, stacklevel=2)
+
+    def unused_settings(self) -> list:
+        """Fields set away from their defaults that this method never reads (``weight_pair`` for
+        ``risd``, ``soft_labels`` for ``gdso``, ...): ``validate`` warns about them, since a setting
+        that silently does nothing looks like one that made no difference."""
+        used = set(_USED_BY["common"]) | set(_USED_BY[self.method])
+        if self.eval_traces > 0 or self.method in RL_METHODS or (self.method == "risd" and self.teacher_traces > 0):
+            used |= {"max_trace_tokens", "sample_temperature"}  # traces are sampled
+        return [f.name for f in fields(self) if f.name not in used and getattr(self, f.name) != f.default]
 
     def _check_types(self) -> None:
         """Every field holds a value of its type; numbers are finite.  JSON gives strings as easily as
