@@ -38,7 +38,14 @@ QUESTION = "Rate the image for {dimension}."
 
 
 def _fmt(v: float) -> str:
-    return f"{v:.1f}"
+    """A bin value as text: one decimal ("4.5"), or as many as it needs ("1.25"; it was "1.2", so a
+    quarter-step rubric told the model "in steps of 0.2" and the 1.25 token was named and initialised
+    as 1.2)."""
+    for digits in range(1, 7):
+        text = f"{v:.{digits}f}"
+        if abs(float(text) - v) <= 1e-9 * max(1.0, abs(v)):
+            return text
+    return repr(float(v))
 
 
 @dataclass

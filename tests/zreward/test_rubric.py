@@ -21,6 +21,20 @@ def test_rubric_defaults_and_questions():
     assert Rubric.from_dict(r.to_dict()) == r
 
 
+def test_bin_values_are_written_with_the_digits_they_need():
+    """Bins were written with one decimal: a quarter-step rubric told the model "in steps of 0.2", and
+    the 1.25 and 1.75 tokens were named (and initialised) as 1.2 and 1.8."""
+    quarter = tuple(1.0 + 0.25 * k for k in range(17))
+    pre = Rubric(bin_values=quarter).preamble_text()
+    assert "1.0 to 5.0 in steps of 0.25" in pre
+    labels = ScoreTokens.special_labels(quarter)
+    assert labels[:4] == ["<score_1.0>", "<score_1.25>", "<score_1.5>", "<score_1.75>"]
+    assert len(set(labels)) == 17
+    assert ScoreTokens.special_labels(BIN_VALUES) == [f"<score_{v:.1f}>" for v in BIN_VALUES]  # unchanged
+    assert "from 0.0 to 10.0 in steps of 1.0," in Rubric(bin_values=tuple(range(11))).preamble_text()
+    assert ScoreTokens.special_labels((0.1 * 3, 1.0)) == ["<score_0.3>", "<score_1.0>"]  # float noise is not a digit
+
+
 def test_rubric_reward_uses_weights_renormalised_to_the_scored_dimensions():
     r = Rubric(weights=(2.0, 1.0, 1.0, 0.0))
     mean = torch.tensor([[5.0, 3.0, 1.0, 4.0]])
