@@ -20,7 +20,7 @@ from zreward.model import ZRewardModel  # noqa: E402
 from zreward.scorer import RewardScorer  # noqa: E402
 from zreward.train import TrainConfig, train  # noqa: E402
 from zreward.train.rl import MARKER, ensure_marker, grpo_token_loss, sample_traces, structural_tokens  # noqa: E402
-from zreward_kernels import group_advantage  # noqa: E402
+from zreward_kernels import BIN_VALUES, group_advantage  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +123,21 @@ def test_grpo_with_the_parsed_reward_learns_to_write_the_score(base, tmp_path):
     train(cfg, items=toy_items())
     r = [x["reward"] for x in _log(tmp_path)]
     assert np.mean(r[-4:]) > np.mean(r[:4]) + 0.4
+
+
+def test_parsed_reward_reads_the_score_not_the_scale():
+    """The parsed reward took the last number of a trace: "4 out of 5" read 5, and a number off the
+    scale ("100") gave a reward of -22.75, which the group normalisation made the group's signal."""
+    from zreward.train.rl import parse_score, parsed_rewards
+
+    cases = {"4": 4.0, "score 4.5/5": 4.5, "I give 4 out of 5": 4.0, "4 / 5": 4.0, "a score of 3": 3.0,
+             "Rating: 3.5. Out of 5": 3.5, "5 5": 5.0, "10/10": 10.0}
+    for text, want in cases.items():
+        assert parse_score(text) == want, text
+    assert math.isnan(parse_score("no number")) and math.isnan(parse_score("/5"))
+    parsed = torch.tensor([4.0, 100.0, float("nan"), 1.0, 0.5])
+    r = parsed_rewards(parsed, torch.full((5,), 4.0), BIN_VALUES)
+    assert r.tolist() == [1.0, 0.0, 0.0, 0.25, 0.0]
 
 
 def test_opd_pulls_the_student_towards_the_teacher(base, tmp_path):

@@ -255,10 +255,27 @@ def score_token_generator(seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+_SCALE_DENOMINATOR = re.compile(r"(?:/|\bout\s+of)\s*$", re.IGNORECASE)
+
+
 def parse_score(text: str) -> float:
-    """The last number written in a trace (the report's parsed-text reward), NaN if none."""
-    found = re.findall(r"\d+(?:\.\d+)?", text)
-    return float(found[-1]) if found else float("nan")
+    """The last number written in a trace (the report's parsed-text reward), NaN if none.  A number
+    that only names the scale (the 5 of "4/5" or "4 out of 5") is not the score: the last number was
+    taken, so "4 out of 5" parsed as 5 ("a score of 4" still reads 4)."""
+    for m in reversed(list(re.finditer(r"\d+(?:\.\d+)?", text))):
+        if not _SCALE_DENOMINATOR.search(text[:m.start()]):
+            return float(m.group())
+    return float("nan")
+
+
+def parsed_rewards(parsed: torch.Tensor, scores: torch.Tensor, bin_values) -> torch.Tensor:
+    """The parsed-text reward ``1 - |parsed - s| / R``; 0 (the worst on-scale reward) where no number
+    was found or the number lies off the scale (a "100" gave 1 - 95/4 = -22.75, an outlier the group
+    normalisation then made the whole group's signal)."""
+    lo, hi = bin_values[0], bin_values[-1]
+    ok = torch.isfinite(parsed) & (parsed >= lo) & (parsed <= hi)
+    r = 1 - (torch.where(ok, parsed, scores) - scores).abs() / (hi - lo)
+    return torch.where(ok, r, torch.zeros_like(r))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,9 +346,7 @@ class RLMethod:
                     text = self.zm.tokenizer.batch_decode(traces, skip_special_tokens=True)
                     parsed = torch.tensor([parse_score(t) for t in text], device=rewards.device)
                     s_rows = scores.repeat_interleave(g, 1).reshape(-1)
-                    r_range = self.zm.rubric.bin_values[-1] - self.zm.rubric.bin_values[0]
-                    rewards = torch.where(torch.isnan(parsed), torch.zeros_like(parsed),
-                                          1 - (parsed - s_rows).abs() / r_range)
+                    rewards = parsed_rewards(parsed, s_rows, self.zm.rubric.bin_values)
                     from zreward_kernels import group_advantage
 
                     advantages = group_advantage(rewards.float(), group_size=g, validate=False)[0]
