@@ -496,6 +496,10 @@ def test_bad_configs_fail_fast_before_loading_a_model(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"^teacher '.*no-such-teacher' is not a directory"):
         train(dataclasses.replace(cfg, method="risd", model=str(tmp_path), teacher=str(tmp_path / "no-such-teacher")),
               items=items)
+    # a cache alone that is not there: nothing can make it (a TypeError after the student had loaded)
+    with pytest.raises(FileNotFoundError, match=r"^teacher_cache '.*no-cache' does not exist, and no teacher"):
+        train(dataclasses.replace(cfg, method="risd", model=str(tmp_path), teacher_cache=str(tmp_path / "no-cache")),
+              items=items)
     # ids shared by different images: RISD's targets are computed, cached and looked up by id, dimension and
     # prompt, so one image silently took the other's target; evaluation knows in-memory images by id
     shared = [dataclasses.replace(it, id="p01") for it in items[:2]]

@@ -263,6 +263,10 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
         path = getattr(cfg, name)
         if path and not os.path.isdir(path):
             raise FileNotFoundError(f"{name} {path!r} is not a directory (a ZRewardModel saved with save_pretrained)")
+    if cfg.method == "risd" and not cfg.teacher and not os.path.isfile(cfg.teacher_cache):
+        # a cache alone must exist: nothing could make it (a TypeError once the student had loaded)
+        raise FileNotFoundError(f"teacher_cache {cfg.teacher_cache!r} does not exist, and no teacher is given to "
+                                "compute it: name the teacher model directory ('teacher') or an existing cache")
 
     from accelerate import Accelerator
     from accelerate.utils import set_seed
