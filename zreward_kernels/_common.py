@@ -95,25 +95,29 @@ def bins_tensor(bins: Tuple[float, ...], device: torch.device, dtype: torch.dtyp
     return t
 
 
-def check_temperature(temperature) -> float:
-    if isinstance(temperature, torch.Tensor):
-        raise TypeError("temperature must be a Python float, not a tensor")
+def _as_float(name: str, value) -> float:
+    """``value`` as a Python float: a real number (Python or numpy), not a tensor, a bool or a string
+    (``float()`` reads True as 1.0 and "1e-6" as a number, so a config value of the wrong type went
+    through)."""
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a Python float, not a tensor")
+    if isinstance(value, (bool, str, bytes)) or type(value).__name__ in ("bool_", "bool"):
+        raise TypeError(f"{name} must be a float, got {value!r}")
     try:
-        t = float(temperature)
+        return float(value)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"temperature must be a float, got {temperature!r}") from exc
+        raise TypeError(f"{name} must be a float, got {value!r}") from exc
+
+
+def check_temperature(temperature) -> float:
+    t = _as_float("temperature", temperature)
     if not (math.isfinite(t) and t > 0):
         raise ValueError(f"temperature must be a finite positive float, got {temperature!r}")
     return t
 
 
 def check_float(name: str, value, *, positive: bool = False, nonneg: bool = False) -> float:
-    if isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a Python float, not a tensor")
-    try:
-        v = float(value)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be a float, got {value!r}") from exc
+    v = _as_float(name, value)
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {value!r}")
     if positive and v <= 0:

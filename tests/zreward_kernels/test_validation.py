@@ -154,3 +154,21 @@ def test_low_precision_distributions_pass_the_sum_check():
     _raises(ValueError, "target_probs rows must sum to 1 \\(within 0.0078125\\)", rubric_loss, x,
             target_probs=off.bfloat16())
     _raises(ValueError, "target_probs rows must sum to 1 \\(within 0.001\\)", rubric_loss, x, target_probs=off)
+
+
+def test_float_options_refuse_bools_and_strings():
+    """float() took eps=True as 1.0 and temperature="2" as 2.0: a config value of the wrong type went
+    through silently."""
+    import numpy as np
+
+    from zreward_kernels import group_advantage
+
+    x = torch.randn(4, 9)
+    r = torch.randn(8)
+    for bad in (True, np.bool_(True), "1e-6", b"1"):
+        with pytest.raises(TypeError, match="eps must be a float, got"):
+            group_advantage(r, group_size=4, eps=bad)
+        with pytest.raises(TypeError, match="temperature must be a float, got"):
+            score_stats(x, temperature=bad)
+    assert group_advantage(r, group_size=4, eps=np.float32(1e-6))[0].shape == (8,)  # numpy floats are numbers
+    assert score_stats(x, temperature=2)[0].shape == (4, 9)  # and so are ints
