@@ -107,18 +107,36 @@ if HAS_TRITON:
         c_mu = -(lambda_pt * (sig * g_f + row_sgn) + (lambda_pw - lambda_pt) * row_sgn)
         d_mu = lambda_pt * sig * sj2 * g_f + lambda_pw * (row_sgn * gap2 + row_smu)
         r = (lambda_pt + lambda_pw) + (c_mu * mu2 + d_mu) / (g_f * r_range)
-        in0 = ok2 & (side2 == 0)
-        in1 = ok2 & (side2 == 1)
-        f0 = tl.sum(tl.where(ok2 & (s_i == 0)[None, :], r, 0.0), 1)
-        f1 = tl.sum(tl.where(ok2 & (s_i == G)[None, :], r, 0.0), 1)
-        dr = r - tl.where(side2 == 0, f0[:, None], f1[:, None])
-        m0 = tl.sum(tl.where(in0, dr, 0.0), 1) / g_f
-        m1 = tl.sum(tl.where(in1, dr, 0.0), 1) / g_f
-        dev = dr - tl.where(side2 == 0, m0[:, None], m1[:, None])
         gm1 = tl.maximum(g_f - 1.0, 1.0)
-        sd0 = tl.sqrt(tl.sum(tl.where(in0, dev * dev, 0.0), 1) / gm1)
-        sd1 = tl.sqrt(tl.sum(tl.where(in1, dev * dev, 0.0), 1) / gm1)
-        den = tl.where(side2 == 0, sd0[:, None], sd1[:, None]) + eps
+        if BLOCK_S <= 32:
+            # Group statistics of each side, per row s over the members s' of its side, on the
+            # [PAIRS, BLOCK_S, BLOCK_S] layout of the gap terms, whose s' axis lies within a warp: warp
+            # shuffles instead of reductions across warps through shared memory (for sm_90 at G = 8,
+            # 23 barriers per program instead of 33; a program's latency is what a P = 512 call waits
+            # for).  Larger groups reduce across the [PAIRS, BLOCK_S] view (fewer registers: no spills).
+            same = ((s_i < 2 * G)[None, :] & ((s_i // G)[:, None] == (s_i // G)[None, :]))[None, :, :] \
+                & ok2[:, :, None]
+            r_col = tl.where(same, r[:, None, :], 0.0)  # r of the members s' of row s's side
+            first = (s_i // G * G)[:, None] == s_i[None, :]  # s' is the first member of row s's side
+            f_row = tl.sum(tl.where(first[None, :, :] & same, r_col, 0.0), 2)
+            dr_col = tl.where(same, r_col - f_row[:, :, None], 0.0)
+            m_row = tl.sum(dr_col, 2) / g_f
+            dev_col = tl.where(same, dr_col - m_row[:, :, None], 0.0)
+            sd_row = tl.sqrt(tl.sum(dev_col * dev_col, 2) / gm1)
+            dev = (r - f_row) - m_row
+            den = sd_row + eps
+        else:
+            in0 = ok2 & (side2 == 0)
+            in1 = ok2 & (side2 == 1)
+            f0 = tl.sum(tl.where(ok2 & (s_i == 0)[None, :], r, 0.0), 1)
+            f1 = tl.sum(tl.where(ok2 & (s_i == G)[None, :], r, 0.0), 1)
+            dr = r - tl.where(side2 == 0, f0[:, None], f1[:, None])
+            m0 = tl.sum(tl.where(in0, dr, 0.0), 1) / g_f
+            m1 = tl.sum(tl.where(in1, dr, 0.0), 1) / g_f
+            dev = dr - tl.where(side2 == 0, m0[:, None], m1[:, None])
+            sd0 = tl.sqrt(tl.sum(tl.where(in0, dev * dev, 0.0), 1) / gm1)
+            sd1 = tl.sqrt(tl.sum(tl.where(in1, dev * dev, 0.0), 1) / gm1)
+            den = tl.where(side2 == 0, sd0[:, None], sd1[:, None]) + eps
         # a group of one, or std + eps == 0 (equal rewards with eps = 0), gets advantage 0
         adv = tl.where(den > 0.0, dev / tl.where(den > 0.0, den, 1.0), 0.0)
         adv = tl.where(g_f > 1.5, adv, 0.0)
