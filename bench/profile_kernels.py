@@ -38,9 +38,11 @@ def cases():
     yield f"rubric_loss fwd+bwd rows={rows}", lambda: zk.rubric_loss(x, validate=False, **kw).loss.backward()
     yield f"rubric_loss fwd+bwd rows={rows} no pairs", lambda: zk.rubric_loss(
         x, validate=False, target=kw["target"], teacher_logits=kw["teacher_logits"]).loss.backward()
-    gx = torch.randn(rows // 16, 2, 8, K, generator=g).to(dev).requires_grad_(True)
-    sc = torch.full((rows // 16, 2), 3.0, device=dev)
-    yield f"gdso_loss fwd+bwd P={rows // 16} G=8", lambda: zk.gdso_loss(gx, sc, validate=False).loss.backward()
+    for n_pairs in (512, rows // 16):  # the kernel issue's goal size (one wave of programs), and a large batch
+        gx = torch.randn(n_pairs, 2, 8, K, generator=g).to(dev).requires_grad_(True)
+        sc = torch.full((n_pairs, 2), 3.0, device=dev)
+        yield (f"gdso_loss fwd+bwd P={n_pairs} G=8",
+               lambda gx=gx, sc=sc: zk.gdso_loss(gx, sc, validate=False).loss.backward())
     yield f"score_stats fwd+bwd rows={rows}", lambda: (lambda s: (s.mean.sum() + s.std.sum()).backward())(zk.score_stats(x, validate=False))
 
 
