@@ -14,6 +14,10 @@ Keys:
 * ``PAIRS``: same-prompt pairs per ``gdso_loss`` program (each pair holds ``2 G`` rows), a power
   of two; the launcher lowers it so one program never holds more than 256 rows;
 * ``num_warps``: warps per program; 0 for the ``gdso_loss`` default (4 up to ``G = 16``, else 8);
+* ``WARP_STATS`` (``gdso_loss``): 1 sums each side's group statistics per row on the gap terms'
+  layout, whose member axis lies within a warp (shuffles; up to ``G = 16``), 0 across the program's
+  warps through shared memory (the earlier way; the default since 2026-11-27 is 1, chosen from the
+  barrier count offline, not yet timed: the sweep times both);
 * ``ELEMS_PER_LANE`` (``group_advantage``, the CUDA kernel of ``csrc/``): group members each lane
   visits for the typical group size (1: one lane per member, up to a warp per group); a power of two;
 * ``KERNEL`` (``group_advantage``): which CUDA segment kernel runs groups below 1024 members: 1, the
@@ -42,7 +46,7 @@ CONFIGS: Dict[str, Dict[str, int]] = {
     "stats_bwd": {"BLOCK_R": 64, "num_warps": 2, "FLAT": 0},
     "rubric_fwd": {"BLOCK_R": 256, "BLOCK_P": 256, "num_warps": 8, "FLAT": 1},
     "rubric_bwd": {"BLOCK_R": 128, "num_warps": 4, "FLAT": 1},
-    "gdso_fwd": {"PAIRS": 1, "num_warps": 0},
+    "gdso_fwd": {"PAIRS": 1, "num_warps": 0, "WARP_STATS": 1},
     "group_advantage": {"ELEMS_PER_LANE": 4, "KERNEL": 2},
 }
 
@@ -71,8 +75,8 @@ SWEEP: Dict[str, list] = {
     "stats_bwd": _tile(_GRID, 32) + _FLAT,
     "rubric_fwd": [dict(c, BLOCK_P=min(c["BLOCK_R"], 256)) for c in _tile(_GRID, 16) + _FLAT],
     "rubric_bwd": _tile(_GRID, 16) + _FLAT,
-    "gdso_fwd": [dict(PAIRS=n, num_warps=w) for n in (1, 2, 4, 8, 16) for w in (1, 2, 4, 8)
-                 if n * 16 * 16 <= 16 * 32 * w],  # rows per program = PAIRS * 16 at G = 8
+    "gdso_fwd": [dict(PAIRS=n, num_warps=w, WARP_STATS=ws) for ws in (1, 0) for n in (1, 2, 4, 8, 16)
+                 for w in (1, 2, 4, 8) if n * 16 * 16 <= 16 * 32 * w],  # rows per program = PAIRS * 16 at G = 8
     # 16 and 32: one lane (thread) per group of up to 16 / 32 members, no shuffles at all
     "group_advantage": [dict(ELEMS_PER_LANE=e, KERNEL=k) for k in (1, 2) for e in (1, 2, 4, 8, 16, 32)],
 }
@@ -97,6 +101,8 @@ def _check(kernel: str, cfg: Dict[str, int]) -> None:
             raise ValueError(f"{kernel}.ELEMS_PER_LANE must be a power of two in 1..32, got {val}")
         if key == "KERNEL" and val not in (1, 2):
             raise ValueError(f"{kernel}.KERNEL must be 1 or 2, got {val}")
+        if key == "WARP_STATS" and val not in (0, 1):
+            raise ValueError(f"{kernel}.WARP_STATS must be 0 (cross-warp sums) or 1 (warp shuffles), got {val}")
         if key == "FLAT" and val not in (0, 1):
             raise ValueError(f"{kernel}.FLAT must be 0 (tile layout) or 1 (row per thread), got {val}")
         if key == "num_warps" and val not in ((0, 1, 2, 4, 8, 16) if kernel == "gdso_fwd" else (1, 2, 4, 8, 16)):

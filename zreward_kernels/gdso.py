@@ -32,7 +32,7 @@ if HAS_TRITON:
         lambda_pt, lambda_pw, alpha_pt, alpha_pw, eps,
         inv_g, g_f, inv_r, inv_p,
         PAIRS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_RED: tl.constexpr,
-        NEEDS_GRAD: tl.constexpr,
+        NEEDS_GRAD: tl.constexpr, WARP_STATS: tl.constexpr,
     ):
         # A program holds PAIRS pairs.  Row-wise maths runs on the flat [PAIRS * BLOCK_S, BLOCK_K]
         # tile (slot s of pair j at flat row j * BLOCK_S + s; 2G rows per pair padded to BLOCK_S);
@@ -108,12 +108,13 @@ if HAS_TRITON:
         d_mu = lambda_pt * sig * sj2 * g_f + lambda_pw * (row_sgn * gap2 + row_smu)
         r = (lambda_pt + lambda_pw) + (c_mu * mu2 + d_mu) / (g_f * r_range)
         gm1 = tl.maximum(g_f - 1.0, 1.0)
-        if BLOCK_S <= 32:
+        if WARP_STATS:
             # Group statistics of each side, per row s over the members s' of its side, on the
             # [PAIRS, BLOCK_S, BLOCK_S] layout of the gap terms, whose s' axis lies within a warp: warp
             # shuffles instead of reductions across warps through shared memory (for sm_90 at G = 8,
             # 23 barriers per program instead of 33; a program's latency is what a P = 512 call waits
-            # for).  Larger groups reduce across the [PAIRS, BLOCK_S] view (fewer registers: no spills).
+            # for).  WARP_STATS=0 (and groups above 16, _gdso_launch_config) reduce across the
+            # [PAIRS, BLOCK_S] view instead (fewer registers: the shuffle path spilled 468 B at G = 64).
             same = ((s_i < 2 * G)[None, :] & ((s_i // G)[:, None] == (s_i // G)[None, :]))[None, :, :] \
                 & ok2[:, :, None]
             r_col = tl.where(same, r[:, None, :], 0.0)  # r of the members s' of row s's side
@@ -175,13 +176,14 @@ if HAS_TRITON:
 
 
 def _gdso_launch_config(g: int):
-    """``(pairs per program, warps)`` from ``_tuning.CONFIGS["gdso_fwd"]``; a program holds at most
-    256 rows (``PAIRS * next_pow2(2G)``)."""
+    """``(pairs per program, rows per pair, warps, warp-shuffle group statistics)`` from
+    ``_tuning.CONFIGS["gdso_fwd"]``; a program holds at most 256 rows (``PAIRS * next_pow2(2G)``),
+    and the shuffle statistics apply up to ``G = 16``."""
     cfg = CONFIGS["gdso_fwd"]
     block_s = next_pow2(2 * g)
     pairs = max(1, min(cfg["PAIRS"], 256 // block_s))
     warps = cfg["num_warps"] or (4 if g <= 16 else 8)
-    return pairs, block_s, warps
+    return pairs, block_s, warps, bool(cfg["WARP_STATS"]) and block_s <= 32
 
 
 class _GDSOFn(torch.autograd.Function):
@@ -195,7 +197,7 @@ class _GDSOFn(torch.autograd.Function):
         mean, std, r_pt, r_pw, r, adv = (torch.empty(shp, **f32) for _ in range(6))
         ce = torch.empty(n_pairs, **f32)
         pw = torch.empty(n_pairs, **f32)
-        pairs, block_s, warps = _gdso_launch_config(g)
+        pairs, block_s, warps, warp_stats = _gdso_launch_config(g)
         nprog = cdiv(n_pairs, pairs)
         part = torch.empty(nprog, **f32)
         loss = torch.empty((), **f32)
@@ -209,7 +211,7 @@ class _GDSOFn(torch.autograd.Function):
             float(lambda_pt), float(lambda_pw), float(alpha_pt), float(alpha_pw), float(eps),
             1.0 / g, float(g), 1.0 / r_range, 1.0 / n_pairs,
             PAIRS=pairs, BLOCK_S=block_s, BLOCK_K=next_pow2(k), BLOCK_RED=BLOCK_RED, NEEDS_GRAD=needs_grad,
-            num_warps=warps,
+            WARP_STATS=warp_stats, num_warps=warps,
         )
         ctx.save_for_backward(dx)
         ctx.mark_non_differentiable(ce, pw, mean, std, r_pt, r_pw, r, adv)

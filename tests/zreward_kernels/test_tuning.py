@@ -13,15 +13,16 @@ def _scores(p, gen):
     return (torch.randint(2, 9, (p, 2), generator=gen) * 0.5).float()
 
 
+@pytest.mark.parametrize("warp_stats", [1, 0])
 @pytest.mark.parametrize("pairs_per_prog", [2, 4, 16])
 @pytest.mark.parametrize("G,P", [(1, 5), (3, 7), (8, 17), (33, 3)])
-def test_gdso_several_pairs_per_program(kdev, pairs_per_prog, G, P):
+def test_gdso_several_pairs_per_program(kdev, pairs_per_prog, G, P, warp_stats):
     gen = torch.Generator().manual_seed(7 * G + P)
     x = (torch.randn(P, 2, G, 9, generator=gen) * 2).to(kdev)
     scores = _scores(P, gen).to(kdev)
     kw = dict(lambda_pt=0.7, lambda_pw=1.3, alpha_pt=0.9, alpha_pw=0.4)
     r_out, r_grad = run_with_grads(lambda t: gdso_loss(t, scores, backend="reference", **kw), x, outputs=[0])
-    with override("gdso_fwd", PAIRS=pairs_per_prog, num_warps=2):
+    with override("gdso_fwd", PAIRS=pairs_per_prog, num_warps=2, WARP_STATS=warp_stats):
         k_out, k_grad = run_with_grads(lambda t: gdso_loss(t, scores, backend="triton", **kw), x, outputs=[0])
     for name, a, b in zip(r_out._fields, k_out, r_out):
         tol = 5e-4 if name == "advantage" else 2e-5
@@ -135,6 +136,7 @@ def test_row_per_thread_layout_low_precision_and_large_grids(kdev):
     ("stats_fwd", dict(num_warps=3), ValueError, "stats_fwd.num_warps must be one of"),
     ("rubric_bwd", dict(FLAT=2), ValueError, r"rubric_bwd.FLAT must be 0 \(tile layout\) or 1"),
     ("gdso_fwd", dict(PAIRS=2.0), TypeError, "gdso_fwd.PAIRS must be an int"),
+    ("gdso_fwd", dict(WARP_STATS=2), ValueError, r"gdso_fwd.WARP_STATS must be 0 \(cross-warp sums\) or 1"),
 ])
 def test_override_rejects_bad_settings(kernel, settings, exc, match):
     before = {k: dict(v) for k, v in CONFIGS.items()}
@@ -177,7 +179,7 @@ def test_load_configs_applies_a_tuned_file(tmp_path, restore_configs, kdev):
     load_configs(str(path))
     # the file's settings replace those it names; the others (FLAT, num_warps) keep their values
     assert CONFIGS["rubric_fwd"] == {"BLOCK_R": 64, "BLOCK_P": 32, "num_warps": 2, "FLAT": before["rubric_fwd"]["FLAT"]}
-    assert CONFIGS["gdso_fwd"] == {"PAIRS": 4, "num_warps": before["gdso_fwd"]["num_warps"]}
+    assert CONFIGS["gdso_fwd"] == {**before["gdso_fwd"], "PAIRS": 4}
     assert {k: v for k, v in CONFIGS.items() if k not in ("rubric_fwd", "gdso_fwd")} == {
         k: v for k, v in before.items() if k not in ("rubric_fwd", "gdso_fwd")}
     # the tuned launch still computes the reference's values
