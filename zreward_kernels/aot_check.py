@@ -7,7 +7,8 @@ kernel launches intercepted (nothing is computed), records each launch's argumen
 constexprs and warps, and compiles it with ``triton.compile`` for the chosen architecture (PTX and
 cubin through Triton's bundled ``ptxas``).  ``--sweep`` adds the candidate configurations in
 ``_tuning.SWEEP`` (``all``, or a ``sample``: each kernel's smallest, middle and largest tile).
-With ``--verbose``, ``ptxas -v`` register and spill counts are printed per launch.
+With ``--verbose``, ``ptxas -v`` register and spill counts and the SASS instruction and barrier
+counts (``nvdisasm``) are printed per launch.
 
     python -m zreward_kernels.aot_check [--arch 90] [--sweep none|sample|all] [--verbose]
 
@@ -221,6 +222,28 @@ def _ptxas_usage(ptx: str, arch: int) -> str:
     return f"{regs.group(1) if regs else '?'} regs, {spill.group(1) if spill else '?'} B spilled"
 
 
+def _sass_counts(cubin: bytes) -> str:
+    """SASS instructions and barriers (``BAR``) of a compiled kernel, from Triton's bundled
+    ``nvdisasm``: a program's serial chain of cross-warp steps, which sets a kernel's time when one
+    wave of programs covers the batch (``gdso_loss`` at P = 512)."""
+    try:
+        import triton.knobs as knobs
+
+        nvdisasm = knobs.nvidia.nvdisasm.path
+    except Exception:  # noqa: BLE001 - report only (older Triton, no bundled tool)
+        return "SASS n/a"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        r = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True)
+    if r.returncode != 0:
+        return "SASS n/a"
+    ops = [m.group(1) for m in re.finditer(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", r.stdout,
+                                            re.MULTILINE)]
+    return f"{len(ops)} SASS instructions, {ops.count('BAR')} BAR"
+
+
 def compile_all(arch: int = 90, sweep: str = "none", verbose: bool = False) -> int:
     """Compile every recorded launch for ``sm_<arch>``; returns the number compiled.  Raises on
     the first launch that does not compile, naming it."""
@@ -241,7 +264,8 @@ def compile_all(arch: int = 90, sweep: str = "none", verbose: bool = False) -> i
         except Exception as exc:
             raise RuntimeError(f"{desc}: does not compile for sm_{arch}: {exc}") from exc
         if verbose:
-            print(f"[{i + 1}/{len(launches)}] {desc}: {_ptxas_usage(k.asm['ptx'], arch)}", flush=True)
+            print(f"[{i + 1}/{len(launches)}] {desc}: {_ptxas_usage(k.asm['ptx'], arch)}, "
+                  f"{_sass_counts(k.asm['cubin'])}", flush=True)
     return len(launches)
 
 
@@ -250,7 +274,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (80, 90, ...)")
     ap.add_argument("--sweep", choices=("none", "sample", "all"), default="none",
                     help="also compile the tuning candidates in _tuning.SWEEP (all, or a sample of each kernel's)")
-    ap.add_argument("--verbose", action="store_true", help="one line per launch with ptxas register use")
+    ap.add_argument("--verbose", action="store_true",
+                    help="one line per launch with ptxas register use and SASS instruction and barrier counts")
     args = ap.parse_args(argv)
     n = compile_all(args.arch, args.sweep, args.verbose)
     print(f"compiled {n} kernel launches for sm_{args.arch}")

@@ -6,6 +6,7 @@ sample of the tuning candidates for sm_90) through ``python -m zreward_kernels.a
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -39,6 +40,9 @@ def test_launches_compile_for_sm90_with_tuning_sample():
     for kernel in ("stats_fwd", "stats_bwd", "rubric_fwd", "rubric_bwd"):  # the row-per-thread layout
         assert any(f"] {kernel} " in ln and "FLAT=True KC=9" in ln for ln in lines), kernel
     assert len(lines) >= 30
+    # --verbose: registers from ptxas, instructions and barriers from nvdisasm (both bundled with Triton)
+    assert all(re.search(r": \d+ regs, \d+ B spilled, (\d+ SASS instructions, \d+ BAR|SASS n/a)$", ln) for ln in lines)
+    assert any(re.search(r"\] gdso_fwd .*, \d+ SASS instructions, \d+ BAR$", ln) for ln in lines)
 
 
 def test_default_launches_compile_for_sm80():
