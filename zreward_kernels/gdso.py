@@ -86,7 +86,8 @@ if HAS_TRITON:
         # Rewards and group-normalised advantages (unbiased std per side; a group of one gets 0), in
         # float32 with the reward written as an affine function of the row's own mean:
         #   r = (lambda_pt + lambda_pw) + (c_mu * mu_s + d_mu) / (G R),
-        #   c_mu = -(lambda_pt (sigma G + row_sgn) + (lambda_pw - lambda_pt) row_sgn),  d_mu = lambda_pt sigma s_j G + lambda_pw (row_sgn gap_s + row_smu),
+        #   c_mu = -(lambda_pt (sigma G + row_sgn) + (lambda_pw - lambda_pt) row_sgn),
+        #   d_mu = lambda_pt sigma s_j G + lambda_pw (row_sgn gap_s + row_smu),
         # with sigma = sign(mu_s - s_j), since |mu_s - s_j| = sigma (mu_s - s_j) and
         # sum_s' |e[s, s']| = row_sgn (mu_s - gap_s) - row_smu.  Where the reward is flat in mu
         # (lambda_pt == lambda_pw, mu_s < s_j, every predicted gap beyond gap_j: sigma = -1, row_sgn = G)

@@ -78,7 +78,8 @@ _USED_BY = {
     "risd": ("teacher", "teacher_cache", "temperature", "weight_ce", "teacher_traces"),
     "gdso": ("group_size", "inner_updates", "clip_eps", "beta", "lambda_pt", "lambda_pw", "alpha_pt", "alpha_pw",
              "reward_source", "policy_loss"),
-    "grpo": ("group_size", "inner_updates", "clip_eps", "beta", "lambda_pt", "lambda_pw", "reward_source", "policy_loss"),
+    "grpo": ("group_size", "inner_updates", "clip_eps", "beta", "lambda_pt", "lambda_pw", "reward_source",
+             "policy_loss"),
     "opd": ("group_size", "inner_updates", "clip_eps", "beta", "teacher", "policy_loss"),
 }
 
@@ -225,8 +226,9 @@ class TrainConfig:
                     raise ValueError("policy_loss='liger' needs liger-kernel (pip install liger-kernel)")
         unused = self.unused_settings()
         if unused:
-            warnings.warn(f"method {self.method!r} does not use {', '.join(f'{k}={getattr(self, k)!r}' for k in unused)}"
-                          " (set away from the default): they change nothing in this run", UserWarning, stacklevel=2)
+            what = ", ".join(f"{k}={getattr(self, k)!r}" for k in unused)
+            warnings.warn(f"method {self.method!r} does not use {what} (set away from the default): they change "
+                          "nothing in this run", UserWarning, stacklevel=2)
 
     def unused_settings(self) -> list:
         """Fields set away from their defaults that this method never reads (``weight_pair`` for
