@@ -215,6 +215,22 @@ def test_opd_samples_group_size_traces_per_item(base, rl_teacher, tmp_path, monk
         train(dataclasses.replace(cfg, group_size=0), items=toy_items(8))
 
 
+def test_opd_refuses_a_teacher_with_another_vocabulary(base, tmp_path):
+    """OPD compared only the marker and score-token ids of teacher and student; a teacher whose
+    vocabulary differs elsewhere was taken, and its per-token log-probabilities compared with the
+    student's as if the ids named the same tokens."""
+    from zreward.rubric import fit_embeddings
+
+    teacher = ZRewardModel.from_pretrained(base)
+    teacher.tokenizer.add_tokens(["<only_in_the_teacher>"])  # after the marker and score tokens: their ids stay
+    fit_embeddings(teacher.model, len(teacher.tokenizer))
+    teacher.save_pretrained(str(tmp_path / "teacher"))
+    cfg = TrainConfig(method="opd", model=base, group_size=1, output_dir=str(tmp_path / "run"), max_steps=1,
+                      batch_size=2, teacher=str(tmp_path / "teacher"), max_trace_tokens=4, device="cpu")
+    with pytest.raises(ValueError, match=r"the vocabularies differ in 1 entries, e.g. \[\('<only_in_the_teacher>'"):
+        train(cfg, items=toy_items(4))
+
+
 def test_score_token_generator_is_per_step_and_process_on_the_cpu():
     from zreward.train.rl import score_token_generator
 

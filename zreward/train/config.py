@@ -47,7 +47,7 @@ Common fields
     lambda_pt=1.0, lambda_pw=1.0 (reward mix), alpha_pt=1.0, alpha_pw=1.0 (gdso direct losses)
     reward_source="expectation" | "parsed" (grpo: reward from the expectation, or from a number parsed
                         from the trace text -- the report's ablation)
-    teacher             opd: the frozen teacher ``ZRewardModel`` (same tokenizer)
+    teacher             opd: the frozen teacher ``ZRewardModel`` (the same vocabulary, checked before any step)
     policy_loss="auto" | "torch" | "liger" (gdso, grpo: Liger-Kernel's fused linear GRPO loss; auto uses it
                         on CUDA when liger-kernel is installed; the two are parity-tested)
 """
