@@ -200,6 +200,21 @@ def test_risd_distils_teacher_distributions_and_caches_them(base, tmp_path):
         load_targets(str(cache), sub, teacher.rubric.bin_values, source=other)
 
 
+def test_risd_teacher_without_an_items_dimension_is_named(base, tmp_path):
+    """A teacher whose rubric lacks a dimension the items use failed in the rubric's lookup, naming no
+    model, when that item's batch came up (under several processes on the one holding it only, while the
+    others waited); it is refused before any target is computed, naming the teacher."""
+    from zreward.rubric import DESCRIPTIONS, Rubric
+
+    t_model, proc = tiny_qwen2_vl(seed=7)
+    rubric = Rubric(dimensions=("alignment",), descriptions={"alignment": DESCRIPTIONS["alignment"]})
+    ZRewardModel(t_model, proc, rubric=rubric).save_pretrained(tmp_path / "teacher")
+    cfg = TrainConfig(method="risd", model=base, output_dir=str(tmp_path / "run"), max_steps=1, batch_size=4,
+                      teacher=str(tmp_path / "teacher"))
+    with pytest.raises(ValueError, match=r"the teacher's rubric has no dimension 'realism' \(it has \['alignment'\]\)"):
+        train(cfg, items=toy_items(4))
+
+
 @pytest.mark.parametrize("tau", [2.0, 1.0])
 def test_risd_temperature_softens_the_teacher_too(base, tmp_path, tau):
     """RISD at temperature tau is KL(softmax(z_T / tau) || softmax(z_S / tau)) (Hinton; the config says both

@@ -320,6 +320,11 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
             teacher = ZRewardModel.from_pretrained(cfg.teacher, device=acc.device).eval()
             if teacher.rubric.bin_values != bins:
                 raise ValueError("teacher and student use different score bins")
+            lacking = sorted({it.dimension for it in items} - set(teacher.rubric.dimensions))
+            if lacking:  # the rubric's own error named no model, came when that item's batch did, and under
+                # several processes only on the one holding it, while the others waited in the gather
+                raise ValueError(f"the teacher's rubric has no dimension {lacking[0]!r} (it has "
+                                 f"{list(teacher.rubric.dimensions)}), which training items use")
             # split over the processes: each computes its share once, all get every row
             targets = sharded_targets(acc, teacher, items, traces=cfg.teacher_traces, trace_tokens=cfg.max_trace_tokens,
                                       temperature=cfg.sample_temperature)
