@@ -19,6 +19,7 @@ length to keep padding small; results come back in input order.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import numbers
 import os
@@ -256,6 +257,22 @@ def _pixel_size(img) -> str:
     return f"{int(h)} x {int(w)} pixels"
 
 
+_IMAGE_NAMES: "contextvars.ContextVar[Optional[List[str]]]" = contextvars.ContextVar("zreward_image_names", default=None)
+
+
+@contextlib.contextmanager
+def named_images(names):
+    """Within the block, an image the processor refuses in a batch of ``len(names)`` images is named
+    ``names[k]`` (k its place in the batch) rather than "image k of the batch": the trainers pass
+    their items' ids (``training item '17'``).  A call given its own names, or a batch of another
+    size, is not affected."""
+    token = _IMAGE_NAMES.set(list(names))
+    try:
+        yield
+    finally:
+        _IMAGE_NAMES.reset(token)
+
+
 def _named(exc: Exception, message: str) -> Exception:
     """``exc``'s type with ``message``, or a ValueError where that type takes no single message."""
     try:
@@ -374,6 +391,10 @@ class RewardScorer:
         if tensor_images(images):  # _as_images gave a batch, or a list of tensors only
             extra = {"do_rescale": False, "input_data_format": "channels_first"}  # [3, H, W] in [0, 1]
             images = list(images)
+        if name_of is None:
+            names = _IMAGE_NAMES.get()
+            if names is not None and len(names) == len(images):
+                name_of = names.__getitem__
         tracked = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in images)
         # left padding asked for per call: the shared tokenizer's padding_side is never switched (code
         # using the tokenizer meanwhile saw "left").  The call itself is serialised: a fast tokenizer

@@ -200,6 +200,22 @@ def test_risd_distils_teacher_distributions_and_caches_them(base, tmp_path):
         load_targets(str(cache), sub, teacher.rubric.bin_values, source=other)
 
 
+@pytest.mark.parametrize("method", ["sft", "gdso", "risd"])
+def test_an_image_the_processor_refuses_during_training_names_its_item(base, tmp_path, method):
+    """The trainers' processor calls named a refused image as "image k of the batch"; they now name the
+    training item (its id), as evaluation names the file."""
+    ok = np.zeros((56, 56, 3), np.uint8)
+    wide = np.zeros((30, 6400, 3), np.uint8)  # aspect ratio 213: Qwen's processor refuses it
+    items = [RatedItem(prompt="a car", image=img, dimension="realism", score=sc, group="g", id=name)
+             for img, sc, name in ((ok, 5.0, "fine"), (wide, 1.0, "too-wide"))]
+    extra = {"risd": dict(teacher=base), "gdso": dict(batch_size=1, group_size=2, max_trace_tokens=2)}.get(method, {})
+    cfg = TrainConfig(**{"method": method, "model": base, "output_dir": str(tmp_path / "run"), "max_steps": 1,
+                         "batch_size": 2, "device": "cpu", **extra})
+    pattern = r"(training )?item 'too-wide' \(30 x 6400 pixels\) cannot be preprocessed by Qwen2VLProcessor"
+    with pytest.raises(ValueError, match=pattern):
+        train(cfg, items=items)
+
+
 def test_risd_teacher_without_an_items_dimension_is_named(base, tmp_path):
     """A teacher whose rubric lacks a dimension the items use failed in the rubric's lookup, naming no
     model, when that item's batch came up (under several processes on the one holding it only, while the

@@ -33,6 +33,7 @@ from zreward_kernels.reference import bin_index
 from .. import _json as strict_json
 from ..data import RatedItem, atomic_path, check_one_image_per_key, load_manifest, missing_images
 from ..metrics import rater_histograms
+from ..scorer import named_images
 from .config import TrainConfig
 from .teacher import item_key, load_image, load_targets, sharded_targets, teacher_source
 
@@ -382,7 +383,9 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
 
     def loss_for(idx: List[int]):
         chunk = [items[i] for i in idx]
-        logits = module([load_image(it) for it in chunk], [it.prompt for it in chunk], [it.dimension for it in chunk])
+        with named_images(f"training item {it.id!r}" for it in chunk):  # an image the processor refuses
+            logits = module([load_image(it) for it in chunk], [it.prompt for it in chunk],
+                            [it.dimension for it in chunk])
         kw = {}
         if cfg.method == "sft":
             if cfg.soft_labels:

@@ -39,6 +39,7 @@ import torch
 from zreward_kernels import gdso_loss
 
 from ..rubric import fit_embeddings
+from ..scorer import named_images
 
 MARKER = "<|score|>"
 
@@ -313,8 +314,10 @@ class RLMethod:
             dims = [x for b in batch for x in (b[0].dimension, b[1].dimension)]
         g = cfg.group_size  # traces per query (OPD too: each trace gets its own score token)
         policy.eval()
-        traces, forced = sample_traces(self.scorer, policy, images, prompts, dims, g, cfg.max_trace_tokens,
-                                       cfg.sample_temperature, self.marker)
+        items = batch if cfg.method == "opd" else [x for b in batch for x in b]  # the rows' items
+        with named_images(f"training item {it.id!r}" for it in items):  # the first processor call of the step
+            traces, forced = sample_traces(self.scorer, policy, images, prompts, dims, g, cfg.max_trace_tokens,
+                                           cfg.sample_temperature, self.marker)
         rep = lambda xs: [x for x in xs for _ in range(g)]  # noqa: E731  (query-major, like generate)
         r_images, r_prompts, r_dims = rep(images), rep(prompts), rep(dims)
         extra = None

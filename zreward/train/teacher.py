@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..data import RatedItem, atomic_path, check_one_image_per_key
-from ..scorer import image_array
+from ..scorer import image_array, named_images
 
 
 def item_key(it: RatedItem) -> str:
@@ -72,12 +72,13 @@ def compute_targets(teacher, items: Sequence[RatedItem], batch_size: int = 16, t
             bar.update(batch_size)
         chunk = items[s:s + batch_size]
         images, prompts, dims = [load_image(it) for it in chunk], [it.prompt for it in chunk], [it.dimension for it in chunk]
-        if not traces:
-            logits = scorer.query_logits(images, prompts, dims)
-            rows.append(torch.softmax(logits.float(), -1).cpu())
-            continue
-        tr, forced = sample_traces(scorer, teacher.model, images, prompts, dims, traces, trace_tokens, temperature,
-                                   marker)
+        with named_images(f"item {it.id!r}" for it in chunk):  # an image the teacher's processor refuses
+            if not traces:
+                logits = scorer.query_logits(images, prompts, dims)
+                rows.append(torch.softmax(logits.float(), -1).cpu())
+                continue
+            tr, forced = sample_traces(scorer, teacher.model, images, prompts, dims, traces, trace_tokens,
+                                       temperature, marker)
         rep = lambda xs: [x for x in xs for _ in range(traces)]  # noqa: E731
         _, _, logits = trace_forward(scorer, rep(images), rep(prompts), rep(dims), tr, forced, ids)
         probs = torch.softmax(logits.float(), -1).view(len(chunk), traces, -1).mean(1)
