@@ -239,7 +239,7 @@ def _sass_counts(cubin: bytes) -> str:
         r = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True)
     if r.returncode != 0:
         return "SASS n/a"
-    ops = [m.group(1) for m in re.finditer(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", r.stdout,
+    ops = [m.group(1) for m in re.finditer(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", r.stdout,
                                             re.MULTILINE)]
     return f"{len(ops)} SASS instructions, {ops.count('BAR')} BAR"
 
