@@ -213,7 +213,8 @@ def write_plots(out_dir, mean, ref, probs, groups, dims, report) -> List[str]:
         ax.bar(x + (j - 1) * 0.27, [report[n][key] for n in names], width=0.27, label=key)
     ax.set_xticks(x, names)
     ax.axhline(0.5, color="k", lw=0.8, ls=":")
-    ax.set_ylim(min(0.0, np.nanmin([report[n]["srcc"] for n in names]) - 0.05), 1)
+    srcc = [report[n]["srcc"] for n in names if np.isfinite(report[n]["srcc"])]  # NaN below 2 items or a tie
+    ax.set_ylim(min([0.0] + [v - 0.05 for v in srcc]), 1)
     ax.legend(fontsize=8)
     ax.set_title("per dimension")
     fig.tight_layout()

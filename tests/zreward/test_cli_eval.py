@@ -322,3 +322,22 @@ def test_ratings_off_the_scale_leave_out_the_distribution_metrics(saved):
     for key in ("hpa", "srcc", "plcc", "krcc"):
         assert rep["pooled"][key] == pytest.approx(base["pooled"][key]), key
     assert "kl" in base["pooled"] and not {"kl", "js", "wasserstein1"} & set(rep["pooled"])
+
+
+def test_plots_of_dimensions_without_a_rank_correlation_warn_nothing(tmp_path):
+    """A dimension with one item (or tied predictions) has SRCC NaN; the per-dimension plot's axis took
+    nanmin over them and numpy warned 'All-NaN axis encountered'."""
+    import warnings
+
+    pytest.importorskip("matplotlib")
+    from zreward.evaluate import write_plots
+    from zreward.metrics import evaluate
+
+    mean, ref, probs = np.array([3.0, 3.5]), np.array([2.0, 4.0]), np.full((2, 9), 1 / 9)
+    groups, dims = ["g", "g"], ["realism", "alignment"]
+    report = evaluate(mean, ref, groups, dims, probs=probs)
+    assert np.isnan(report["realism"]["srcc"]) and np.isnan(report["alignment"]["srcc"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        written = write_plots(str(tmp_path), mean, ref, probs, groups, dims, report)
+    assert [os.path.basename(p) for p in written] == ["scatter.png", "dimensions.png"]  # no pairs: no reliability plot
