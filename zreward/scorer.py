@@ -306,6 +306,7 @@ class RewardScorer:
         self.autocast = autocast
         self.backend = backend
         self._base = backbone(model.model)
+        self._const_cache: Dict[tuple, object] = {}  # question tensors (_suffixes) and score-token ids (_head)
         params = inspect.signature(self._base.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._mrope = hasattr(self._base, "get_rope_index")
@@ -424,16 +425,34 @@ class RewardScorer:
         return {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in enc.items()}
 
     def _suffixes(self, dims) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(ids [D, Ls], mask [D, Ls], lengths [D])`` of the dimensions' questions, right-padded, on the
+        model's device.  Kept per (question texts, template tail, tokenizer size, pad id, device): a
+        scoring call otherwise tokenised every question again and copied them to the device one by
+        one (234 us per batch of four dimensions on the development CPU, five host-to-device copies
+        on a GPU); nothing writes into these tensors."""
+        dims = tuple(dims)
+        tok = self.model.tokenizer
+        pad = tok.pad_token_id or 0
+        dev = self.model.device
+        key = (tuple(self.model.rubric.question(d) for d in dims), self.model._template()[1], len(tok), pad, dev)
+        hit = self._const_cache.get(key)
+        if hit is not None:
+            return hit
         ids = [self.model.suffix_ids(d) for d in dims]
         length = max(len(x) for x in ids)
-        pad = self.model.tokenizer.pad_token_id or 0
-        dev = self.model.device
-        out = torch.full((len(dims), length), pad, dtype=torch.long, device=dev)
-        mask = torch.zeros((len(dims), length), dtype=torch.long, device=dev)
-        for j, x in enumerate(ids):
-            out[j, :len(x)] = torch.tensor(x, device=dev)
-            mask[j, :len(x)] = 1
-        return out, mask, torch.tensor([len(x) for x in ids], device=dev)
+        # normal tensors even when made inside score()'s inference mode: a later differentiable call
+        # (training, ReFL) saves them for backward, which inference tensors refuse
+        with torch.inference_mode(False):
+            out = torch.full((len(dims), length), pad, dtype=torch.long)
+            mask = torch.zeros((len(dims), length), dtype=torch.long)
+            for j, x in enumerate(ids):
+                out[j, :len(x)] = torch.tensor(x)
+                mask[j, :len(x)] = 1
+            hit = (out.to(dev), mask.to(dev), torch.tensor([len(x) for x in ids]).to(dev))
+        if len(self._const_cache) >= 64:  # a bounded cache: many distinct dimension lists
+            self._const_cache.clear()
+        self._const_cache[key] = hit
+        return hit
 
     def _autocast(self):
         """The scorer's own autocast, or nothing: an enclosing autocast (accelerate's
@@ -450,7 +469,11 @@ class RewardScorer:
 
     def _head(self, h: torch.Tensor):
         weight, bias = lm_head_params(self.model.model)
-        ids = torch.tensor(self.model.score_tokens.token_ids, device=h.device)
+        key = (self.model.score_tokens.token_ids, h.device)
+        ids = self._const_cache.get(key)
+        if ids is None:  # one host-to-device copy per device, not per batch
+            with torch.inference_mode(False):  # a normal tensor (see _suffixes)
+                ids = self._const_cache[key] = torch.tensor(key[0], device=h.device)
         logits = restricted_logits(h, weight, ids, bias, validate=False).float()
         mass = None
         if self.in_vocab_mass:
