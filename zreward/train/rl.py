@@ -144,11 +144,12 @@ def _generation_inputs(scorer, images, prompts, dims) -> Dict[str, torch.Tensor]
     enc = scorer._processor_inputs(images, [zm.prefix_text(p) for p in prompts])
     pad = zm.tokenizer.pad_token_id or 0
     rows, types = [], []
+    questions = {d: zm.suffix_ids(d) for d in dict.fromkeys(dims)}  # each dimension's question tokenised once
     for i, d in enumerate(dims):
         keep = enc["attention_mask"][i].bool()
-        rows.append(torch.cat([enc["input_ids"][i][keep], torch.tensor(zm.suffix_ids(d), device=keep.device)]))
+        rows.append(torch.cat([enc["input_ids"][i][keep], torch.tensor(questions[d], device=keep.device)]))
         if "mm_token_type_ids" in enc:
-            types.append(torch.cat([enc["mm_token_type_ids"][i][keep], torch.zeros(len(zm.suffix_ids(d)),
+            types.append(torch.cat([enc["mm_token_type_ids"][i][keep], torch.zeros(len(questions[d]),
                                     dtype=enc["mm_token_type_ids"].dtype, device=keep.device)]))
     length = max(len(r) for r in rows)
     dev = enc["input_ids"].device
@@ -206,7 +207,8 @@ def trace_forward(scorer, images, prompts, dims, traces: Sequence[Sequence[int]]
 
     zm = scorer.model
     dev = zm.device
-    suf = [zm.suffix_ids(d) for d in dims]
+    questions = {d: zm.suffix_ids(d) for d in dict.fromkeys(dims)}  # once per dimension, not per row
+    suf = [questions[d] for d in dims]
     tails = [s + list(t) + ([extra_tokens[i]] if extra_tokens is not None else []) for i, (s, t) in
              enumerate(zip(suf, traces))]
     length = max(len(t) for t in tails)
