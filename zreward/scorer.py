@@ -257,7 +257,8 @@ def _pixel_size(img) -> str:
     return f"{int(h)} x {int(w)} pixels"
 
 
-_IMAGE_NAMES: "contextvars.ContextVar[Optional[List[str]]]" = contextvars.ContextVar("zreward_image_names", default=None)
+_IMAGE_NAMES: "contextvars.ContextVar[Optional[List[str]]]" = contextvars.ContextVar("zreward_image_names",
+                                                                                     default=None)
 
 
 @contextlib.contextmanager

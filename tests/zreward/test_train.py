@@ -473,9 +473,11 @@ def test_settings_the_method_does_not_read_are_named():
     assert "max_trace_tokens=8" in warned(method="sft", max_trace_tokens=8)[0]  # no traces sampled
     assert "alpha_pw=2.0" in warned(method="grpo", alpha_pw=2.0)[0]  # grpo has no direct losses
     assert "lambda_pt=0.5" in warned(method="opd", teacher="t", lambda_pt=0.5)[0]
-    quiet = [dict(method="sft", max_trace_tokens=8, eval_traces=2), dict(method="risd", teacher="t", teacher_traces=1,
-             sample_temperature=0.7), dict(method="gdso", alpha_pw=2.0, group_size=8, max_trace_tokens=8),
-             dict(method="opd", teacher="t", group_size=2, beta=0.0), dict(method="sft", soft_labels=True, weight_pair=1.0)]
+    quiet = [dict(method="sft", max_trace_tokens=8, eval_traces=2),
+             dict(method="risd", teacher="t", teacher_traces=1, sample_temperature=0.7),
+             dict(method="gdso", alpha_pw=2.0, group_size=8, max_trace_tokens=8),
+             dict(method="opd", teacher="t", group_size=2, beta=0.0),
+             dict(method="sft", soft_labels=True, weight_pair=1.0)]
     for kw in quiet:
         assert warned(**kw) == [], kw
 

@@ -158,7 +158,8 @@ def test_opd_pulls_the_student_towards_the_teacher(base, tmp_path):
         direction = h.mean(0) / h.mean(0).norm()
         lm_head_params(teacher.model)[0][teacher.tokenizer.convert_tokens_to_ids("5")] += 8.0 * direction
     teacher.save_pretrained(str(tmp_path / "teacher"))
-    cfg = TrainConfig(method="opd", model=base, group_size=1, output_dir=str(tmp_path / "run"), max_steps=30, batch_size=4, lr=1e-2,
+    cfg = TrainConfig(method="opd", model=base, group_size=1, output_dir=str(tmp_path / "run"), max_steps=30,
+                      batch_size=4, lr=1e-2,
                       log_every=5, save_every=0, teacher=str(tmp_path / "teacher"), max_trace_tokens=4,
                       inner_updates=2, schedule="constant", device="cpu")
     train(cfg, items=items)
@@ -178,7 +179,8 @@ def test_an_opd_run_resumed_from_a_checkpoint_ends_where_an_uninterrupted_one_do
     resumed run restarted that stream and drew other tokens than the uninterrupted run (final weights
     0.03 apart after 1 + 2 steps).  The generator is now seeded per outer step (and process), so the
     resumed run ends with the same weights, bit for bit."""
-    cfg = TrainConfig(method="opd", model=base, group_size=1, output_dir=str(tmp_path / "full"), max_steps=3, batch_size=2, lr=1e-2,
+    cfg = TrainConfig(method="opd", model=base, group_size=1, output_dir=str(tmp_path / "full"), max_steps=3,
+                      batch_size=2, lr=1e-2,
                       log_every=1, save_every=1, teacher=rl_teacher, max_trace_tokens=4,
                       inner_updates=1, schedule="constant", device="cpu")
     train(cfg, items=toy_items(16))
