@@ -480,6 +480,11 @@ def test_settings_the_method_does_not_read_are_named():
              dict(method="sft", soft_labels=True, weight_pair=1.0)]
     for kw in quiet:
         assert warned(**kw) == [], kw
+    # every field is read by some method (a new field missing from the table would warn for all of them)
+    from zreward.train.config import _USED_BY
+
+    read = {f for names in _USED_BY.values() for f in names} | {"max_trace_tokens", "sample_temperature"}
+    assert read == {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def test_bad_configs_fail_fast_before_loading_a_model(tmp_path):
