@@ -221,8 +221,11 @@ def wasserstein1(target_hist, pred_probs, bin_values: Sequence[float]) -> np.nda
 def _check_distributions(p: np.ndarray, name: str) -> None:
     """Rows of ``p`` must be distributions: non-negative, summing to 1 within 1e-3 (float32 softmax
     output passes; logits, or scores, would otherwise give preference probabilities outside [0, 1])."""
-    if p.size and (p.min() < 0 or np.abs(p.sum(-1) - 1).max() > 1e-3):
-        bad = int(np.flatnonzero((p < 0).any(-1) | (np.abs(p.sum(-1) - 1) > 1e-3))[0])
+    if not p.size:
+        return
+    off = np.abs(p.sum(-1) - 1) > 1e-3
+    if p.min() < 0 or off.any():
+        bad = int(np.flatnonzero((p < 0).any(-1) | off)[0])
         raise ValueError(f"{name} must hold probability rows (>= 0, summing to 1); row {bad} sums to "
                          f"{p[bad].sum():.6g} with minimum {p[bad].min():.6g}")
 

@@ -344,8 +344,9 @@ def train(cfg: TrainConfig, items: Optional[List[RatedItem]] = None, eval_items:
             teacher_zm = ZRewardModel.from_pretrained(cfg.teacher, device=acc.device).eval()
             if ensure_marker(teacher_zm) != marker or teacher_zm.score_tokens.token_ids != zm.score_tokens.token_ids:
                 raise ValueError("opd needs a teacher with the student's tokenizer (marker and score tokens differ)")
-            if teacher_zm.tokenizer.get_vocab() != zm.tokenizer.get_vocab():  # the advantage compares token by token
-                diff = set(teacher_zm.tokenizer.get_vocab().items()) ^ set(zm.tokenizer.get_vocab().items())
+            t_vocab, s_vocab = teacher_zm.tokenizer.get_vocab(), zm.tokenizer.get_vocab()  # each built once
+            if t_vocab != s_vocab:  # the advantage compares token by token
+                diff = set(t_vocab.items()) ^ set(s_vocab.items())
                 raise ValueError(f"opd needs a teacher with the student's tokenizer: the vocabularies differ in "
                                  f"{len(diff)} entries, e.g. {sorted(diff)[:3]}; the per-token advantage "
                                  "log pi_T(y_t) - log pi_S(y_t) would compare different tokens")
