@@ -219,12 +219,15 @@ def gdso_loss(
     * ``loss = mean_P(alpha_pt * ce + alpha_pw * pw)``.
 
     Only ``loss`` carries gradient (to ``logits``); rewards and advantages come back detached,
-    ready for the policy term.  Outputs are float32.  Rewards and advantages are computed in float64
-    from the float32 means, deviations taken from each side's first reward: rewards that are equal,
-    or equal in exact arithmetic (with ``lambda_pt == lambda_pw`` a side's reward is flat in ``mu``
-    where ``mu < s_j`` and every predicted gap exceeds ``gap_j``), give advantage 0 (to ~1e-9), not
-    float32 rounding noise divided by ``std + eps``.  With ``validate=False`` scores off the grid
-    are snapped to the nearest bin for the CE target instead of raising.
+    ready for the policy term.  Outputs are float32.  Deviations are taken from each side's first
+    reward, so rewards that are equal, or equal in exact arithmetic (with ``lambda_pt == lambda_pw``
+    a side's reward is flat in ``mu`` where ``mu < s_j`` and every predicted gap exceeds
+    ``gap_j``), give advantage 0, not float32 rounding noise divided by ``std + eps``: the
+    reference computes rewards and advantages in float64 from the float32 means (0 to ~1e-9); the
+    Triton kernel stays in float32 and writes each reward as an affine function of the row's own
+    mean whose slope is exactly 0 in the flat case (bitwise equal rewards, advantage exactly 0; see
+    ``gdso.py``).  With ``validate=False`` scores off the grid are snapped to the nearest bin for
+    the CE target instead of raising.
     """
     bins = normalize_bins(bin_values)
     tau = check_temperature(temperature)

@@ -181,6 +181,13 @@ def bin_index(scores: torch.Tensor, bins: Tuple[float, ...]) -> torch.Tensor:
     return (scores.double().unsqueeze(-1) - v).abs().argmin(-1)
 
 
+def pointwise_reward(pred: torch.Tensor, score: torch.Tensor, r_range: float) -> torch.Tensor:
+    """SPEC section 3's pointwise reward ``1 - |pred - score| / R`` (``R = v_max - v_min``): 1 for an
+    exact prediction, 0 for one a whole scale away.  ``gdso_loss`` applies it to the predicted
+    means, the GRPO baseline (``zreward.train.rl.parsed_rewards``) to the numbers parsed from text."""
+    return 1 - (pred - score).abs() / r_range
+
+
 def gdso_loss(
     logits: torch.Tensor,
     scores: torch.Tensor,
@@ -226,7 +233,7 @@ def gdso_loss(
     with torch.no_grad():
         mu64, s64 = mu.detach().double(), scores.detach().double()
         e64 = mu64.unsqueeze(-1) - mu64.flip(1).unsqueeze(-2) - (s64 - s64.flip(1))[:, :, None, None]
-        r_pt = 1 - (mu64 - s64.unsqueeze(-1)).abs() / r_range
+        r_pt = pointwise_reward(mu64, s64.unsqueeze(-1), r_range)
         r_pw = 1 - e64.abs().sum(-1) / (g * r_range)
         r = lambda_pt * r_pt + lambda_pw * r_pw
         # advantage normalised within each side's group of G (the shared group-advantage reference)

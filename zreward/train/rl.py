@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from zreward_kernels import gdso_loss
+from zreward_kernels.reference import pointwise_reward
 
 from ..rubric import fit_embeddings
 from ..scorer import named_images
@@ -277,7 +278,7 @@ def parsed_rewards(parsed: torch.Tensor, scores: torch.Tensor, bin_values) -> to
     normalisation then made the whole group's signal)."""
     lo, hi = bin_values[0], bin_values[-1]
     ok = torch.isfinite(parsed) & (parsed >= lo) & (parsed <= hi)
-    r = 1 - (torch.where(ok, parsed, scores) - scores).abs() / (hi - lo)
+    r = pointwise_reward(torch.where(ok, parsed, scores), scores, hi - lo)
     return torch.where(ok, r, torch.zeros_like(r))
 
 
