@@ -30,7 +30,7 @@ if HAS_TRITON:
         X, S, V, K, G, n_pairs, inv_tau,
         DX, MEAN, STD, RPT, RPW, RWD, ADV, CE, PW, PART, COUNTER, LOSS,
         lambda_pt, lambda_pw, alpha_pt, alpha_pw, eps,
-        inv_g, g_f, inv_r, inv_p,
+        inv_g, r_range, inv_r, inv_p,
         PAIRS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_RED: tl.constexpr,
         NEEDS_GRAD: tl.constexpr, WARP_STATS: tl.constexpr,
     ):
@@ -51,10 +51,15 @@ if HAS_TRITON:
         m2 = fmask[:, None] & cmask[None, :]
         ko = rows[:, None] * K + cols[None, :]
         x = tl.load(X + ko, mask=m2, other=0.0).to(tl.float32)
-        p, logp, mu, d, var = _dist_stats(x, v, cmask, inv_tau)
-
+        # every global load is issued here, before the first reduction: a load placed after one waits
+        # for it (ptxas issued the score loads after the softmax's shuffles, and does not move a load
+        # above a barrier), adding a memory round trip to the serial chain of each program, which is
+        # what a one-wave launch (P = 512) waits for
         sc0 = tl.load(S + 2 * pair, mask=fmask, other=0.0).to(tl.float32)
         sc1 = tl.load(S + 2 * pair + 1, mask=fmask, other=0.0).to(tl.float32)
+        g_f = G * 1.0
+        p, logp, mu, d, var = _dist_stats(x, v, cmask, inv_tau)
+
         s_j = tl.where(side == 0, sc0, sc1)
         gap = tl.where(side == 0, sc0 - sc1, sc1 - sc0)  # gap_j = s_j - s_jbar
 
@@ -98,7 +103,6 @@ if HAS_TRITON:
         # (Float64 here, as the reference does it, cost registers and time on the GPU: 72 vs 48 registers
         # for sm_90 at G = 8 with Triton 3.8; on an H200 the kernel took 112 us at P = 16384, the earlier
         # float32 version 64 us.)
-        r_range = tl.load(V + K - 1).to(tl.float32) - tl.load(V).to(tl.float32)
         sig = tl.where(mu2 > sj2, 1.0, tl.where(mu2 < sj2, -1.0, 0.0))
         sum_abs = row_sgn * (mu2 - gap2) - row_smu
         r_pt = 1.0 - tl.abs(mu2 - sj2) / r_range
@@ -113,8 +117,8 @@ if HAS_TRITON:
             # Group statistics of each side, per row s over the members s' of its side, on the
             # [PAIRS, BLOCK_S, BLOCK_S] layout of the gap terms, whose s' axis lies within a warp: warp
             # shuffles instead of reductions across warps through shared memory (for sm_90 at G = 8,
-            # 23 barriers per program instead of 33; a program's latency is what a P = 512 call waits
-            # for).  WARP_STATS=0 (and groups above 16, _gdso_launch_config) reduce across the
+            # 15 barriers per program instead of 25 with Triton 3.8; a program's latency is what a
+            # P = 512 call waits for).  WARP_STATS=0 (and groups above 16, _gdso_launch_config) reduce across the
             # [PAIRS, BLOCK_S] view instead (fewer registers: the shuffle path spilled 468 B at G = 64).
             same = ((s_i < 2 * G)[None, :] & ((s_i // G)[:, None] == (s_i // G)[None, :]))[None, :, :] \
                 & ok2[:, :, None]
@@ -143,17 +147,25 @@ if HAS_TRITON:
         adv = tl.where(den > 0.0, dev / tl.where(den > 0.0, den, 1.0), 0.0)
         adv = tl.where(g_f > 1.5, adv, 0.0)
 
+        # Values that share a layout are stored together, through one tensor of pointers into the
+        # separate outputs: a store converts its value's layout through shared memory (two barriers),
+        # once per joined tensor instead of once per output (for sm_90 at G = 8, 15 barriers per
+        # program instead of 23 with Triton 3.8, 17 instead of 25 with 3.6).  The outputs stay separate
+        # tensors: views of one buffer cost more host time per call in autograd than they saved.
+        two = tl.arange(0, 2)
+        ms = tl.join(mu, tl.sqrt(tl.maximum(var, 0.0)))  # [PAIRS * BLOCK_S, 2]: mean, std
+        ms_ptr = tl.where(two == 0, MEAN, STD)[None, :] + rows[:, None]
+        tl.store(ms_ptr, ms, mask=fmask[:, None])
         rows2 = tl.reshape(rows, (PAIRS, BLOCK_S))
-        tl.store(MEAN + rows, mu, mask=fmask)
-        tl.store(STD + rows, tl.sqrt(tl.maximum(var, 0.0)), mask=fmask)
-        tl.store(RPT + rows2, r_pt, mask=ok2)
-        tl.store(RPW + rows2, r_pw, mask=ok2)
-        tl.store(RWD + rows2, r, mask=ok2)
-        tl.store(ADV + rows2, adv, mask=ok2)
+        quad = tl.join(tl.join(r_pt, r_pw), tl.join(r, adv))  # [PAIRS, BLOCK_S, 2, 2]: [.., i, o]
+        inner = two[:, None]
+        outer = two[None, :]
+        quad_base = tl.where(outer == 0, tl.where(inner == 0, RPT, RPW), tl.where(inner == 0, RWD, ADV))
+        tl.store(quad_base[None, None, :, :] + rows2[:, :, None, None], quad, mask=ok2[:, :, None, None])
         pairs1 = pid * PAIRS + tl.arange(0, PAIRS)
         pmask = pairs1 < n_pairs
-        tl.store(CE + pairs1, ce, mask=pmask)
-        tl.store(PW + pairs1, pw, mask=pmask)
+        cp = tl.join(ce, pw)  # [PAIRS, 2]
+        tl.store(tl.where(two == 0, CE, PW)[None, :] + pairs1[:, None], cp, mask=pmask[:, None])
 
         if NEEDS_GRAD:
             # d/dmu_s of sum_j sum_i sum_k |e| is 2 * sum_s' sign(e[s, s'])
@@ -210,7 +222,7 @@ class _GDSOFn(torch.autograd.Function):
             x, scores, bins, k, g, n_pairs, inv_tau,
             dx, mean, std, r_pt, r_pw, r, adv, ce, pw, part, counter, loss,
             float(lambda_pt), float(lambda_pw), float(alpha_pt), float(alpha_pw), float(eps),
-            1.0 / g, float(g), 1.0 / r_range, 1.0 / n_pairs,
+            1.0 / g, float(r_range), 1.0 / r_range, 1.0 / n_pairs,
             PAIRS=pairs, BLOCK_S=block_s, BLOCK_K=next_pow2(k), BLOCK_RED=BLOCK_RED, NEEDS_GRAD=needs_grad,
             WARP_STATS=warp_stats, num_warps=warps,
         )

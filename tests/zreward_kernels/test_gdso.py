@@ -161,6 +161,31 @@ def test_off_grid_scores_snap_when_not_validated(kdev):
     assert_close(a.ce, b.ce, atol=1e-5)
 
 
+def test_outputs_are_independent_and_writable_in_place(kdev):
+    """The kernel stores several outputs through one tensor of pointers (per joined value): each
+    output holds its own values, is a tensor of its own (changing one in place, which autograd allows
+    for these non-differentiable outputs, touches no other output), and the loss's gradient is
+    unaffected."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 2, 4, 9, generator=gen).to(kdev).requires_grad_(True)
+    scores = _random_scores(3, gen).to(kdev)
+    ref = gdso_loss(x.detach(), scores, backend="reference")
+    out = gdso_loss(x, scores, backend="triton")
+    for name, a, b in zip(out._fields[1:], out[1:], ref[1:]):
+        assert not a.requires_grad, name
+        assert_close(a, b, atol=2e-5, rtol=1e-5, name=name)
+    before = [t.clone() for t in out[1:]]
+    for i, t in enumerate(out[1:]):  # one output at a time: the others keep their values
+        t.add_(100.0)
+        for j, (u, b) in enumerate(zip(out[1:], before)):
+            assert torch.equal(u, b + 100.0 if j <= i else b), (out._fields[1 + i], out._fields[1 + j])
+    out.loss.backward()
+    g = x.grad.clone()
+    x.grad = None
+    gdso_loss(x, scores, backend="triton").loss.backward()
+    assert torch.equal(g, x.grad)
+
+
 def test_empty_pairs(kdev):
     x = torch.zeros(0, 2, 4, 9, device=kdev, requires_grad=True)
     out = gdso_loss(x, torch.zeros(0, 2, device=kdev), backend="triton")
