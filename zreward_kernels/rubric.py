@@ -256,15 +256,20 @@ if HAS_TRITON:
                           BLOCK_R: tl.constexpr, CE_MODE: tl.constexpr, KL_MODE: tl.constexpr, KC: tl.constexpr):
         """Row program of the loss forward, row-per-thread layout (same effects as the tile one)."""
         rows, rmask, off = _flat_rows(pid, n_rows, stride_x, BLOCK_R)
-        m, s, mu, var = _flat_stats(X, off, V, KC, inv_tau, rmask, BLOCK_R)
-        tl.store(MEAN + rows, mu, mask=rmask)
-        tl.store(STD + rows, tl.sqrt(tl.maximum(var, 0.0)), mask=rmask)
-        lse = m + tl.log(s)
         ko = rows * KC
+        # every load that depends on no other is issued first: the target, and the teacher's logits
+        # (their max and normaliser computed here, before the student's statistics), so their memory
+        # round trips overlap the logits' one instead of following it (and no store comes before a
+        # load: see the end)
+        if CE_MODE == 1:
+            t = tl.load(TGT + rows, mask=rmask, other=0).to(tl.int64)
+        if KL_MODE == 1:
+            mq, sq = _flat_max_sum(TQ, ko, KC, inv_tau, rmask, BLOCK_R)
+        m, s, mu, var = _flat_stats(X, off, V, KC, inv_tau, rmask, BLOCK_R)
+        lse = m + tl.log(s)
         ce_r = tl.zeros([BLOCK_R], tl.float32)
         valid = rmask
         if CE_MODE == 1:
-            t = tl.load(TGT + rows, mask=rmask, other=0).to(tl.int64)
             valid = rmask & (t != ignore_index)
             inb = valid & (t >= 0) & (t < KC)  # an unvalidated out-of-range target gives an infinite CE
             zt = tl.load(X + off + t, mask=inb, other=float("-inf")).to(tl.float32) * inv_tau
@@ -279,7 +284,6 @@ if HAS_TRITON:
         kl_r = tl.zeros([BLOCK_R], tl.float32)
         if KL_MODE > 0:
             if KL_MODE == 1:
-                mq, sq = _flat_max_sum(TQ, ko, KC, inv_tau, rmask, BLOCK_R)
                 lseq = mq + tl.log(sq)
             acc = tl.zeros([BLOCK_R], tl.float32)
             for k in tl.static_range(KC):
@@ -293,6 +297,11 @@ if HAS_TRITON:
                     logq = tl.log(tl.where(q > 0, q, 1.0))
                 acc += tl.where(q > 0, q * (logq - (z - lse)), 0.0)
             kl_r = tl.where(rmask, acc, 0.0)
+        # stored last: a store between two loads keeps ptxas from issuing the second load early (the
+        # pointers might alias), which put the target's and the teacher's loads a memory round trip
+        # after the logits' ones
+        tl.store(MEAN + rows, mu, mask=rmask)
+        tl.store(STD + rows, tl.sqrt(tl.maximum(var, 0.0)), mask=rmask)
         return rows, rmask, ce_r, kl_r, valid
 
     @triton.jit
