@@ -13,7 +13,8 @@ Keys:
 * ``BLOCK_P``: pairs per pair program of the ``rubric_loss`` forward, a power of two;
 * ``PAIRS``: same-prompt pairs per ``gdso_loss`` program (each pair holds ``2 G`` rows), a power
   of two; the launcher lowers it so one program never holds more than 256 rows;
-* ``num_warps``: warps per program; 0 for the ``gdso_loss`` default (4 up to ``G = 16``, else 8);
+* ``num_warps``: warps per program; 0 for the ``gdso_loss`` default (4 up to ``G = 16``, 8 up
+  to ``G = 32``, 16 above);
 * ``WARP_STATS`` (``gdso_loss``): 1 sums each side's group statistics per row on the gap terms'
   layout, whose member axis lies within a warp (shuffles; up to ``G = 16``), 0 across the program's
   warps through shared memory (the earlier way; the default since 2026-11-27 is 1, chosen from the

@@ -76,7 +76,6 @@ if HAS_TRITON:
         ok2 = tl.reshape(fmask, (PAIRS, BLOCK_S))
         s_i = tl.arange(0, BLOCK_S)
         side2 = (s_i // G)[None, :]
-        ce = -tl.sum(tl.reshape(logp_t, (PAIRS, BLOCK_S)), 1) * (0.5 * inv_g)  # [PAIRS]
 
         # G x G gap terms: e[s, s'] = (mu_s - mu_s') - gap_s for s' on the other side
         other = (s_i < 2 * G)[None, :] & ((s_i // G)[:, None] != (s_i // G)[None, :])  # [BLOCK_S, BLOCK_S]
@@ -86,7 +85,11 @@ if HAS_TRITON:
         row_abs = tl.sum(sgn * e, 2)  # sum_s' |e[s, s']|
         row_sgn = tl.sum(sgn, 2)
         row_smu = tl.sum(sgn * mu2[:, None, :], 2)  # sum_s' sign(e[s, s']) mu_s'
-        pw = tl.sum(row_abs, 1) * (0.5 * inv_g * inv_g * inv_r)  # [PAIRS]
+        # ce and pw per pair in one reduction over the members (a cross-warp sum: once, not twice),
+        # laid out [PAIRS, 2] as they are stored
+        two = tl.arange(0, 2)
+        cp = tl.sum(tl.join(tl.reshape(logp_t, (PAIRS, BLOCK_S)), row_abs), 1) \
+            * tl.where(two == 0, -0.5 * inv_g, 0.5 * inv_g * inv_g * inv_r)[None, :]  # [PAIRS, 2]: ce, pw
 
         # Rewards and group-normalised advantages (unbiased std per side; a group of one gets 0), in
         # float32 with the reward written as an affine function of the row's own mean:
@@ -117,7 +120,7 @@ if HAS_TRITON:
             # Group statistics of each side, per row s over the members s' of its side, on the
             # [PAIRS, BLOCK_S, BLOCK_S] layout of the gap terms, whose s' axis lies within a warp: warp
             # shuffles instead of reductions across warps through shared memory (for sm_90 at G = 8,
-            # 15 barriers per program instead of 25 with Triton 3.8; a program's latency is what a
+            # 11 barriers per program instead of 21 with Triton 3.8; a program's latency is what a
             # P = 512 call waits for).  WARP_STATS=0 (and groups above 16, _gdso_launch_config) reduce across the
             # [PAIRS, BLOCK_S] view instead (fewer registers: the shuffle path spilled 468 B at G = 64).
             same = ((s_i < 2 * G)[None, :] & ((s_i // G)[:, None] == (s_i // G)[None, :]))[None, :, :] \
@@ -147,24 +150,24 @@ if HAS_TRITON:
         adv = tl.where(den > 0.0, dev / tl.where(den > 0.0, den, 1.0), 0.0)
         adv = tl.where(g_f > 1.5, adv, 0.0)
 
-        # Values that share a layout are stored together, through one tensor of pointers into the
-        # separate outputs: a store converts its value's layout through shared memory (two barriers),
-        # once per joined tensor instead of once per output (for sm_90 at G = 8, 15 barriers per
-        # program instead of 23 with Triton 3.8, 17 instead of 25 with 3.6).  The outputs stay separate
+        # The six per-row outputs are stored with one store, through a tensor of pointers into the
+        # separate output tensors: a store converts its value's layout through shared memory (two
+        # barriers), once for the joined value instead of once per output.  The outputs stay separate
         # tensors: views of one buffer cost more host time per call in autograd than they saved.
-        two = tl.arange(0, 2)
-        ms = tl.join(mu, tl.sqrt(tl.maximum(var, 0.0)))  # [PAIRS * BLOCK_S, 2]: mean, std
-        ms_ptr = tl.where(two == 0, MEAN, STD)[None, :] + rows[:, None]
-        tl.store(ms_ptr, ms, mask=fmask[:, None])
+        std2 = tl.reshape(tl.sqrt(tl.maximum(var, 0.0)), (PAIRS, BLOCK_S))
+        lo = tl.join(tl.join(mu2, std2), tl.join(r_pt, r_pw))
+        hi = tl.join(tl.join(r, adv), tl.join(r, adv))  # the second half is padding, masked out
+        six = tl.join(lo, hi)  # [PAIRS, BLOCK_S, 2, 2, 2]: [.., i, j, k], the output is (k, j, i)
+        i3 = two[:, None, None]
+        j3 = two[None, :, None]
+        k3 = two[None, None, :]
+        base = tl.where(k3 == 0, tl.where(j3 == 0, tl.where(i3 == 0, MEAN, STD), tl.where(i3 == 0, RPT, RPW)),
+                        tl.where(i3 == 0, RWD, ADV))
         rows2 = tl.reshape(rows, (PAIRS, BLOCK_S))
-        quad = tl.join(tl.join(r_pt, r_pw), tl.join(r, adv))  # [PAIRS, BLOCK_S, 2, 2]: [.., i, o]
-        inner = two[:, None]
-        outer = two[None, :]
-        quad_base = tl.where(outer == 0, tl.where(inner == 0, RPT, RPW), tl.where(inner == 0, RWD, ADV))
-        tl.store(quad_base[None, None, :, :] + rows2[:, :, None, None], quad, mask=ok2[:, :, None, None])
+        tl.store(base[None, None, :, :, :] + rows2[:, :, None, None, None], six,
+                 mask=ok2[:, :, None, None, None] & ((k3 == 0) | (j3 == 0))[None, None, :, :, :])
         pairs1 = pid * PAIRS + tl.arange(0, PAIRS)
         pmask = pairs1 < n_pairs
-        cp = tl.join(ce, pw)  # [PAIRS, 2]
         tl.store(tl.where(two == 0, CE, PW)[None, :] + pairs1[:, None], cp, mask=pmask[:, None])
 
         if NEEDS_GRAD:
@@ -174,7 +177,8 @@ if HAS_TRITON:
             gx = gx * (inv_tau * inv_p)
             tl.store(DX + ko, gx.to(DX.dtype.element_ty), mask=m2)
 
-        tl.store(PART + pid, tl.sum(tl.where(pmask, alpha_pt * ce + alpha_pw * pw, 0.0), 0))
+        alpha = tl.where(two == 0, alpha_pt, alpha_pw)[None, :]
+        tl.store(PART + pid, tl.sum(tl.sum(tl.where(pmask[:, None], alpha * cp, 0.0), 1), 0))
         tl.debug_barrier()
         nprog = tl.num_programs(0)
         ticket = tl.atomic_add(COUNTER, 1, sem="acq_rel")
@@ -191,11 +195,13 @@ if HAS_TRITON:
 def _gdso_launch_config(g: int):
     """``(pairs per program, rows per pair, warps, warp-shuffle group statistics)`` from
     ``_tuning.CONFIGS["gdso_fwd"]``; a program holds at most 256 rows (``PAIRS * next_pow2(2G)``),
-    and the shuffle statistics apply up to ``G = 16``."""
+    and the shuffle statistics apply up to ``G = 16``.  Default warps: 4 up to ``G = 16``, 8 up to
+    ``G = 32``, 16 above (the ``G x G`` gap terms of ``G = 64`` in 8 warps needed 255 registers and
+    spilled 588 B for sm_90 with Triton 3.6; 16 warps: 128 registers, 180 B)."""
     cfg = CONFIGS["gdso_fwd"]
     block_s = next_pow2(2 * g)
     pairs = max(1, min(cfg["PAIRS"], 256 // block_s))
-    warps = cfg["num_warps"] or (4 if g <= 16 else 8)
+    warps = cfg["num_warps"] or (4 if g <= 16 else 8 if g <= 32 else 16)
     return pairs, block_s, warps, bool(cfg["WARP_STATS"]) and block_s <= 32
 
 
