@@ -206,17 +206,23 @@ if HAS_TRITON:
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_DP: tl.constexpr, HAS_DMU: tl.constexpr, HAS_DSTD: tl.constexpr,
     ):
-        rows, rmask, cols, cmask, m2, p, logp, mu, d, var = _row_tile(
-            X, stride_x, V, K, n_rows, inv_tau, tl.program_id(0), BLOCK_R, BLOCK_K)
+        # the upstream gradients are loaded before the logits' statistics are computed, so that their
+        # memory round trip overlaps the logits' one instead of following the softmax's shuffles
+        r0 = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        c0 = tl.arange(0, BLOCK_K)
         dmu = tl.zeros([BLOCK_R], tl.float32)
         dstd = tl.zeros([BLOCK_R], tl.float32)
         if HAS_DMU:
-            dmu = tl.load(DMU + rows * s_dmu, mask=rmask, other=0.0).to(tl.float32)
+            dmu = tl.load(DMU + r0 * s_dmu, mask=r0 < n_rows, other=0.0).to(tl.float32)
         if HAS_DSTD:
-            dstd = tl.load(DSTD + rows * s_dstd, mask=rmask, other=0.0).to(tl.float32)
+            dstd = tl.load(DSTD + r0 * s_dstd, mask=r0 < n_rows, other=0.0).to(tl.float32)
+        if HAS_DP:
+            gp = tl.load(DP + r0[:, None] * s_dp_r + c0[None, :] * s_dp_c,
+                         mask=(r0 < n_rows)[:, None] & (c0 < K)[None, :], other=0.0).to(tl.float32)
+        rows, rmask, cols, cmask, m2, p, logp, mu, d, var = _row_tile(
+            X, stride_x, V, K, n_rows, inv_tau, tl.program_id(0), BLOCK_R, BLOCK_K)
         g = _stats_grad(p, d, var, dmu, dstd)
         if HAS_DP:
-            gp = tl.load(DP + rows[:, None] * s_dp_r + cols[None, :] * s_dp_c, mask=m2, other=0.0).to(tl.float32)
             g += p * (gp - tl.sum(p * gp, 1)[:, None])
         tl.store(DX + rows[:, None] * K + cols[None, :], (g * inv_tau).to(DX.dtype.element_ty), mask=m2)
 
