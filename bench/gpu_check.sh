@@ -104,7 +104,7 @@ step_tune() {
 }
 
 step_profile() {
-  t=$(budget 60)
+  t=$(budget 90)
   echo "== per-kernel device time (bench/profile_kernels.py, ${t}s)"
   timeout "$t" $PY bench/profile_kernels.py >"$OUT/profile.txt" 2>&1
   echo "profile exit: $? after ${SECONDS}s" | tee -a "$OUT/profile.txt"

@@ -38,16 +38,18 @@ def cases():
     yield f"rubric_loss fwd+bwd rows={rows}", lambda: zk.rubric_loss(x, validate=False, **kw).loss.backward()
     yield f"rubric_loss fwd+bwd rows={rows} no pairs", lambda: zk.rubric_loss(
         x, validate=False, target=kw["target"], teacher_logits=kw["teacher_logits"]).loss.backward()
-    for n_pairs in (512, rows // 16):  # the kernel issue's goal size (one wave of programs), and a large batch
-        gx = torch.randn(n_pairs, 2, 8, K, generator=g).to(dev).requires_grad_(True)
+    # the kernel issue's goal size (P = 512, one wave of programs) at G = 8 and other group sizes, and a large batch
+    for n_pairs, grp in ((512, 8), (512, 2), (512, 4), (512, 16), (rows // 16, 8)):
+        gx = torch.randn(n_pairs, 2, grp, K, generator=g).to(dev).requires_grad_(True)
         sc = torch.full((n_pairs, 2), 3.0, device=dev)
-        yield (f"gdso_loss fwd+bwd P={n_pairs} G=8",
+        yield (f"gdso_loss fwd+bwd P={n_pairs} G={grp}",
                lambda gx=gx, sc=sc: zk.gdso_loss(gx, sc, validate=False).loss.backward())
     yield f"score_stats fwd+bwd rows={rows}", lambda: (lambda s: (s.mean.sum() + s.std.sum()).backward())(zk.score_stats(x, validate=False))
 
 
 def variants():
-    """Every case; the group advantage once per CUDA segment kernel (the KERNEL launch setting)."""
+    """Every case; the group advantage once per CUDA segment kernel (the KERNEL launch setting), and
+    gdso_loss at the goal point also with cross-warp group statistics and with 8 warps."""
     for name, fn in cases():
         if name.startswith("group_advantage"):
             for k in (1, 2):
@@ -57,6 +59,12 @@ def variants():
                 yield f"{name} kernel={k}", run
         else:
             yield name, fn
+        if name == "gdso_loss fwd+bwd P=512 G=8":
+            for what, cfg in (("WARP_STATS=0", dict(WARP_STATS=0)), ("num_warps=8", dict(num_warps=8))):
+                def run(fn=fn, cfg=cfg):
+                    with override("gdso_fwd", **cfg):
+                        return fn()
+                yield f"{name} {what}", run
 
 
 only = sys.argv[1] if len(sys.argv) > 1 else ""
