@@ -5,7 +5,9 @@ compile: it accepts, for example, a variable whose shape differs between the two
 ``if``, which the compiler rejects.  This check runs the public ops on small CPU tensors with the
 kernel launches intercepted (nothing is computed), records each launch's argument types,
 constexprs and warps, and compiles it with ``triton.compile`` for the chosen architecture (PTX and
-cubin through Triton's bundled ``ptxas``).  ``--sweep`` adds the candidate configurations in
+cubin through Triton's bundled ``ptxas``) twice: as Triton's JIT specialises it on a GPU (an int
+argument equal to 1 becomes a constexpr, ints and pointers divisible by 16 get divisibility hints;
+the JIT's own binder computes this) and with plain argument types (the code other sizes get).  ``--sweep`` adds the candidate configurations in
 ``_tuning.SWEEP`` (``all``, or a ``sample``: each kernel's smallest, middle and largest tile).
 With ``--verbose``, ``ptxas -v`` register and spill counts and the SASS instruction and barrier
 counts (``nvdisasm``) are printed per launch.
@@ -24,7 +26,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -58,6 +60,39 @@ def _arg_type(v) -> str:
     raise TypeError(f"cannot type a kernel argument of type {type(v).__name__}")
 
 
+class Launch(NamedTuple):
+    """One recorded launch: the kernel's name in the tuning table, the JIT function, the signature
+    (argument types; ``"constexpr"`` for constexprs), the constexprs by argument name, the warps,
+    and the attributes (``tt.divisibility`` hints) by argument path."""
+
+    name: str
+    fn: object
+    sig: dict
+    consts: dict
+    warps: int
+    attrs: dict
+
+
+def _jit_specialization(fn, args, kwargs) -> Optional[Tuple[dict, dict, dict]]:
+    """``(signature, constexprs by name, attrs)`` as Triton's JIT specialises this launch: an int
+    argument equal to 1 becomes a constexpr, and ints and pointers divisible by 16 get a
+    divisibility hint (what a launch on a GPU compiles).  Uses Triton's own binder (3.6 to 3.8);
+    ``None`` where that is unavailable (the caller falls back to plain argument types)."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
+
+        backend = make_backend(GPUTarget("cuda", 90, 32))
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+        bound, spec, opts = binder(*args, **kwargs)
+        _, sig, consts, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+    except Exception:  # noqa: BLE001 - a Triton without these internals: plain types
+        return None
+    names = fn.arg_names
+    return sig, {names[path[0]]: v for path, v in consts.items()}, attrs
+
+
 class _Recorder:
     def __init__(self, fn, name: str, log: Optional[list]):
         self.fn, self.name, self.log = fn, name, log
@@ -67,15 +102,15 @@ class _Recorder:
             return _no_launch
 
         def launch(*args, **kwargs):
-            names = self.fn.arg_names
+            # twice: as the JIT specialises this launch on a GPU (sizes equal to 1 as constexprs,
+            # divisibility hints), and with plain argument types, the code other sizes compile to
+            warps = kwargs.get("num_warps", 4)
             consts = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
-            sig = {}
-            for i, n in enumerate(names):
-                if n in consts:
-                    sig[n] = "constexpr"
-                else:
-                    sig[n] = _arg_type(args[i])
-            self.log.append((self.name, self.fn, sig, consts, kwargs.get("num_warps", 4)))
+            sig = {n: "constexpr" if n in consts else _arg_type(args[i]) for i, n in enumerate(self.fn.arg_names)}
+            jit = _jit_specialization(self.fn, args, kwargs)
+            if jit is not None:
+                self.log.append(Launch(self.name, self.fn, *jit[:2], warps, jit[2]))
+            self.log.append(Launch(self.name, self.fn, sig, consts, warps, {}))
 
         return launch
 
@@ -181,7 +216,7 @@ def _candidates(kernel: str, sweep: str) -> list:
 def record_launches(sweep: str = "none") -> list:
     """Every distinct launch of the default configurations, and of the candidate configurations in
     ``_tuning.SWEEP`` (``sweep="all"``, or ``"sample"``: the smallest, middle and largest of each
-    kernel), as ``(kernel, fn, signature, constexprs, warps)``."""
+    kernel), as :class:`Launch` records (specialised as the JIT would on a GPU)."""
     work = _workloads()
     cands = {kernel: _candidates(kernel, sweep) for kernel in _tuning.SWEEP if kernel in _SWEEP_WORKLOADS}
     with intercepted_launches(record=True) as log:
@@ -195,11 +230,12 @@ def record_launches(sweep: str = "none") -> list:
                     with _tuning.override(kernel, **cfg):
                         run()
     seen, out = set(), []
-    for name, fn, sig, consts, warps in log:
-        key = (name, tuple(sorted(sig.items())), tuple(sorted(consts.items())), warps)
+    for rec in log:
+        key = (rec.name, tuple(sorted(rec.sig.items())), tuple(sorted(rec.consts.items())), rec.warps,
+               tuple(sorted((k, str(v)) for k, v in rec.attrs.items())))
         if key not in seen:
             seen.add(key)
-            out.append((name, fn, sig, consts, warps))
+            out.append(rec)
     return out
 
 
@@ -257,10 +293,11 @@ def compile_all(arch: int = 90, sweep: str = "none", verbose: bool = False) -> i
 
     target = GPUTarget("cuda", arch, 32)
     launches = record_launches(sweep)
-    for i, (name, fn, sig, consts, warps) in enumerate(launches):
-        desc = f"{name} warps={warps} " + " ".join(f"{k}={v}" for k, v in consts.items())
+    for i, (name, fn, sig, consts, warps, attrs) in enumerate(launches):
+        desc = f"{name} warps={warps} " + " ".join(f"{k}={v}" for k, v in consts.items()) \
+            + (" (as specialised by the JIT)" if attrs else "")
         try:
-            k = triton.compile(ASTSource(fn, sig, consts), target=target, options=dict(num_warps=warps))
+            k = triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options=dict(num_warps=warps))
         except Exception as exc:
             raise RuntimeError(f"{desc}: does not compile for sm_{arch}: {exc}") from exc
         if verbose:

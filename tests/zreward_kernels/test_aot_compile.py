@@ -2,7 +2,8 @@
 
 The interpreter the other kernel tests run in does not type-check the kernels the way the
 compiler does; this compiles the launches the ops really make (default configurations, and a
-sample of the tuning candidates for sm_90) through ``python -m zreward_kernels.aot_check``.
+sample of the tuning candidates for sm_90), each as Triton's JIT specialises it on a GPU and with
+plain argument types, through ``python -m zreward_kernels.aot_check``.
 """
 
 import os
@@ -37,6 +38,8 @@ def test_launches_compile_for_sm90_with_tuning_sample():
     assert any("rubric_fwd" in ln and "BLOCK_R=512 BLOCK_P=256" in ln for ln in lines)
     assert any("gdso_fwd" in ln and "PAIRS=16" in ln for ln in lines)
     assert any("gdso_fwd" in ln and "BLOCK_S=128" in ln for ln in lines)  # G = 64
+    # launches as the JIT specialises them on a GPU: an int argument equal to 1 (G = 1) becomes a constexpr
+    assert any("gdso_fwd" in ln and " G=1 " in ln and "(as specialised by the JIT)" in ln for ln in lines)
     for kernel in ("stats_fwd", "stats_bwd", "rubric_fwd", "rubric_bwd"):  # the row-per-thread layout
         assert any(f"] {kernel} " in ln and "FLAT=True KC=9" in ln for ln in lines), kernel
     assert len(lines) >= 30
@@ -51,15 +54,18 @@ def test_default_launches_compile_for_sm80():
 
 
 def test_recorder_sees_the_configured_launch():
-    """In process: the recorder captures the launch the op makes under a tuning override."""
+    """In process: the recorder captures the launch the op makes under a tuning override, once as
+    Triton's JIT specialises it (divisibility hints) and once with plain argument types."""
     code = (
         "from zreward_kernels import aot_check, _tuning\n"
         "with _tuning.override('gdso_fwd', PAIRS=4, num_warps=2):\n"
         "    with aot_check.intercepted_launches(record=True) as log:\n"
         "        aot_check._workloads()['gdso'][0][1]()\n"
-        "(name, fn, sig, consts, warps), = log\n"
-        "assert name == 'gdso_fwd' and consts['PAIRS'] == 4 and warps == 2, (name, consts, warps)\n"
-        "assert sig['X'] == '*fp32' and sig['COUNTER'] == '*i32' and sig['G'] == 'i32', sig\n"
+        "jit, plain = log\n"
+        "assert plain.name == 'gdso_fwd' and plain.consts['PAIRS'] == 4 and plain.warps == 2, plain\n"
+        "assert plain.sig['X'] == '*fp32' and plain.sig['COUNTER'] == '*i32' and plain.sig['G'] == 'i32', plain.sig\n"
+        "assert not plain.attrs and jit.attrs, (plain.attrs, jit.attrs)  # divisibility hints: the JIT's record only\n"
+        "assert jit.consts['PAIRS'] == 4 and jit.warps == 2 and jit.sig['X'] == '*fp32', jit\n"
         "print('ok')\n"
     )
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=ROOT)
