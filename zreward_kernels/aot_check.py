@@ -7,8 +7,9 @@ kernel launches intercepted (nothing is computed), records each launch's argumen
 constexprs and warps, and compiles it with ``triton.compile`` for the chosen architecture (PTX and
 cubin through Triton's bundled ``ptxas``) twice: as Triton's JIT specialises it on a GPU (an int
 argument equal to 1 becomes a constexpr, ints and pointers divisible by 16 get divisibility hints;
-the JIT's own binder computes this) and with plain argument types (the code other sizes get).  ``--sweep`` adds the candidate configurations in
-``_tuning.SWEEP`` (``all``, or a ``sample``: each kernel's smallest, middle and largest tile).
+the JIT's own binder computes this) and with plain argument types (the code other sizes get).
+``--sweep`` adds the candidate configurations in ``_tuning.SWEEP`` (``all``, or a ``sample``: each
+kernel's smallest, middle and largest tile).
 With ``--verbose``, ``ptxas -v`` register and spill counts and the SASS instruction and barrier
 counts (``nvdisasm``) are printed per launch.
 

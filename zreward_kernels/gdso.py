@@ -121,8 +121,9 @@ if HAS_TRITON:
             # [PAIRS, BLOCK_S, BLOCK_S] layout of the gap terms, whose s' axis lies within a warp: warp
             # shuffles instead of reductions across warps through shared memory (for sm_90 at G = 8,
             # 11 barriers per program instead of 21 with Triton 3.8; a program's latency is what a
-            # P = 512 call waits for).  WARP_STATS=0 (and groups above 16, _gdso_launch_config) reduce across the
-            # [PAIRS, BLOCK_S] view instead (fewer registers: the shuffle path spilled 468 B at G = 64).
+            # P = 512 call waits for).  WARP_STATS=0 (and groups above 16, _gdso_launch_config) reduce
+            # across the [PAIRS, BLOCK_S] view instead (fewer registers: the shuffle path spilled 468 B
+            # at G = 64).
             same = ((s_i < 2 * G)[None, :] & ((s_i // G)[:, None] == (s_i // G)[None, :]))[None, :, :] \
                 & ok2[:, :, None]
             r_col = tl.where(same, r[:, None, :], 0.0)  # r of the members s' of row s's side
