@@ -110,7 +110,8 @@ class _Recorder:
             sig = {n: "constexpr" if n in consts else _arg_type(args[i]) for i, n in enumerate(self.fn.arg_names)}
             jit = _jit_specialization(self.fn, args, kwargs)
             if jit is not None:
-                self.log.append(Launch(self.name, self.fn, *jit[:2], warps, jit[2]))
+                jit_sig, jit_consts, jit_attrs = jit
+                self.log.append(Launch(self.name, self.fn, jit_sig, jit_consts, warps, jit_attrs))
             self.log.append(Launch(self.name, self.fn, sig, consts, warps, {}))
 
         return launch
