@@ -47,9 +47,19 @@ def cases():
     yield f"score_stats fwd+bwd rows={rows}", lambda: (lambda s: (s.mean.sum() + s.std.sum()).backward())(zk.score_stats(x, validate=False))
 
 
+# launch settings timed beside the default (gdso_fwd in zreward_kernels/_tuning.py)
+GDSO_VARIANTS = {
+    "gdso_loss fwd+bwd P=512 G=8": (("WARP_STATS=0", dict(WARP_STATS=0)), ("num_warps=8", dict(num_warps=8))),
+    # small groups: fewer barriers with fewer warps (sm_90, aot_check), more instructions per lane
+    "gdso_loss fwd+bwd P=512 G=2": (("num_warps=1", dict(num_warps=1)), ("num_warps=2", dict(num_warps=2))),
+    "gdso_loss fwd+bwd P=512 G=4": (("num_warps=1", dict(num_warps=1)), ("num_warps=2", dict(num_warps=2))),
+}
+
+
 def variants():
-    """Every case; the group advantage once per CUDA segment kernel (the KERNEL launch setting), and
-    gdso_loss at the goal point also with cross-warp group statistics and with 8 warps."""
+    """Every case; the group advantage once per CUDA segment kernel (the KERNEL launch setting),
+    gdso_loss at the goal point also with cross-warp group statistics and with 8 warps, and at
+    G = 2 and 4 also with 1 and 2 warps (the default is 4)."""
     for name, fn in cases():
         if name.startswith("group_advantage"):
             for k in (1, 2):
@@ -59,12 +69,11 @@ def variants():
                 yield f"{name} kernel={k}", run
         else:
             yield name, fn
-        if name == "gdso_loss fwd+bwd P=512 G=8":
-            for what, cfg in (("WARP_STATS=0", dict(WARP_STATS=0)), ("num_warps=8", dict(num_warps=8))):
-                def run(fn=fn, cfg=cfg):
-                    with override("gdso_fwd", **cfg):
-                        return fn()
-                yield f"{name} {what}", run
+        for what, cfg in GDSO_VARIANTS.get(name, ()):
+            def run(fn=fn, cfg=cfg):
+                with override("gdso_fwd", **cfg):
+                    return fn()
+            yield f"{name} {what}", run
 
 
 only = sys.argv[1] if len(sys.argv) > 1 else ""
