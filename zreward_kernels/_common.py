@@ -73,7 +73,7 @@ def _normalize_bins(bin_values) -> Tuple[float, ...]:
         raise ValueError(f"bin_values needs at least 2 bins, got {len(vals)}")
     if len(vals) > MAX_BINS:
         raise ValueError(f"bin_values has {len(vals)} bins; at most {MAX_BINS} are supported")
-    if not all(math.isfinite(v) for v in vals):
+    if not all(_finite(v) for v in vals):
         raise ValueError(f"bin_values must be finite, got {vals}")
     if any(b <= a for a, b in zip(vals, vals[1:])):
         raise ValueError(f"bin_values must be strictly increasing, got {vals}")
@@ -95,6 +95,13 @@ def bins_tensor(bins: Tuple[float, ...], device: torch.device, dtype: torch.dtyp
     return t
 
 
+def _finite(v: float) -> bool:
+    """``math.isfinite`` for a Python float, in comparisons (False for NaN): ``torch.compile`` with
+    ``dynamic=True`` refuses ``math.isfinite`` on a float inside a traced function ("torch.* op
+    returned non-Tensor"), which broke every public op compiled that way."""
+    return -math.inf < v < math.inf
+
+
 def _as_float(name: str, value) -> float:
     """``value`` as a Python float: a real number (Python or numpy), not a tensor, a bool or a string
     (``float()`` reads True as 1.0 and "1e-6" as a number, so a config value of the wrong type went
@@ -111,14 +118,14 @@ def _as_float(name: str, value) -> float:
 
 def check_temperature(temperature) -> float:
     t = _as_float("temperature", temperature)
-    if not (math.isfinite(t) and t > 0):
+    if not (_finite(t) and t > 0):
         raise ValueError(f"temperature must be a finite positive float, got {temperature!r}")
     return t
 
 
 def check_float(name: str, value, *, positive: bool = False, nonneg: bool = False) -> float:
     v = _as_float(name, value)
-    if not math.isfinite(v):
+    if not _finite(v):
         raise ValueError(f"{name} must be finite, got {value!r}")
     if positive and v <= 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
