@@ -12,7 +12,8 @@ Gradients reach ``hidden`` and, when the weight requires grad, the K used rows o
 * ``weight_grad="sparse"``: the weight's gradient is a sparse COO tensor holding only the K rows
   (as ``nn.Embedding(sparse=True)`` does), so no dense ``[V, H]`` gradient is ever allocated; use
   an optimizer that accepts sparse gradients, or keep the rows as their own parameter
-  (:class:`zreward.heads.RestrictedHead`);
+  (:class:`zreward.heads.RestrictedHead`).  Under ``torch.compile`` this path runs eagerly (a
+  graph break: Dynamo cannot trace sparse tensors; with ``fullgraph=True`` an error that says so);
 * a frozen weight (``requires_grad=False``) gets no gradient at all.
 
 The ``*_from_hidden`` entry points compose the projection with the fused rubric ops.  The only
@@ -66,6 +67,15 @@ class _SparseRowsFn(torch.autograd.Function):
                 d_bias = torch.sparse_coo_tensor(ids.unsqueeze(0), g.sum(0).to(ctx.bias_dtype), ctx.bias_shape,
                                                  check_invariants=False)
         return d_hidden, d_weight, None, d_bias
+
+
+@torch.compiler.disable(reason="weight_grad='sparse' runs eagerly: torch.compile cannot trace sparse COO gradients; "
+                                "compile with weight_grad='dense', a frozen weight, or zreward.heads.RestrictedHead")
+def _sparse_rows_eager(x, weight, ids, bias):
+    """:class:`_SparseRowsFn` outside the compiled graph: Dynamo cannot trace ``torch.sparse_coo_tensor``,
+    so under ``torch.compile`` the sparse path is a graph break (an error with ``fullgraph=True``, naming the
+    reason above) instead of a failure inside Dynamo."""
+    return _SparseRowsFn.apply(x, weight, ids, bias)
 
 
 def _as_ids(token_ids, device: torch.device) -> torch.Tensor:
@@ -131,7 +141,8 @@ def restricted_logits(
     lead = hidden.shape[:-1]
     x = hidden.reshape(-1, h)
     if weight_grad == "sparse" and torch.is_grad_enabled():
-        out = _SparseRowsFn.apply(x, lm_head_weight, ids, bias)
+        sparse_fn = _sparse_rows_eager if torch.compiler.is_compiling() else _SparseRowsFn.apply
+        out = sparse_fn(x, lm_head_weight, ids, bias)
     else:
         out = x @ lm_head_weight.index_select(0, ids).to(x.dtype).t()
         if bias is not None:

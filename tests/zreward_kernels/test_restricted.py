@@ -87,6 +87,28 @@ def test_sparse_weight_gradient_equals_dense_rows(kdev):
     assert_close(sb.to_dense(), db)
 
 
+def test_sparse_weight_gradient_under_torch_compile():
+    """Dynamo cannot trace sparse COO tensors: under torch.compile the sparse path runs eagerly (a graph
+    break, same gradients), and with fullgraph=True the error says why and what compiles instead."""
+    hidden, weight, bias = _setup(device="cpu")
+
+    def loss(h, w, b):
+        return (restricted_logits(h, w, IDS, b, weight_grad="sparse") ** 2).sum()
+
+    grads = []
+    for fn in (loss, torch.compile(loss, backend="aot_eager")):
+        torch._dynamo.reset()
+        h, w, b = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
+        fn(h, w, b).backward()
+        assert w.grad.is_sparse and b.grad.is_sparse
+        grads.append((h.grad, w.grad.to_dense(), b.grad.to_dense()))
+    for name, a, e in zip(("hidden", "weight", "bias"), grads[1], grads[0]):
+        assert_close(a, e, name=name)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="weight_grad='sparse' runs eagerly.*weight_grad='dense'"):
+        torch.compile(loss, backend="aot_eager", fullgraph=True)(hidden, weight.clone().requires_grad_(True), bias)
+
+
 def test_frozen_weight_gets_no_gradient(kdev):
     hidden, weight, _ = _setup(device=kdev)
     h = hidden.clone().requires_grad_(True)
