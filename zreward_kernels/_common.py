@@ -8,7 +8,8 @@ Validation is split in two kinds:
   range, distributions that sum to one) read tensor values and therefore need a
   host synchronisation.  They run when ``validate=True`` (the default) and are
   skipped when ``validate=False``, while ``torch.compile`` traces the call, or
-  while a CUDA graph is being captured -- a host sync would break all three.
+  while a CUDA graph is being captured -- a host sync would break all three.  Under
+  ``torch.func.vmap`` they run on the flags of every vmapped sample.
 """
 
 from __future__ import annotations
@@ -170,11 +171,17 @@ def check_float_tensor(name: str, t) -> None:
 class DataChecks:
     """Value checks (the ones that read tensor data) gathered and read back with one host sync.
 
-    ``bad(flag, message)`` queues a 0-d bool tensor that is True when a check fails, with the
-    error's message: a string, or a callable that builds it (called only on failure, so a message
-    may index the data).  :meth:`raise_first` reads every flag at once -- one device-to-host copy
-    instead of one per check -- and raises ``ValueError`` for the first failed check, in the order
-    they were queued.  Every flag must be on one device.
+    ``bad(flag, message, detail=None)`` queues a 0-d bool tensor that is True when a check fails,
+    with the error's message and, optionally, a callable returning text appended to it that names the
+    offending value (called only on failure, so it may index the data).  :meth:`raise_first` reads
+    every flag at once -- one device-to-host copy instead of one per check -- and raises
+    ``ValueError`` for the first failed check, in the order they were queued.  Every flag must be on
+    one device.
+
+    Under ``torch.func`` transforms (``vmap`` over the op, a ``grad`` inside it) the flags are
+    wrapped tensors whose values cannot be read directly: they are unwrapped to the flags of every
+    vmapped sample, so the checks still run; where a detail cannot be computed there (it indexes a
+    batched tensor), the message is raised without it.
     """
 
     __slots__ = ("_flags", "_messages")
@@ -183,17 +190,41 @@ class DataChecks:
         self._flags: list = []
         self._messages: list = []
 
-    def bad(self, flag: torch.Tensor, message) -> None:
+    def bad(self, flag: torch.Tensor, message: str, detail=None) -> None:
         self._flags.append(flag)
-        self._messages.append(message)
+        self._messages.append((message, detail))
 
     def raise_first(self) -> None:
         if not self._flags:
             return
-        failed = torch.stack(self._flags).tolist() if len(self._flags) > 1 else [bool(self._flags[0])]
-        for is_bad, message in zip(failed, self._messages):
+        flags = self._flags
+        wrapped = _functorch_wrapped(flags[0])
+        if wrapped:
+            flags = [_unwrapped(f).any() for f in flags]
+        failed = torch.stack(flags).tolist() if len(flags) > 1 else [bool(flags[0])]
+        for is_bad, (message, detail) in zip(failed, self._messages):
             if is_bad:
-                raise ValueError(message() if callable(message) else message)
+                if detail is not None:
+                    try:
+                        message += detail()
+                    except Exception:  # noqa: BLE001 - a batched tensor cannot be indexed by its values
+                        if not wrapped:
+                            raise
+                raise ValueError(message)
+
+
+_IS_WRAPPED = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+
+
+def _functorch_wrapped(t: torch.Tensor) -> bool:
+    return _IS_WRAPPED is not None and bool(_IS_WRAPPED(t))
+
+
+def _unwrapped(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor under ``torch.func`` wrappers (a batched flag: one value per vmapped sample)."""
+    while _functorch_wrapped(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
 
 
 def check_finite_logits(checks: DataChecks, name: str, logits: torch.Tensor) -> None:
@@ -224,8 +255,8 @@ def check_distribution(checks: DataChecks, name: str, probs: torch.Tensor, atol:
     checks.bad((probs < 0).any(), f"{name} has negative entries; it must hold probabilities")
     sums = probs.float().sum(-1)
     off = (sums - 1.0).abs() > atol
-    checks.bad(off.any(), lambda: (f"{name} rows must sum to 1 (within {atol}); "
-                                   f"found a row summing to {float(sums[off].flatten()[0]):.6g}"))
+    checks.bad(off.any(), f"{name} rows must sum to 1 (within {atol})",
+               lambda: f"; found a row summing to {float(sums[off].flatten()[0]):.6g}")
 
 
 def scores_to_bins(checks: DataChecks, scores: torch.Tensor, bins: Tuple[float, ...], name: str = "scores") -> None:
@@ -235,8 +266,9 @@ def scores_to_bins(checks: DataChecks, scores: torch.Tensor, bins: Tuple[float, 
     checks.bad(~torch.isfinite(scores).all(), f"{name} contains NaN or inf")
     lo, hi = bins[0], bins[-1]
     out = (scores < lo - 1e-4) | (scores > hi + 1e-4)
-    checks.bad(out.any(), lambda: f"{name} must lie in [{lo}, {hi}]; found {float(scores[out].flatten()[0])}")
+    checks.bad(out.any(), f"{name} must lie in [{lo}, {hi}]", lambda: f"; found {float(scores[out].flatten()[0])}")
     off = (scores.double().unsqueeze(-1) - bins_tensor(bins, scores.device, torch.float64)).abs().min(-1).values > 1e-4
-    checks.bad(off.any(), lambda: f"{name} must lie on the bin grid {bins}; found {float(scores[off].flatten()[0])}")
+    checks.bad(off.any(), f"{name} must lie on the bin grid {bins}",
+               lambda: f"; found {float(scores[off].flatten()[0])}")
 
 

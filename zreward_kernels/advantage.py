@@ -151,8 +151,8 @@ def group_advantage(
             checks.bad(~torch.isfinite(rewards).all(), "rewards contains NaN or inf")
         if group_offsets is not None:
             o = group_offsets
-            checks.bad((o[0] != 0) | (o[-1] != m),
-                       lambda: f"group_offsets must start at 0 and end at M={m}, got {int(o[0])} ... {int(o[-1])}")
+            checks.bad((o[0] != 0) | (o[-1] != m), f"group_offsets must start at 0 and end at M={m}",
+                       lambda: f", got {int(o[0])} ... {int(o[-1])}")
             if o.shape[0] > 1:
                 checks.bad((o[1:] < o[:-1]).any(), "group_offsets must be sorted (non-decreasing)")
         checks.raise_first()

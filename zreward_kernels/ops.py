@@ -161,8 +161,8 @@ def rubric_loss(
         check_finite_logits(checks, "logits", logits)
         if target is not None and target.numel():
             bad = (target != ignore_index) & ((target < 0) | (target >= k))
-            checks.bad(bad.any(), lambda: (f"target values must be bin indices in [0, {k}) or "
-                                           f"ignore_index={ignore_index}; found {int(target[bad].flatten()[0])}"))
+            checks.bad(bad.any(), f"target values must be bin indices in [0, {k}) or ignore_index={ignore_index}",
+                       lambda: f"; found {int(target[bad].flatten()[0])}")
         if target_probs is not None:
             check_distribution(checks, "target_probs", target_probs)
         if teacher_logits is not None:

@@ -134,9 +134,10 @@ def restricted_logits(
     if data_checks_enabled(validate):  # one host sync for both
         checks = DataChecks()
         out = (ids < 0) | (ids >= v)
-        checks.bad(out.any(), lambda: f"token_ids must lie in [0, {v}) (the LM head's vocabulary); found {int(ids[out][0])}")
+        checks.bad(out.any(), f"token_ids must lie in [0, {v}) (the LM head's vocabulary)",
+                   lambda: f"; found {int(ids[out][0])}")
         srt = ids.sort().values
-        checks.bad((srt[1:] == srt[:-1]).any(), lambda: f"token_ids must be distinct, got {ids.tolist()}")
+        checks.bad((srt[1:] == srt[:-1]).any(), "token_ids must be distinct", lambda: f", got {ids.tolist()}")
         checks.raise_first()
     lead = hidden.shape[:-1]
     x = hidden.reshape(-1, h)
