@@ -198,7 +198,7 @@ class DataChecks:
         if not self._flags:
             return
         flags = self._flags
-        wrapped = _functorch_wrapped(flags[0])
+        wrapped = functorch_wrapped(flags[0])
         if wrapped:
             flags = [_unwrapped(f).any() for f in flags]
         failed = torch.stack(flags).tolist() if len(flags) > 1 else [bool(flags[0])]
@@ -216,13 +216,14 @@ class DataChecks:
 _IS_WRAPPED = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
 
 
-def _functorch_wrapped(t: torch.Tensor) -> bool:
+def functorch_wrapped(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ``torch.func`` transform's wrapper (``vmap``'s batched tensor, ``grad``'s)."""
     return _IS_WRAPPED is not None and bool(_IS_WRAPPED(t))
 
 
 def _unwrapped(t: torch.Tensor) -> torch.Tensor:
     """The plain tensor under ``torch.func`` wrappers (a batched flag: one value per vmapped sample)."""
-    while _functorch_wrapped(t):
+    while functorch_wrapped(t):
         t = torch._C._functorch.get_unwrapped(t)
     return t
 

@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from ._common import functorch_wrapped
 from ._triton_utils import HAS_TRITON, TRITON_IMPORT_ERROR, TRITON_VERSION, interpreter_enabled
 from ._tuning import CONFIGS
 
@@ -93,6 +94,9 @@ def _triton_unavailable_reason(x: torch.Tensor, extra: Optional[str]) -> Optiona
         return f"Triton kernels need CUDA tensors, got device {x.device}"
     if x.dtype == torch.float64:
         return "float64 inputs are supported by the reference backend only (the kernels compute in float32)"
+    if not torch.compiler.is_compiling() and functorch_wrapped(x):  # (Dynamo cannot trace the check)
+        return ("torch.func transforms (vmap, grad, jacrev, ...) run the reference backend: the fused kernels' "
+                "autograd.Functions have no functorch rules")
     return extra
 
 

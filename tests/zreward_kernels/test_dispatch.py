@@ -63,6 +63,29 @@ def test_env_variable_forces_backend(monkeypatch, kdev):
         zk.score_stats(torch.randn(3, 9))
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_torch_func_transforms_take_the_reference_path(kdev):
+    """vmap / grad over an op: the fused path's autograd.Functions have no functorch rules (torch
+    raised "it must override the setup_context staticmethod" for every CUDA call under a transform),
+    so auto picks the reference there and an explicit backend="triton" says why it cannot run."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 9, generator=g).to(kdev)
+    t = torch.randint(0, 9, (4, 3), generator=g).to(kdev)
+    got = torch.func.vmap(lambda a: zk.score_stats(a).mean)(x)
+    assert zk.backend_info()["last_backend"]["score_stats"] == "reference"
+    torch.testing.assert_close(got, zk.score_stats(x, backend="reference").mean)
+    grad = torch.func.grad(lambda a: zk.rubric_loss(a, target=t).loss)(x)
+    assert zk.backend_info()["last_backend"]["rubric_loss"] == "reference"
+    xr = x.clone().requires_grad_(True)
+    zk.rubric_loss(xr, target=t, backend="reference").loss.backward()
+    torch.testing.assert_close(grad, xr.grad)
+    with pytest.raises(RuntimeError, match=r"backend='triton' was requested but cannot run: torch\.func transforms"):
+        torch.func.vmap(lambda a: zk.score_stats(a, backend="triton").mean)(x)
+    # outside a transform the fused path stays the choice where it runs
+    zk.score_stats(x, backend="triton")
+    assert zk.backend_info()["last_backend"]["score_stats"] == "triton"
+
+
 @pytest.mark.cuda
 def test_cuda_auto_uses_triton():
     zk.score_stats(torch.randn(3, 9, device="cuda"))
