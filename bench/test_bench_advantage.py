@@ -20,7 +20,9 @@ from zreward_kernels.advantage import compiled_available
 SIZES = [1024, 16384] if QUICK else [1024, 16384, 262144, 1048576, 4194304]
 GROUPS = ["2", "16", "64", "var"]
 # trl: TRL GRPOTrainer's fixed-group code; kernel1: the first CUDA segment kernel (KERNEL=1; the default is 2)
-IMPLS = ["verl_loop", "trl", "vectorized", "compiled", "compiled_kernel1"]
+# compiled_ids: group_ids=labels in shuffled order (verl's index after its balance_batch reordering): sort, the op,
+# scatter back
+IMPLS = ["verl_loop", "trl", "vectorized", "compiled", "compiled_kernel1", "compiled_ids"]
 
 
 def verl_loop(scores: torch.Tensor, index, epsilon: float = 1e-6) -> torch.Tensor:
@@ -117,8 +119,13 @@ def test_group_advantage(benchmark, impl, groups, m):
                 pytest.skip(f"compiled op unavailable: {compiled_available(DEVICE)}")
             if impl == "compiled_kernel1" and DEVICE.type != "cuda":
                 pytest.skip("KERNEL=1 selects a CUDA segment kernel; on CPU it is the same op as 'compiled'")
-            kw = dict(group_size=g) if g else dict(group_offsets=off_d)
-            fn = lambda: group_advantage(r, validate=False, **kw)  # noqa: E731
+            if impl == "compiled_ids":
+                perm = torch.randperm(m, generator=torch.Generator().manual_seed(1))
+                r_s, ids_s = r[perm.to(DEVICE)], ids_d[perm.to(DEVICE)]
+                fn = lambda: group_advantage(r_s, group_ids=ids_s, validate=False)  # noqa: E731
+            else:
+                kw = dict(group_size=g) if g else dict(group_offsets=off_d)
+                fn = lambda: group_advantage(r, validate=False, **kw)  # noqa: E731
         rounds = 10 if m >= 1048576 else 50
 
     def step():
@@ -127,12 +134,14 @@ def test_group_advantage(benchmark, impl, groups, m):
         return out
 
     with override("group_advantage", KERNEL=1) if impl == "compiled_kernel1" else contextlib.nullcontext():
-        _run(benchmark, step, impl, groups, m, rounds, r, g, offsets)
+        _run(benchmark, step, impl, groups, m, rounds, r, g, offsets, perm if impl == "compiled_ids" else None)
 
 
-def _run(benchmark, step, impl, groups, m, rounds, r, g, offsets):
+def _run(benchmark, step, impl, groups, m, rounds, r, g, offsets, perm=None):
     first = step()  # warm-up, and every implementation must compute the same advantages
     out = first[0] if isinstance(first, tuple) else first
+    if perm is not None:  # the shuffled samples' advantages, back in group order
+        out = torch.empty_like(out).index_copy_(0, perm.to(out.device), out)
     if not (impl == "verl_loop" and g is None):  # verl gives singleton groups (r - 0) / (1 + eps), not 0
         kw = dict(group_size=g) if g else dict(group_offsets=offsets)
         want, st = group_advantage(r.cpu(), backend="reference", **kw)

@@ -54,7 +54,7 @@ def test_fused_ops_block():
 
 def test_group_advantage_block():
     ns = dict(rewards=torch.randn(64, generator=torch.Generator().manual_seed(0)),
-              cu_seqlens=torch.tensor([0, 3, 3, 20, 64]))
+              cu_seqlens=torch.tensor([0, 3, 3, 20, 64]), uids=[f"prompt-{i % 5}" for i in range(64)])
     exec(_blocks("python")[1], ns)
     adv, stats = ns["adv"], ns["stats"]
     assert adv.shape == (64,) and stats.mean.shape == (4,) and bool(stats.zero_std[1])  # the empty group

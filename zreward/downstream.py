@@ -55,11 +55,14 @@ def group_rewards(scorer: RewardScorer, images, prompts: Sequence[str], *, group
                   dimensions: Optional[Sequence[str]] = None, check_prompts: bool = True) -> GroupRewards:
     """Score the samples (no gradients) and normalise the rewards within each prompt's group.
 
-    The samples of a group are consecutive: ``group_size`` for groups of equal size or
-    ``group_offsets [G+1]`` (like ``cu_seqlens``; a tensor, a list or an array of ints) otherwise;
+    With neither ``group_size`` nor ``group_offsets`` the groups are the prompts: samples with the
+    same prompt text form a group wherever they stand in the batch (``group_ids=prompts`` of
+    :func:`zreward_kernels.group_advantage`; the stats come in sorted-prompt order).  Otherwise the
+    samples of a group are consecutive: ``group_size`` for groups of equal size or
+    ``group_offsets [G+1]`` (like ``cu_seqlens``; a tensor, a list or an array of ints);
     ``mode`` is ``std`` (GRPO), ``mean`` (Dr. GRPO) or ``rloo``, as in
-    :func:`zreward_kernels.group_advantage`.  ``check_prompts`` raises if a group holds different
-    prompts (a sign of mis-ordered samples).
+    :func:`zreward_kernels.group_advantage`.  ``check_prompts`` raises if a consecutive group holds
+    different prompts (a sign of mis-ordered samples).
     """
     images = image_batch(images)
     prompts = prompt_list(prompts, images)
@@ -77,7 +80,7 @@ def group_rewards(scorer: RewardScorer, images, prompts: Sequence[str], *, group
                 raise ValueError(f"group_offsets must rise from 0 to the {len(prompts)} samples, got {bounds[:8]}"
                                  f"{'...' if len(bounds) > 8 else ''}")
         else:
-            bounds = None  # group_advantage raises the missing-argument error
+            bounds = None  # grouped by prompt below
         if bounds is not None:
             for g, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
                 if len(set(prompts[a:b])) > 1:
@@ -86,5 +89,7 @@ def group_rewards(scorer: RewardScorer, images, prompts: Sequence[str], *, group
     out = scorer.score(images, prompts, dimensions)
     if group_offsets is not None:  # a list or array is fine here; the op itself takes a tensor on the rewards' device
         group_offsets = torch.as_tensor(group_offsets, device=out.reward.device)
-    adv, stats = group_advantage(out.reward, group_size=group_size, group_offsets=group_offsets, mode=mode, eps=eps)
+    by_prompt = list(prompts) if group_size is None and group_offsets is None else None
+    adv, stats = group_advantage(out.reward, group_size=group_size, group_offsets=group_offsets, group_ids=by_prompt,
+                                 mode=mode, eps=eps)
     return GroupRewards(adv, out.reward, stats, out)

@@ -19,6 +19,7 @@ import numbers
 import os
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 from ._common import DataChecks, check_float, data_checks_enabled
@@ -83,6 +84,54 @@ def compiled_available(device: torch.device) -> Optional[str]:
 
 
 _ADV_BACKENDS = ("auto", "compiled", "reference")
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def groups_from_ids(group_ids, m: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(order [M], offsets [G+1])``: a stable permutation putting the samples in group order
+    (groups by sorted label, members in input order) and the offsets of the contiguous groups it
+    makes.  ``group_ids``: an integer tensor (any device), a numpy array or a sequence of hashable,
+    sortable labels.  Reads the group count on the host."""
+    if isinstance(group_ids, torch.Tensor):
+        if group_ids.dtype not in _INT_DTYPES:
+            raise TypeError(f"group_ids must be an integer tensor (or a sequence of labels), got {group_ids.dtype}")
+        codes = group_ids
+    else:
+        if isinstance(group_ids, (str, bytes)) or not hasattr(group_ids, "__len__"):
+            raise TypeError(f"group_ids must be a tensor, a numpy array or a sequence of labels, "
+                            f"got {type(group_ids).__name__}")
+        arr = np.asarray(group_ids) if not isinstance(group_ids, np.ndarray) else group_ids
+        if arr.size == 0 or arr.dtype.kind in "iub":
+            codes = torch.from_numpy(arr.astype(np.int64, copy=False))
+        else:
+            if arr.dtype.kind == "f":
+                raise TypeError("group_ids must be integer or label values, got floats")
+            try:
+                _, inverse = np.unique(arr, return_inverse=True)
+            except TypeError as exc:
+                raise TypeError(f"group_ids must be sortable labels of one kind: {exc}") from exc
+            codes = torch.from_numpy(inverse.reshape(-1).astype(np.int64))
+    if codes.dim() != 1 or codes.shape[0] != m:
+        raise ValueError(f"group_ids must be [M] = [{m}] (one label per reward), got shape {tuple(codes.shape)}")
+    codes = codes.to(device=device)
+    lo, hi = torch.stack(torch.aminmax(codes)).tolist() if m else (0, 0)  # one sync for both
+    if 0 <= lo and hi < min(4 * m + 1024, 2**31 - 1):
+        # dense labels (np.unique's codes, prompt indices): int32 keys sort faster, and bincount counts the
+        # groups in one pass (1 vs 13 ms for unique_consecutive at M = 2^20 on the 2-core CPU); labels that
+        # do not occur leave zero counts, dropped
+        keys = codes.to(torch.int32)
+        if keys.is_cpu and hi < 65536:  # numpy's stable sort of 16-bit keys is a radix sort: 64 vs 700 us at M = 16384
+            order = torch.from_numpy(np.argsort(keys.numpy().astype(np.uint16), kind="stable"))
+        else:
+            order = torch.sort(keys, stable=True)[1]
+        counts = torch.bincount(keys)
+        counts = counts[counts > 0]
+    else:
+        srt, order = torch.sort(codes.to(torch.int64), stable=True)
+        counts = torch.unique_consecutive(srt, return_counts=True)[1]
+    offsets = torch.zeros(counts.shape[0] + 1, dtype=torch.int64, device=device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return order, offsets
 
 
 def group_advantage(
@@ -94,12 +143,20 @@ def group_advantage(
     eps: float = 1e-6,
     validate: bool = True,
     backend: Optional[str] = None,
+    group_ids=None,
 ) -> Tuple[torch.Tensor, GroupStats]:
     """Group-normalised advantages for GRPO-style trainers.
 
     ``rewards [M]`` (fp16/bf16/fp32/fp64) are split into groups either of a fixed ``group_size``
     (``M % group_size == 0``) or by ``group_offsets [G+1]`` (sorted, first 0, last M, like
-    FlashAttention's ``cu_seqlens``; empty groups allowed) -- exactly one of the two.
+    FlashAttention's ``cu_seqlens``; empty groups allowed) -- contiguous groups -- or by
+    ``group_ids [M]``, each sample's group label in any order (what verl's ``index`` of prompt
+    uids is: an integer tensor, a numpy array, or a sequence of hashable, sortable labels such as
+    uid strings) -- exactly one of the three.  With ``group_ids`` the samples are put in group order
+    by a stable sort, the op runs on the contiguous groups and the advantages come back in the
+    input order; the stats are in the order of the sorted distinct labels (``torch.unique`` /
+    ``numpy.unique`` order).  Counting the groups reads them on the host (one sync), so that path is
+    not for compiled or CUDA-graph-captured loops: pass offsets there.
 
     ``mode``: ``"std"`` -> ``(r - mean) / (std + eps)`` with the unbiased std; ``"mean"`` ->
     ``r - mean`` (Dr. GRPO); ``"rloo"`` -> ``r - mean of the other members``.  A group of one gets
@@ -124,8 +181,19 @@ def group_advantage(
         raise ValueError(f"mode must be one of {ADV_MODES}, got {mode!r}")
     eps_ = eps if type(eps) is float and 0.0 <= eps < math.inf else check_float("eps", eps, nonneg=True)
     m = rewards.shape[0]
+    if group_ids is not None:
+        if group_size is not None or group_offsets is not None:
+            raise ValueError("give exactly one of group_size, group_offsets and group_ids")
+        order, offsets = groups_from_ids(group_ids, m, rewards.device)
+        if m and data_checks_enabled(validate):  # the offsets are valid by construction: only the rewards to check
+            checks = DataChecks()
+            checks.bad(~torch.isfinite(rewards).all(), "rewards contains NaN or inf")
+            checks.raise_first()
+        adv_sorted, stats = group_advantage(rewards[order], group_offsets=offsets, mode=mode, eps=eps_,
+                                            validate=False, backend=backend)
+        return torch.empty_like(adv_sorted).index_copy_(0, order, adv_sorted), stats
     if (group_size is None) == (group_offsets is None):
-        raise ValueError("give exactly one of group_size and group_offsets")
+        raise ValueError("give exactly one of group_size, group_offsets and group_ids")
     if group_size is not None:
         if type(group_size) is not int:
             if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):

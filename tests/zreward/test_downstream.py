@@ -77,6 +77,12 @@ def test_group_rewards_normalise_within_each_prompt(scorer):
         as_list = group_rewards(scorer, images, ["a red car"] * 2 + ["a blue dog"] * 4, group_offsets=given,
                                 mode="mean")
         torch.testing.assert_close(as_list.advantages, res2.advantages)
+    # no group arguments: the groups are the prompts, wherever their samples stand in the batch
+    shuffled = [0, 3, 4, 1, 5, 2]
+    by_prompt = group_rewards(scorer, images[shuffled], [prompts[i] for i in shuffled])
+    torch.testing.assert_close(by_prompt.rewards, res.rewards[shuffled])
+    torch.testing.assert_close(by_prompt.advantages, res.advantages[shuffled])
+    torch.testing.assert_close(by_prompt.stats.mean, res.stats.mean.flip(0))  # sorted prompts: "a blue dog" first
     with pytest.raises(ValueError, match=r"group 1 \(samples 3\.\.5\) mixes prompts"):
         group_rewards(scorer, images, prompts[:4] + ["a red car", "a blue dog"], group_size=3)
     with pytest.raises(ValueError, match="group_size must be a positive int dividing the 6 samples"):

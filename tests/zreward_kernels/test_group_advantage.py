@@ -156,10 +156,20 @@ def test_empty_input(device):
 
 def test_bad_input():
     r = torch.randn(10)
-    with pytest.raises(ValueError, match="exactly one of group_size and group_offsets"):
+    with pytest.raises(ValueError, match="exactly one of group_size, group_offsets and group_ids"):
         zk.group_advantage(r)
-    with pytest.raises(ValueError, match="exactly one of group_size and group_offsets"):
+    with pytest.raises(ValueError, match="exactly one of group_size, group_offsets and group_ids"):
         zk.group_advantage(r, group_size=5, group_offsets=torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match="exactly one of group_size, group_offsets and group_ids"):
+        zk.group_advantage(r, group_size=5, group_ids=torch.zeros(10, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"group_ids must be \[M\] = \[10\]"):
+        zk.group_advantage(r, group_ids=torch.zeros(9, dtype=torch.long))
+    with pytest.raises(TypeError, match="group_ids must be an integer tensor"):
+        zk.group_advantage(r, group_ids=torch.zeros(10))
+    with pytest.raises(TypeError, match="got floats"):
+        zk.group_advantage(r, group_ids=[0.5] * 10)
+    with pytest.raises(TypeError, match="got str"):
+        zk.group_advantage(r, group_ids="abcdefghij")
     with pytest.raises(ValueError, match=r"not a multiple of group_size \(3\)"):
         zk.group_advantage(r, group_size=3)
     with pytest.raises(ValueError, match="group_size must be positive"):
@@ -190,6 +200,56 @@ def test_bad_input():
     # validate=False skips only the value checks
     adv, _ = zk.group_advantage(bad, group_size=5, validate=False)
     assert torch.isnan(adv[:5]).all() and torch.isfinite(adv[5:]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["std", "mean", "rloo"])
+def test_group_ids_in_any_order(device, mode):
+    """Groups given as one label per sample in any order (verl's index of prompt uids; its balance_batch
+    reorders a batch across ranks): the same advantages, in the input order, as the contiguous groups,
+    the stats in sorted-label order; integer tensors, numpy arrays and lists of uid strings alike."""
+    g = torch.Generator().manual_seed(3)
+    sizes = [3, 1, 5, 2, 16, 4]
+    offsets = [0] + np.cumsum(sizes).tolist()
+    labels = torch.cat([torch.full((n,), 10 * i + 7) for i, n in enumerate(sizes)])  # sorted, not 0..G-1
+    r = torch.randn(offsets[-1], generator=g, dtype=torch.float64).float()
+    perm = torch.randperm(offsets[-1], generator=g)
+    exp_adv, exp_mean, exp_std, exp_zs = _loop_reference(r, offsets, mode, 1e-6)
+    uids = [f"uid-{int(v):04d}" for v in labels[perm]]  # zero-padded: string order is label order
+    for backend in _backends(device):
+        # dense labels (counted by bincount), sparse and negative ones (a sort and unique_consecutive), labels
+        # as numpy integers, as uid strings in an object array and in a list
+        sparse = labels[perm] * 10**12 - 10**13
+        for ids in (labels[perm].to(device), sparse.to(device), labels[perm].numpy(), np.array(uids, dtype=object),
+                    uids):
+            adv, st = zk.group_advantage(r[perm].to(device), group_ids=ids, mode=mode, backend=backend)
+            assert_close(adv.cpu().double(), exp_adv[perm], atol=1e-5, rtol=1e-5, name=f"{backend} {type(ids)}")
+            assert_close(st.mean.cpu().double(), exp_mean, atol=1e-5, rtol=1e-5, name="mean")
+            assert_close(st.std.cpu().double(), exp_std, atol=1e-5, rtol=1e-5, name="std")
+            assert torch.equal(st.zero_std.cpu(), exp_zs)
+    # members keep their input order within a group: a stable sort, so the result does not depend on ties
+    same = torch.zeros(offsets[-1], dtype=torch.long, device=device)
+    adv, _ = zk.group_advantage(r.to(device), group_ids=same, mode=mode)
+    assert_close(adv.cpu().double(), _loop_reference(r, [0, offsets[-1]], mode, 1e-6)[0], atol=1e-5, rtol=1e-5,
+                 name="one group")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_group_ids_with_many_labels(device):
+    """Dense labels past 16 bits (the torch sort instead of numpy's radix sort on CPU): the same as the
+    contiguous groups the labels make."""
+    g = torch.Generator().manual_seed(4)
+    m = 20000
+    labels = torch.randint(0, 80000, (m,), generator=g)
+    labels[0] = 79999  # beyond 65535 for certain
+    r = torch.randn(m, generator=g)
+    srt, order = torch.sort(labels, stable=True)
+    counts = torch.unique_consecutive(srt, return_counts=True)[1]
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(device)
+    want, want_st = zk.group_advantage(r[order].to(device), group_offsets=offsets)
+    got, got_st = zk.group_advantage(r.to(device), group_ids=labels.to(device))
+    torch.testing.assert_close(got.cpu()[order], want.cpu())
+    torch.testing.assert_close(got_st.std.cpu(), want_st.std.cpu())
 
 
 @pytest.mark.skipif(EXT_STATUS["cpu"] is not None, reason="compiled extension not built")
