@@ -100,7 +100,10 @@ def groups_from_ids(group_ids, m: int, device: torch.device) -> Tuple[torch.Tens
         if isinstance(group_ids, (str, bytes)) or not hasattr(group_ids, "__len__"):
             raise TypeError(f"group_ids must be a tensor, a numpy array or a sequence of labels, "
                             f"got {type(group_ids).__name__}")
-        arr = np.asarray(group_ids) if not isinstance(group_ids, np.ndarray) else group_ids
+        arr = group_ids if isinstance(group_ids, np.ndarray) else np.asarray(group_ids)
+        if arr.ndim != 1 and not isinstance(group_ids, np.ndarray):  # labels that are tuples: one object each
+            arr = np.empty(len(group_ids), dtype=object)
+            arr[:] = list(group_ids)
         if arr.size == 0 or arr.dtype.kind in "iub":
             codes = torch.from_numpy(arr.astype(np.int64, copy=False))
         else:
@@ -120,7 +123,7 @@ def groups_from_ids(group_ids, m: int, device: torch.device) -> Tuple[torch.Tens
         # groups in one pass (1 vs 13 ms for unique_consecutive at M = 2^20 on the 2-core CPU); labels that
         # do not occur leave zero counts, dropped
         keys = codes.to(torch.int32)
-        if keys.is_cpu and hi < 65536:  # numpy's stable sort of 16-bit keys is a radix sort: 64 vs 700 us at M = 16384
+        if keys.is_cpu and hi < 65536:  # numpy's stable sort of 16-bit keys is a radix sort (64 vs 700 us at 16384)
             order = torch.from_numpy(np.argsort(keys.numpy().astype(np.uint16), kind="stable"))
         else:
             order = torch.sort(keys, stable=True)[1]

@@ -220,8 +220,9 @@ def test_group_ids_in_any_order(device, mode):
         # dense labels (counted by bincount), sparse and negative ones (a sort and unique_consecutive), labels
         # as numpy integers, as uid strings in an object array and in a list
         sparse = labels[perm] * 10**12 - 10**13
+        pairs = [(u[:4], int(u[4:])) for u in uids]  # tuples as labels, e.g. (prompt, seed)
         for ids in (labels[perm].to(device), sparse.to(device), labels[perm].numpy(), np.array(uids, dtype=object),
-                    uids):
+                    uids, pairs):
             adv, st = zk.group_advantage(r[perm].to(device), group_ids=ids, mode=mode, backend=backend)
             assert_close(adv.cpu().double(), exp_adv[perm], atol=1e-5, rtol=1e-5, name=f"{backend} {type(ids)}")
             assert_close(st.mean.cpu().double(), exp_mean, atol=1e-5, rtol=1e-5, name="mean")
