@@ -29,7 +29,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ._common import BIN_VALUES, DataChecks, check_float_tensor, check_same_device, data_checks_enabled
+from ._common import (BIN_VALUES, DataChecks, check_float_tensor, check_same_device, data_checks_enabled,
+                      functorch_wrapped)
 from .ops import gdso_loss, rubric_loss, score_stats
 from .reference import GDSOOutput, RubricLossOutput, ScoreStats
 
@@ -142,8 +143,13 @@ def restricted_logits(
     lead = hidden.shape[:-1]
     x = hidden.reshape(-1, h)
     if weight_grad == "sparse" and torch.is_grad_enabled():
-        sparse_fn = _sparse_rows_eager if torch.compiler.is_compiling() else _SparseRowsFn.apply
-        out = sparse_fn(x, lm_head_weight, ids, bias)
+        if torch.compiler.is_compiling():
+            out = _sparse_rows_eager(x, lm_head_weight, ids, bias)
+        else:
+            if functorch_wrapped(x) or functorch_wrapped(lm_head_weight):
+                raise ValueError("weight_grad='sparse' cannot run under torch.func transforms (vmap, grad, ...): "
+                                 "use weight_grad='dense' there")
+            out = _SparseRowsFn.apply(x, lm_head_weight, ids, bias)
     else:
         out = x @ lm_head_weight.index_select(0, ids).to(x.dtype).t()
         if bias is not None:

@@ -107,6 +107,12 @@ def test_sparse_weight_gradient_under_torch_compile():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="weight_grad='sparse' runs eagerly.*weight_grad='dense'"):
         torch.compile(loss, backend="aot_eager", fullgraph=True)(hidden, weight.clone().requires_grad_(True), bias)
+    # torch.func transforms: the autograd.Function has no functorch rules (torch said "must override the
+    # setup_context staticmethod"); dense works there
+    with pytest.raises(ValueError, match="weight_grad='sparse' cannot run under torch.func transforms"):
+        torch.func.grad(lambda h: loss(h, weight, bias))(hidden)
+    dense = torch.func.grad(lambda h: (restricted_logits(h, weight, IDS, bias) ** 2).sum())(hidden)
+    assert_close(dense, grads[0][0], name="dense under torch.func.grad")
 
 
 def test_frozen_weight_gets_no_gradient(kdev):
