@@ -72,7 +72,7 @@ step_tests() {
   # test_one_version_everywhere reads the installed package metadata: here the package runs from the
   # source tree (PYTHONPATH, no pip install), so that test can only fail (it did on the 2026-11-27 run,
   # which then kept the tuned configurations out of the benchmarks); CI runs it on the installed package
-  env ${XDIST:+OMP_NUM_THREADS=1} timeout "$t" $PY -m pytest $PATHS -q -rfEs $XDIST -p no:cacheprovider \
+  env ${XDIST:+OMP_NUM_THREADS=1} timeout "$t" $PY -m pytest $PATHS -q -rfEs --durations=15 $XDIST -p no:cacheprovider \
     --deselect tests/test_build.py::test_one_version_everywhere >"$OUT/tests.log" 2>&1
   TESTS_RC=$?
   # the tuned configurations need the kernel tests only: a failure of a library test on the GPU
