@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from ._common import DataChecks, check_float, data_checks_enabled
+from ._common import _INT_DTYPES, DataChecks, check_float, data_checks_enabled
 from ._dispatch import record_backend, requested_backend
 from .reference import ADV_MODES, GroupStats
 from .reference import group_advantage as _reference
@@ -84,7 +84,6 @@ def compiled_available(device: torch.device) -> Optional[str]:
 
 
 _ADV_BACKENDS = ("auto", "compiled", "reference")
-_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def groups_from_ids(group_ids, m: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -188,12 +187,8 @@ def group_advantage(
         if group_size is not None or group_offsets is not None:
             raise ValueError("give exactly one of group_size, group_offsets and group_ids")
         order, offsets = groups_from_ids(group_ids, m, rewards.device)
-        if m and data_checks_enabled(validate):  # the offsets are valid by construction: only the rewards to check
-            checks = DataChecks()
-            checks.bad(~torch.isfinite(rewards).all(), "rewards contains NaN or inf")
-            checks.raise_first()
         adv_sorted, stats = group_advantage(rewards[order], group_offsets=offsets, mode=mode, eps=eps_,
-                                            validate=False, backend=backend)
+                                            validate=validate, backend=backend)
         return torch.empty_like(adv_sorted).index_copy_(0, order, adv_sorted), stats
     if (group_size is None) == (group_offsets is None):
         raise ValueError("give exactly one of group_size, group_offsets and group_ids")

@@ -170,6 +170,10 @@ def test_bad_input():
         zk.group_advantage(r, group_ids=[0.5] * 10)
     with pytest.raises(TypeError, match="got str"):
         zk.group_advantage(r, group_ids="abcdefghij")
+    nan_r = r.clone()
+    nan_r[4] = float("nan")
+    with pytest.raises(ValueError, match="rewards contains NaN or inf"):
+        zk.group_advantage(nan_r, group_ids=[0, 1] * 5)
     with pytest.raises(ValueError, match=r"not a multiple of group_size \(3\)"):
         zk.group_advantage(r, group_size=3)
     with pytest.raises(ValueError, match="group_size must be positive"):
