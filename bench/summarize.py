@@ -100,16 +100,20 @@ def main() -> None:
         print("Median ms per call; speed-ups of the compiled op. verl_loop = verl's per-group Python loop "
               "(CPU only, M <= 16384 and the goal point M = 2^20 in groups of 16); TRL = TRL GRPOTrainer's "
               "grouped mean/std + repeat_interleave (fixed groups); group_ids = the compiled op given one label per "
-              "sample in shuffled order (sorted into groups, the advantages scattered back).\n")
+              "sample in shuffled order (sorted into groups, the advantages scattered back); uid strings = the same labels "
+              "as 32-hex-digit strings in a numpy object array (verl's index).\n")
         # the other CUDA segment kernel, if timed: KERNEL=1 (the default is 2 since the 2026-11-27 sweep);
         # result files of earlier runs timed KERNEL=2 next to the then default 1
         alt = next((k for k in ("compiled_kernel1", "compiled_kernel2") if any(k in r for r in adv.values())), None)
         k2 = alt is not None
         ids = any("compiled_ids" in r for r in adv.values())  # group_ids in shuffled order (verl's index)
+        uids = any("compiled_uids" in r for r in adv.values())  # the same as uid strings
         print("| groups | M | verl loop ms | TRL ms | vectorized ms | compiled ms | vs loop | vs TRL | vs vectorized |"
               + (f" kernel {alt[-1]} ms | kernel {alt[-1]} vs vectorized |" if k2 else "")
-              + (" group_ids (shuffled) ms | group_ids vs loop |" if ids else ""))
-        print("|---|---|---|---|---|---|---|---|---|" + ("---|---|" if k2 else "") + ("---|---|" if ids else ""))
+              + (" group_ids (shuffled) ms | group_ids vs loop |" if ids else "")
+              + (" uid strings ms | uid strings vs loop |" if uids else ""))
+        print("|---|---|---|---|---|---|---|---|---|" + ("---|---|" if k2 else "") + ("---|---|" if ids else "")
+              + ("---|---|" if uids else ""))
         order = {"2": 0, "16": 1, "64": 2, "var": 3}
 
         def ratio(a, b, fmt):
@@ -120,9 +124,10 @@ def main() -> None:
             lo, tr, ve, co = r.get("verl_loop"), r.get("trl"), r.get("vectorized"), r.get("compiled")
             c2 = r.get(alt) if k2 else None
             extra = f" {_fmt_ms(c2)} | {ratio(ve, c2, '.1f')} |" if k2 else ""
-            if ids:
-                ci = r.get("compiled_ids")
-                extra += f" {_fmt_ms(ci)} | {ratio(lo, ci, '.0f')} |"
+            for present, key in ((ids, "compiled_ids"), (uids, "compiled_uids")):
+                if present:
+                    ci = r.get(key)
+                    extra += f" {_fmt_ms(ci)} | {ratio(lo, ci, '.0f')} |"
             print(f"| {grp} | {m} | {_fmt_ms(lo)} | {_fmt_ms(tr)} | {_fmt_ms(ve)} | {_fmt_ms(co)} | "
                   f"{ratio(lo, co, '.0f')} | {ratio(tr, co, '.1f')} | {ratio(ve, co, '.1f')} |" + extra)
 

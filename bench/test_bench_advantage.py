@@ -9,6 +9,7 @@ makes one device round trip per element).
 import contextlib
 from collections import defaultdict
 
+import numpy as np
 import pytest
 import torch
 from conftest import DEVICE, QUICK, sync
@@ -21,8 +22,8 @@ SIZES = [1024, 16384] if QUICK else [1024, 16384, 262144, 1048576, 4194304]
 GROUPS = ["2", "16", "64", "var"]
 # trl: TRL GRPOTrainer's fixed-group code; kernel1: the first CUDA segment kernel (KERNEL=1; the default is 2)
 # compiled_ids: group_ids=labels in shuffled order (verl's index after its balance_batch reordering): sort, the op,
-# scatter back
-IMPLS = ["verl_loop", "trl", "vectorized", "compiled", "compiled_kernel1", "compiled_ids"]
+# scatter back; compiled_uids: the same labels as uid strings in a numpy object array (what verl's index holds)
+IMPLS = ["verl_loop", "trl", "vectorized", "compiled", "compiled_kernel1", "compiled_ids", "compiled_uids"]
 
 
 def verl_loop(scores: torch.Tensor, index, epsilon: float = 1e-6) -> torch.Tensor:
@@ -119,9 +120,13 @@ def test_group_advantage(benchmark, impl, groups, m):
                 pytest.skip(f"compiled op unavailable: {compiled_available(DEVICE)}")
             if impl == "compiled_kernel1" and DEVICE.type != "cuda":
                 pytest.skip("KERNEL=1 selects a CUDA segment kernel; on CPU it is the same op as 'compiled'")
-            if impl == "compiled_ids":
+            if impl in ("compiled_ids", "compiled_uids"):
+                if impl == "compiled_uids" and m > 1048576:
+                    pytest.skip("uid strings up to M = 2^20")
                 perm = torch.randperm(m, generator=torch.Generator().manual_seed(1))
                 r_s, ids_s = r[perm.to(DEVICE)], ids_d[perm.to(DEVICE)]
+                if impl == "compiled_uids":  # 32 hex digits, like str(uuid4()) without dashes
+                    ids_s = np.array([f"{(v * 2654435761) % 2**128:032x}" for v in ids[perm].tolist()], dtype=object)
                 fn = lambda: group_advantage(r_s, group_ids=ids_s, validate=False)  # noqa: E731
             else:
                 kw = dict(group_size=g) if g else dict(group_offsets=off_d)
@@ -134,7 +139,8 @@ def test_group_advantage(benchmark, impl, groups, m):
         return out
 
     with override("group_advantage", KERNEL=1) if impl == "compiled_kernel1" else contextlib.nullcontext():
-        _run(benchmark, step, impl, groups, m, rounds, r, g, offsets, perm if impl == "compiled_ids" else None)
+        _run(benchmark, step, impl, groups, m, rounds, r, g, offsets, perm if impl.startswith("compiled_") and
+             impl != "compiled_kernel1" else None)
 
 
 def _run(benchmark, step, impl, groups, m, rounds, r, g, offsets, perm=None):

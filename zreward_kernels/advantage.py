@@ -86,6 +86,22 @@ def compiled_available(device: torch.device) -> Optional[str]:
 _ADV_BACKENDS = ("auto", "compiled", "reference")
 
 
+def _label_codes(labels) -> np.ndarray:
+    """Codes 0..G-1 of hashable, sortable labels (uid strings, tuples), numbered in sorted-label order:
+    one dict pass and a sort of the G distinct labels (0.65 vs 2.7 ms for numpy.unique on 8192 uid
+    strings on the 2-core CPU)."""
+    index: dict = {}
+    try:
+        first = np.fromiter((index.setdefault(x, len(index)) for x in labels), dtype=np.int64, count=len(labels))
+        distinct = list(index)
+        by_label = sorted(range(len(distinct)), key=distinct.__getitem__)
+    except TypeError as exc:
+        raise TypeError(f"group_ids must be hashable, sortable labels of one kind: {exc}") from exc
+    rank = np.empty(len(distinct), dtype=np.int64)
+    rank[by_label] = np.arange(len(distinct))
+    return rank[first]
+
+
 def groups_from_ids(group_ids, m: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(order [M], offsets [G+1])``: a stable permutation putting the samples in group order
     (groups by sorted label, members in input order) and the offsets of the contiguous groups it
@@ -99,26 +115,27 @@ def groups_from_ids(group_ids, m: int, device: torch.device) -> Tuple[torch.Tens
         if isinstance(group_ids, (str, bytes)) or not hasattr(group_ids, "__len__"):
             raise TypeError(f"group_ids must be a tensor, a numpy array or a sequence of labels, "
                             f"got {type(group_ids).__name__}")
-        arr = group_ids if isinstance(group_ids, np.ndarray) else np.asarray(group_ids)
-        if arr.ndim != 1 and not isinstance(group_ids, np.ndarray):  # labels that are tuples: one object each
-            arr = np.empty(len(group_ids), dtype=object)
-            arr[:] = list(group_ids)
-        if arr.size == 0 or arr.dtype.kind in "iub":
-            codes = torch.from_numpy(arr.astype(np.int64, copy=False))
-        else:
-            if arr.dtype.kind == "f":
+        arr = group_ids if isinstance(group_ids, np.ndarray) else None
+        if arr is None:
+            first = next(iter(group_ids), 0)
+            if isinstance(first, (float, np.floating)):
                 raise TypeError("group_ids must be integer or label values, got floats")
-            try:
-                _, inverse = np.unique(arr, return_inverse=True)
-            except TypeError as exc:
-                raise TypeError(f"group_ids must be sortable labels of one kind: {exc}") from exc
-            codes = torch.from_numpy(inverse.reshape(-1).astype(np.int64))
+            if isinstance(first, (numbers.Integral, np.integer)):
+                arr = np.asarray(group_ids)
+        if arr is not None and (arr.size == 0 or arr.dtype.kind in "iub"):
+            codes = torch.from_numpy(arr.astype(np.int64, copy=False))
+        elif arr is not None and arr.dtype.kind == "f":
+            raise TypeError("group_ids must be integer or label values, got floats")
+        elif arr is not None and arr.ndim != 1:
+            raise ValueError(f"group_ids must be [M] = [{m}] (one label per reward), got shape {arr.shape}")
+        else:
+            codes = torch.from_numpy(_label_codes(group_ids if arr is None else arr))
     if codes.dim() != 1 or codes.shape[0] != m:
         raise ValueError(f"group_ids must be [M] = [{m}] (one label per reward), got shape {tuple(codes.shape)}")
     codes = codes.to(device=device)
     lo, hi = torch.stack(torch.aminmax(codes)).tolist() if m else (0, 0)  # one sync for both
     if 0 <= lo and hi < min(4 * m + 1024, 2**31 - 1):
-        # dense labels (np.unique's codes, prompt indices): int32 keys sort faster, and bincount counts the
+        # dense labels (the codes of string labels, prompt indices): int32 keys sort faster, and bincount counts the
         # groups in one pass (1 vs 13 ms for unique_consecutive at M = 2^20 on the 2-core CPU); labels that
         # do not occur leave zero counts, dropped
         keys = codes.to(torch.int32)
