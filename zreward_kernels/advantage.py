@@ -122,6 +122,8 @@ def groups_from_ids(group_ids, m: int, device: torch.device) -> Tuple[torch.Tens
                 raise TypeError("group_ids must be integer or label values, got floats")
             if isinstance(first, (numbers.Integral, np.integer)):
                 arr = np.asarray(group_ids)
+                if arr.dtype.kind not in "iub":  # not all ints: the labels as given (mixed kinds do not sort)
+                    arr = None
         if arr is not None and (arr.size == 0 or arr.dtype.kind in "iub"):
             codes = torch.from_numpy(arr.astype(np.int64, copy=False))
         elif arr is not None and arr.dtype.kind == "f":

@@ -170,6 +170,11 @@ def test_bad_input():
         zk.group_advantage(r, group_ids=[0.5] * 10)
     with pytest.raises(TypeError, match="got str"):
         zk.group_advantage(r, group_ids="abcdefghij")
+    for mixed in ([1, "a"] * 5, ["a", 1] * 5):  # numpy would turn 1 into "1"
+        with pytest.raises(TypeError, match="sortable labels of one kind"):
+            zk.group_advantage(r, group_ids=mixed)
+    with pytest.raises(TypeError, match="sortable labels of one kind: unhashable"):
+        zk.group_advantage(r, group_ids=[[0]] * 10)
     nan_r = r.clone()
     nan_r[4] = float("nan")
     with pytest.raises(ValueError, match="rewards contains NaN or inf"):
