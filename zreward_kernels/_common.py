@@ -213,6 +213,17 @@ class DataChecks:
                 raise ValueError(message)
 
 
+def first_order_only(op: str) -> None:
+    """Called in a fused op's backward: raise when it runs to build a graph (``create_graph=True``).
+
+    The fused backward scales or recomputes the gradient in a kernel, outside autograd's view, so a
+    second derivative through it would miss the op's share without an error.  The backward of a
+    graph traced by ``torch.compile`` is skipped (its tracing may run with grad mode on)."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(f"{op}: the fused path is differentiable once; a second derivative through it "
+                           "(create_graph=True: gradient penalties, Hessian-vector products) needs backend='reference'")
+
+
 _IS_WRAPPED = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
 
 

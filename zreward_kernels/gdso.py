@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ._common import first_order_only
 from ._triton_utils import HAS_TRITON, cdiv, next_pow2, tl, triton
 from ._tuning import CONFIGS
 from ._workspace import semaphores
@@ -243,6 +244,7 @@ class _GDSOFn(torch.autograd.Function):
     def backward(ctx, g_loss, *_unused):
         if g_loss is None:
             return (None,) * 4
+        first_order_only("gdso_loss")
         (dx,) = ctx.saved_tensors
         # a 0-d fp32 grad does not promote a bf16/fp16 tensor: one multiply kernel, input dtype kept
         return (dx * g_loss,) + (None,) * 3

@@ -41,6 +41,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._common import first_order_only
 from ._triton_utils import HAS_TRITON, cdiv, next_pow2, tl, triton
 from ._tuning import CONFIGS
 from ._workspace import semaphores
@@ -740,6 +741,7 @@ class _ScoreStatsFn(torch.autograd.Function):
         x, bins = ctx.saved_tensors
         if g_probs is None and g_mean is None and g_std is None:
             return None, None, None
+        first_order_only("score_stats")
         k = x.shape[-1]
         rows = x.numel() // k
         dx = torch.empty_like(x)
@@ -801,6 +803,7 @@ class _RubricLossFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, g_ce, g_kl, g_pair, g_mean, g_std):
+        first_order_only("rubric_loss")
         x, bins, target, target_probs, teacher, pairs, ws, sign, nv = ctx.saved_tensors
         w_ce, w_kl, w_pair = ctx.weights
         has_ce = target is not None or target_probs is not None

@@ -86,6 +86,39 @@ def test_torch_func_transforms_take_the_reference_path(kdev):
     assert zk.backend_info()["last_backend"]["score_stats"] == "triton"
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_second_derivatives_need_the_reference(kdev):
+    """The fused backward computes its gradient in a kernel, outside autograd: create_graph=True through it
+    raises instead of silently leaving out the op's share of a second derivative (a gradient penalty on
+    the logits summed with another term lost the fused term's part).  The reference is differentiable
+    twice; a plain backward and a checkpointed one are unaffected."""
+    from torch.utils.checkpoint import checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 9, generator=g).to(kdev)
+    t = torch.randint(0, 9, (4, 3), generator=g).to(kdev)
+    scores = torch.full((2, 2), 3.0, device=kdev)
+    ops = {
+        "score_stats": lambda a, be: zk.score_stats(a, backend=be).mean.sum(),
+        "rubric_loss": lambda a, be: zk.rubric_loss(a, target=t, backend=be).loss,
+        "gdso_loss": lambda a, be: zk.gdso_loss(a.reshape(2, 2, 3, 9), scores, backend=be).loss,
+    }
+    for name, f in ops.items():
+        xt = x.clone().requires_grad_(True)
+        with pytest.raises(RuntimeError, match=f"{name}: the fused path is differentiable once.*backend='reference'"):
+            torch.autograd.grad(f(xt, "triton") + (xt ** 3).sum(), xt, create_graph=True)
+        xr = x.clone().requires_grad_(True)
+        (gr,) = torch.autograd.grad(f(xr, "reference"), xr, create_graph=True)
+        (hr,) = torch.autograd.grad((gr ** 2).sum(), xr)
+        assert float(hr.abs().sum()) > 0, name
+        xt = x.clone().requires_grad_(True)
+        f(xt, "triton").backward()
+        xc = x.clone().requires_grad_(True)
+        checkpoint(f, xc, "triton", use_reentrant=True).backward()
+        torch.testing.assert_close(xc.grad, xt.grad)
+        torch.testing.assert_close(xt.grad, torch.autograd.grad(f(xr, "reference"), xr)[0], atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.cuda
 def test_cuda_auto_uses_triton():
     zk.score_stats(torch.randn(3, 9, device="cuda"))
