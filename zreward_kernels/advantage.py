@@ -117,12 +117,9 @@ def groups_from_ids(group_ids, m: int, device: torch.device) -> Tuple[torch.Tens
                             f"got {type(group_ids).__name__}")
         arr = group_ids if isinstance(group_ids, np.ndarray) else None
         if arr is None:
-            first = next(iter(group_ids), 0)
-            if isinstance(first, (float, np.floating)):
-                raise TypeError("group_ids must be integer or label values, got floats")
-            if isinstance(first, (numbers.Integral, np.integer)):
+            if isinstance(next(iter(group_ids), 0), (numbers.Real, np.number)):  # numbers: one numpy array
                 arr = np.asarray(group_ids)
-                if arr.dtype.kind not in "iub":  # not all ints: the labels as given (mixed kinds do not sort)
+                if arr.dtype.kind not in "iubf":  # numbers and labels mixed: as given (mixed kinds do not sort)
                     arr = None
         if arr is not None and (arr.size == 0 or arr.dtype.kind in "iub"):
             codes = torch.from_numpy(arr.astype(np.int64, copy=False))
