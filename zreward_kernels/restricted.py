@@ -47,6 +47,9 @@ class _SparseRowsFn(torch.autograd.Function):
         if bias is not None:
             out = out + bias.index_select(0, ids).to(out.dtype)
         ctx.save_for_backward(hidden, rows, ids)
+        # kept by reference for a second derivative only (backward under create_graph=True): the rows are
+        # gathered again there, from the weight, so that its share is recorded
+        ctx.weight, ctx.weight_version = weight, weight._version
         ctx.weight_shape = weight.shape
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -55,6 +58,13 @@ class _SparseRowsFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         hidden, rows, ids = ctx.saved_tensors
+        if torch.is_grad_enabled() and ctx.needs_input_grad[1]:
+            # create_graph=True: d_hidden = g @ W[ids] depends on the weight; the rows saved by forward
+            # carry no graph to it, so a second derivative would lack the weight's share without a word
+            if ctx.weight._version != ctx.weight_version:
+                raise RuntimeError("restricted_logits(weight_grad='sparse'): lm_head_weight was modified in place "
+                                   "between the forward and a backward with create_graph=True")
+            rows = ctx.weight.index_select(0, ids)
         d_hidden = d_weight = d_bias = None
         if ctx.needs_input_grad[0]:
             d_hidden = g @ rows.to(g.dtype)

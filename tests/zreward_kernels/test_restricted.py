@@ -87,6 +87,32 @@ def test_sparse_weight_gradient_equals_dense_rows(kdev):
     assert_close(sb.to_dense(), db)
 
 
+@pytest.mark.parametrize("wrt", ["hidden", "weight"])
+def test_sparse_weight_gradient_is_twice_differentiable(wrt):
+    """A second derivative through the sparse path (gradient penalties, Hessian-vector products) equals
+    the dense path's: the hidden-state gradient ``g @ W[ids]`` depends on the weight, whose share the
+    first version's saved rows lost without an error."""
+    hidden, weight, bias = (t.double() for t in _setup(lead=(6,)))
+
+    def second(mode):
+        h, w, b = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
+        s = score_stats(restricted_logits(h, w, IDS, b, weight_grad=mode), backend="reference")
+        first = torch.autograd.grad(s.mean.sum() + s.std.sum(), h if wrt == "hidden" else w, create_graph=True)[0]
+        ((first.to_dense() if first.is_sparse else first) ** 2).sum().backward()
+        return [t.grad.to_dense() if t.grad.is_sparse else t.grad for t in (h, w, b)]
+
+    for name, a, e in zip(("hidden", "weight", "bias"), second("sparse"), second("dense")):
+        assert float(e.abs().sum()) > 0, name
+        assert_close(a, e, atol=1e-10, rtol=1e-10, name=name)
+    # the rows are gathered again for it: a weight changed in place meanwhile is refused, not misread
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    out = restricted_logits(h, w, IDS, weight_grad="sparse").sum()
+    with torch.no_grad():
+        w.mul_(2)
+    with pytest.raises(RuntimeError, match="lm_head_weight was modified in place"):
+        torch.autograd.grad(out, h, create_graph=True)
+
+
 def test_sparse_weight_gradient_under_torch_compile():
     """Dynamo cannot trace sparse COO tensors: under torch.compile the sparse path runs eagerly (a graph
     break, same gradients), and with fullgraph=True the error says why and what compiles instead."""
