@@ -72,7 +72,12 @@ def test_policy_loss_matches_a_loop_reference_including_gradient():
         dn[i, j] -= h
         fd = (_loop_loss(up, old, ref, adv, mask, 0.2, 0.05) - _loop_loss(dn, old, ref, adv, mask, 0.2, 0.05)) / (2 * h)
         assert float(logp.grad[i, j]) == pytest.approx(fd, rel=1e-2, abs=1e-5)
-    assert 0.0 <= stats["clip_frac"] <= 1.0
+    # the clip counts where it takes effect (the surrogate gives the token no gradient): a ratio above 1 + eps with a
+    # positive advantage or below 1 - eps with a negative one, as TRL, verl and Liger count it
+    r, a = torch.exp(logp.detach() - old), adv[:, None].expand(n, t)
+    effective = [bool(mask[i, j]) and ((r[i, j] > 1.2 and a[i, j] > 0) or (r[i, j] < 0.8 and a[i, j] < 0))
+                 for i in range(n) for j in range(t)]
+    assert sum(effective) > 0 and stats["clip_frac"] == pytest.approx(sum(effective) / float(mask.sum()))
 
 
 def test_degenerate_group_gives_zero_policy_gradient():
@@ -261,14 +266,18 @@ def test_liger_fused_policy_loss_matches_the_pytorch_path(tau):
         lp0 = torch.log_softmax(hid @ w.t() / tau, -1).gather(-1, tok[..., None]).squeeze(-1)
     old = lp0 + 0.1 * torch.randn(b, t, generator=g)
     ref = lp0 + 0.1 * torch.randn(b, t, generator=g)
-    fused, _ = liger_token_loss(hid, tok, w, None, old, ref, adv, mask, 0.2, 0.04, compiled=False, temperature=tau)
+    fused, fused_stats = liger_token_loss(hid, tok, w, None, old, ref, adv, mask, 0.2, 0.04, compiled=False,
+                                          temperature=tau)
     fused.backward()
     gh, gw = hid.grad.clone(), w.grad.clone()
     hid.grad = w.grad = None
     lp = torch.log_softmax(hid @ w.t() / tau, -1).gather(-1, tok[..., None]).squeeze(-1)
-    plain, _ = grpo_token_loss(lp, old, ref, adv, mask, 0.2, 0.04)
+    plain, plain_stats = grpo_token_loss(lp, old, ref, adv, mask, 0.2, 0.04)
     plain.backward()
     assert abs(float(fused.detach()) - float(plain.detach())) < 1e-6
+    # the logged stats mean the same on both paths (clip_frac counted |r - 1| > eps whatever the advantage's sign)
+    assert plain_stats["clip_frac"] > 0
+    assert fused_stats == pytest.approx(plain_stats, abs=1e-6)
     torch.testing.assert_close(gh, hid.grad, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(gw, w.grad, atol=1e-6, rtol=1e-5)
 

@@ -57,6 +57,11 @@ def grpo_token_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_ref: Option
     sampled); ``advantages``: ``[N]`` (one per sequence) or ``[N, T]`` (per token).
     ``loss_t = -min(r_t A, clip(r_t, 1 - eps, 1 + eps) A) + beta (exp(d_t) - d_t - 1)`` with
     ``r_t = exp(logp - logp_old)`` and ``d_t = logp_ref - logp``.
+
+    Stats: ``policy_kl``, the mean k3 term over the masked tokens; ``clip_frac``, the fraction of
+    masked tokens whose clip takes effect (``r_t > 1 + eps`` with ``A > 0``, or ``r_t < 1 - eps``
+    with ``A < 0``: the token then gives no gradient), as TRL's ``clip_ratio/region_mean``, verl's
+    ``pg_clipfrac`` and Liger-Kernel's GRPO metric count it.
     """
     adv = advantages if advantages.dim() == 2 else advantages.unsqueeze(1)
     ratio = torch.exp(logp - logp_old)
@@ -73,7 +78,8 @@ def grpo_token_loss(logp: torch.Tensor, logp_old: torch.Tensor, logp_ref: Option
     with torch.no_grad():
         tot = m.sum().clamp(min=1)
         stats = {"policy_kl": float((kl * m).sum() / tot),
-                 "clip_frac": float((((ratio - 1).abs() > clip_eps).to(m.dtype) * m).sum() / tot)}
+                 "clip_frac": float(((((ratio > 1 + clip_eps) & (adv > 0)) | ((ratio < 1 - clip_eps) & (adv < 0)))
+                                     .to(m.dtype) * m).sum() / tot)}
     return loss, stats
 
 
