@@ -115,6 +115,8 @@ def test_gdso_learns_the_toy_task_and_resets_the_reference(base, tmp_path):
     train(cfg, items=toy_items())
     log = _log(tmp_path)
     assert all(x["kl_first_inner"] == 0.0 for x in log)  # pi_ref is reset to pi at every outer iteration
+    # clip_frac averages the inner updates: the first sees pi = pi_old and clips nothing (it logged only that one)
+    assert any(x["clip_frac"] > 0 for x in log) and all(0 <= x["clip_frac"] < 0.5 for x in log)
     assert all(x["policy_kl_last"] > 0 for x in log)  # ... and the inner updates move pi away from it
     assert log[-1]["ce"] < 0.5 * log[0]["ce"] and log[-1]["pw"] < log[0]["pw"]
     assert log[-1]["reward"] > log[0]["reward"] + 0.2

@@ -306,6 +306,13 @@ class RLMethod:
         return self.ctx.acc.unwrap_model(self.ctx.module).model
 
     def step(self, step: int, batch: List) -> Dict[str, float]:
+        """One outer iteration on ``batch``; returns its logged stats: ``reward`` (mean over the sampled
+        traces), ``trace_len`` (sampled tokens per trace), ``forced_marker`` (share of traces whose
+        marker was appended), ``policy_loss`` and ``loss`` (first inner update), ``kl_first_inner`` (0:
+        pi_ref was just reset to pi) and ``policy_kl_last`` (last inner update), ``clip_frac`` (the
+        share of sampled tokens whose clip took effect, averaged over the inner updates: the first sees
+        pi = pi_old and clips nothing), ``grad_norm`` (before clipping, averaged over the inner
+        updates), and for GDSO ``ce`` and ``pw`` (first inner update)."""
         cfg, acc, module, opt = self.cfg, self.ctx.acc, self.ctx.module, self.ctx.opt
         policy = self._policy()
         ref = copy.deepcopy(policy).eval() if cfg.beta > 0 else None  # reset pi_ref <- pi (this iteration)
@@ -373,6 +380,7 @@ class RLMethod:
         stats: Dict[str, float] = {"reward": float(rewards.mean()), "trace_len": float(mask.sum(1).float().mean()),
                                    "forced_marker": float(np.mean(forced))}
         norms = []  # read back once after the inner updates (no host sync per update)
+        clips = []
         for u in range(cfg.inner_updates):
             pol = None
             if self.ctx.use_liger:
@@ -407,10 +415,12 @@ class RLMethod:
                 norms.append(acc.clip_grad_norm_(module.parameters(), cfg.max_grad_norm))
             opt.step()
             opt.zero_grad(set_to_none=True)
+            clips.append(pstats["clip_frac"])
             if u == 0:
                 stats.update(policy_loss=float(pol.detach()), loss=float(loss.detach()),
-                             kl_first_inner=pstats["policy_kl"], clip_frac=pstats["clip_frac"])
+                             kl_first_inner=pstats["policy_kl"])
         stats["policy_kl_last"] = pstats["policy_kl"]
+        stats["clip_frac"] = float(np.mean(clips))
         if norms:
             stats["grad_norm"] = float(torch.stack([torch.as_tensor(n, dtype=torch.float32) for n in norms]).mean())
         del ref
