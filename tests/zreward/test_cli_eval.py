@@ -67,9 +67,18 @@ def test_eval_writes_metrics_predictions_and_plots(saved, capsys):
     assert rep["_meta"]["items"] == 18 and rep["_meta"]["images"] == 9
     for key in ("hpa", "margin_hpa", "plcc", "srcc", "krcc", "pairwise_ece", "kl", "js", "wasserstein1"):
         assert key in rep["pooled"]
-    assert 0.0 <= rep["pooled"]["hpa"] <= 1.0
     preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 18 and abs(sum(preds[0]["probs"]) - 1) < 1e-4
+    # the report is the predictions' metrics: HPA over same-group, same-dimension pairs, and SRCC, recomputed
+    from zreward.metrics import hpa, srcc
+
+    mean = [x["mean"] for x in preds]
+    ref = [x["reference"] for x in preds]
+    assert rep["pooled"]["hpa"] == pytest.approx(hpa(mean, ref, [f"{x['group']}/{x['dimension']}" for x in preds]))
+    assert rep["pooled"]["srcc"] == pytest.approx(srcc(mean, ref))
+    realism = [x for x in preds if x["dimension"] == "realism"]
+    assert rep["realism"]["plcc"] == pytest.approx(float(np.corrcoef([x["mean"] for x in realism],
+                                                                      [x["reference"] for x in realism])[0, 1]))
     pytest.importorskip("matplotlib")
     for name in ("reliability.png", "scatter.png", "dimensions.png"):
         assert (out / name).stat().st_size > 1000
