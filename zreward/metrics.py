@@ -295,17 +295,21 @@ def trimmed_mean(ratings, dim: int = -1, mask=None):
     """Reference score: mean after dropping one highest and one lowest rating (plain mean below 3).
 
     Accepts a tensor (returns a float64 tensor) or an array / list of equal-length rows (returns an
-    array).  ``mask`` marks the valid ratings of ragged rows.
+    array).  ``mask`` (the ratings' shape) marks the valid ratings of ragged rows.  A row without a
+    valid rating has no reference: NaN (it read 0.0, a score off the scale, as if rated).
     """
     is_torch = hasattr(ratings, "detach")
     r = _np(ratings)
     m = np.ones_like(r, dtype=bool) if mask is None else np.asarray(mask.cpu() if hasattr(mask, "cpu") else mask, bool)
+    if m.shape != r.shape:  # a mask of another shape would broadcast, marking ratings it was not given for
+        raise ValueError(f"mask must have the ratings' shape {r.shape}, got {m.shape}")
     n = m.sum(dim)
     total = np.where(m, r, 0.0).sum(dim)
-    hi = np.where(m, r, -np.inf).max(dim)
-    lo = np.where(m, r, np.inf).min(dim)
+    hi = np.where(m, r, -np.inf).max(dim, initial=-np.inf)
+    lo = np.where(m, r, np.inf).min(dim, initial=np.inf)
     with np.errstate(invalid="ignore", divide="ignore"):
         out = np.where(n >= 3, (total - hi - lo) / np.maximum(n - 2, 1), total / np.maximum(n, 1))
+    out = np.where(n > 0, out, np.nan)
     if is_torch:
         import torch
 

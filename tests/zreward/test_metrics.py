@@ -133,6 +133,12 @@ def test_trimmed_mean():
     assert isinstance(t, torch.Tensor) and float(t[0]) == 3.0
     ragged = M.trimmed_mean(np.array([[1, 2, 3, 0.0], [2, 2, 9, 9]]), mask=np.array([[1, 1, 1, 0], [1, 1, 1, 1]]))
     assert ragged.tolist() == pytest.approx([2.0, 5.5])
+    # a row without a valid rating has no reference (it read 0.0); no ratings at all alike
+    empty = M.trimmed_mean([[1, 2, 3], [4, 5, 6]], mask=[[1, 1, 1], [0, 0, 0]])
+    assert empty[0] == pytest.approx(2.0) and np.isnan(empty[1])
+    assert torch.isnan(M.trimmed_mean(torch.zeros(2, 0))).all()
+    with pytest.raises(ValueError, match=r"mask must have the ratings' shape \(2, 3\), got \(1, 3\)"):
+        M.trimmed_mean([[1, 2, 3], [4, 5, 6]], mask=[[1, 1, 0]])
 
 
 def test_evaluate_pooled_and_per_dimension():
