@@ -71,8 +71,12 @@ def _paired(pred, ref):
 
 
 def _dists(target_hist, pred_probs):
+    """Both as float64 arrays of one shape whose rows are distributions (see :func:`_check_distributions`:
+    an unnormalised or negative row gave a divergence that meant nothing, without an error)."""
     t, p = _np(target_hist, "target_hist"), _np(pred_probs, "pred_probs")
     _same_shape(t, p, "target_hist and pred_probs")
+    _check_distributions(t, "target_hist")
+    _check_distributions(p, "pred_probs")
     return t, p
 
 
@@ -175,15 +179,24 @@ def krcc(pred, ref) -> float:
 
 
 def rater_histograms(ratings: Sequence[Sequence[float]], bin_values: Sequence[float]) -> np.ndarray:
-    """Normalised histograms ``[N, K]`` of each item's ratings over the bins (nearest bin)."""
+    """Normalised histograms ``[N, K]`` of each item's ratings over the bins (nearest bin).
+
+    Every item needs at least one rating, each finite and within the bins' range: a rating off the
+    scale (a 7 on 1..5) was counted in the end bin and an item without ratings got an all-zero row,
+    which the divergences then scored without an error."""
     v = np.asarray(bin_values, dtype=np.float64)
+    lo, hi = float(v[0]), float(v[-1])
+    tol = 1e-9 * max(hi - lo, 1.0)
     out = np.zeros((len(ratings), len(v)))
     for i, rs in enumerate(ratings):
-        for x in rs:
-            out[i, int(np.argmin(np.abs(v - float(x))))] += 1
-        s = out[i].sum()
-        if s > 0:
-            out[i] /= s
+        xs = [float(x) for x in rs]
+        if not xs:
+            raise ValueError(f"ratings: item {i} has no ratings")
+        for x in xs:
+            if not (lo - tol <= x <= hi + tol):  # also refuses NaN
+                raise ValueError(f"ratings: item {i} has the rating {x}, outside the bins' range [{lo}, {hi}]")
+            out[i, int(np.argmin(np.abs(v - x)))] += 1
+        out[i] /= len(xs)
     return out
 
 

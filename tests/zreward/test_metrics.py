@@ -161,6 +161,25 @@ def test_evaluate_pooled_and_per_dimension():
     assert rep["pooled"]["srcc"] == pytest.approx(stats.spearmanr(pred, ref)[0])
 
 
+def test_distribution_metrics_refuse_what_is_not_a_distribution():
+    """An unnormalised or negative row, an item without ratings and a rating off the scale gave numbers
+    (KL 5.5 for a histogram summing to 4, a 7 counted as a 5, an all-zero histogram) without an error."""
+    u = np.full((1, 9), 1 / 9)
+    for fn in (M.kl_divergence, M.js_divergence, lambda t, p: M.wasserstein1(t, p, BINS)):
+        with pytest.raises(ValueError, match="target_hist must hold probability rows.*row 0 sums to 4"):
+            fn(u * 4, u)
+        with pytest.raises(ValueError, match="pred_probs must hold probability rows.*minimum -0.5"):
+            fn(u, np.array([[1.5, -0.5] + [0.0] * 7]))
+        assert fn(u, u)[0] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="item 1 has no ratings"):
+        M.rater_histograms([[3.0], []], BINS)
+    with pytest.raises(ValueError, match=r"item 0 has the rating 7.0, outside the bins' range \[1.0, 5.0\]"):
+        M.rater_histograms([[7.0]], BINS)
+    with pytest.raises(ValueError, match="item 0 has the rating nan"):
+        M.rater_histograms([[float("nan")]], BINS)
+    assert M.rater_histograms([[3.2, 5.0]], BINS)[0].tolist() == [0, 0, 0, 0, 0.5, 0, 0, 0, 0.5]  # nearest bin
+
+
 def test_gsb():
     from zreward.metrics import gsb
 
