@@ -27,8 +27,9 @@
 # left), and the benchmark modules run in priority order, each with what is left, so a late one is
 # cut, not all.  TEST_TIMEOUT (200), TUNE_TIMEOUT (120), BENCH_TIMEOUT (200 per part),
 # BENCH_MODULES (space-separated MODULE or MODULE:FILTER parts, priority order).
-# Tuned launch configurations: when no kernel or build test failed (a failing library test is
-# reported, not gating) and the sweep wrote kernel_configs.json, the
+# Tuned launch configurations: when no kernel or build test failed (a failing library test, or one of
+# the NOT_GATING kernel tests of PyTorch-feature integration, is reported, not gating) and the sweep
+# wrote kernel_configs.json, the
 # steps after it (bench, profile) run with ZREWARD_KERNEL_CONFIGS pointing at that file
 # (USE_TUNED=0 keeps the defaults); summary.md's first lines say which configurations were used.
 set -u
@@ -76,10 +77,13 @@ step_tests() {
     --deselect tests/test_build.py::test_one_version_everywhere >"$OUT/tests.log" 2>&1
   TESTS_RC=$?
   # the tuned configurations need the kernel tests only: a failure of a library test on the GPU
-  # (tests/zreward/test_cuda.py) is reported but does not cost the tuned benchmarks
+  # (tests/zreward/test_cuda.py) is reported but does not cost the tuned benchmarks, nor does one of
+  # the kernel tests of how the ops meet PyTorch features (torch.compile with dynamic shapes,
+  # torch.func, create_graph; NOT_GATING), which check no launch configuration's values
+  NOT_GATING=${NOT_GATING:-"test_fullgraph_compile_with_dynamic_shapes_cuda|test_torch_func_transforms_take_the_reference_path|test_second_derivatives_need_the_reference"}
   KERNEL_TESTS_OK=0
   if { [ "$TESTS_RC" = 0 ] || [ "$TESTS_RC" = 1 ]; } && grep -Eq "[0-9]+ passed" "$OUT/tests.log" \
-    && ! grep -Eq "^(FAILED|ERROR) tests/(zreward_kernels|test_build)" "$OUT/tests.log"; then
+    && ! grep -E "^(FAILED|ERROR) tests/(zreward_kernels|test_build)" "$OUT/tests.log" | grep -Evq "$NOT_GATING"; then
     KERNEL_TESTS_OK=1
   fi
   echo "tests exit: $TESTS_RC (kernel tests ok: $KERNEL_TESTS_OK) after ${SECONDS}s" | tee -a "$OUT/tests.log"
