@@ -239,11 +239,14 @@ def _unwrapped(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def check_finite_logits(checks: DataChecks, name: str, logits: torch.Tensor) -> None:
+def check_finite_logits(checks: DataChecks, name: str, logits: torch.Tensor, temperature: float = 1.0) -> None:
     """Queue the data check: no NaN / +inf, and every row has at least one finite logit.
 
     One pass over the logits: the row maxima (``amax`` propagates NaN) are NaN for a row holding
-    NaN, +inf for a row holding +inf, and -inf only for a row whose logits are all -inf.
+    NaN, +inf for a row holding +inf, and -inf only for a row whose logits are all -inf.  Below
+    ``temperature`` 1 a finite row maximum must stay finite once divided by it, in the precision
+    the ops compute in (float32; float64 for float64 logits): a row whose maximum overflowed to
+    +-inf gave NaN probabilities.
     """
     if logits.numel() == 0:
         return
@@ -251,6 +254,12 @@ def check_finite_logits(checks: DataChecks, name: str, logits: torch.Tensor) -> 
     checks.bad(rmax.isnan().any(), f"{name} contains NaN")
     checks.bad((rmax == float("inf")).any(), f"{name} contains +inf")
     checks.bad((rmax == float("-inf")).any(), f"{name} has a row whose logits are all -inf (no bin has probability mass)")
+    if temperature < 1.0:
+        dt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        over = (rmax.to(dt) / temperature).isinf() & rmax.isfinite()
+        checks.bad(over.any(), f"{name} / temperature overflows {str(dt)[6:]} (temperature={temperature}): scale the "
+                   "logits down or raise the temperature",
+                   lambda: f"; a row's largest logit is {float(rmax[over].flatten()[0]):.4g}")
 
 
 def check_distribution(checks: DataChecks, name: str, probs: torch.Tensor, atol: float = 1e-3) -> None:

@@ -51,7 +51,7 @@ def score_stats(
     check_logits("logits", logits, len(bins))
     if data_checks_enabled(validate):
         checks = DataChecks()
-        check_finite_logits(checks, "logits", logits)
+        check_finite_logits(checks, "logits", logits, tau)
         checks.raise_first()
     be = choose_backend("score_stats", backend, logits)
     if be == "triton":
@@ -158,7 +158,7 @@ def rubric_loss(
     )
     if data_checks_enabled(validate):  # every value check, read back with one host sync
         checks = DataChecks()
-        check_finite_logits(checks, "logits", logits)
+        check_finite_logits(checks, "logits", logits, tau)
         if target is not None and target.numel():
             bad = (target != ignore_index) & ((target < 0) | (target >= k))
             checks.bad(bad.any(), f"target values must be bin indices in [0, {k}) or ignore_index={ignore_index}",
@@ -166,7 +166,7 @@ def rubric_loss(
         if target_probs is not None:
             check_distribution(checks, "target_probs", target_probs)
         if teacher_logits is not None:
-            check_finite_logits(checks, "teacher_logits", teacher_logits)
+            check_finite_logits(checks, "teacher_logits", teacher_logits, tau)
         if teacher_probs is not None:
             check_distribution(checks, "teacher_probs", teacher_probs)
         if pairs is not None and pairs.numel():
@@ -248,7 +248,7 @@ def gdso_loss(
     check_same_device("logits", logits, scores=scores)
     if data_checks_enabled(validate):
         checks = DataChecks()
-        check_finite_logits(checks, "logits", logits)
+        check_finite_logits(checks, "logits", logits, tau)
         scores_to_bins(checks, scores, bins, name="scores")
         checks.raise_first()
     from .gdso import MAX_GROUP

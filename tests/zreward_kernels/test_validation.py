@@ -1,5 +1,7 @@
 """Bad input gets a clear error naming the argument; validate=False skips only the data checks."""
 
+import re
+
 import pytest
 import torch
 
@@ -61,6 +63,33 @@ def test_rubric_loss_bad_inputs():
     _raises(ValueError, "weight_kl must be finite", rubric_loss, x, target=t, weight_kl=float("inf"))
     _raises(TypeError, "ignore_index must be an int", rubric_loss, x, target=t, ignore_index=1.5)
     _raises(ValueError, "ZREWARD_BACKEND|backend must be one of", rubric_loss, x, target=t, backend="cuda")
+
+
+@pytest.mark.parametrize("big", [1e38, -1e38])
+def test_logits_that_overflow_once_divided_by_the_temperature(big):
+    """Finite logits whose row maximum overflows float32 once divided by a temperature below 1 gave NaN
+    probabilities (a large positive maximum) or a NaN row (a row of large negatives) without an error."""
+    x = torch.zeros(2, 2, 1, 9)
+    if big > 0:
+        x[0, 0, 0, 3] = big
+    else:
+        x[0, 0, 0] = big
+    rows = x.reshape(4, 9)
+    ops = [lambda t, **kw: score_stats(t, **kw),
+           lambda t, **kw: rubric_loss(t, target=torch.zeros(4, dtype=torch.long), **kw),
+           lambda t, **kw: rubric_loss(torch.zeros(4, 9), teacher_logits=t, **kw),
+           lambda t, **kw: gdso_loss(t.reshape(2, 2, 1, 9), torch.full((2, 2), 3.0), **kw)]
+    for op in ops:
+        name = "teacher_logits" if op is ops[2] else "logits"
+        _raises(ValueError, rf"{name} / temperature overflows float32 \(temperature=0.1\).*largest logit is "
+                + re.escape(f"{big:.4g}"), op, rows, temperature=0.1)
+        _raises(ValueError, "overflows", op, rows.bfloat16(), temperature=0.1)
+        out = op(rows, temperature=0.5)  # 2e38 fits float32
+        assert all(torch.isfinite(t).all() for t in out if isinstance(t, torch.Tensor))
+        out = op(rows.double(), temperature=0.1)  # float64 logits are computed in float64: no overflow
+        assert all(torch.isfinite(t).all() for t in out if isinstance(t, torch.Tensor))
+    # what it refuses: the reference gave NaN there
+    assert torch.isnan(score_stats(rows, temperature=0.1, validate=False).probs[0]).all()
 
 
 def test_numpy_integer_ignore_index_is_taken():
