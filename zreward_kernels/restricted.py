@@ -47,10 +47,9 @@ class _SparseRowsFn(torch.autograd.Function):
         if bias is not None:
             out = out + bias.index_select(0, ids).to(out.dtype)
         ctx.save_for_backward(hidden, rows, ids)
-        # kept by reference for a second derivative only (backward under create_graph=True): the rows are
-        # gathered again there, from the weight, so that its share is recorded
+        # kept by reference (its shape, and for a second derivative, backward under create_graph=True, the
+        # rows are gathered again from it so that its share is recorded)
         ctx.weight, ctx.weight_version = weight, weight._version
-        ctx.weight_shape = weight.shape
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
@@ -73,7 +72,7 @@ class _SparseRowsFn(torch.autograd.Function):
         with torch.sparse.check_sparse_tensor_invariants(enable=False):
             if ctx.needs_input_grad[1]:
                 d_rows = (g.t() @ hidden).to(rows.dtype)
-                d_weight = torch.sparse_coo_tensor(ids.unsqueeze(0), d_rows, ctx.weight_shape, check_invariants=False)
+                d_weight = torch.sparse_coo_tensor(ids.unsqueeze(0), d_rows, ctx.weight.shape, check_invariants=False)
             if ctx.needs_input_grad[3]:
                 d_bias = torch.sparse_coo_tensor(ids.unsqueeze(0), g.sum(0).to(ctx.bias_dtype), ctx.bias_shape,
                                                  check_invariants=False)
