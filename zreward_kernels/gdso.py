@@ -31,7 +31,7 @@ if HAS_TRITON:
         X, S, V, K, G, n_pairs, inv_tau,
         DX, MEAN, STD, RPT, RPW, RWD, ADV, CE, PW, PART, COUNTER, LOSS,
         lambda_pt, lambda_pw, alpha_pt, alpha_pw, eps,
-        inv_g, r_range, inv_r, inv_p,
+        r_range, inv_r,
         PAIRS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_RED: tl.constexpr,
         NEEDS_GRAD: tl.constexpr, WARP_STATS: tl.constexpr,
     ):
@@ -39,6 +39,10 @@ if HAS_TRITON:
         # tile (slot s of pair j at flat row j * BLOCK_S + s; 2G rows per pair padded to BLOCK_S);
         # group maths on its [PAIRS, BLOCK_S] view and the [PAIRS, BLOCK_S, BLOCK_S] gap matrices.
         pid = tl.program_id(0).to(tl.int64)
+        # 1/G and 1/P from the integer sizes here: a host-side 1 / n_pairs is a symbolic float under
+        # torch.compile(dynamic=True), which inductor passed to the kernel typed as an integer
+        inv_g = 1.0 / tl.maximum(G, 1).to(tl.float32)
+        inv_p = 1.0 / tl.maximum(n_pairs, 1).to(tl.float32)
         cols = tl.arange(0, BLOCK_K)
         cmask = cols < K
         v = tl.load(V + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -230,7 +234,7 @@ class _GDSOFn(torch.autograd.Function):
             x, scores, bins, k, g, n_pairs, inv_tau,
             dx, mean, std, r_pt, r_pw, r, adv, ce, pw, part, counter, loss,
             float(lambda_pt), float(lambda_pw), float(alpha_pt), float(alpha_pw), float(eps),
-            1.0 / g, float(r_range), 1.0 / r_range, 1.0 / n_pairs,
+            float(r_range), 1.0 / r_range,
             PAIRS=pairs, BLOCK_S=block_s, BLOCK_K=next_pow2(k), BLOCK_RED=BLOCK_RED, NEEDS_GRAD=needs_grad,
             WARP_STATS=warp_stats, num_warps=warps,
         )

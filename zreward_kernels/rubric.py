@@ -318,7 +318,7 @@ if HAS_TRITON:
         PAIRS, GAPS, n_pairs,
         MEAN, STD, CE_ROWS, KL_ROWS, PAIR_TERMS, SIGN, SEM, CNT,
         PART, LOSS, CE_OUT, KL_OUT, PAIR_OUT, NV_OUT,
-        w_ce, w_kl, w_pair, inv_rows, inv_pairs, n_row_progs,
+        w_ce, w_kl, w_pair, n_row_progs,
         BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_RED: tl.constexpr,
         CE_MODE: tl.constexpr, KL_MODE: tl.constexpr, HAS_PAIRS: tl.constexpr,
         STORE_ROWS: tl.constexpr, STORE_SIGN: tl.constexpr,
@@ -419,8 +419,11 @@ if HAS_TRITON:
                 pr_t = tl.sum(acc_pr, 0)
                 if MEAN_RED:
                     ce_t = ce_t / tl.maximum(nv, 1).to(tl.float32)
-                    kl_t = kl_t * inv_rows
-                    pr_t = pr_t * inv_pairs
+                    # divided by the sizes here, not by reciprocals computed on the host: under
+                    # torch.compile(dynamic=True) a host-side 1 / rows is a symbolic float, which
+                    # inductor passed to the kernel typed as an integer (the launch failed)
+                    kl_t = kl_t / tl.maximum(n_rows, 1).to(tl.float32)
+                    pr_t = pr_t / tl.maximum(n_pairs, 1).to(tl.float32)
                 tl.store(LOSS, w_ce * ce_t + w_kl * kl_t + w_pair * pr_t)
                 tl.store(CE_OUT, ce_t)
                 tl.store(KL_OUT, kl_t)
@@ -432,8 +435,8 @@ if HAS_TRITON:
         X, stride_x, V, K, n_rows, inv_tau, DX,
         TGT, TP, TQ, ignore_index,
         CE_COEF, ce_coef_stride, ce_scale, NV,
-        KL_COEF, kl_coef_stride, kl_scale,
-        PAIR_COEF, pair_scale, CNT,
+        KL_COEF, kl_coef_stride, kl_scale, kl_den,
+        PAIR_COEF, pair_scale, pair_den, CNT,
         DMU, s_dmu, DSTD, s_dstd,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
         CE_MODE: tl.constexpr, CE_MEAN: tl.constexpr, KL_MODE: tl.constexpr,
@@ -447,7 +450,7 @@ if HAS_TRITON:
         dmu = tl.zeros([BLOCK_R], tl.float32)
         if HAS_CNT:
             cnt = tl.load(CNT + rows, mask=rmask, other=0).to(tl.float32)
-            dmu += tl.load(PAIR_COEF).to(tl.float32) * pair_scale * cnt
+            dmu += tl.load(PAIR_COEF).to(tl.float32) * (pair_scale / tl.maximum(pair_den, 1).to(tl.float32)) * cnt
         if HAS_DMU:
             dmu += tl.load(DMU + rows * s_dmu, mask=rmask, other=0.0).to(tl.float32)
         dstd = tl.zeros([BLOCK_R], tl.float32)
@@ -465,7 +468,8 @@ if HAS_TRITON:
                 valid = t != ignore_index
         c_kl = tl.zeros([BLOCK_R], tl.float32)
         if KL_MODE > 0:
-            c_kl = tl.load(KL_COEF + rows * kl_coef_stride, mask=rmask, other=0.0).to(tl.float32) * kl_scale
+            c_kl = (tl.load(KL_COEF + rows * kl_coef_stride, mask=rmask, other=0.0).to(tl.float32)
+                    * (kl_scale / tl.maximum(kl_den, 1).to(tl.float32)))
         if FLAT:
             _rubric_bwd_flat(X, stride_x, V, inv_tau, DX, TP, TQ, rows, rmask, dmu, dstd, c_ce, t, valid, c_kl,
                              BLOCK_R, CE_MODE, KL_MODE, KC)
@@ -626,8 +630,7 @@ def _launch_fwd(
         n_pairs,
         mean, std, ce_rows, kl_rows, pair_terms, sign, sem, cnt,
         part, loss, ce, kl, pair, nv,
-        float(weights[0]), float(weights[1]), float(weights[2]), 1.0 / max(rows, 1), 1.0 / max(n_pairs, 1),
-        n_row_progs,
+        float(weights[0]), float(weights[1]), float(weights[2]), n_row_progs,
         BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_K=next_pow2(k), BLOCK_RED=BLOCK_RED,
         CE_MODE=ce_mode, KL_MODE=kl_mode, HAS_PAIRS=has_pairs,
         STORE_ROWS=store_rows, STORE_SIGN=store_sign,
@@ -654,11 +657,17 @@ def _launch_bwd(
     ce_mean_nv: Optional[torch.Tensor] = None,
     kl_coef: Optional[Tuple[torch.Tensor, float]] = None,
     pair_coef: Optional[Tuple[torch.Tensor, float]] = None,
+    kl_den=1,
+    pair_den=1,
     ws: Optional[torch.Tensor] = None,
     dmu: Optional[torch.Tensor] = None,
     dstd: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Launch the backward kernel; coefficients are ``(tensor, scale)`` with a 0-d or per-row tensor."""
+    """Launch the backward kernel; coefficients are ``(tensor, scale)`` with a 0-d or per-row tensor.
+
+    The KL and pair coefficients are divided by ``kl_den`` and ``pair_den`` (sizes, for the mean
+    reduction) in the kernel: a size-derived float from the host is a symbolic float under
+    torch.compile(dynamic=True), which specialised the compiled backward to one size."""
     k = x.shape[-1]
     rows = x.numel() // k
     dx = torch.empty_like(x)
@@ -683,8 +692,8 @@ def _launch_bwd(
         ignore_index,
         ce_t, 0 if ce_t.dim() == 0 else 1, float(ce_s),
         ce_mean_nv if ce_mean_nv is not None else dummy,
-        kl_t, 0 if kl_t.dim() == 0 else 1, float(kl_s),
-        pr_t, float(pr_s), ws if has_cnt else dummy,
+        kl_t, 0 if kl_t.dim() == 0 else 1, float(kl_s), kl_den,
+        pr_t, float(pr_s), pair_den, ws if has_cnt else dummy,
         *_vec(dmu, dummy), *_vec(dstd, dummy),
         BLOCK_R=cfg["BLOCK_R"], BLOCK_K=next_pow2(k),
         CE_MODE=ce_mode, CE_MEAN=ce_mean_nv is not None, KL_MODE=kl_mode,
@@ -811,8 +820,6 @@ class _RubricLossFn(torch.autograd.Function):
         mean_red = ctx.reduction == "mean"
         ce_coef = _combine(g_loss, w_ce, g_ce) if has_ce else None
         kl_coef = _combine(g_loss, w_kl, g_kl) if has_kl else None
-        if kl_coef is not None and mean_red:
-            kl_coef = (kl_coef[0], kl_coef[1] / max(ctx.rows, 1))
         pair_coef = None
         dmu = g_mean
         if ctx.n_pairs > 0:
@@ -824,13 +831,12 @@ class _RubricLossFn(torch.autograd.Function):
                     dmu = dmu_p if dmu is None else dmu.reshape(-1) + dmu_p
             else:
                 pair_coef = _combine(g_loss, w_pair, g_pair)
-                if pair_coef is not None and mean_red:
-                    pair_coef = (pair_coef[0], pair_coef[1] / ctx.n_pairs)
         dx = _launch_bwd(
             x, bins, ctx.inv_tau, target=target, target_probs=target_probs, teacher=teacher,
             kl_mode=ctx.kl_mode, ignore_index=ctx.ignore_index,
             ce_coef=ce_coef, ce_mean_nv=nv if (mean_red and ce_coef is not None) else None,
-            kl_coef=kl_coef, pair_coef=pair_coef, ws=ws, dmu=dmu, dstd=g_std,
+            kl_coef=kl_coef, pair_coef=pair_coef, kl_den=ctx.rows if mean_red else 1,
+            pair_den=ctx.n_pairs if mean_red else 1, ws=ws, dmu=dmu, dstd=g_std,
         )
         return (dx,) + (None,) * 7
 

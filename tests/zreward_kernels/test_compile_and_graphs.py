@@ -250,3 +250,77 @@ def test_cuda_graph_capture_and_replay():
         assert_close(out_g, eo.loss, atol=1e-5, name="replayed gdso loss")
         assert_close(static_x.grad, ex.grad, atol=1e-6, rtol=1e-4, name="replayed rubric grad")
         assert_close(static_g.grad, eg.grad, atol=1e-6, rtol=1e-4, name="replayed gdso grad")
+
+
+def _fwd_bwd(fn, n_args):
+    """``fn``'s value and its gradient in the first argument, as a function of exactly ``n_args``
+    positional arguments (what make_fx traces)."""
+    def run(*args):
+        out = fn(*args)
+        return out, torch.autograd.grad(out, args[0])[0]
+    run.__signature__ = __import__("inspect").Signature(
+        [__import__("inspect").Parameter(f"a{i}", __import__("inspect").Parameter.POSITIONAL_ONLY)
+         for i in range(n_args)])
+    return run
+
+
+def test_symbolic_sizes_give_the_kernels_no_size_derived_floats(monkeypatch):
+    """Under torch.compile(dynamic=True) a float kernel argument computed from a size (``1 / rows``)
+    is a SymFloat, and inductor types a symbolic argument that is neither a float constant nor a
+    float symbol as an integer: on the H200 the launch failed with "'float' object cannot be
+    interpreted as an integer" (2026-11-27).  Scales that depend on sizes are therefore computed in
+    the kernels from the integer sizes.  Here every op's fused host path, forward and backward, is
+    traced with symbolic sizes (make_fx, what AOT autograd does under dynamo; ``is_compiling`` reads
+    True, as it does there, so no cached tensor is made in the trace) and no launch may receive a
+    SymFloat."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from zreward_kernels import aot_check
+
+    seen = []
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+
+    class _Spy:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((self.name, [type(a).__name__ for a in (*args, *kwargs.values())]))
+            return launch
+
+    saved = [(mod, attr, getattr(mod, attr)) for mod, attr, _ in aot_check._KERNELS]
+    try:
+        with aot_check.intercepted_launches():
+            for mod, attr, name in aot_check._KERNELS:
+                setattr(mod, attr, _Spy(name))
+            g = torch.Generator().manual_seed(2)
+            n = 10
+            scores = (torch.arange(2, 11) * 0.5)[torch.randint(0, 9, (3, 2), generator=g)]
+            cases = [
+                (lambda x: (lambda s: s.probs.sum() + s.mean.sum() + s.std.sum())(
+                    zk.score_stats(x, temperature=0.5, validate=False)), [torch.randn(n, 4, 9, generator=g)]),
+                (lambda x, s: zk.gdso_loss(x, s, validate=False).loss, [torch.randn(3, 2, 4, 9, generator=g), scores]),
+            ]
+            for red in ("mean", "sum", "none"):
+                cases.append((lambda x, t, te, p, gp, red=red: zk.rubric_loss(
+                    x, target=t, teacher_logits=te, pairs=p, pair_gaps=gp, reduction=red, validate=False).loss.sum(),
+                    [torch.randn(n, 9, generator=g), torch.randint(0, 9, (n,), generator=g),
+                     torch.randn(n, 9, generator=g), torch.randint(0, n, (n // 2, 2), generator=g),
+                     torch.randn(n // 2, generator=g)]))
+            for fn, args in cases:
+                gm = make_fx(_fwd_bwd(fn, len(args)), tracing_mode="symbolic")(args[0].requires_grad_(True), *args[1:])
+                shape_env = next(n.meta["val"].fake_mode.shape_env for n in gm.graph.nodes
+                                 if isinstance(n.meta.get("val"), torch.Tensor))
+                # a float made from a size and then passed through float() pins the size: the
+                # compiled function was specialised to the traced size (the rubric backward's 1 / rows)
+                floats = [str(gd.expr) for gd in shape_env.guards if "ToFloat" in str(gd.expr)]
+                assert not floats, floats
+    finally:
+        for mod, attr, fn in saved:
+            setattr(mod, attr, fn)
+    assert {name for name, _ in seen} == {n for _, _, n in aot_check._KERNELS}, seen
+    assert any("SymInt" in types for _, types in seen), seen  # the sizes were symbolic
+    bad = [(name, types) for name, types in seen if "SymFloat" in types]
+    assert not bad, bad
+
