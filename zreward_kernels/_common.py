@@ -50,8 +50,12 @@ _NORM_CACHE: dict = {}
 
 
 def normalize_bins(bin_values) -> Tuple[float, ...]:
-    """Return ``bin_values`` as a tuple of floats, checked to be a strictly increasing grid."""
-    if isinstance(bin_values, tuple):
+    """Return ``bin_values`` as a tuple of floats, checked to be a strictly increasing grid.
+
+    Tuples are cached, except while torch.compile traces: a traced read of the cache guards on its
+    contents, and the first eager call's insertion then failed that guard, so every compiled
+    function that used an op was compiled twice."""
+    if isinstance(bin_values, tuple) and not torch.compiler.is_compiling():
         hit = _NORM_CACHE.get(bin_values)
         if hit is not None:
             return hit

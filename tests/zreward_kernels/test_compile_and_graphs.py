@@ -324,3 +324,36 @@ def test_symbolic_sizes_give_the_kernels_no_size_derived_floats(monkeypatch):
     bad = [(name, types) for name, types in seen if "SymFloat" in types]
     assert not bad, bad
 
+
+def test_dynamic_compile_does_not_recompile_for_a_new_size(monkeypatch):
+    """torch.compile(dynamic=True) of a function that calls an op compiles once for all sizes: the
+    bins cache read in the traced call guarded on the cache's contents, which the first call then
+    changed, so the second call recompiled (seen with the cache empty, as in a fresh process)."""
+    from zreward_kernels import _common
+    from zreward_kernels.aot_check import intercepted_launches
+
+    monkeypatch.setattr(_common, "_NORM_CACHE", {})
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    g = torch.Generator().manual_seed(3)
+    scores = torch.arange(2, 11) * 0.5
+    for fused in (False, True):
+        with intercepted_launches() if fused else __import__("contextlib").nullcontext():
+            for name, fn, make in [
+                ("score_stats", lambda x: zk.score_stats(x).mean.sum(), lambda n: (torch.randn(n, 9, generator=g),)),
+                ("rubric_loss", lambda x, t: zk.rubric_loss(x, target=t).loss,
+                 lambda n: (torch.randn(n, 9, generator=g), torch.randint(0, 9, (n,), generator=g))),
+                ("rubric_loss KL+pairs", lambda x, te, p: zk.rubric_loss(
+                    x, teacher_logits=te, pairs=p, pair_gaps=torch.zeros(p.shape[0])).loss,
+                 lambda n: (torch.randn(n, 9, generator=g), torch.randn(n, 9, generator=g),
+                            torch.randint(0, n, (n - 1, 2), generator=g))),
+                ("gdso_loss", lambda x, s: zk.gdso_loss(x, s).loss,
+                 lambda n: (torch.randn(n, 2, 3, 9, generator=g), scores[torch.randint(0, 9, (n, 2), generator=g)])),
+            ]:
+                torch._dynamo.reset()
+                _common._NORM_CACHE.clear()
+                compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+                for n in (5, 7, 11):
+                    args = make(n)
+                    x = args[0].requires_grad_(True)
+                    compiled(x, *args[1:]).backward()  # a recompile raises (error_on_recompile)
+                    assert x.grad is not None, name
