@@ -5,7 +5,12 @@ their number, temperature, strided inputs, -inf logits, every term and reduction
 pairs with duplicates and self-pairs, several G) so interactions between options are exercised
 too.  Gradients are compared with a tolerance scaled by the largest gradient entry: where a
 softmax is nearly a point mass the reference's gradient at the peak is a cancellation of
-large terms, and the two sides may differ by a few ulps of those terms.
+large terms, and the two sides may differ by a few ulps of those terms.  The same holds for
+bins of large magnitude (mean and std gradients are differences of terms of the size of the bin
+values): there ``rubric_loss`` is also compared with the reference in float64, and the kernel may
+be off the float64 gradient by a few times the float32 reference's own error (seed 13, bins 10.5
+and 13.25: the float32 reference is 2.2e-6 off on CPU, and on the H200 the two float32 sides
+differed by 2.6e-6 where 2.5e-6 was allowed).
 """
 
 import random
@@ -25,11 +30,19 @@ def _close(actual, expected, name, tol=5e-5):
     torch.testing.assert_close(a, e, atol=tol, rtol=tol, equal_nan=True, msg=lambda m: f"{name}: {m}")
 
 
-def _close_grad(actual, expected, x):
+def _close_grad(actual, expected, x, exact=None):
+    """``actual`` against the float32 reference's ``expected``; with the float64 reference's
+    ``exact``, against that instead, allowing 4x the float32 reference's own error."""
     a = (actual if actual is not None else torch.zeros_like(x)).detach().float().cpu()
     e = (expected if expected is not None else torch.zeros_like(x)).detach().float().cpu()
     scale = max(1.0, float(e.abs().max())) if e.numel() else 1.0
-    torch.testing.assert_close(a, e, atol=2e-6 * scale, rtol=5e-5, msg=lambda m: f"grad: {m}")
+    atol = 2e-6 * scale
+    if exact is not None:
+        ex = exact.detach().double().cpu()
+        ref_err = float((e.double() - ex).abs().max()) if e.numel() else 0.0
+        atol = max(atol, 4 * ref_err)
+        a, e = a.double(), ex
+    torch.testing.assert_close(a, e, atol=atol, rtol=5e-5, msg=lambda m: f"grad: {m}")
 
 
 def _bins(rnd, k):
@@ -89,9 +102,12 @@ def test_rubric_loss_random_calls(kdev, seed):
     x = x.to(kdev)
     r_out, r_grad = run_with_grads(lambda t: zk.rubric_loss(t, backend="reference", **kw), x, upstream_seed=seed)
     k_out, k_grad = run_with_grads(lambda t: zk.rubric_loss(t, backend="triton", **kw), x, upstream_seed=seed)
+    kw64 = {key: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for key, v in kw.items()}
+    _, e_grad = run_with_grads(lambda t: zk.rubric_loss(t, backend="reference", **kw64), x.double(),
+                               upstream_seed=seed)
     for name, a, b in zip(r_out._fields, k_out, r_out):
         _close(a, b, name)
-    _close_grad(k_grad, r_grad, x)
+    _close_grad(k_grad, r_grad, x, exact=e_grad)
 
 
 @pytest.mark.parametrize("seed", range(N_CALLS))
