@@ -45,6 +45,26 @@ def cases():
         yield (f"gdso_loss fwd+bwd P={n_pairs} G={grp}",
                lambda gx=gx, sc=sc: zk.gdso_loss(gx, sc, validate=False).loss.backward())
     yield f"score_stats fwd+bwd rows={rows}", lambda: (lambda s: (s.mean.sum() + s.std.sum()).backward())(zk.score_stats(x, validate=False))
+    # the restricted-head issue's goal point (Qwen2.5-7B head, bf16, N = 1024): which kernels the
+    # restricted path's device time goes to (22.5 us forward per replay in CUDA graphs on the H200,
+    # 2026-11-27, against 16.7 us for 100x the full head's), and the full head beside it
+    n, h, v = 1024, 3584, 152064
+    w = (torch.randn(v, h, generator=g) * 0.02).to(dev, torch.bfloat16)
+    ids = torch.arange(151600, 151609, device=dev)
+    hid = torch.randn(n, h, generator=g).to(dev, torch.bfloat16).requires_grad_(True)
+
+    def restricted_fwd():
+        with torch.no_grad():
+            return zk.restricted_logits(hid, w, ids, validate=False)
+
+    def full_fwd():
+        with torch.no_grad():
+            return (hid @ w.t())[:, ids]
+
+    yield f"restricted_logits fwd N={n} H={h}", restricted_fwd
+    yield (f"restricted_logits + score_stats mean fwd+bwd N={n} H={h}",
+           lambda: zk.score_stats(zk.restricted_logits(hid, w, ids, validate=False), validate=False).mean.sum().backward())
+    yield f"full head then gather fwd N={n} V={v}", full_fwd
 
 
 # launch settings timed beside the default (gdso_fwd in zreward_kernels/_tuning.py)
