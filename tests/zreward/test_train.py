@@ -386,7 +386,11 @@ def test_two_processes_match_one_process(base, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=5e-6, rtol=0, msg=k)
         moved += int(not torch.equal(a[k], start[k]))
     assert moved > 10  # the step really changed the weights
-    assert [x["loss"] for x in _log(one) if "loss" in x] == [x["loss"] for x in _log(two) if "loss" in x]
+    # the logged loss is one mean over the 8 items against the mean of two processes' means over 4:
+    # equal up to float32 rounding (1 ulp apart on an AMD EPYC host, 2026-11-27; equal on earlier hosts)
+    loss_one, loss_two = ([x["loss"] for x in _log(d) if "loss" in x] for d in (one, two))
+    assert len(loss_one) == len(loss_two) >= 1
+    assert loss_two == pytest.approx(loss_one, rel=1e-6, abs=0)
 
 
 def test_two_processes_follow_the_same_lr_schedule(base, tmp_path):
