@@ -67,19 +67,25 @@ def cases():
     yield f"full head then gather fwd N={n} V={v}", full_fwd
 
 
-# launch settings timed beside the default (gdso_fwd in zreward_kernels/_tuning.py)
-GDSO_VARIANTS = {
-    "gdso_loss fwd+bwd P=512 G=8": (("WARP_STATS=0", dict(WARP_STATS=0)), ("num_warps=8", dict(num_warps=8))),
+# launch settings timed beside the default: (kernel in zreward_kernels/_tuning.py, (label, settings)...)
+VARIANTS = {
+    "gdso_loss fwd+bwd P=512 G=8": ("gdso_fwd", (("WARP_STATS=0", dict(WARP_STATS=0)),
+                                                 ("num_warps=8", dict(num_warps=8)))),
     # small groups: fewer barriers with fewer warps (sm_90, aot_check), more instructions per lane
-    "gdso_loss fwd+bwd P=512 G=2": (("num_warps=1", dict(num_warps=1)), ("num_warps=2", dict(num_warps=2))),
-    "gdso_loss fwd+bwd P=512 G=4": (("num_warps=1", dict(num_warps=1)), ("num_warps=2", dict(num_warps=2))),
+    "gdso_loss fwd+bwd P=512 G=2": ("gdso_fwd", (("num_warps=1", dict(num_warps=1)), ("num_warps=2", dict(num_warps=2)))),
+    "gdso_loss fwd+bwd P=512 G=4": ("gdso_fwd", (("num_warps=1", dict(num_warps=1)), ("num_warps=2", dict(num_warps=2)))),
+    # the opt-in Triton projection (KERNEL=1) against the default matrix product, in a few tilings
+    "restricted_logits fwd N=1024 H=3584": ("restricted_fwd", tuple(
+        (f"Triton BLOCK_N={bn} BLOCK_H={bh} num_warps={w}", dict(KERNEL=1, BLOCK_N=bn, BLOCK_H=bh, num_warps=w))
+        for bn, bh, w in ((16, 256, 4), (16, 128, 4), (32, 128, 4), (16, 512, 8), (64, 64, 4)))),
 }
 
 
 def variants():
     """Every case; the group advantage once per CUDA segment kernel (the KERNEL launch setting),
     gdso_loss at the goal point also with cross-warp group statistics and with 8 warps, and at
-    G = 2 and 4 also with 1 and 2 warps (the default is 4)."""
+    G = 2 and 4 also with 1 and 2 warps (the default is 4); the restricted head's forward also
+    with its Triton projection in several tilings."""
     for name, fn in cases():
         if name.startswith("group_advantage"):
             for k in (1, 2):
@@ -89,9 +95,10 @@ def variants():
                 yield f"{name} kernel={k}", run
         else:
             yield name, fn
-        for what, cfg in GDSO_VARIANTS.get(name, ()):
-            def run(fn=fn, cfg=cfg):
-                with override("gdso_fwd", **cfg):
+        kernel, settings = VARIANTS.get(name, (None, ()))
+        for what, cfg in settings:
+            def run(fn=fn, kernel=kernel, cfg=cfg):
+                with override(kernel, **cfg):
                     return fn()
             yield f"{name} {what}", run
 

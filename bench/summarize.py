@@ -159,18 +159,22 @@ def main() -> None:
         print("\n## Vocab-restricted head (H = 3584, V = 152064, K = 9)\n")
         print("Median ms and peak extra memory (MiB) of one call; ratios full / restricted. \"beyond dH\" subtracts "
               "the hidden-state gradient (N x H), the output the backward is asked for, from both peaks.\n")
-        print("| mode | N | full head ms | restricted ms | time ratio | full MiB | restricted MiB | memory ratio "
-              "| memory ratio beyond dH |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("\"Triton\" is the restricted head's opt-in projection kernel (`restricted_fwd.KERNEL=1`; forward "
+              "on CUDA only).\n")
+        print("| mode | N | full head ms | restricted ms | time ratio | Triton ms | Triton time ratio | full MiB "
+              "| restricted MiB | memory ratio | memory ratio beyond dH |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for (mode, n) in sorted(head, key=lambda k: (k[0], k[1])):
             r = head[(mode, n)]
-            f, rr = r.get("full_head"), r.get("restricted")
+            f, rr, rt = r.get("full_head"), r.get("restricted"), r.get("restricted_triton")
             tr = f"{f[0] / rr[0]:,.0f}x" if f and rr else "-"
+            tt = f"{f[0] / rt[0]:,.0f}x" if f and rt else "-"
             mr = f"{f[1] / rr[1]:,.0f}x" if f and rr and rr[1] else "-"
             beyond = "-"
             if f and rr and f[1] is not None and rr[1] is not None and rr[1] - rr[2] > 0:
                 beyond = f"{(f[1] - f[2]) / (rr[1] - rr[2]):,.0f}x" if mode == "fwd+bwd" else mr
             print(f"| {mode} | {n} | {_fmt_ms(f[0]) if f else '-'} | {_fmt_ms(rr[0]) if rr else '-'} | {tr} | "
+                  f"{_fmt_ms(rt[0]) if rt else '-'} | {tt} | "
                   f"{_fmt_mb(f[1]) if f else '-'} | {_fmt_mb(rr[1]) if rr else '-'} | {mr} | {beyond} |")
 
     if launch:

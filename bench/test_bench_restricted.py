@@ -11,6 +11,7 @@ import torch
 from conftest import DEVICE, QUICK, back_to_back, capture_graph, peak_memory_bytes, sync
 
 from zreward_kernels import restricted_logits, score_stats
+from zreward_kernels._tuning import override
 
 H, V = 3584, 152064
 IDS = list(range(151665, 151674))  # nine ids near the end of the vocabulary, like added special tokens
@@ -39,6 +40,9 @@ def _head_call(impl: str, mode: str, n: int):
     def logits():
         if impl == "full_head":
             return (hidden @ weight.t())[:, ids]
+        if impl == "restricted_triton":  # the opt-in projection kernel (no-grad calls only)
+            with override("restricted_fwd", KERNEL=1):
+                return restricted_logits(hidden, weight, ids, validate=False)
         return restricted_logits(hidden, weight, ids, validate=False)
 
     def call():
@@ -53,10 +57,19 @@ def _head_call(impl: str, mode: str, n: int):
     return hidden, call
 
 
+def _skip_unless_kernel_runs(impl: str, mode: str) -> None:
+    if impl == "restricted_triton" and (DEVICE.type != "cuda" or mode != "fwd"):
+        pytest.skip("the Triton projection runs on CUDA, for calls without gradients")
+
+
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("impl", ["full_head", "restricted"])
+@pytest.mark.parametrize("impl", ["full_head", "restricted", "restricted_triton"])
 def test_restricted_head(benchmark, impl, mode, n):
+    """Per call: the full head then a gather, the restricted head (a gather of the K weight rows and
+    a matrix product), and, forward only on CUDA, the restricted head's opt-in Triton projection
+    (``restricted_fwd.KERNEL=1``, not the default until timed)."""
+    _skip_unless_kernel_runs(impl, mode)
     if impl == "full_head" and DEVICE.type == "cpu" and n > 1024:
         pytest.skip("full head at N > 1024 on CPU takes minutes; the goal point is N = 1024")
     _, call = _head_call(impl, mode, n)
@@ -78,7 +91,7 @@ def test_restricted_head(benchmark, impl, mode, n):
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("impl", ["full_head", "restricted"])
+@pytest.mark.parametrize("impl", ["full_head", "restricted", "restricted_triton"])
 def test_restricted_head_cuda_graph_back_to_back(benchmark, impl, mode):
     """The goal point N = 1024, one call captured in a CUDA graph and replayed REPLAYS times with one
     sync, timed per replay: the device time of a call, which the per-call timings above hide under
@@ -86,6 +99,7 @@ def test_restricted_head_cuda_graph_back_to_back(benchmark, impl, mode):
     only; the same two paths and modes as test_restricted_head."""
     if DEVICE.type != "cuda":
         pytest.skip("CUDA graphs need a CUDA device")
+    _skip_unless_kernel_runs(impl, mode)
     n = 1024
     _, call = _head_call(impl, mode, n)
     replays = back_to_back(capture_graph(call), REPLAYS)

@@ -23,6 +23,10 @@ Keys:
 * ``KERNEL`` (``group_advantage``): which CUDA segment kernel runs groups below 1024 members: 1, the
   first one, or 2 (the default since the H200 sweep), with full-warp shuffles, members kept in registers
   between the passes and a ballot for ``zero_std`` (``csrc/group_advantage_cuda.cu`` says more);
+* ``restricted_fwd`` (the vocab-restricted head's projection without gradients, as the scorer runs
+  it): ``KERNEL`` 0 keeps the matrix product ``hidden @ W[ids].T`` (the default), 1 runs one Triton
+  kernel (``BLOCK_N`` hidden rows per program, ``H`` walked in ``BLOCK_H`` chunks, each a
+  tensor-core product against the K gathered rows); not yet timed on a GPU, so off by default;
 * ``FLAT``: 0 for the tile layout (a ``[BLOCK_R, 16]`` tile, bins padded to a power of two,
   reductions across lanes), 1 for row per thread (each lane owns whole rows and visits the bins in
   unrolled loops; grids of up to 32 bins).
@@ -48,13 +52,14 @@ CONFIGS: Dict[str, Dict[str, int]] = {
     "rubric_bwd": {"BLOCK_R": 128, "num_warps": 4, "FLAT": 1},
     "gdso_fwd": {"PAIRS": 1, "num_warps": 0, "WARP_STATS": 1},
     "group_advantage": {"ELEMS_PER_LANE": 4, "KERNEL": 2},
+    "restricted_fwd": {"KERNEL": 0, "BLOCK_N": 16, "BLOCK_H": 256, "num_warps": 4},
 }
 
 #: The shipped defaults, as they were before a tuned file (``ZREWARD_KERNEL_CONFIGS``) or
 #: :func:`load_configs` changed :data:`CONFIGS`; a copy, never changed.
 DEFAULT_CONFIGS: Dict[str, Dict[str, int]] = {k: dict(v) for k, v in CONFIGS.items()}
 
-_POW2_KEYS = ("BLOCK_R", "BLOCK_P", "PAIRS", "ELEMS_PER_LANE")
+_POW2_KEYS = ("BLOCK_R", "BLOCK_P", "PAIRS", "ELEMS_PER_LANE", "BLOCK_N", "BLOCK_H")
 
 def _tile(rows_warps, per_thread):
     """Tile-layout candidates with at most ``per_thread`` padded elements per thread."""
@@ -99,8 +104,12 @@ def _check(kernel: str, cfg: Dict[str, int]) -> None:
             raise ValueError(f"{kernel}.{key} must be a power of two >= 1, got {val}")
         if key == "ELEMS_PER_LANE" and val > 32:
             raise ValueError(f"{kernel}.ELEMS_PER_LANE must be a power of two in 1..32, got {val}")
-        if key == "KERNEL" and val not in (1, 2):
+        if key == "KERNEL" and kernel == "restricted_fwd" and val not in (0, 1):
+            raise ValueError(f"{kernel}.KERNEL must be 0 (matrix product) or 1 (Triton), got {val}")
+        if key == "KERNEL" and kernel != "restricted_fwd" and val not in (1, 2):
             raise ValueError(f"{kernel}.KERNEL must be 1 or 2, got {val}")
+        if key in ("BLOCK_N", "BLOCK_H") and val < 16:
+            raise ValueError(f"{kernel}.{key} must be at least 16 (a tensor-core product's smallest side), got {val}")
         if key == "WARP_STATS" and val not in (0, 1):
             raise ValueError(f"{kernel}.WARP_STATS must be 0 (cross-warp sums) or 1 (warp shuffles), got {val}")
         if key == "FLAT" and val not in (0, 1):

@@ -34,6 +34,7 @@ import torch
 from . import _tuning
 from . import gdso as _gdso
 from . import ops as _ops
+from . import restricted as _restricted
 from . import rubric as _rubric
 from ._triton_utils import HAS_TRITON, interpreter_enabled
 
@@ -43,6 +44,7 @@ _KERNELS = (
     (_rubric, "_rubric_fwd_kernel", "rubric_fwd"),
     (_rubric, "_rubric_bwd_kernel", "rubric_bwd"),
     (_gdso, "_gdso_fwd_kernel", "gdso_fwd"),
+    (_restricted, "_restricted_fwd_kernel", "restricted_fwd"),
 )
 
 _PTR = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
@@ -183,6 +185,16 @@ def _workloads() -> Dict[str, List[Tuple[str, Callable[[], None]]]]:
                 out.loss.backward()
         return run
 
+    def restricted(dtype=torch.float32, w_dtype=torch.float32, bias=False):
+        def run():  # the Triton projection is opt-in (restricted_fwd.KERNEL=1): compiled whatever the default
+            from . import restricted_logits
+            h = torch.randn(40, 3584, generator=g).to(dtype)
+            w = torch.randn(64, 3584, generator=g).to(w_dtype)
+            b = torch.randn(64, generator=g) if bias else None
+            with torch.no_grad(), _tuning.override("restricted_fwd", KERNEL=1):
+                restricted_logits(h, w, torch.arange(9), b, validate=False)
+        return run
+
     main_rubric = ("rubric CE+KL+pairs mean", rubric(target=tgt, teacher_logits=torch.randn(n, 9, generator=g),
                                                      pairs=pairs, pair_gaps=gaps))
     return {
@@ -197,6 +209,9 @@ def _workloads() -> Dict[str, List[Tuple[str, Callable[[], None]]]]:
         ],
         "gdso": [("gdso G=8", gdso()), ("gdso G=1", gdso(1)), ("gdso G=3 bf16", gdso(3, torch.bfloat16)),
                  ("gdso G=64", gdso(64)), ("gdso no grad", gdso(grad=False))],
+        "restricted": [("restricted bf16", restricted(torch.bfloat16, torch.bfloat16)),
+                       ("restricted bf16, fp32 weight and bias", restricted(torch.bfloat16, bias=True)),
+                       ("restricted fp32", restricted())],
     }
 
 

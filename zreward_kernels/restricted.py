@@ -16,6 +16,10 @@ Gradients reach ``hidden`` and, when the weight requires grad, the K used rows o
   graph break: Dynamo cannot trace sparse tensors; with ``fullgraph=True`` an error that says so);
 * a frozen weight (``requires_grad=False``) gets no gradient at all.
 
+Without gradients (scoring) the projection can run as one Triton kernel instead of a gather and a
+matrix product: opt-in through the launch table (``restricted_fwd.KERNEL=1``), not yet timed on a
+GPU (see :func:`_projection_kernel_applies`).
+
 The ``*_from_hidden`` entry points compose the projection with the fused rubric ops.  The only
 row-proportional intermediate they add is the ``[N, K]`` logits tensor (K = 9: 36 bytes per row in
 fp32, against the ``H * 2`` bytes of each bf16 hidden row the caller already holds), so peak extra
@@ -31,10 +35,86 @@ import torch
 
 from ._common import (BIN_VALUES, DataChecks, check_float_tensor, check_same_device, data_checks_enabled,
                       functorch_wrapped)
+from . import ops as _ops
+from ._dispatch import launch_device
+from ._triton_utils import HAS_TRITON, cdiv, next_pow2, tl, triton
+from ._tuning import CONFIGS
 from .ops import gdso_loss, rubric_loss, score_stats
 from .reference import GDSOOutput, RubricLossOutput, ScoreStats
 
 _WEIGHT_GRAD = ("dense", "sparse")
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _restricted_fwd_kernel(
+        X, stride_x, W, stride_w, IDS, B, OUT, n_rows, H, K,
+        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        # One program: BLOCK_N rows of hidden against the K gathered weight rows, walking H in
+        # BLOCK_H chunks with one [BLOCK_N, BLOCK_H] x [BLOCK_H, BLOCK_K] tensor-core product each,
+        # accumulated in float32; the weight rows are cast to hidden's dtype first, as the matmul
+        # path does, and the result is rounded to it once (then the bias is added in that dtype).
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < n_rows
+        ks = tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        ids = tl.load(IDS + ks, mask=kmask, other=0)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            hs = h0 + tl.arange(0, BLOCK_H)
+            hmask = hs < H
+            x = tl.load(X + rows[:, None] * stride_x + hs[None, :], mask=rmask[:, None] & hmask[None, :], other=0.0)
+            w = tl.load(W + ids[:, None] * stride_w + hs[None, :], mask=kmask[:, None] & hmask[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
+        o = acc.to(OUT.dtype.element_ty)
+        if HAS_BIAS:
+            b = tl.load(B + ids, mask=kmask, other=0.0).to(OUT.dtype.element_ty)
+            o = (o.to(tl.float32) + b.to(tl.float32)[None, :]).to(OUT.dtype.element_ty)
+        tl.store(OUT + rows[:, None] * K + ks[None, :], o, mask=rmask[:, None] & kmask[None, :])
+
+
+def _projection_kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether the no-grad projection runs the Triton kernel: chosen in the launch table
+    (``restricted_fwd.KERNEL=1``; 0, the default, keeps the matrix product until a GPU run has timed
+    the kernel against it), nothing to differentiate, not under torch.compile (inductor compiles the
+    product itself), float32/16 or bfloat16 tensors, unit-stride weight rows (a strided weight view
+    is not copied), and the backend choice of the other ops for ``x`` (Triton on CUDA; on the CPU
+    interpreter with ``ZREWARD_BACKEND=triton``), recorded as ``restricted_logits``."""
+    if CONFIGS["restricted_fwd"]["KERNEL"] != 1 or torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return False
+    if x.dtype not in _KERNEL_DTYPES or weight.dtype not in _KERNEL_DTYPES or weight.stride(1) != 1:
+        return False
+    if bias is not None and (bias.dtype not in _KERNEL_DTYPES or functorch_wrapped(bias)):
+        return False
+    if functorch_wrapped(weight):
+        return False
+    return _ops.choose_backend("restricted_logits", None, x) == "triton"
+
+
+def _project_triton(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
+                    bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x [N, H] @ weight[ids].T (+ bias[ids])`` in one Triton launch, in ``x``'s dtype."""
+    n, h = x.shape
+    k = ids.numel()
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    out = torch.empty(n, k, device=x.device, dtype=x.dtype)
+    if n == 0:
+        return out
+    cfg = CONFIGS["restricted_fwd"]
+    with launch_device(x):
+        _restricted_fwd_kernel[(cdiv(n, cfg["BLOCK_N"]),)](
+            x, x.stride(0), weight, weight.stride(0), ids.contiguous(), bias if bias is not None else x, out, n, h, k,
+            HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=max(16, next_pow2(k)), BLOCK_H=cfg["BLOCK_H"],
+            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],
+        )
+    return out
 
 
 class _SparseRowsFn(torch.autograd.Function):
@@ -159,6 +239,8 @@ def restricted_logits(
                 raise ValueError("weight_grad='sparse' cannot run under torch.func transforms (vmap, grad, ...): "
                                  "use weight_grad='dense' there")
             out = _SparseRowsFn.apply(x, lm_head_weight, ids, bias)
+    elif _projection_kernel_applies(x, lm_head_weight, bias):
+        out = _project_triton(x, lm_head_weight, ids, bias)
     else:
         out = x @ lm_head_weight.index_select(0, ids).to(x.dtype).t()
         if bias is not None:

@@ -191,3 +191,110 @@ def test_bad_inputs(kdev):
         restricted_logits(hidden, weight, IDS, weight_grad="rows")
     with pytest.raises(TypeError, match="hidden must be a floating-point tensor"):
         restricted_logits(hidden.long(), weight, IDS)
+
+
+def _kernel_on(monkeypatch, kdev, **cfg):
+    """The opt-in Triton projection (restricted_fwd.KERNEL=1), on the CPU interpreter too."""
+    from zreward_kernels._tuning import override
+
+    if kdev.type == "cpu":
+        monkeypatch.setenv("ZREWARD_BACKEND", "triton")
+    return override("restricted_fwd", KERNEL=1, **cfg)
+
+
+@pytest.mark.parametrize("case", ["plain", "bias", "3-D row-strided hidden", "column-strided hidden", "odd sizes",
+                                  "one row", "no rows", "blocks 32x64", "int32 ids"])
+def test_triton_projection_equals_the_matrix_product(kdev, monkeypatch, case):
+    """The no-grad projection kernel against ``hidden @ W[ids].T (+ b[ids])`` computed in float64:
+    rows not a multiple of the row block, H not a multiple of the H chunk, K from 2 to 17 (padded to
+    the 16-wide tensor-core side), a bias, hidden rows with a stride (read in place), a hidden whose
+    last dimension has a stride (copied), a 3-D hidden."""
+    import zreward_kernels as zk
+
+    g = torch.Generator().manual_seed(hash(case) % 1000)
+    n, h, v, k, cfg = 40, 96, 300, 9, {}
+    if case == "odd sizes":
+        n, h, k = 37, 301, 17
+    elif case == "one row":
+        n, k = 1, 2
+    elif case == "no rows":
+        n = 0
+    elif case == "blocks 32x64":
+        n, cfg = 70, dict(BLOCK_N=32, BLOCK_H=64)
+    hidden = torch.randn(n, 2 * h if "strided" in case else h, generator=g)
+    if case == "3-D row-strided hidden":
+        hidden = hidden[:, :h].reshape(n // 4, 4, h)
+        assert hidden.stride() == (4 * 2 * h, 2 * h, 1)  # a view: the kernel reads rows 2H apart
+    elif case == "column-strided hidden":
+        hidden = hidden[:, ::2]
+    weight = torch.randn(v, h, generator=g) * 0.2
+    bias = torch.randn(v, generator=g) if case == "bias" else None
+    ids = torch.randperm(v, generator=g)[:k]
+    if case == "int32 ids":
+        ids = ids.int()
+    hidden, weight, ids = hidden.to(kdev), weight.to(kdev), ids.to(kdev)
+    bias = bias.to(kdev) if bias is not None else None
+    want = hidden.double() @ weight.double()[ids.long()].t() + (0 if bias is None else bias.double()[ids.long()])
+    with torch.no_grad(), _kernel_on(monkeypatch, kdev, **cfg):
+        got = restricted_logits(hidden, weight, ids, bias)
+    assert zk.backend_info()["last_backend"]["restricted_logits"] == "triton"
+    assert got.shape == (*hidden.shape[:-1], k) and got.dtype == torch.float32
+    assert_close(got, want.float(), atol=2e-5, rtol=2e-5, name=case)
+
+
+@pytest.mark.cuda
+def test_triton_projection_bf16_equals_the_matrix_product(kdev, monkeypatch):
+    """bf16 hidden with an fp32 weight and bias (master weights): the kernel casts the K rows to
+    bf16, accumulates in fp32, rounds once to bf16 and adds the bias in bf16, as the product does."""
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(1024, 3584, generator=g).to(kdev, torch.bfloat16)
+    weight = (torch.randn(2000, 3584, generator=g) * 0.02).to(kdev)
+    bias = torch.randn(2000, generator=g).to(kdev)
+    ids = torch.tensor(IDS, device=kdev)
+    want = restricted_logits(hidden, weight, ids, bias)
+    with torch.no_grad(), _kernel_on(monkeypatch, kdev):
+        got = restricted_logits(hidden, weight, ids, bias)
+    assert got.dtype == torch.bfloat16
+    assert_close(got.float(), want.float(), atol=2e-2, rtol=1e-2)
+
+
+def test_triton_projection_only_without_gradients(kdev, monkeypatch):
+    """Where a gradient is needed (hidden or weight requires grad, grad mode on) or the weight's rows
+    are strided, the matrix product runs (differentiable, twice; no copy of the weight): the kernel
+    is for scoring.  The default (KERNEL=0) never runs it."""
+    import zreward_kernels as zk
+    from zreward_kernels._dispatch import _LAST_BACKEND
+
+    hidden, weight, bias = _setup(device=kdev)
+    _LAST_BACKEND.pop("restricted_logits", None)
+    with torch.no_grad():
+        restricted_logits(hidden, weight, IDS, bias)
+    assert "restricted_logits" not in zk.backend_info()["last_backend"]  # the default: the product, no choice made
+    with _kernel_on(monkeypatch, kdev):
+        h = hidden.clone().requires_grad_(True)
+        out = restricted_logits(h, weight, IDS, bias)
+        assert out.grad_fn is not None and "restricted_logits" not in zk.backend_info()["last_backend"]
+        out.sum().backward()
+        assert_close(h.grad, weight[IDS].sum(0).expand_as(h), atol=1e-6, rtol=1e-6)
+        wt = weight.t().contiguous().t()  # [V, H] with stride (1, V)
+        with torch.no_grad():
+            out = restricted_logits(hidden, wt, IDS)
+        assert "restricted_logits" not in zk.backend_info()["last_backend"]
+        with torch.no_grad():
+            out = restricted_logits(hidden, weight, IDS)
+        assert zk.backend_info()["last_backend"]["restricted_logits"] == "triton"
+        assert_close(out, hidden @ weight[IDS].t(), atol=1e-5, rtol=1e-5)
+
+
+def test_triton_projection_settings_are_checked():
+    from zreward_kernels._tuning import override
+
+    with pytest.raises(ValueError, match=r"restricted_fwd.KERNEL must be 0 \(matrix product\) or 1"):
+        with override("restricted_fwd", KERNEL=2):
+            pass
+    with pytest.raises(ValueError, match="restricted_fwd.BLOCK_N must be at least 16"):
+        with override("restricted_fwd", BLOCK_N=8):
+            pass
+    with pytest.raises(ValueError, match="restricted_fwd.BLOCK_H must be a power of two"):
+        with override("restricted_fwd", BLOCK_H=96):
+            pass
