@@ -51,10 +51,32 @@ def _bench_helpers():
 
 
 OP = {"stats_fwd": "score_stats", "stats_bwd": "score_stats", "rubric_fwd": "rubric_loss",
-      "rubric_bwd": "rubric_loss", "gdso_fwd": "gdso_loss", "group_advantage": "group_advantage"}
+      "rubric_bwd": "rubric_loss", "gdso_fwd": "gdso_loss", "group_advantage": "group_advantage",
+      "restricted_fwd": "restricted_logits"}
 ROWS = (16384, 262144)  # rows of 9 logits; gdso_loss: P = rows / 16 pairs of 2 x 8 (8192 rows: the goal's P = 512)
 GDSO_ROWS = (8192, 262144)
 ADV_SIZES = (1 << 20, -(1 << 20))  # M rewards in groups of 16; negative: variable groups of 1..31 (offsets)
+# restricted head: N score positions of a Qwen2.5-7B-sized hidden state (H = 3584, bf16), forward without
+# gradients; the head has 4096 rows instead of 152064 (only the K = 9 gathered rows are read either way)
+RESTRICTED_SIZES = (1024, 4096)
+_RESTRICTED = {}
+
+
+def _restricted_call(n: int):
+    """The no-grad restricted-head forward at N = ``n`` (what the scorer runs), as a function."""
+    from zreward_kernels import restricted_logits
+
+    if "w" not in _RESTRICTED:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        _RESTRICTED["w"] = torch.randn(4096, 3584, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02
+        _RESTRICTED["ids"] = torch.arange(4087, 4096, device="cuda")
+    w, ids = _RESTRICTED["w"], _RESTRICTED["ids"]
+    hidden = torch.randn(n, 3584, device="cuda", dtype=torch.bfloat16)
+
+    def fn():
+        with torch.no_grad():
+            return restricted_logits(hidden, w, ids, validate=False)
+    return fn
 
 
 def _advantage_graph(m: int):
@@ -81,6 +103,9 @@ def _advantage_graph(m: int):
 def graph_ms(op: str, rows: int, reps: int) -> float:
     if op == "group_advantage":
         graph, _keep = _advantage_graph(rows)
+    elif op == "restricted_logits":
+        _keep = _restricted_call(rows)
+        graph = _bench_helpers()[1](_keep)
     else:
         capture_fwd_bwd, _, _case, _fused_loss = _bench_helpers()
         x0, kw = _case(op, rows)
@@ -102,7 +127,8 @@ def graph_ms(op: str, rows: int, reps: int) -> float:
 
 def _sizes(kernel: str, quick: bool) -> tuple:
     op = OP[kernel]
-    return {"gdso_loss": GDSO_ROWS, "group_advantage": ADV_SIZES}.get(op, ROWS)[: 1 if quick else None]
+    return {"gdso_loss": GDSO_ROWS, "group_advantage": ADV_SIZES,
+            "restricted_logits": RESTRICTED_SIZES}.get(op, ROWS)[: 1 if quick else None]
 
 
 def _candidates(kernel: str) -> list:
@@ -114,6 +140,9 @@ def _candidates(kernel: str) -> list:
 def run_once(op: str, rows: int) -> None:
     """One eager forward+backward of ``op`` on the inputs the timing uses (what a graph capture's
     warm-up runs first): the launches, and so the compiles, of a timed candidate."""
+    if op == "restricted_logits":
+        _restricted_call(rows)()
+        return
     _, _, _case, _fused_loss = _bench_helpers()
     x0, kw = _case(op, rows)
     x = x0.clone().requires_grad_(True)
@@ -200,7 +229,9 @@ def report(results: list) -> str:
         rs = [r for r in results if r["kernel"] == kernel and r["rows"] == rows]
         base = next((r.get("ms") for r in rs if r["default"]), None)
         what = (f"M = {abs(rows)}, {'groups of 16' if rows > 0 else 'variable groups of 1..31'}"
-                if kernel == "group_advantage" else f"fwd+bwd, {rows} rows")
+                if kernel == "group_advantage" else
+                f"forward without gradients, N = {rows}, H = 3584, bf16" if kernel == "restricted_fwd"
+                else f"fwd+bwd, {rows} rows")
         lines += [f"\n### {kernel} ({rs[0]['op']} {what}, CUDA graph)\n",
                   "| config | us | vs default |", "|---|---|---|"]
         for r in sorted(rs, key=lambda r: r.get("ms", float("inf"))):
@@ -240,7 +271,7 @@ def best_configs(results: list) -> dict:
 
 
 #: sweep order: the kernels of the open goals first (a timeout cuts the last ones, not these)
-ORDER = ["group_advantage", "gdso_fwd", "rubric_fwd", "rubric_bwd", "stats_fwd", "stats_bwd"]
+ORDER = ["group_advantage", "gdso_fwd", "restricted_fwd", "rubric_fwd", "rubric_bwd", "stats_fwd", "stats_bwd"]
 
 
 def _write(args, results: list, final: bool, device: str) -> None:

@@ -26,7 +26,8 @@ Keys:
 * ``restricted_fwd`` (the vocab-restricted head's projection without gradients, as the scorer runs
   it): ``KERNEL`` 0 keeps the matrix product ``hidden @ W[ids].T`` (the default), 1 runs one Triton
   kernel (``BLOCK_N`` hidden rows per program, ``H`` walked in ``BLOCK_H`` chunks, each a
-  tensor-core product against the K gathered rows); not yet timed on a GPU, so off by default;
+  tensor-core product against the K gathered rows); not yet timed on a GPU, so off by default (the
+  sweep times its tilings against the product);
 * ``FLAT``: 0 for the tile layout (a ``[BLOCK_R, 16]`` tile, bins padded to a power of two,
   reductions across lanes), 1 for row per thread (each lane owns whole rows and visits the bins in
   unrolled loops; grids of up to 32 bins).
@@ -84,6 +85,10 @@ SWEEP: Dict[str, list] = {
                  for w in (1, 2, 4, 8) if n * 16 * 16 <= 16 * 32 * w],  # rows per program = PAIRS * 16 at G = 8
     # 16 and 32: one lane (thread) per group of up to 16 / 32 members, no shuffles at all
     "group_advantage": [dict(ELEMS_PER_LANE=e, KERNEL=k) for k in (1, 2) for e in (1, 2, 4, 8, 16, 32)],
+    # the Triton projection (KERNEL=1) in several tilings against the default matrix product (KERNEL=0)
+    "restricted_fwd": [dict(KERNEL=1, BLOCK_N=n, BLOCK_H=h, num_warps=w)
+                       for n, h, w in ((16, 128, 4), (16, 256, 4), (16, 512, 8), (32, 128, 4), (32, 256, 8),
+                                       (64, 64, 4), (64, 128, 8))],
 }
 
 

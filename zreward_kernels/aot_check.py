@@ -216,7 +216,7 @@ def _workloads() -> Dict[str, List[Tuple[str, Callable[[], None]]]]:
 
 
 _SWEEP_WORKLOADS = {"stats_fwd": "stats", "stats_bwd": "stats", "rubric_fwd": "rubric", "rubric_bwd": "rubric",
-                    "gdso_fwd": "gdso"}
+                    "gdso_fwd": "gdso", "restricted_fwd": "restricted"}
 
 
 def _candidates(kernel: str, sweep: str) -> list:
