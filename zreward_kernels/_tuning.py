@@ -4,8 +4,9 @@ Each kernel's tile size and warp count are read from :data:`CONFIGS` at launch t
 are the best configurations of the day's earlier H200 sweep of 2026-11-27; the day's last sweep
 (``bench/results/h200_tune.md``, best per kernel in ``bench/results/h200_kernel_configs.json``,
 benchmarks with the defaults in ``h200.md``) found no candidate more than 2.3% better, so they stay.
-The sweep ranks candidates by their geometric-mean speed-up over its two sizes, timed in CUDA graphs.  ``bench/tune_kernels.py`` times alternatives on a GPU
-through :func:`override`, so a GPU session picks defaults from measurements rather than guesses.
+The sweep ranks candidates by their geometric-mean speed-up over its two sizes, timed in CUDA
+graphs.  ``bench/tune_kernels.py`` times alternatives on a GPU through :func:`override`, so a GPU
+session picks defaults from measurements rather than guesses.
 
 Keys:
 
