@@ -33,9 +33,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from . import ops as _ops
 from ._common import (BIN_VALUES, DataChecks, check_float_tensor, check_same_device, data_checks_enabled,
                       functorch_wrapped)
-from . import ops as _ops
 from ._dispatch import launch_device
 from ._triton_utils import HAS_TRITON, cdiv, next_pow2, tl, triton
 from ._tuning import CONFIGS
@@ -94,6 +94,7 @@ def _projection_kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: Opti
         return False
     if functorch_wrapped(weight):
         return False
+    # through the ops module, where aot_check's interception replaces the choice (compiling the launch)
     return _ops.choose_backend("restricted_logits", None, x) == "triton"
 
 

@@ -1,5 +1,8 @@
 """torch.compile(fullgraph=True) over each public op; on CUDA also launch counts and graph capture."""
 
+import contextlib
+import inspect
+
 import pytest
 import torch
 from kernel_helpers import assert_close
@@ -134,8 +137,6 @@ def test_fullgraph_compile_with_dynamic_shapes_cpu(fused_host_path):
     public op traces with symbolic sizes and unspecialised float options, and gives the eager values
     (math.isfinite in the argument checks broke this for every op).  The fused path's launches are
     no-ops here (see above), so it checks traceability and the gradient's shape only."""
-    import contextlib
-
     from zreward_kernels.aot_check import intercepted_launches
 
     with intercepted_launches() if fused_host_path else contextlib.nullcontext():
@@ -258,9 +259,8 @@ def _fwd_bwd(fn, n_args):
     def run(*args):
         out = fn(*args)
         return out, torch.autograd.grad(out, args[0])[0]
-    run.__signature__ = __import__("inspect").Signature(
-        [__import__("inspect").Parameter(f"a{i}", __import__("inspect").Parameter.POSITIONAL_ONLY)
-         for i in range(n_args)])
+    run.__signature__ = inspect.Signature(
+        [inspect.Parameter(f"a{i}", inspect.Parameter.POSITIONAL_ONLY) for i in range(n_args)])
     return run
 
 
@@ -339,7 +339,7 @@ def test_dynamic_compile_does_not_recompile_for_a_new_size(monkeypatch):
     g = torch.Generator().manual_seed(3)
     scores = torch.arange(2, 11) * 0.5
     for fused in (False, True):
-        with intercepted_launches() if fused else __import__("contextlib").nullcontext():
+        with intercepted_launches() if fused else contextlib.nullcontext():
             for name, fn, make in [
                 ("score_stats", lambda x: zk.score_stats(x).mean.sum(), lambda n: (torch.randn(n, 9, generator=g),)),
                 ("rubric_loss", lambda x, t: zk.rubric_loss(x, target=t).loss,

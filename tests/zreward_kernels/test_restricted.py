@@ -2,6 +2,8 @@
 
 They run on ``kdev``: the CPU (reference backend) here, CUDA (the fused Triton kernels) where present."""
 
+import zlib
+
 import pytest
 import torch
 from kernel_helpers import assert_close
@@ -211,7 +213,7 @@ def test_triton_projection_equals_the_matrix_product(kdev, monkeypatch, case):
     last dimension has a stride (copied), a 3-D hidden."""
     import zreward_kernels as zk
 
-    g = torch.Generator().manual_seed(hash(case) % 1000)
+    g = torch.Generator().manual_seed(zlib.crc32(case.encode()))  # (str hashes differ between processes)
     n, h, v, k, cfg = 40, 96, 300, 9, {}
     if case == "odd sizes":
         n, h, k = 37, 301, 17
