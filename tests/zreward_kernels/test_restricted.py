@@ -286,17 +286,3 @@ def test_triton_projection_only_without_gradients(kdev, monkeypatch):
             out = restricted_logits(hidden, weight, IDS)
         assert zk.backend_info()["last_backend"]["restricted_logits"] == "triton"
         assert_close(out, hidden @ weight[IDS].t(), atol=1e-5, rtol=1e-5)
-
-
-def test_triton_projection_settings_are_checked():
-    from zreward_kernels._tuning import override
-
-    with pytest.raises(ValueError, match=r"restricted_fwd.KERNEL must be 0 \(matrix product\) or 1"):
-        with override("restricted_fwd", KERNEL=2):
-            pass
-    with pytest.raises(ValueError, match="restricted_fwd.BLOCK_N must be at least 16"):
-        with override("restricted_fwd", BLOCK_N=8):
-            pass
-    with pytest.raises(ValueError, match="restricted_fwd.BLOCK_H must be a power of two"):
-        with override("restricted_fwd", BLOCK_H=96):
-            pass
