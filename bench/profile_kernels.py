@@ -78,6 +78,9 @@ VARIANTS = {
     "restricted_logits fwd N=1024 H=3584": ("restricted_fwd", tuple(
         (f"Triton BLOCK_N={bn} BLOCK_H={bh} num_warps={w}", dict(KERNEL=1, BLOCK_N=bn, BLOCK_H=bh, num_warps=w))
         for bn, bh, w in ((16, 256, 4), (16, 128, 4), (32, 128, 4), (16, 512, 8), (64, 64, 4)))),
+    # with gradients the same switch runs the forward kernel and the hidden-state gradient kernel
+    "restricted_logits + score_stats mean fwd+bwd N=1024 H=3584": ("restricted_fwd", (
+        ("Triton (forward and hidden-state gradient kernels, default tiles)", dict(KERNEL=1)),)),
 }
 
 
@@ -85,7 +88,7 @@ def variants():
     """Every case; the group advantage once per CUDA segment kernel (the KERNEL launch setting),
     gdso_loss at the goal point also with cross-warp group statistics and with 8 warps, and at
     G = 2 and 4 also with 1 and 2 warps (the default is 4); the restricted head's forward also
-    with its Triton projection in several tilings."""
+    with its Triton projection in several tilings, and its fwd+bwd with the Triton kernels."""
     for name, fn in cases():
         if name.startswith("group_advantage"):
             for k in (1, 2):

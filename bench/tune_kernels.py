@@ -52,7 +52,7 @@ def _bench_helpers():
 
 OP = {"stats_fwd": "score_stats", "stats_bwd": "score_stats", "rubric_fwd": "rubric_loss",
       "rubric_bwd": "rubric_loss", "gdso_fwd": "gdso_loss", "group_advantage": "group_advantage",
-      "restricted_fwd": "restricted_logits"}
+      "restricted_fwd": "restricted_logits", "restricted_bwd": "restricted_logits_grad"}
 ROWS = (16384, 262144)  # rows of 9 logits; gdso_loss: P = rows / 16 pairs of 2 x 8 (8192 rows: the goal's P = 512)
 GDSO_ROWS = (8192, 262144)
 ADV_SIZES = (1 << 20, -(1 << 20))  # M rewards in groups of 16; negative: variable groups of 1..31 (offsets)
@@ -62,8 +62,10 @@ RESTRICTED_SIZES = (1024, 4096)
 _RESTRICTED = {}
 
 
-def _restricted_call(n: int):
-    """The no-grad restricted-head forward at N = ``n`` (what the scorer runs), as a function."""
+def _restricted_call(n: int, grad: bool = False):
+    """The no-grad restricted-head forward at N = ``n`` (what the scorer runs), as a function; with
+    ``grad``, forward+backward into the hidden states (frozen head, a fixed upstream gradient) with
+    the Triton projection on (``restricted_fwd.KERNEL=1``), whose backward kernel is swept."""
     from zreward_kernels import restricted_logits
 
     if "w" not in _RESTRICTED:
@@ -72,6 +74,15 @@ def _restricted_call(n: int):
         _RESTRICTED["ids"] = torch.arange(4087, 4096, device="cuda")
     w, ids = _RESTRICTED["w"], _RESTRICTED["ids"]
     hidden = torch.randn(n, 3584, device="cuda", dtype=torch.bfloat16)
+    if grad:
+        hidden.requires_grad_(True)
+        up = torch.randn(n, ids.numel(), device="cuda", dtype=torch.bfloat16)
+
+        def fn_grad():
+            hidden.grad = None
+            with override("restricted_fwd", KERNEL=1):
+                restricted_logits(hidden, w, ids, validate=False).backward(up)
+        return fn_grad
 
     def fn():
         with torch.no_grad():
@@ -103,8 +114,8 @@ def _advantage_graph(m: int):
 def graph_ms(op: str, rows: int, reps: int) -> float:
     if op == "group_advantage":
         graph, _keep = _advantage_graph(rows)
-    elif op == "restricted_logits":
-        _keep = _restricted_call(rows)
+    elif op.startswith("restricted_logits"):
+        _keep = _restricted_call(rows, grad=op.endswith("_grad"))
         graph = _bench_helpers()[1](_keep)
     else:
         capture_fwd_bwd, _, _case, _fused_loss = _bench_helpers()
@@ -128,7 +139,8 @@ def graph_ms(op: str, rows: int, reps: int) -> float:
 def _sizes(kernel: str, quick: bool) -> tuple:
     op = OP[kernel]
     return {"gdso_loss": GDSO_ROWS, "group_advantage": ADV_SIZES,
-            "restricted_logits": RESTRICTED_SIZES}.get(op, ROWS)[: 1 if quick else None]
+            "restricted_logits": RESTRICTED_SIZES, "restricted_logits_grad": RESTRICTED_SIZES}.get(op, ROWS)[
+        : 1 if quick else None]
 
 
 def _candidates(kernel: str) -> list:
@@ -140,8 +152,8 @@ def _candidates(kernel: str) -> list:
 def run_once(op: str, rows: int) -> None:
     """One eager forward+backward of ``op`` on the inputs the timing uses (what a graph capture's
     warm-up runs first): the launches, and so the compiles, of a timed candidate."""
-    if op == "restricted_logits":
-        _restricted_call(rows)()
+    if op.startswith("restricted_logits"):
+        _restricted_call(rows, grad=op.endswith("_grad"))()
         return
     _, _, _case, _fused_loss = _bench_helpers()
     x0, kw = _case(op, rows)
@@ -231,7 +243,8 @@ def report(results: list) -> str:
         what = (f"M = {abs(rows)}, {'groups of 16' if rows > 0 else 'variable groups of 1..31'}"
                 if kernel == "group_advantage" else
                 f"forward without gradients, N = {rows}, H = 3584, bf16" if kernel == "restricted_fwd"
-                else f"fwd+bwd, {rows} rows")
+                else f"fwd+bwd into the hidden states with KERNEL=1, N = {rows}, H = 3584, bf16"
+                if kernel == "restricted_bwd" else f"fwd+bwd, {rows} rows")
         lines += [f"\n### {kernel} ({rs[0]['op']} {what}, CUDA graph)\n",
                   "| config | us | vs default |", "|---|---|---|"]
         for r in sorted(rs, key=lambda r: r.get("ms", float("inf"))):
@@ -271,7 +284,7 @@ def best_configs(results: list) -> dict:
 
 
 #: sweep order: the kernels of the open goals first (a timeout cuts the last ones, not these)
-ORDER = ["group_advantage", "gdso_fwd", "restricted_fwd", "rubric_fwd", "rubric_bwd", "stats_fwd", "stats_bwd"]
+ORDER = ["group_advantage", "gdso_fwd", "restricted_fwd", "restricted_bwd", "rubric_fwd", "rubric_bwd", "stats_fwd", "stats_bwd"]
 
 
 def _write(args, results: list, final: bool, device: str) -> None:

@@ -28,7 +28,9 @@ Keys:
   it): ``KERNEL`` 0 keeps the matrix product ``hidden @ W[ids].T`` (the default), 1 runs one Triton
   kernel (``BLOCK_N`` hidden rows per program, ``H`` walked in ``BLOCK_H`` chunks, each a
   tensor-core product against the K gathered rows); not yet timed on a GPU, so off by default (the
-  sweep times its tilings against the product);
+  sweep times its tilings against the product); with gradients (training the score token) the
+  same switch runs the forward kernel and, for the hidden-state gradient ``g @ W[ids]``, a second
+  one, whose tiles of ``[BLOCK_N, BLOCK_H]`` gradient elements are ``restricted_bwd``'s settings;
 * ``FLAT``: 0 for the tile layout (a ``[BLOCK_R, 16]`` tile, bins padded to a power of two,
   reductions across lanes), 1 for row per thread (each lane owns whole rows and visits the bins in
   unrolled loops; grids of up to 32 bins).
@@ -55,6 +57,7 @@ CONFIGS: Dict[str, Dict[str, int]] = {
     "gdso_fwd": {"PAIRS": 1, "num_warps": 0, "WARP_STATS": 1},
     "group_advantage": {"ELEMS_PER_LANE": 4, "KERNEL": 2},
     "restricted_fwd": {"KERNEL": 0, "BLOCK_N": 16, "BLOCK_H": 256, "num_warps": 4},
+    "restricted_bwd": {"BLOCK_N": 64, "BLOCK_H": 128, "num_warps": 4},
 }
 
 #: The shipped defaults, as they were before a tuned file (``ZREWARD_KERNEL_CONFIGS``) or
@@ -90,6 +93,11 @@ SWEEP: Dict[str, list] = {
     "restricted_fwd": [dict(KERNEL=1, BLOCK_N=n, BLOCK_H=h, num_warps=w)
                        for n, h, w in ((16, 128, 4), (16, 256, 4), (16, 512, 8), (32, 128, 4), (32, 256, 8),
                                        (64, 64, 4), (64, 128, 8))],
+    # its hidden-state gradient (with KERNEL=1): [BLOCK_N, BLOCK_H] tiles of dX, at most 64 fp32
+    # accumulators per thread
+    "restricted_bwd": [dict(BLOCK_N=n, BLOCK_H=h, num_warps=w)
+                       for n, h, w in ((32, 128, 4), (32, 256, 4), (64, 64, 4), (64, 128, 4), (64, 256, 8),
+                                       (128, 64, 8), (128, 128, 8))],
 }
 
 

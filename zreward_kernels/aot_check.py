@@ -45,6 +45,7 @@ _KERNELS = (
     (_rubric, "_rubric_bwd_kernel", "rubric_bwd"),
     (_gdso, "_gdso_fwd_kernel", "gdso_fwd"),
     (_restricted, "_restricted_fwd_kernel", "restricted_fwd"),
+    (_restricted, "_restricted_bwd_kernel", "restricted_bwd"),
 )
 
 _PTR = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
@@ -185,14 +186,21 @@ def _workloads() -> Dict[str, List[Tuple[str, Callable[[], None]]]]:
                 out.loss.backward()
         return run
 
-    def restricted(dtype=torch.float32, w_dtype=torch.float32, bias=False):
-        def run():  # the Triton projection is opt-in (restricted_fwd.KERNEL=1): compiled whatever the default
+    def restricted(dtype=torch.float32, w_dtype=torch.float32, bias=False, grad=None):
+        # the Triton projection is opt-in (restricted_fwd.KERNEL=1): compiled whatever the default.
+        # grad: None (scoring), "hidden" (frozen weight; upstream gradient contiguous, as score_stats'
+        # backward gives it) or "all" (weight and bias too; upstream gradient of a .sum(), zero strides)
+        def run():
             from . import restricted_logits
-            h = torch.randn(40, 3584, generator=g).to(dtype)
-            w = torch.randn(64, 3584, generator=g).to(w_dtype)
-            b = torch.randn(64, generator=g) if bias else None
-            with torch.no_grad(), _tuning.override("restricted_fwd", KERNEL=1):
-                restricted_logits(h, w, torch.arange(9), b, validate=False)
+            h = torch.randn(40, 3584, generator=g).to(dtype).requires_grad_(grad is not None)
+            w = torch.randn(64, 3584, generator=g).to(w_dtype).requires_grad_(grad == "all")
+            b = torch.randn(64, generator=g).requires_grad_(grad == "all") if bias else None
+            with torch.set_grad_enabled(grad is not None), _tuning.override("restricted_fwd", KERNEL=1):
+                out = restricted_logits(h, w, torch.arange(9), b, validate=False)
+                if grad == "hidden":
+                    out.backward(torch.ones_like(out))
+                elif grad == "all":
+                    out.sum().backward()
         return run
 
     main_rubric = ("rubric CE+KL+pairs mean", rubric(target=tgt, teacher_logits=torch.randn(n, 9, generator=g),
@@ -209,14 +217,16 @@ def _workloads() -> Dict[str, List[Tuple[str, Callable[[], None]]]]:
         ],
         "gdso": [("gdso G=8", gdso()), ("gdso G=1", gdso(1)), ("gdso G=3 bf16", gdso(3, torch.bfloat16)),
                  ("gdso G=64", gdso(64)), ("gdso no grad", gdso(grad=False))],
-        "restricted": [("restricted bf16", restricted(torch.bfloat16, torch.bfloat16)),
+        "restricted": [("restricted bf16 fwd+bwd", restricted(torch.bfloat16, torch.bfloat16, grad="hidden")),
+                       ("restricted bf16", restricted(torch.bfloat16, torch.bfloat16)),
                        ("restricted bf16, fp32 weight and bias", restricted(torch.bfloat16, bias=True)),
-                       ("restricted fp32", restricted())],
+                       ("restricted fp32", restricted()),
+                       ("restricted fp32 fwd+bwd, weight and bias", restricted(bias=True, grad="all"))],
     }
 
 
 _SWEEP_WORKLOADS = {"stats_fwd": "stats", "stats_bwd": "stats", "rubric_fwd": "rubric", "rubric_bwd": "rubric",
-                    "gdso_fwd": "gdso", "restricted_fwd": "restricted"}
+                    "gdso_fwd": "gdso", "restricted_fwd": "restricted", "restricted_bwd": "restricted"}
 
 
 def _candidates(kernel: str, sweep: str) -> list:

@@ -260,10 +260,129 @@ def test_triton_projection_bf16_equals_the_matrix_product(kdev, monkeypatch):
     assert_close(got.float(), want.float(), atol=2e-2, rtol=1e-2)
 
 
-def test_triton_projection_only_without_gradients(kdev, monkeypatch):
-    """Where a gradient is needed (hidden or weight requires grad, grad mode on) or the weight's rows
-    are strided, the matrix product runs (differentiable, twice; no copy of the weight): the kernel
-    is for scoring.  The default (KERNEL=0) never runs it."""
+def _product_grads(kdev, monkeypatch, kernel, hidden, weight, ids, bias, wants, loss_fn, **cfg):
+    """``(out, grads of the inputs named in wants)`` of ``loss_fn(restricted_logits(...))`` with the
+    Triton projection on (``kernel``: checked to have run) or the matrix product."""
+    import contextlib
+
+    from zreward_kernels._dispatch import _LAST_BACKEND
+
+    _LAST_BACKEND.pop("restricted_logits", None)
+    leaves = {"hidden": hidden.clone(), "weight": weight.clone(), "bias": None if bias is None else bias.clone()}
+    for name in wants:
+        leaves[name].requires_grad_(True)
+    ctx = _kernel_on(monkeypatch, kdev, **cfg) if kernel else contextlib.nullcontext()
+    with ctx:
+        out = restricted_logits(leaves["hidden"], leaves["weight"], ids, leaves["bias"])
+        grads = torch.autograd.grad(loss_fn(out), [leaves[n] for n in wants])
+    assert _LAST_BACKEND.get("restricted_logits") == ("triton" if kernel else None)
+    return out.detach(), dict(zip(wants, grads))
+
+
+@pytest.mark.parametrize("case", ["frozen weight", "weight and bias", "weight only, 3-D hidden", "odd sizes",
+                                  "column-strided hidden", "blocks 32x64", "one row", "no rows", "upstream from sum"])
+def test_triton_projection_gradients_equal_the_matrix_product(kdev, monkeypatch, case):
+    """With gradients (KERNEL=1) the forward kernel and the hidden-state gradient kernel against the
+    product path's autograd, and both against float64: hidden rows and H not multiples of the tiles,
+    K = 17 (padded to 32), a 3-D or column-strided hidden, an upstream gradient with zero strides
+    (``.sum()``'s, read in place), dense weight and bias gradients that are zero outside the K rows."""
+    g = torch.Generator().manual_seed(zlib.crc32(case.encode()))
+    n, h, v, k, cfg = 40, 96, 300, 9, {}
+    wants = ("hidden",) if case == "frozen weight" else ("hidden", "weight")
+    if case == "odd sizes":
+        n, h, k = 37, 301, 17
+    elif case == "blocks 32x64":
+        n = 70
+        cfg = dict(BLOCK_N=32, BLOCK_H=64)
+    elif case == "one row":
+        n, k = 1, 2
+    elif case == "no rows":
+        n = 0
+    hidden = torch.randn(n, 2 * h if "strided" in case else h, generator=g)
+    if case == "column-strided hidden":
+        hidden = hidden[:, ::2]
+    elif case.endswith("3-D hidden"):
+        hidden = hidden.reshape(n // 4, 4, h)
+    weight = torch.randn(v, h, generator=g) * 0.2
+    bias = torch.randn(v, generator=g) if case == "weight and bias" else None
+    if bias is not None:
+        wants = wants + ("bias",)
+    ids = torch.randperm(v, generator=g)[:k]
+    up = torch.randn(*hidden.shape[:-1], k, generator=g).to(kdev)
+
+    def loss_fn(out):
+        return out.sum() if case == "upstream from sum" else (out * up).sum()
+
+    hidden, weight, ids = hidden.to(kdev), weight.to(kdev), ids.to(kdev)
+    bias = bias.to(kdev) if bias is not None else None
+    if "blocks" in case:
+        from zreward_kernels._tuning import override
+
+        with override("restricted_bwd", **cfg):
+            got_out, got = _product_grads(kdev, monkeypatch, True, hidden, weight, ids, bias, wants, loss_fn)
+    else:
+        got_out, got = _product_grads(kdev, monkeypatch, True, hidden, weight, ids, bias, wants, loss_fn)
+    want_out, want = _product_grads(kdev, monkeypatch, False, hidden.double(), weight.double(), ids,
+                                    None if bias is None else bias.double(), wants, loss_fn if case == "upstream from sum"
+                                    else (lambda out: (out * up.double()).sum()))
+    assert_close(got_out, want_out.float(), atol=2e-5, rtol=2e-5, name=f"{case}: logits")
+    for name in wants:
+        assert got[name].dtype == torch.float32 and got[name].shape == want[name].shape, name
+        assert_close(got[name], want[name].float(), atol=5e-5, rtol=2e-5, name=f"{case}: d{name}")
+    if "weight" in wants:
+        outside = torch.ones(v, dtype=torch.bool, device=kdev)
+        outside[ids] = False
+        assert not got["weight"][outside].any()  # dense [V, H], zero outside the K rows
+
+
+def test_triton_projection_is_twice_differentiable(kdev, monkeypatch):
+    """backward with create_graph=True through the Triton path gives the product path's second
+    derivatives (hidden, weight rows and bias): its backward runs differentiable PyTorch then."""
+    hidden, weight, bias = _setup(device=kdev)
+    ids = torch.tensor(IDS, device=kdev)
+
+    def second(kernel):
+        import contextlib
+
+        h, w, b = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
+        with (_kernel_on(monkeypatch, kdev) if kernel else contextlib.nullcontext()):
+            out = restricted_logits(h, w, ids, b)
+            first = torch.autograd.grad((out ** 3).sum(), [h, w, b], create_graph=True)
+            return first + torch.autograd.grad(sum((f ** 2).sum() for f in first), [h, w, b])
+
+    from zreward_kernels._dispatch import _LAST_BACKEND
+
+    _LAST_BACKEND.pop("restricted_logits", None)
+    got = second(True)
+    assert _LAST_BACKEND["restricted_logits"] == "triton"
+    for a, b in zip(got, second(False)):  # (cubes: the logits' last-bit differences grow through them)
+        assert_close(a, b, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.cuda
+def test_triton_projection_bf16_gradients_equal_the_matrix_product(kdev, monkeypatch):
+    """bf16 at the benchmark's shapes (H = 3584, N = 1024), frozen weight and trained: the hidden-state
+    gradient kernel rounds its fp32 sums once to bf16, as the product's backward does."""
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(1024, 3584, generator=g).to(kdev, torch.bfloat16)
+    weight = (torch.randn(2000, 3584, generator=g) * 0.02).to(kdev, torch.bfloat16)
+    ids = torch.tensor(IDS, device=kdev)
+    up = torch.randn(1024, 9, generator=g).to(kdev, torch.bfloat16)
+    for wants in (("hidden",), ("hidden", "weight")):
+        got_out, got = _product_grads(kdev, monkeypatch, True, hidden, weight, ids, None, wants,
+                                      lambda out: (out * up).sum())
+        want_out, want = _product_grads(kdev, monkeypatch, False, hidden, weight, ids, None, wants,
+                                        lambda out: (out * up).sum())
+        assert_close(got_out.float(), want_out.float(), atol=2e-2, rtol=1e-2)
+        for name in wants:
+            assert got[name].dtype == torch.bfloat16
+            assert_close(got[name].float(), want[name].float(), atol=2e-2, rtol=1e-2, name=name)
+
+
+def test_triton_projection_only_where_it_applies(kdev, monkeypatch):
+    """The default (KERNEL=0) never runs the kernels; with KERNEL=1 a strided weight (rows not unit
+    stride) keeps the matrix product (no copy of the weight), a gradient call takes the kernels
+    (the product's gradient as before), and under autocast the product runs in autocast's dtype."""
     import zreward_kernels as zk
     from zreward_kernels._dispatch import _LAST_BACKEND
 
@@ -273,16 +392,19 @@ def test_triton_projection_only_without_gradients(kdev, monkeypatch):
         restricted_logits(hidden, weight, IDS, bias)
     assert "restricted_logits" not in zk.backend_info()["last_backend"]  # the default: the product, no choice made
     with _kernel_on(monkeypatch, kdev):
-        h = hidden.clone().requires_grad_(True)
-        out = restricted_logits(h, weight, IDS, bias)
-        assert out.grad_fn is not None and "restricted_logits" not in zk.backend_info()["last_backend"]
-        out.sum().backward()
-        assert_close(h.grad, weight[IDS].sum(0).expand_as(h), atol=1e-6, rtol=1e-6)
         wt = weight.t().contiguous().t()  # [V, H] with stride (1, V)
         with torch.no_grad():
-            out = restricted_logits(hidden, wt, IDS)
+            restricted_logits(hidden, wt, IDS)
         assert "restricted_logits" not in zk.backend_info()["last_backend"]
+        h = hidden.clone().requires_grad_(True)
+        out = restricted_logits(h, weight, IDS, bias)
+        assert zk.backend_info()["last_backend"]["restricted_logits"] == "triton"
+        out.sum().backward()
+        assert_close(h.grad, weight[IDS].sum(0).expand_as(h), atol=1e-6, rtol=1e-6)
         with torch.no_grad():
             out = restricted_logits(hidden, weight, IDS)
-        assert zk.backend_info()["last_backend"]["restricted_logits"] == "triton"
         assert_close(out, hidden @ weight[IDS].t(), atol=1e-5, rtol=1e-5)
+        _LAST_BACKEND.pop("restricted_logits", None)
+        with torch.no_grad(), torch.autocast(kdev.type, dtype=torch.bfloat16):  # autocast: the product, its dtype
+            out = restricted_logits(hidden, weight, IDS)
+        assert out.dtype == torch.bfloat16 and "restricted_logits" not in zk.backend_info()["last_backend"]

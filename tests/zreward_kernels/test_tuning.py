@@ -140,6 +140,8 @@ def test_row_per_thread_layout_low_precision_and_large_grids(kdev):
     ("restricted_fwd", dict(KERNEL=2), ValueError, r"restricted_fwd.KERNEL must be 0 \(matrix product\) or 1"),
     ("restricted_fwd", dict(BLOCK_N=8), ValueError, "restricted_fwd.BLOCK_N must be at least 16"),
     ("restricted_fwd", dict(BLOCK_H=96), ValueError, "restricted_fwd.BLOCK_H must be a power of two"),
+    ("restricted_bwd", dict(BLOCK_N=8), ValueError, "restricted_bwd.BLOCK_N must be at least 16"),
+    ("restricted_bwd", dict(KERNEL=1), KeyError, "kernel 'restricted_bwd' has no setting 'KERNEL'"),
 ])
 def test_override_rejects_bad_settings(kernel, settings, exc, match):
     before = {k: dict(v) for k, v in CONFIGS.items()}
