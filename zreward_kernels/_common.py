@@ -24,6 +24,9 @@ BIN_VALUES: Tuple[float, ...] = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0)
 
 #: Largest number of bins a Triton kernel handles (bins are padded to a power of two).
 MAX_BINS = 256
+#: Largest gdso_loss group size G the Triton kernel handles (one program holds 2G rows, padded to a
+#: power of two); larger groups run the reference.
+MAX_GROUP = 64
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -111,6 +114,11 @@ def _as_float(name: str, value) -> float:
     """``value`` as a Python float: a real number (Python or numpy), not a tensor, a bool or a string
     (``float()`` reads True as 1.0 and "1e-6" as a number, so a config value of the wrong type went
     through)."""
+    tp = type(value)
+    if tp is float:  # the usual case first (a check per float argument of every op call)
+        return value
+    if tp is int:
+        return float(value)
     if isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a Python float, not a tensor")
     if isinstance(value, (bool, str, bytes)) or type(value).__name__ in ("bool_", "bool"):

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from ._common import first_order_only
+from ._common import MAX_GROUP, first_order_only  # noqa: F401 - MAX_GROUP: the kernel's limit, read here too
 from ._triton_utils import HAS_TRITON, cdiv, next_pow2, tl, triton
 from ._tuning import CONFIGS
 from ._workspace import semaphores
 from .reference import GDSOOutput
 
-#: Largest group size the kernel handles (one program holds 2G rows; 2G is padded to a power of two).
-MAX_GROUP = 64
 BLOCK_RED = 256
 
 if HAS_TRITON:

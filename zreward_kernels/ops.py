@@ -10,6 +10,7 @@ import torch
 from . import reference as ref
 from ._common import (
     BIN_VALUES,
+    MAX_GROUP,
     bins_tensor,
     DataChecks,
     check_distribution,
@@ -251,8 +252,6 @@ def gdso_loss(
         check_finite_logits(checks, "logits", logits, tau)
         scores_to_bins(checks, scores, bins, name="scores")
         checks.raise_first()
-    from .gdso import MAX_GROUP
-
     unsupported = f"group size G={g} exceeds the kernel's limit of {MAX_GROUP}" if g > MAX_GROUP else None
     be = choose_backend("gdso_loss", backend, logits, unsupported)
     kwargs = dict(lambda_pt=lam_pt, lambda_pw=lam_pw, alpha_pt=a_pt, alpha_pw=a_pw, eps=eps_, temperature=tau)
