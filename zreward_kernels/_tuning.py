@@ -24,9 +24,8 @@ Keys:
 * ``KERNEL`` (``group_advantage``): which CUDA segment kernel runs groups below 1024 members: 1, the
   first one, or 2 (the default since the H200 sweep), with full-warp shuffles, members kept in registers
   between the passes and a ballot for ``zero_std`` (``csrc/group_advantage_cuda.cu`` says more);
-* ``restricted_fwd`` (the vocab-restricted head's projection without gradients, as the scorer runs
-  it): ``KERNEL`` 0 keeps the matrix product ``hidden @ W[ids].T`` (the default), 1 runs one Triton
-  kernel (``BLOCK_N`` hidden rows per program, ``H`` walked in ``BLOCK_H`` chunks, each a
+* ``restricted_fwd`` (the vocab-restricted head's projection): ``KERNEL`` 0 keeps the matrix
+  product ``hidden @ W[ids].T`` (the default), 1 runs one Triton kernel (``BLOCK_N`` hidden rows per program, ``H`` walked in ``BLOCK_H`` chunks, each a
   tensor-core product against the K gathered rows); not yet timed on a GPU, so off by default (the
   sweep times its tilings against the product); with gradients (training the score token) the
   same switch runs the forward kernel and, for the hidden-state gradient ``g @ W[ids]``, a second
