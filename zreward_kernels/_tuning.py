@@ -25,11 +25,12 @@ Keys:
   first one, or 2 (the default since the H200 sweep), with full-warp shuffles, members kept in registers
   between the passes and a ballot for ``zero_std`` (``csrc/group_advantage_cuda.cu`` says more);
 * ``restricted_fwd`` (the vocab-restricted head's projection): ``KERNEL`` 0 keeps the matrix
-  product ``hidden @ W[ids].T`` (the default), 1 runs one Triton kernel (``BLOCK_N`` hidden rows per program, ``H`` walked in ``BLOCK_H`` chunks, each a
-  tensor-core product against the K gathered rows); not yet timed on a GPU, so off by default (the
-  sweep times its tilings against the product); with gradients (training the score token) the
-  same switch runs the forward kernel and, for the hidden-state gradient ``g @ W[ids]``, a second
-  one, whose tiles of ``[BLOCK_N, BLOCK_H]`` gradient elements are ``restricted_bwd``'s settings;
+  product ``hidden @ W[ids].T`` (the default), 1 runs one Triton kernel (``BLOCK_N`` hidden rows
+  per program, ``H`` walked in ``BLOCK_H`` chunks, each a tensor-core product against the K
+  gathered rows); not yet timed on a GPU, so off by default (the sweep times its tilings against
+  the product); with gradients (training the score token) the same switch runs the forward kernel
+  and, for the hidden-state gradient ``g @ W[ids]``, a second one, whose tiles of
+  ``[BLOCK_N, BLOCK_H]`` gradient elements are ``restricted_bwd``'s settings;
 * ``FLAT``: 0 for the tile layout (a ``[BLOCK_R, 16]`` tile, bins padded to a power of two,
   reductions across lanes), 1 for row per thread (each lane owns whole rows and visits the bins in
   unrolled loops; grids of up to 32 bins).
