@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import MAX_GROUP, first_order_only  # noqa: F401 - MAX_GROUP: the kernel's limit, read here too
+from ._common import first_order_only
 from ._triton_utils import HAS_TRITON, cdiv, next_pow2, tl, triton
 from ._tuning import CONFIGS
 from ._workspace import semaphores

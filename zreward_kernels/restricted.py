@@ -78,24 +78,23 @@ if HAS_TRITON:
 
     @triton.jit
     def _restricted_bwd_kernel(
-        G, stride_gn, stride_gk, W, stride_w, IDS, DX, n_rows, H, K,
+        G, stride_gn, stride_gk, WK, stride_w, DX, n_rows, H, K,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        # The hidden-state gradient dX = G @ W[ids] ([N, K] x [K, H]): one program per
-        # [BLOCK_N, BLOCK_H] tile of dX, one tensor-core product over the K (padded) score tokens.
-        # G is read through its strides (the expanded ones of a .sum() need no copy) and cast, like
-        # the K weight rows, to dX's dtype (hidden's), as the matrix product's backward does; fp32
-        # accumulation, rounded once.
+        # The hidden-state gradient dX = G @ WK ([N, K] x [K, H], WK the K weight rows gathered by
+        # the forward): one program per [BLOCK_N, BLOCK_H] tile of dX, one tensor-core product over
+        # the K (padded) score tokens.  G is read through its strides (the expanded ones of a .sum()
+        # need no copy) and cast, like the rows, to dX's dtype (hidden's), as the matrix product's
+        # backward does; fp32 accumulation, rounded once.
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         rmask = rows < n_rows
         hmask = hs < H
         ks = tl.arange(0, BLOCK_K)
         kmask = ks < K
-        ids = tl.load(IDS + ks, mask=kmask, other=0)
         g = tl.load(G + rows[:, None] * stride_gn + ks[None, :] * stride_gk, mask=rmask[:, None] & kmask[None, :],
                     other=0.0)
-        w = tl.load(W + ids[:, None] * stride_w + hs[None, :], mask=kmask[:, None] & hmask[None, :], other=0.0)
+        w = tl.load(WK + ks[:, None] * stride_w + hs[None, :], mask=kmask[:, None] & hmask[None, :], other=0.0)
         dt = DX.dtype.element_ty
         acc = tl.dot(g.to(dt), w.to(dt), input_precision=PRECISION)
         tl.store(DX + rows[:, None] * H + hs[None, :], acc.to(dt), mask=rmask[:, None] & hmask[None, :])
@@ -105,10 +104,11 @@ def _projection_kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: Opti
     """Whether the projection runs the Triton kernels: chosen in the launch table
     (``restricted_fwd.KERNEL=1``; 0, the default, keeps the matrix product until a GPU run has timed
     the kernels against it), not under torch.compile (inductor compiles the product itself) or
-    autocast (the product runs in autocast's dtype there), float32/16 or bfloat16 tensors, unit-stride weight rows (a strided weight view is not copied),
-    and the backend choice of the other ops for ``x`` (Triton on CUDA; on the CPU interpreter with
-    ``ZREWARD_BACKEND=triton``), recorded as ``restricted_logits``.  With gradients the forward
-    kernel is wrapped in :class:`_ProjectionFn` (the hidden-state gradient is a second kernel)."""
+    autocast (the product runs in autocast's dtype there), float32/16 or bfloat16 tensors,
+    unit-stride weight rows (a strided weight view is not copied), and the backend choice of the
+    other ops for ``x`` (Triton on CUDA; on the CPU interpreter with ``ZREWARD_BACKEND=triton``),
+    recorded as ``restricted_logits``.  With gradients the forward kernel is wrapped in
+    :class:`_ProjectionFn` (the hidden-state gradient is a second kernel)."""
     if CONFIGS["restricted_fwd"]["KERNEL"] != 1 or torch.compiler.is_compiling():
         return False
     if torch.is_autocast_enabled(x.device.type):  # the product's autocast dtype and precision, as without the switch
@@ -143,16 +143,16 @@ def _project_triton(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
     return out
 
 
-def _hidden_grad_triton(g: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``g [N, K] @ weight[ids].to(dtype) -> [N, H]`` in one Triton launch (the hidden-state gradient)."""
+def _hidden_grad_triton(g: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``g [N, K] @ rows[K, H].to(dtype) -> [N, H]`` in one Triton launch (the hidden-state gradient)."""
     n, k = g.shape
-    h = weight.shape[1]
+    h = rows.shape[1]
     dx = torch.empty(n, h, device=g.device, dtype=dtype)
     if n == 0:
         return dx
     cfg = CONFIGS["restricted_bwd"]
     _restricted_bwd_kernel[(cdiv(n, cfg["BLOCK_N"]), cdiv(h, cfg["BLOCK_H"]))](
-        g, g.stride(0), g.stride(1), weight, weight.stride(0), ids, dx, n, h, k,
+        g, g.stride(0), g.stride(1), rows, rows.stride(0), dx, n, h, k,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=max(16, next_pow2(k)), BLOCK_H=cfg["BLOCK_H"],
         PRECISION="ieee" if dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],
     )
@@ -160,33 +160,42 @@ def _hidden_grad_triton(g: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor
 
 
 class _ProjectionFn(torch.autograd.Function):
-    """The Triton projection with gradients: the hidden-state gradient ``g @ W[ids]`` is the second
-    kernel; the weight rows' gradient ``g.T @ hidden`` (when the weight requires grad) and the bias
-    gradient are matrix products and sums scattered into dense ``[V, H]`` / ``[V]`` tensors, as
-    autograd does for the gather of the product path.  Under ``create_graph=True`` the backward runs
-    the same formulas in differentiable PyTorch, so second derivatives match the product path's."""
+    """The Triton projection with gradients.  As for the product path, the forward keeps the K
+    weight rows it used (gathered, ``K x H``: a later in-place change of the weight does not reach
+    this backward) and ``hidden`` only when the weight needs its gradient.  The hidden-state gradient
+    ``g @ W[ids]`` is the second kernel; the weight rows' gradient ``g.T @ hidden`` and the bias
+    gradient are a matrix product and a sum scattered into dense ``[V, H]`` / ``[V]`` tensors, as
+    autograd makes them for the product path's gather.  Under ``create_graph=True`` the backward
+    runs the same formulas in differentiable PyTorch, re-gathering the rows from a weight that
+    requires grad (as :class:`_SparseRowsFn` does), so second derivatives match the product path's."""
 
     @staticmethod
     def forward(ctx, x, weight, ids, bias):
         ids = ids.contiguous()
         out = _project_triton(x, weight, ids, bias)
-        need_w = ctx.needs_input_grad[1]
-        # hidden only for the weight's gradient; the weight by reference (no copy), for its rows
-        ctx.save_for_backward(x if need_w else None, weight, ids)
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.save_for_backward(x if need_w else None, weight.index_select(0, ids) if need_x else None, ids)
+        ctx.weight, ctx.weight_version = weight, weight._version  # for create_graph=True only
         ctx.x_dtype = x.dtype
         ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        x, weight, ids = ctx.saved_tensors
+        x, rows, ids = ctx.saved_tensors
         need_x, need_w, _, need_b = ctx.needs_input_grad
+        weight = ctx.weight
         d_x = d_w = d_b = None
         if need_x:
-            if torch.is_grad_enabled():  # create_graph=True: differentiable in g and the weight
-                d_x = g @ weight.index_select(0, ids).to(ctx.x_dtype)
+            if torch.is_grad_enabled():  # create_graph=True: differentiable in g (and a trained weight)
+                if weight.requires_grad:
+                    if weight._version != ctx.weight_version:
+                        raise RuntimeError("restricted_logits: lm_head_weight was modified in place between the "
+                                           "forward and a backward with create_graph=True")
+                    rows = weight.index_select(0, ids)
+                d_x = g @ rows.to(ctx.x_dtype)
             else:
-                d_x = _hidden_grad_triton(g, weight, ids, ctx.x_dtype)
+                d_x = _hidden_grad_triton(g, rows, ctx.x_dtype)
         if need_w:
             d_rows = (g.t() @ x).to(weight.dtype)
             d_w = torch.zeros(weight.shape, device=weight.device, dtype=weight.dtype).index_add(0, ids, d_rows)

@@ -359,6 +359,33 @@ def test_triton_projection_is_twice_differentiable(kdev, monkeypatch):
         assert_close(a, b, atol=1e-3, rtol=1e-3)
 
 
+def test_triton_projection_backward_uses_the_forwards_rows(kdev, monkeypatch):
+    """A frozen weight changed in place between forward and backward: the hidden-state gradient uses
+    the rows the forward used (kept, K x H), as the product path's does; with create_graph=True and a
+    trained weight, whose rows are gathered again then, the change is refused, not used silently."""
+    import contextlib
+
+    hidden, weight, _ = _setup(device=kdev)
+    ids = torch.tensor(IDS, device=kdev)
+    grads = []
+    for kernel in (True, False):
+        h, w = hidden.clone().requires_grad_(True), weight.clone()
+        with (_kernel_on(monkeypatch, kdev) if kernel else contextlib.nullcontext()):
+            out = restricted_logits(h, w, ids)
+        w.mul_(2.0)
+        out.sum().backward()
+        grads.append(h.grad)
+    assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-6)
+    assert_close(grads[0], weight[IDS].sum(0).expand_as(hidden), atol=1e-6, rtol=1e-6)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    with _kernel_on(monkeypatch, kdev):
+        out = restricted_logits(h, w, ids)
+    with torch.no_grad():
+        w.mul_(2.0)
+    with pytest.raises(RuntimeError, match="lm_head_weight was modified in place"):
+        torch.autograd.grad(out.sum(), [h], create_graph=True)
+
+
 @pytest.mark.cuda
 def test_triton_projection_bf16_gradients_equal_the_matrix_product(kdev, monkeypatch):
     """bf16 at the benchmark's shapes (H = 3584, N = 1024), frozen weight and trained: the hidden-state
