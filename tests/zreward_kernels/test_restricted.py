@@ -279,8 +279,9 @@ def _product_grads(kdev, monkeypatch, kernel, hidden, weight, ids, bias, wants, 
     return out.detach(), dict(zip(wants, grads))
 
 
-@pytest.mark.parametrize("case", ["frozen weight", "weight and bias", "weight only, 3-D hidden", "odd sizes",
-                                  "column-strided hidden", "blocks 32x64", "one row", "no rows", "upstream from sum"])
+@pytest.mark.parametrize("case", ["frozen weight", "weight and bias", "weight, 3-D hidden", "weight, frozen hidden",
+                                  "odd sizes", "column-strided hidden", "blocks 32x64", "one row", "no rows",
+                                  "upstream from sum"])
 def test_triton_projection_gradients_equal_the_matrix_product(kdev, monkeypatch, case):
     """With gradients (KERNEL=1) the forward kernel and the hidden-state gradient kernel against the
     product path's autograd, and both against float64: hidden rows and H not multiples of the tiles,
@@ -288,7 +289,7 @@ def test_triton_projection_gradients_equal_the_matrix_product(kdev, monkeypatch,
     (``.sum()``'s, read in place), dense weight and bias gradients that are zero outside the K rows."""
     g = torch.Generator().manual_seed(zlib.crc32(case.encode()))
     n, h, v, k, cfg = 40, 96, 300, 9, {}
-    wants = ("hidden",) if case == "frozen weight" else ("hidden", "weight")
+    wants = {"frozen weight": ("hidden",), "weight, frozen hidden": ("weight",)}.get(case, ("hidden", "weight"))
     if case == "odd sizes":
         n, h, k = 37, 301, 17
     elif case == "blocks 32x64":
