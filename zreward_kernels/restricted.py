@@ -267,6 +267,9 @@ def _as_ids(token_ids, device: torch.device) -> torch.Tensor:
         return token_ids.long()
     try:  # operator.index: ints, numpy ints and 0-d integer tensors; a float such as 2.7 is refused, not truncated
         ids = [operator.index(t) for t in token_ids]
+        # operator.index reads True (and a 0-d bool tensor) as 1: a mask passed as ids
+        if any(isinstance(t, bool) or (isinstance(t, torch.Tensor) and t.dtype == torch.bool) for t in token_ids):
+            raise TypeError("bool")
     except TypeError as exc:
         raise TypeError(f"token_ids must be a 1-D integer tensor or a sequence of ints, got {token_ids!r}") from exc
     return torch.tensor(ids, dtype=torch.long, device=device)

@@ -253,6 +253,9 @@ def test_restricted_logits_refuses_fractional_token_ids():
     h, w = torch.randn(2, 8), torch.randn(20, 8)
     with pytest.raises(TypeError, match="token_ids must be"):
         restricted_logits(h, w, [1.7, 2.2])
+    for mask in ([True, False], [torch.tensor(True), 2]):  # a mask given as ids was read as ids 1 and 0
+        with pytest.raises(TypeError, match="token_ids must be"):
+            restricted_logits(h, w, mask)
     import numpy as np
 
     ref = restricted_logits(h, w, [3, 4])
