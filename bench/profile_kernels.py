@@ -88,7 +88,8 @@ def variants():
     """Every case; the group advantage once per CUDA segment kernel (the KERNEL launch setting),
     gdso_loss at the goal point also with cross-warp group statistics and with 8 warps, and at
     G = 2 and 4 also with 1 and 2 warps (the default is 4); the restricted head's forward also
-    with its Triton projection in several tilings, and its fwd+bwd with the Triton kernels."""
+    with its Triton projection in several tilings, and its fwd+bwd with the Triton kernels (the
+    plain cases pinned to the matrix product)."""
     for name, fn in cases():
         if name.startswith("group_advantage"):
             for k in (1, 2):
@@ -96,6 +97,12 @@ def variants():
                     with override("group_advantage", KERNEL=k):
                         return fn()
                 yield f"{name} kernel={k}", run
+        elif name.startswith("restricted_logits"):
+            # the matrix product, whatever a tuned-configuration file chose; the kernels are the variants
+            def run(fn=fn):
+                with override("restricted_fwd", KERNEL=0):
+                    return fn()
+            yield f"{name} (matrix product)", run
         else:
             yield name, fn
         kernel, settings = VARIANTS.get(name, (None, ()))

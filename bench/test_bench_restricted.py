@@ -63,9 +63,13 @@ def _skip_unless_kernel_runs(impl: str, mode: str) -> None:
 
 @pytest.fixture
 def _kernel_setting(request):
-    """``restricted_fwd.KERNEL=1`` for the whole test when its ``impl`` is ``restricted_triton``."""
-    if request.node.callspec.params.get("impl") == "restricted_triton":
-        with override("restricted_fwd", KERNEL=1):
+    """``restricted_fwd.KERNEL`` for the whole test: 1 when its ``impl`` is ``restricted_triton``, 0
+    (the matrix product) for ``restricted``, whatever a tuned-configuration file
+    (``ZREWARD_KERNEL_CONFIGS``, which ``bench/gpu_check.sh`` applies after its sweep) chose, so the
+    two columns always time the two paths they name."""
+    impl = request.node.callspec.params.get("impl")
+    if impl in ("restricted", "restricted_triton"):
+        with override("restricted_fwd", KERNEL=int(impl == "restricted_triton")):
             yield
     else:
         yield
@@ -175,6 +179,9 @@ def test_score_token_ce(benchmark, impl, n):
     step()
     peak = peak_memory_bytes(step)
     benchmark.group = f"score-token CE N={n}"
+    from zreward_kernels._tuning import CONFIGS
+
     benchmark.extra_info.update(op="score_token_ce", impl=impl, n=n, h=H, v=V, dtype=str(DTYPE), peak_mem_bytes=peak,
-                                device=str(DEVICE), torch=torch.__version__, device_name=torch.cuda.get_device_name(0))
+                                device=str(DEVICE), torch=torch.__version__, device_name=torch.cuda.get_device_name(0),
+                                restricted_kernel=CONFIGS["restricted_fwd"]["KERNEL"])
     benchmark.pedantic(step, rounds=10, iterations=1, warmup_rounds=1)
