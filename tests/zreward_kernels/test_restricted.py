@@ -389,21 +389,23 @@ def test_triton_projection_backward_uses_the_forwards_rows(kdev, monkeypatch):
 
 @pytest.mark.cuda
 def test_triton_projection_bf16_gradients_equal_the_matrix_product(kdev, monkeypatch):
-    """bf16 at the benchmark's shapes (H = 3584, N = 1024), frozen weight and trained: the hidden-state
-    gradient kernel rounds its fp32 sums once to bf16, as the product's backward does."""
+    """bf16 at the benchmark's shapes (H = 3584, N = 1024), frozen weight, trained, and trained fp32
+    master weights: the hidden-state gradient kernel rounds its fp32 sums once to bf16, as the
+    product's backward does."""
     g = torch.Generator().manual_seed(6)
     hidden = torch.randn(1024, 3584, generator=g).to(kdev, torch.bfloat16)
     weight = (torch.randn(2000, 3584, generator=g) * 0.02).to(kdev, torch.bfloat16)
     ids = torch.tensor(IDS, device=kdev)
     up = torch.randn(1024, 9, generator=g).to(kdev, torch.bfloat16)
-    for wants in (("hidden",), ("hidden", "weight")):
-        got_out, got = _product_grads(kdev, monkeypatch, True, hidden, weight, ids, None, wants,
+    master = weight.float()  # fp32 master weights: rows cast to bf16, their gradient cast back
+    for w, wants in ((weight, ("hidden",)), (weight, ("hidden", "weight")), (master, ("hidden", "weight"))):
+        got_out, got = _product_grads(kdev, monkeypatch, True, hidden, w, ids, None, wants,
                                       lambda out: (out * up).sum())
-        want_out, want = _product_grads(kdev, monkeypatch, False, hidden, weight, ids, None, wants,
+        want_out, want = _product_grads(kdev, monkeypatch, False, hidden, w, ids, None, wants,
                                         lambda out: (out * up).sum())
         assert_close(got_out.float(), want_out.float(), atol=2e-2, rtol=1e-2)
         for name in wants:
-            assert got[name].dtype == torch.bfloat16
+            assert got[name].dtype == want[name].dtype == (w.dtype if name == "weight" else torch.bfloat16)
             assert_close(got[name].float(), want[name].float(), atol=2e-2, rtol=1e-2, name=name)
 
 
