@@ -159,6 +159,20 @@ def _hidden_grad_triton(g: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype)
     return dx
 
 
+def _rows_for_backward(ctx, rows: Optional[torch.Tensor], ids: torch.Tensor, what: str) -> Optional[torch.Tensor]:
+    """The K weight rows a backward multiplies by: ``rows``, saved by the forward, except under
+    ``create_graph=True`` (grad mode on in the backward) with a weight that requires grad, where they
+    are gathered again from ``ctx.weight`` (kept by reference with ``ctx.weight_version``): the saved
+    rows carry no graph to the weight, so a second derivative would lack the weight's share without a
+    word.  A weight modified in place since the forward is refused there."""
+    if not (torch.is_grad_enabled() and ctx.needs_input_grad[1]):
+        return rows
+    if ctx.weight._version != ctx.weight_version:
+        raise RuntimeError(f"{what}: lm_head_weight was modified in place between the forward and a backward with "
+                           "create_graph=True")
+    return ctx.weight.index_select(0, ids)
+
+
 class _ProjectionFn(torch.autograd.Function):
     """The Triton projection with gradients.  As for the product path, the forward keeps the K
     weight rows it used (gathered, ``K x H``: a later in-place change of the weight does not reach
@@ -175,7 +189,7 @@ class _ProjectionFn(torch.autograd.Function):
         out = _project_triton(x, weight, ids, bias)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.save_for_backward(x if need_w else None, weight.index_select(0, ids) if need_x else None, ids)
-        ctx.weight, ctx.weight_version = weight, weight._version  # for create_graph=True only
+        ctx.weight, ctx.weight_version = weight, weight._version  # its dtype and shape, and _rows_for_backward
         ctx.x_dtype = x.dtype
         ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)
         return out
@@ -188,12 +202,7 @@ class _ProjectionFn(torch.autograd.Function):
         d_x = d_w = d_b = None
         if need_x:
             if torch.is_grad_enabled():  # create_graph=True: differentiable in g (and a trained weight)
-                if weight.requires_grad:
-                    if weight._version != ctx.weight_version:
-                        raise RuntimeError("restricted_logits: lm_head_weight was modified in place between the "
-                                           "forward and a backward with create_graph=True")
-                    rows = weight.index_select(0, ids)
-                d_x = g @ rows.to(ctx.x_dtype)
+                d_x = g @ _rows_for_backward(ctx, rows, ids, "restricted_logits").to(ctx.x_dtype)
             else:
                 d_x = _hidden_grad_triton(g, rows, ctx.x_dtype)
         if need_w:
@@ -215,9 +224,7 @@ class _SparseRowsFn(torch.autograd.Function):
         if bias is not None:
             out = out + bias.index_select(0, ids).to(out.dtype)
         ctx.save_for_backward(hidden, rows, ids)
-        # kept by reference (its shape, and for a second derivative, backward under create_graph=True, the
-        # rows are gathered again from it so that its share is recorded)
-        ctx.weight, ctx.weight_version = weight, weight._version
+        ctx.weight, ctx.weight_version = weight, weight._version  # its shape, and _rows_for_backward
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
@@ -225,13 +232,7 @@ class _SparseRowsFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         hidden, rows, ids = ctx.saved_tensors
-        if torch.is_grad_enabled() and ctx.needs_input_grad[1]:
-            # create_graph=True: d_hidden = g @ W[ids] depends on the weight; the rows saved by forward
-            # carry no graph to it, so a second derivative would lack the weight's share without a word
-            if ctx.weight._version != ctx.weight_version:
-                raise RuntimeError("restricted_logits(weight_grad='sparse'): lm_head_weight was modified in place "
-                                   "between the forward and a backward with create_graph=True")
-            rows = ctx.weight.index_select(0, ids)
+        rows = _rows_for_backward(ctx, rows, ids, "restricted_logits(weight_grad='sparse')")
         d_hidden = d_weight = d_bias = None
         if ctx.needs_input_grad[0]:
             d_hidden = g @ rows.to(g.dtype)

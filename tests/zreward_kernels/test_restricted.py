@@ -316,13 +316,10 @@ def test_triton_projection_gradients_equal_the_matrix_product(kdev, monkeypatch,
 
     hidden, weight, ids = hidden.to(kdev), weight.to(kdev), ids.to(kdev)
     bias = bias.to(kdev) if bias is not None else None
-    if "blocks" in case:
-        from zreward_kernels._tuning import override
+    from zreward_kernels._tuning import override
 
-        with override("restricted_bwd", **cfg):
-            got_out, got = _product_grads(kdev, monkeypatch, True, hidden, weight, ids, bias, wants, loss_fn)
-    else:
-        got_out, got = _product_grads(kdev, monkeypatch, True, hidden, weight, ids, bias, wants, loss_fn)
+    with override("restricted_bwd", **cfg):  # other tiles: both kernels' (the forward's through _kernel_on)
+        got_out, got = _product_grads(kdev, monkeypatch, True, hidden, weight, ids, bias, wants, loss_fn, **cfg)
     want_out, want = _product_grads(kdev, monkeypatch, False, hidden.double(), weight.double(), ids,
                                     None if bias is None else bias.double(), wants, loss_fn if case == "upstream from sum"
                                     else (lambda out: (out * up.double()).sum()))
