@@ -11,7 +11,7 @@ import torch
 from conftest import DEVICE, QUICK, back_to_back, capture_graph, peak_memory_bytes, sync
 
 from zreward_kernels import restricted_logits, score_stats
-from zreward_kernels._tuning import override
+from zreward_kernels._tuning import CONFIGS, override
 
 H, V = 3584, 152064
 IDS = list(range(151665, 151674))  # nine ids near the end of the vocabulary, like added special tokens
@@ -179,8 +179,6 @@ def test_score_token_ce(benchmark, impl, n):
     step()
     peak = peak_memory_bytes(step)
     benchmark.group = f"score-token CE N={n}"
-    from zreward_kernels._tuning import CONFIGS
-
     benchmark.extra_info.update(op="score_token_ce", impl=impl, n=n, h=H, v=V, dtype=str(DTYPE), peak_mem_bytes=peak,
                                 device=str(DEVICE), torch=torch.__version__, device_name=torch.cuda.get_device_name(0),
                                 restricted_kernel=CONFIGS["restricted_fwd"]["KERNEL"])
