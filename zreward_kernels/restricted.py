@@ -50,15 +50,19 @@ if HAS_TRITON:
 
     @triton.jit
     def _restricted_fwd_kernel(
-        X, stride_x, W, stride_w, IDS, B, OUT, n_rows, H, K,
-        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
-        PRECISION: tl.constexpr,
+        X, stride_x, W, stride_w, IDS, B, OUT, ROWS, n_rows, H, K,
+        HAS_BIAS: tl.constexpr, STORE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
     ):
         # One program: BLOCK_N rows of hidden against the K gathered weight rows, walking H in
         # BLOCK_H chunks with one [BLOCK_N, BLOCK_H] x [BLOCK_H, BLOCK_K] tensor-core product each,
         # accumulated in float32; the weight rows are cast to hidden's dtype first, as the matmul
         # path does, and the result is rounded to it once (then the bias is added in that dtype).
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        # STORE_ROWS (a call with gradients): the gathered rows, as loaded (the weight's dtype), are
+        # also written to ROWS [K, H] for the backward -- chunk c by program c % programs, so the
+        # stores are spread over the programs -- instead of a separate gather launch.
+        pid = tl.program_id(0)
+        rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < n_rows
         ks = tl.arange(0, BLOCK_K)
         kmask = ks < K
@@ -69,6 +73,10 @@ if HAS_TRITON:
             hmask = hs < H
             x = tl.load(X + rows[:, None] * stride_x + hs[None, :], mask=rmask[:, None] & hmask[None, :], other=0.0)
             w = tl.load(W + ids[:, None] * stride_w + hs[None, :], mask=kmask[:, None] & hmask[None, :], other=0.0)
+            if STORE_ROWS:
+                if (h0 // BLOCK_H) % tl.num_programs(0) == pid:
+                    tl.store(ROWS + ks[:, None].to(tl.int64) * H + hs[None, :], w,
+                             mask=kmask[:, None] & hmask[None, :])
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
         o = acc.to(OUT.dtype.element_ty)
         if HAS_BIAS:
@@ -123,21 +131,26 @@ def _projection_kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: Opti
     return _ops.choose_backend("restricted_logits", None, x) == "triton"
 
 
-def _project_triton(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
-                    bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``x [N, H] @ weight[ids].T (+ bias[ids])`` in one Triton launch, in ``x``'s dtype."""
+def _project_triton(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, bias: Optional[torch.Tensor],
+                    rows_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x [N, H] @ weight[ids].T (+ bias[ids])`` in one Triton launch, in ``x``'s dtype; with
+    ``rows_out`` (contiguous ``[K, H]``, the weight's dtype) the same launch also writes the
+    gathered rows ``weight[ids]`` there."""
     n, h = x.shape
     k = ids.numel()
     if x.stride(1) != 1:
         x = x.contiguous()
     out = torch.empty(n, k, device=x.device, dtype=x.dtype)
     if n == 0:
+        if rows_out is not None:  # no program runs to write them
+            torch.index_select(weight, 0, ids, out=rows_out)
         return out
     cfg = CONFIGS["restricted_fwd"]
     with launch_device(x):
         _restricted_fwd_kernel[(cdiv(n, cfg["BLOCK_N"]),)](
-            x, x.stride(0), weight, weight.stride(0), ids.contiguous(), bias if bias is not None else x, out, n, h, k,
-            HAS_BIAS=bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=max(16, next_pow2(k)), BLOCK_H=cfg["BLOCK_H"],
+            x, x.stride(0), weight, weight.stride(0), ids.contiguous(), bias if bias is not None else x, out,
+            rows_out if rows_out is not None else out, n, h, k,
+            HAS_BIAS=bias is not None, STORE_ROWS=rows_out is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=max(16, next_pow2(k)), BLOCK_H=cfg["BLOCK_H"],
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],
         )
     return out
@@ -175,8 +188,9 @@ def _rows_for_backward(ctx, rows: Optional[torch.Tensor], ids: torch.Tensor, wha
 
 class _ProjectionFn(torch.autograd.Function):
     """The Triton projection with gradients.  As for the product path, the forward keeps the K
-    weight rows it used (gathered, ``K x H``: a later in-place change of the weight does not reach
-    this backward) and ``hidden`` only when the weight needs its gradient.  The hidden-state gradient
+    weight rows it used (``K x H``, written by the forward kernel as it loads them, so no separate
+    gather launch: a later in-place change of the weight does not reach this backward) and ``hidden``
+    only when the weight needs its gradient.  The hidden-state gradient
     ``g @ W[ids]`` is the second kernel; the weight rows' gradient ``g.T @ hidden`` and the bias
     gradient are a matrix product and a sum scattered into dense ``[V, H]`` / ``[V]`` tensors, as
     autograd makes them for the product path's gather.  Under ``create_graph=True`` the backward
@@ -186,9 +200,11 @@ class _ProjectionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, ids, bias):
         ids = ids.contiguous()
-        out = _project_triton(x, weight, ids, bias)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        ctx.save_for_backward(x if need_w else None, weight.index_select(0, ids) if need_x else None, ids)
+        # the K rows for the hidden-state gradient, written by the forward launch (no gather launch)
+        rows = torch.empty(ids.numel(), weight.shape[1], device=weight.device, dtype=weight.dtype) if need_x else None
+        out = _project_triton(x, weight, ids, bias, rows)
+        ctx.save_for_backward(x if need_w else None, rows, ids)
         ctx.weight, ctx.weight_version = weight, weight._version  # its dtype and shape, and _rows_for_backward
         ctx.x_dtype = x.dtype
         ctx.bias_meta = None if bias is None else (bias.shape, bias.dtype)

@@ -384,6 +384,27 @@ def test_triton_projection_backward_uses_the_forwards_rows(kdev, monkeypatch):
         torch.autograd.grad(out.sum(), [h], create_graph=True)
 
 
+def test_triton_projection_forward_writes_the_rows_itself(kdev, monkeypatch):
+    """With gradients the forward kernel also writes the K weight rows the backward needs, so the
+    forward runs no separate gather (``index_select``, one more launch in a captured step); the
+    backward's hidden-state gradient still equals ``g @ W[ids]``.  Chunks of H are spread over the
+    programs: 40 rows in blocks of 16 (3 programs) against 96 / 16 = 6 chunks, and one program."""
+    from torch.profiler import ProfilerActivity, profile
+
+    hidden, weight, _ = _setup(device=kdev)
+    ids = torch.tensor(IDS, device=kdev)
+    up = torch.randn(hidden.shape[0], len(IDS), generator=torch.Generator().manual_seed(3)).to(kdev)
+    for n_rows, cfg in ((40, dict(BLOCK_N=16, BLOCK_H=16)), (7, dict(BLOCK_N=16, BLOCK_H=32))):
+        h = hidden[:n_rows].clone().requires_grad_(True)
+        with _kernel_on(monkeypatch, kdev, **cfg):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                out = restricted_logits(h, weight, ids, validate=False)
+            (out * up[:n_rows]).sum().backward()
+        ops = {e.key for e in prof.key_averages()}
+        assert "aten::index_select" not in ops, sorted(ops)
+        assert_close(h.grad, up[:n_rows] @ weight[IDS], atol=1e-5, rtol=1e-5, name=f"{n_rows} rows: dhidden")
+
+
 @pytest.mark.cuda
 def test_triton_projection_bf16_gradients_equal_the_matrix_product(kdev, monkeypatch):
     """bf16 at the benchmark's shapes (H = 3584, N = 1024), frozen weight, trained, and trained fp32
