@@ -64,6 +64,9 @@ def cases():
     yield f"restricted_logits fwd N={n} H={h}", restricted_fwd
     yield (f"restricted_logits + score_stats mean fwd+bwd N={n} H={h}",
            lambda: zk.score_stats(zk.restricted_logits(hid, w, ids, validate=False), validate=False).mean.sum().backward())
+    # the same through the fused entry point (with KERNEL=1: one launch forward, one backward)
+    yield (f"score_stats_from_hidden mean fwd+bwd N={n} H={h}",
+           lambda: zk.score_stats_from_hidden(hid, w, ids, validate=False).mean.sum().backward())
     yield f"full head then gather fwd N={n} V={v}", full_fwd
 
 
@@ -81,6 +84,8 @@ VARIANTS = {
     # with gradients the same switch runs the forward kernel and the hidden-state gradient kernel
     "restricted_logits + score_stats mean fwd+bwd N=1024 H=3584": ("restricted_fwd", (
         ("Triton (forward and hidden-state gradient kernels, default tiles)", dict(KERNEL=1)),)),
+    "score_stats_from_hidden mean fwd+bwd N=1024 H=3584": ("restricted_fwd", (
+        ("Triton (projection and statistics fused, forward and backward, default tiles)", dict(KERNEL=1)),)),
 }
 
 
@@ -97,7 +102,7 @@ def variants():
                     with override("group_advantage", KERNEL=k):
                         return fn()
                 yield f"{name} kernel={k}", run
-        elif name.startswith("restricted_logits"):
+        elif name.startswith(("restricted_logits", "score_stats_from_hidden")):
             # the matrix product, whatever a tuned-configuration file chose; the kernels are the variants
             def run(fn=fn):
                 with override("restricted_fwd", KERNEL=0):

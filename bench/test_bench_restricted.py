@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import DEVICE, QUICK, back_to_back, capture_graph, peak_memory_bytes, sync
 
-from zreward_kernels import restricted_logits, score_stats
+from zreward_kernels import restricted_logits, score_stats, score_stats_from_hidden
 from zreward_kernels._tuning import CONFIGS, override
 
 H, V = 3584, 152064
@@ -30,8 +30,10 @@ def _weight():
 
 def _head_call(impl: str, mode: str, n: int):
     """``(hidden, call)``: one call of the full or restricted head at N = ``n`` (``fwd``: logits
-    under no_grad; ``fwd+bwd``: logits -> score_stats mean -> backward into the hidden states), with
-    no sync, so it can be captured in a CUDA graph too."""
+    under no_grad; ``fwd+bwd``: logits -> score_stats mean -> backward into the hidden states, the
+    restricted head through its entry point ``score_stats_from_hidden``: the matrix product and
+    score_stats' kernels for ``restricted``, one fused launch each way for ``restricted_triton``),
+    with no sync, so it can be captured in a CUDA graph too."""
     weight = _weight()
     ids = torch.tensor(IDS, device=DEVICE)
     hidden = torch.randn(n, H, generator=torch.Generator().manual_seed(n)).to(DEVICE, DTYPE)
@@ -49,8 +51,12 @@ def _head_call(impl: str, mode: str, n: int):
         if mode == "fwd":
             with torch.no_grad():
                 return logits()
-        out = logits()
-        score_stats(out, validate=False).mean.sum().backward()
+        if impl == "full_head":
+            out = logits()
+            stats = score_stats(out, validate=False)
+        else:
+            stats = out = score_stats_from_hidden(hidden, weight, ids, validate=False)
+        stats.mean.sum().backward()
         return out
 
     return hidden, call

@@ -64,9 +64,11 @@ _RESTRICTED = {}
 
 def _restricted_call(n: int, grad: bool = False):
     """The no-grad restricted-head forward at N = ``n`` (what the scorer runs), as a function; with
-    ``grad``, forward+backward into the hidden states (frozen head, a fixed upstream gradient) with
-    the Triton projection on (``restricted_fwd.KERNEL=1``), whose backward kernel is swept."""
-    from zreward_kernels import restricted_logits
+    ``grad``, the benchmarks' forward+backward into the hidden states (frozen head:
+    ``score_stats_from_hidden(...).mean.sum().backward()``) with the Triton projection on
+    (``restricted_fwd.KERNEL=1``: one fused launch each way), whose backward kernel's tiles
+    (``restricted_bwd``, shared with ``restricted_logits``' gradient kernel) are swept."""
+    from zreward_kernels import restricted_logits, score_stats_from_hidden
 
     if "w" not in _RESTRICTED:
         gen = torch.Generator(device="cuda").manual_seed(0)
@@ -76,12 +78,11 @@ def _restricted_call(n: int, grad: bool = False):
     hidden = torch.randn(n, 3584, device="cuda", dtype=torch.bfloat16)
     if grad:
         hidden.requires_grad_(True)
-        up = torch.randn(n, ids.numel(), device="cuda", dtype=torch.bfloat16)
 
         def fn_grad():
             hidden.grad = None
             with override("restricted_fwd", KERNEL=1):
-                restricted_logits(hidden, w, ids, validate=False).backward(up)
+                score_stats_from_hidden(hidden, w, ids, validate=False).mean.sum().backward()
         return fn_grad
 
     def fn():
@@ -243,7 +244,8 @@ def report(results: list) -> str:
         what = (f"M = {abs(rows)}, {'groups of 16' if rows > 0 else 'variable groups of 1..31'}"
                 if kernel == "group_advantage" else
                 f"forward without gradients, N = {rows}, H = 3584, bf16" if kernel == "restricted_fwd"
-                else f"fwd+bwd into the hidden states with KERNEL=1, N = {rows}, H = 3584, bf16"
+                else f"score_stats_from_hidden mean fwd+bwd into the hidden states with KERNEL=1, N = {rows}, "
+                "H = 3584, bf16"
                 if kernel == "restricted_bwd" else f"fwd+bwd, {rows} rows")
         lines += [f"\n### {kernel} ({rs[0]['op']} {what}, CUDA graph)\n",
                   "| config | us | vs default |", "|---|---|---|"]

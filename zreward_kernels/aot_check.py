@@ -46,6 +46,8 @@ _KERNELS = (
     (_gdso, "_gdso_fwd_kernel", "gdso_fwd"),
     (_restricted, "_restricted_fwd_kernel", "restricted_fwd"),
     (_restricted, "_restricted_bwd_kernel", "restricted_bwd"),
+    (_restricted, "_restricted_stats_fwd_kernel", "restricted_fwd"),
+    (_restricted, "_restricted_stats_bwd_kernel", "restricted_bwd"),
 )
 
 _PTR = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
@@ -203,6 +205,18 @@ def _workloads() -> Dict[str, List[Tuple[str, Callable[[], None]]]]:
                     out.sum().backward()
         return run
 
+    def restricted_stats(dtype=torch.float32, grad=True, outputs=("mean",)):
+        # score_stats_from_hidden with the Triton projection: projection and statistics fused
+        def run():
+            from . import score_stats_from_hidden
+            h = torch.randn(40, 3584, generator=g).to(dtype).requires_grad_(grad)
+            w = torch.randn(64, 3584, generator=g).to(dtype)
+            with torch.set_grad_enabled(grad), _tuning.override("restricted_fwd", KERNEL=1):
+                s = score_stats_from_hidden(h, w, torch.arange(9), validate=False)
+                if grad:
+                    sum(getattr(s, o).sum() for o in outputs).backward()
+        return run
+
     main_rubric = ("rubric CE+KL+pairs mean", rubric(target=tgt, teacher_logits=torch.randn(n, 9, generator=g),
                                                      pairs=pairs, pair_gaps=gaps))
     return {
@@ -221,7 +235,11 @@ def _workloads() -> Dict[str, List[Tuple[str, Callable[[], None]]]]:
                        ("restricted bf16", restricted(torch.bfloat16, torch.bfloat16)),
                        ("restricted bf16, fp32 weight and bias", restricted(torch.bfloat16, bias=True)),
                        ("restricted fp32", restricted()),
-                       ("restricted fp32 fwd+bwd, weight and bias", restricted(bias=True, grad="all"))],
+                       ("restricted fp32 fwd+bwd, weight and bias", restricted(bias=True, grad="all")),
+                       ("score_stats_from_hidden bf16 mean fwd+bwd", restricted_stats(torch.bfloat16)),
+                       ("score_stats_from_hidden bf16", restricted_stats(torch.bfloat16, grad=False)),
+                       ("score_stats_from_hidden fp32 probs, mean and std fwd+bwd",
+                        restricted_stats(outputs=("probs", "mean", "std")))],
     }
 
 

@@ -21,7 +21,9 @@ gradients its hidden-state gradient ``g @ W[ids]`` as a second one (:class:`_Pro
 weight and bias gradients stay matrix products and sums): opt-in through the launch table
 (``restricted_fwd.KERNEL=1``), not yet timed on a GPU (see :func:`_projection_kernel_applies`).
 
-The ``*_from_hidden`` entry points compose the projection with the fused rubric ops.  The only
+The ``*_from_hidden`` entry points compose the projection with the fused rubric ops (with the
+opt-in projection and a frozen head, ``score_stats_from_hidden`` fuses the two: one launch each
+way, see :class:`_ProjectedStatsFn`).  The only
 row-proportional intermediate they add is the ``[N, K]`` logits tensor (K = 9: 36 bytes per row in
 fp32, against the ``H * 2`` bytes of each bf16 hidden row the caller already holds), so peak extra
 memory stays flat in V and tiny in N without chunking; ``bench/test_bench_restricted.py`` measures it.
@@ -35,13 +37,18 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import ops as _ops
-from ._common import (BIN_VALUES, DataChecks, check_float_tensor, check_same_device, data_checks_enabled,
-                      functorch_wrapped)
+from ._common import (BIN_VALUES, DataChecks, bins_tensor, check_finite_logits, check_float_tensor,
+                      check_same_device, check_temperature, data_checks_enabled, first_order_only, functorch_wrapped,
+                      normalize_bins)
 from ._dispatch import launch_device
 from ._triton_utils import HAS_TRITON, cdiv, next_pow2, tl, triton
 from ._tuning import CONFIGS
 from .ops import gdso_loss, rubric_loss, score_stats
 from .reference import GDSOOutput, RubricLossOutput, ScoreStats
+from .rubric import _skip_zero_grads, _vec
+
+if HAS_TRITON:
+    from .rubric import _dist_stats, _stats_dlogits_tile
 
 _WEIGHT_GRAD = ("dense", "sparse")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -49,19 +56,19 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 if HAS_TRITON:
 
     @triton.jit
-    def _restricted_fwd_kernel(
-        X, stride_x, W, stride_w, IDS, B, OUT, ROWS, n_rows, H, K,
+    def _project_rows(
+        X, stride_x, W, stride_w, IDS, B, OUT, ROWS, n_rows, H, K, pid,
         HAS_BIAS: tl.constexpr, STORE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        # One program: BLOCK_N rows of hidden against the K gathered weight rows, walking H in
-        # BLOCK_H chunks with one [BLOCK_N, BLOCK_H] x [BLOCK_H, BLOCK_K] tensor-core product each,
-        # accumulated in float32; the weight rows are cast to hidden's dtype first, as the matmul
-        # path does, and the result is rounded to it once (then the bias is added in that dtype).
-        # STORE_ROWS (a call with gradients): the gathered rows, as loaded (the weight's dtype), are
-        # also written to ROWS [K, H] for the backward -- chunk c by program c % programs, so the
-        # stores are spread over the programs -- instead of a separate gather launch.
-        pid = tl.program_id(0)
+        """``(rows, row mask, ks, k mask, logits)`` of program ``pid``'s ``BLOCK_N`` hidden rows, in
+        OUT's dtype.  BLOCK_N rows of hidden against the K gathered weight rows, walking H in BLOCK_H
+        chunks with one [BLOCK_N, BLOCK_H] x [BLOCK_H, BLOCK_K] tensor-core product each, accumulated
+        in float32; the weight rows are cast to hidden's dtype first, as the matmul path does, and
+        the result is rounded to it once (then the bias is added in that dtype).  STORE_ROWS (a call
+        with gradients): the gathered rows, as loaded (the weight's dtype), are also written to ROWS
+        [K, H] for the backward -- chunk c by program c % programs, so the stores are spread over the
+        programs -- instead of a separate gather launch."""
         rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < n_rows
         ks = tl.arange(0, BLOCK_K)
@@ -82,7 +89,39 @@ if HAS_TRITON:
         if HAS_BIAS:
             b = tl.load(B + ids, mask=kmask, other=0.0).to(OUT.dtype.element_ty)
             o = (o.to(tl.float32) + b.to(tl.float32)[None, :]).to(OUT.dtype.element_ty)
+        return rows, rmask, ks, kmask, o
+
+    @triton.jit
+    def _restricted_fwd_kernel(
+        X, stride_x, W, stride_w, IDS, B, OUT, ROWS, n_rows, H, K,
+        HAS_BIAS: tl.constexpr, STORE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # the logits [N, K] of hidden x W[ids].T (+ b[ids]): see _project_rows
+        rows, rmask, ks, kmask, o = _project_rows(X, stride_x, W, stride_w, IDS, B, OUT, ROWS, n_rows, H, K,
+                                                  tl.program_id(0), HAS_BIAS, STORE_ROWS, BLOCK_N, BLOCK_K, BLOCK_H,
+                                                  PRECISION)
         tl.store(OUT + rows[:, None] * K + ks[None, :], o, mask=rmask[:, None] & kmask[None, :])
+
+    @triton.jit
+    def _restricted_stats_fwd_kernel(
+        X, stride_x, W, stride_w, IDS, B, OUT, ROWS, V, PROBS, MEAN, STD, n_rows, H, K, inv_tau,
+        HAS_BIAS: tl.constexpr, STORE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # score_stats_from_hidden in one launch: the logits as _restricted_fwd_kernel makes them (kept
+        # in OUT for the backward), then score_stats' softmax, mean and std of them, as its kernel
+        # computes them from the stored logits
+        rows, rmask, ks, kmask, o = _project_rows(X, stride_x, W, stride_w, IDS, B, OUT, ROWS, n_rows, H, K,
+                                                  tl.program_id(0), HAS_BIAS, STORE_ROWS, BLOCK_N, BLOCK_K, BLOCK_H,
+                                                  PRECISION)
+        m2 = rmask[:, None] & kmask[None, :]
+        tl.store(OUT + rows[:, None] * K + ks[None, :], o, mask=m2)
+        v = tl.load(V + ks, mask=kmask, other=0.0).to(tl.float32)
+        p, logp, mu, d, var = _dist_stats(o.to(tl.float32), v, kmask, inv_tau)
+        tl.store(PROBS + rows[:, None] * K + ks[None, :], p, mask=m2)
+        tl.store(MEAN + rows, mu, mask=rmask)
+        tl.store(STD + rows, tl.sqrt(tl.maximum(var, 0.0)), mask=rmask)
 
     @triton.jit
     def _restricted_bwd_kernel(
@@ -106,6 +145,27 @@ if HAS_TRITON:
         dt = DX.dtype.element_ty
         acc = tl.dot(g.to(dt), w.to(dt), input_precision=PRECISION)
         tl.store(DX + rows[:, None] * H + hs[None, :], acc.to(dt), mask=rmask[:, None] & hmask[None, :])
+
+    @triton.jit
+    def _restricted_stats_bwd_kernel(
+        LOGITS, V, K, inv_tau, DP, s_dp_r, s_dp_c, DMU, s_dmu, DSTD, s_dstd, WK, stride_w, DX, n_rows, H,
+        HAS_DP: tl.constexpr, HAS_DMU: tl.constexpr, HAS_DSTD: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # score_stats_from_hidden's hidden-state gradient in one launch: each [BLOCK_N, BLOCK_H] tile
+        # of dX recomputes its rows' dL/dlogits from the kept logits as score_stats' backward does
+        # (rounded to the logits' dtype, as that kernel writes it), then multiplies by the K rows as
+        # _restricted_bwd_kernel does
+        rows, cols, m2, g = _stats_dlogits_tile(LOGITS, K, V, K, n_rows, inv_tau, DP, s_dp_r, s_dp_c, DMU, s_dmu,
+                                                DSTD, s_dstd, tl.program_id(0), BLOCK_N, BLOCK_K, HAS_DP, HAS_DMU,
+                                                HAS_DSTD)
+        hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        hmask = hs < H
+        w = tl.load(WK + cols[:, None] * stride_w + hs[None, :], mask=(cols < K)[:, None] & hmask[None, :],
+                    other=0.0)
+        dt = DX.dtype.element_ty
+        acc = tl.dot(g.to(LOGITS.dtype.element_ty).to(dt), w.to(dt), input_precision=PRECISION)
+        tl.store(DX + rows[:, None] * H + hs[None, :], acc.to(dt), mask=(rows < n_rows)[:, None] & hmask[None, :])
 
 
 def _projection_kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
@@ -170,6 +230,70 @@ def _hidden_grad_triton(g: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype)
         PRECISION="ieee" if dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],
     )
     return dx
+
+
+def _project_stats_triton(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, bias: Optional[torch.Tensor],
+                          bins: torch.Tensor, inv_tau: float, rows_out: Optional[torch.Tensor] = None):
+    """``(logits [N, K] in x's dtype, probs [N, K], mean [N], std [N])`` (fp32 statistics) of
+    ``x [N, H]`` (N > 0) against ``weight[ids]`` in one launch; ``rows_out`` as in :func:`_project_triton`."""
+    n, h = x.shape
+    k = ids.numel()
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    logits = torch.empty(n, k, device=x.device, dtype=x.dtype)
+    probs = torch.empty(n, k, device=x.device, dtype=torch.float32)
+    mean = torch.empty(n, device=x.device, dtype=torch.float32)
+    std = torch.empty(n, device=x.device, dtype=torch.float32)
+    cfg = CONFIGS["restricted_fwd"]
+    _restricted_stats_fwd_kernel[(cdiv(n, cfg["BLOCK_N"]),)](
+        x, x.stride(0), weight, weight.stride(0), ids, bias if bias is not None else x, logits,
+        rows_out if rows_out is not None else logits, bins, probs, mean, std, n, h, k, inv_tau,
+        HAS_BIAS=bias is not None, STORE_ROWS=rows_out is not None, BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=max(16, next_pow2(k)), BLOCK_H=cfg["BLOCK_H"],
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],
+    )
+    return logits, probs, mean, std
+
+
+class _ProjectedStatsFn(torch.autograd.Function):
+    """score_stats_from_hidden with a frozen head and gradients into ``hidden``: the forward is one
+    launch (logits, kept for the backward, and their probs, mean and std; the K weight rows written
+    out as it loads them), the backward one more (each tile of the hidden-state gradient recomputes
+    its rows' logit gradient, as score_stats' backward kernel does, and multiplies by the rows).  The
+    logits come back as a fourth output, not differentiable, for the caller's data checks.
+    Differentiable once, as score_stats' fused path is."""
+
+    @staticmethod
+    def forward(ctx, x, weight, ids, bias, bins, inv_tau):
+        rows = torch.empty(ids.numel(), weight.shape[1], device=weight.device, dtype=weight.dtype)
+        logits, probs, mean, std = _project_stats_triton(x, weight, ids, bias, bins, inv_tau, rows)
+        ctx.save_for_backward(logits, rows, bins)
+        ctx.inv_tau = inv_tau
+        ctx.mark_non_differentiable(logits)
+        _skip_zero_grads(ctx)
+        return logits, probs, mean, std
+
+    @staticmethod
+    def backward(ctx, _g_logits, g_probs, g_mean, g_std):
+        if g_probs is None and g_mean is None and g_std is None:
+            return None, None, None, None, None, None
+        first_order_only("score_stats_from_hidden")
+        logits, rows, bins = ctx.saved_tensors
+        n, k = logits.shape
+        h = rows.shape[1]
+        dx = torch.empty(n, h, device=logits.device, dtype=logits.dtype)
+        gp = g_probs if g_probs is not None else logits
+        if gp.dim() != 2:
+            gp = gp.reshape(-1, k)
+        cfg = CONFIGS["restricted_bwd"]
+        _restricted_stats_bwd_kernel[(cdiv(n, cfg["BLOCK_N"]), cdiv(h, cfg["BLOCK_H"]))](
+            logits, bins, k, ctx.inv_tau, gp, gp.stride(0), gp.stride(1), *_vec(g_mean, logits), *_vec(g_std, logits),
+            rows, rows.stride(0), dx, n, h,
+            HAS_DP=g_probs is not None, HAS_DMU=g_mean is not None, HAS_DSTD=g_std is not None,
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=max(16, next_pow2(k)), BLOCK_H=cfg["BLOCK_H"],
+            PRECISION="ieee" if dx.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],
+        )
+        return dx, None, None, None, None, None
 
 
 def _rows_for_backward(ctx, rows: Optional[torch.Tensor], ids: torch.Tensor, what: str) -> Optional[torch.Tensor]:
@@ -310,6 +434,12 @@ def restricted_logits(
     weight of another dtype than ``hidden`` (fp32 master weights, bf16 activations) is cast after
     the K rows are gathered.  See the module docstring for ``weight_grad``.
     """
+    x, ids, lead = _checked(hidden, lm_head_weight, token_ids, bias, weight_grad, validate)
+    return _project(x, lm_head_weight, ids, bias, weight_grad).reshape(*lead, ids.numel())
+
+
+def _checked(hidden, lm_head_weight, token_ids, bias, weight_grad, validate):
+    """restricted_logits' checks: ``(hidden as [rows, H], the token ids as a long tensor, the leading shape)``."""
     check_float_tensor("hidden", hidden)
     check_float_tensor("lm_head_weight", lm_head_weight)
     if hidden.dim() < 1:
@@ -337,8 +467,11 @@ def restricted_logits(
         srt = ids.sort().values
         checks.bad((srt[1:] == srt[:-1]).any(), "token_ids must be distinct", lambda: f", got {ids.tolist()}")
         checks.raise_first()
-    lead = hidden.shape[:-1]
-    x = hidden.reshape(-1, h)
+    return hidden.reshape(-1, h), ids, hidden.shape[:-1]
+
+
+def _project(x, lm_head_weight, ids, bias, weight_grad) -> torch.Tensor:
+    """``x [rows, H] -> [rows, K]`` by the path that applies (sparse rows, the Triton kernels, the product)."""
     if weight_grad == "sparse" and torch.is_grad_enabled():
         if torch.compiler.is_compiling():
             out = _sparse_rows_eager(x, lm_head_weight, ids, bias)
@@ -357,7 +490,7 @@ def restricted_logits(
         out = x @ lm_head_weight.index_select(0, ids).to(x.dtype).t()
         if bias is not None:
             out = out + bias.index_select(0, ids).to(out.dtype)
-    return out.reshape(*lead, ids.numel())
+    return out
 
 
 def score_stats_from_hidden(
@@ -372,9 +505,41 @@ def score_stats_from_hidden(
     backend: Optional[str] = None,
     validate: bool = True,
 ) -> ScoreStats:
-    """:func:`zreward_kernels.score_stats` of the restricted logits of ``hidden [..., H]``."""
-    logits = restricted_logits(hidden, lm_head_weight, token_ids, bias, weight_grad=weight_grad, validate=validate)
-    return score_stats(logits, bin_values=bin_values, temperature=temperature, backend=backend, validate=validate)
+    """:func:`zreward_kernels.score_stats` of the restricted logits of ``hidden [..., H]``.
+
+    Where the opt-in Triton projection applies (``restricted_fwd.KERNEL=1``, see
+    :func:`_projection_kernel_applies`), score_stats runs on the Triton backend, there is a row to
+    score and the head is frozen (the weight and bias need no gradient), the projection and the
+    statistics are one launch, and with gradients into ``hidden`` the backward is one more
+    (:class:`_ProjectedStatsFn`); elsewhere this is ``score_stats(restricted_logits(...))``.  Both
+    give the same values, errors and gradients."""
+    x, ids, lead = _checked(hidden, lm_head_weight, token_ids, bias, weight_grad, validate)
+    k = ids.numel()
+    bins = normalize_bins(bin_values)
+    tau = check_temperature(temperature)
+    if k == len(bins) and x.shape[0] and _stats_kernel_applies(x, lm_head_weight, bias, backend):
+        ids = ids.contiguous()
+        with launch_device(x):
+            bins_t = bins_tensor(bins, x.device)
+            if torch.is_grad_enabled() and x.requires_grad:
+                logits, probs, mean, std = _ProjectedStatsFn.apply(x, lm_head_weight, ids, bias, bins_t, 1.0 / tau)
+            else:
+                logits, probs, mean, std = _project_stats_triton(x, lm_head_weight, ids, bias, bins_t, 1.0 / tau)
+        if data_checks_enabled(validate):  # what score_stats checks of the logits, on the ones the kernel kept
+            checks = DataChecks()
+            check_finite_logits(checks, "logits", logits, tau)
+            checks.raise_first()
+        return ScoreStats(probs.reshape(*lead, k), mean.reshape(lead), std.reshape(lead))
+    logits = _project(x, lm_head_weight, ids, bias, weight_grad).reshape(*lead, k)
+    return score_stats(logits, bin_values=bins, temperature=tau, backend=backend, validate=validate)
+
+
+def _stats_kernel_applies(x, weight, bias, backend) -> bool:
+    """Whether score_stats_from_hidden runs as :class:`_ProjectedStatsFn`: the projection kernel
+    applies, score_stats would run on Triton, and no gradient reaches the head."""
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return False
+    return _projection_kernel_applies(x, weight, bias) and _ops.choose_backend("score_stats", backend, x) == "triton"
 
 
 def rubric_loss_from_hidden(

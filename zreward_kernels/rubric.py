@@ -207,9 +207,22 @@ if HAS_TRITON:
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_DP: tl.constexpr, HAS_DMU: tl.constexpr, HAS_DSTD: tl.constexpr,
     ):
+        rows, cols, m2, g = _stats_dlogits_tile(X, stride_x, V, K, n_rows, inv_tau, DP, s_dp_r, s_dp_c, DMU, s_dmu,
+                                                DSTD, s_dstd, tl.program_id(0), BLOCK_R, BLOCK_K, HAS_DP, HAS_DMU,
+                                                HAS_DSTD)
+        tl.store(DX + rows[:, None] * K + cols[None, :], g.to(DX.dtype.element_ty), mask=m2)
+
+    @triton.jit
+    def _stats_dlogits_tile(
+        X, stride_x, V, K, n_rows, inv_tau, DP, s_dp_r, s_dp_c, DMU, s_dmu, DSTD, s_dstd, pid,
+        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+        HAS_DP: tl.constexpr, HAS_DMU: tl.constexpr, HAS_DSTD: tl.constexpr,
+    ):
+        """``(rows, cols, mask, dL/dlogits)`` of program ``pid``'s tile of rows (fp32; zero on rows past
+        ``n_rows`` and on padded bins), from the upstream gradients of probs, mean and std."""
         # the upstream gradients are loaded before the logits' statistics are computed, so that their
         # memory round trip overlaps the logits' one instead of following the softmax's shuffles
-        r0 = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        r0 = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         c0 = tl.arange(0, BLOCK_K)
         dmu = tl.zeros([BLOCK_R], tl.float32)
         dstd = tl.zeros([BLOCK_R], tl.float32)
@@ -221,11 +234,11 @@ if HAS_TRITON:
             gp = tl.load(DP + r0[:, None] * s_dp_r + c0[None, :] * s_dp_c,
                          mask=(r0 < n_rows)[:, None] & (c0 < K)[None, :], other=0.0).to(tl.float32)
         rows, rmask, cols, cmask, m2, p, logp, mu, d, var = _row_tile(
-            X, stride_x, V, K, n_rows, inv_tau, tl.program_id(0), BLOCK_R, BLOCK_K)
+            X, stride_x, V, K, n_rows, inv_tau, pid, BLOCK_R, BLOCK_K)
         g = _stats_grad(p, d, var, dmu, dstd)
         if HAS_DP:
             g += p * (gp - tl.sum(p * gp, 1)[:, None])
-        tl.store(DX + rows[:, None] * K + cols[None, :], (g * inv_tau).to(DX.dtype.element_ty), mask=m2)
+        return rows, cols, m2, g * inv_tau
 
     @triton.jit
     def _rubric_rows_tile(X, stride_x, V, K, n_rows, inv_tau, TGT, TP, TQ, ignore_index, pid, MEAN, STD,

@@ -456,3 +456,150 @@ def test_triton_projection_only_where_it_applies(kdev, monkeypatch):
         with torch.no_grad(), torch.autocast(kdev.type, dtype=torch.bfloat16):  # autocast: the product, its dtype
             out = restricted_logits(hidden, weight, IDS)
         assert out.dtype == torch.bfloat16 and "restricted_logits" not in zk.backend_info()["last_backend"]
+
+
+def _fused_calls(monkeypatch):
+    """Counts of the fused score_stats_from_hidden launches (forward, backward), by spying on its
+    host launchers; the composition's own kernels are refused while a fused path is expected."""
+    from zreward_kernels import restricted as R
+
+    calls = {"fwd": 0, "bwd": 0}
+    fwd, bwd = R._project_stats_triton, R._ProjectedStatsFn.backward
+
+    def spy_fwd(*a, **k):
+        calls["fwd"] += 1
+        return fwd(*a, **k)
+
+    def spy_bwd(ctx, *g):
+        calls["bwd"] += 1
+        return bwd(ctx, *g)
+
+    monkeypatch.setattr(R, "_project_stats_triton", spy_fwd)
+    monkeypatch.setattr(R._ProjectedStatsFn, "backward", staticmethod(spy_bwd))
+    return calls
+
+
+@pytest.mark.parametrize("case", ["all outputs", "mean from sum", "std only", "probs only", "3-D hidden, bias",
+                                  "odd sizes, 5 bins, temperature", "blocks 32x64", "one row", "no grad"])
+def test_fused_score_stats_from_hidden_equals_the_composition(kdev, monkeypatch, case):
+    """With the Triton projection on and a frozen head, score_stats_from_hidden is one launch forward
+    and one backward (projection and statistics fused); values and hidden-state gradients equal
+    score_stats(restricted_logits(...)) on the matrix product and float64, for every mix of
+    upstream gradients (probs, mean, std; .sum()'s zero strides), bins other than nine, a
+    temperature, a bias, a 3-D hidden, rows and H not multiples of the tiles, one row, no grad."""
+    from zreward_kernels import BIN_VALUES
+    from zreward_kernels import reference as ref
+    from zreward_kernels._tuning import override
+
+    g = torch.Generator().manual_seed(zlib.crc32(case.encode()))
+    n, h, v, bins, tau, cfg = 40, 96, 300, None, 1.0, {}
+    if case.startswith("odd sizes"):
+        n, h, bins, tau = 37, 301, (1.0, 2.0, 3.0, 4.0, 5.0), 0.7
+    elif case == "blocks 32x64":
+        n, cfg = 70, dict(BLOCK_N=32, BLOCK_H=64)
+    elif case == "one row":
+        n = 1
+    k = len(bins) if bins else 9
+    hidden = torch.randn(n, h, generator=g)
+    if case.startswith("3-D"):
+        hidden = hidden.reshape(n // 4, 4, h)
+    weight = torch.randn(v, h, generator=g) * 0.2
+    bias = torch.randn(v, generator=g) if "bias" in case else None
+    ids = torch.randperm(v, generator=g)[:k]
+    lead = hidden.shape[:-1]
+    ups = [torch.randn(*lead, k, generator=g), torch.randn(*lead, generator=g), torch.randn(*lead, generator=g)]
+    kw = dict(bin_values=bins or BIN_VALUES, temperature=tau)
+
+    def loss_fn(s, up):
+        if case == "mean from sum":
+            return s.mean.sum()
+        if case.startswith("3-D"):  # every upstream gradient expanded (zero strides), probs' 3-D too
+            return s.probs.sum() * 0.5 + s.mean.sum() + s.std.sum()
+        used = {"std only": (2,), "probs only": (0,)}.get(case, (0, 1, 2))
+        return sum((s[i] * up[i]).sum() for i in used)
+
+    def run(kernel, dtype=torch.float32):
+        x = hidden.to(kdev, dtype).requires_grad_(case != "no grad")
+        w, b = weight.to(kdev, dtype), None if bias is None else bias.to(kdev, dtype)
+        with override("restricted_fwd", KERNEL=int(kernel), **cfg), override("restricted_bwd", **cfg):
+            if kernel and kdev.type == "cpu":
+                monkeypatch.setenv("ZREWARD_BACKEND", "triton")
+            s = (score_stats_from_hidden(x, w, ids.to(kdev), b, **kw) if kernel or dtype == torch.float32 else
+                 ref.score_stats(restricted_logits(x, w, ids.to(kdev), b), tuple(kw["bin_values"]), tau))
+            monkeypatch.delenv("ZREWARD_BACKEND", raising=False)
+        grad = None
+        if case != "no grad":
+            grad, = torch.autograd.grad(loss_fn(s, [u.to(kdev, dtype) for u in ups]), [x])
+        return s, grad
+
+    calls = _fused_calls(monkeypatch)
+    got, got_grad = run(True)
+    assert calls == {"fwd": 1, "bwd": 0 if case == "no grad" else 1}
+    composed, composed_grad = run(False)
+    want, want_grad = run(False, torch.float64)
+    assert calls["fwd"] == 1  # the composition did not take the fused path
+    for name, a, b_, c in zip(("probs", "mean", "std"), got, composed, want):
+        assert a.dtype == torch.float32 and a.shape == c.shape == (*lead, k)[: a.dim()]
+        assert_close(a, b_, atol=2e-6, rtol=2e-6, name=f"{case}: {name} vs the composition")
+        assert_close(a, c, atol=1e-5, rtol=1e-5, name=f"{case}: {name} vs float64")
+    if case != "no grad":
+        assert got_grad.dtype == torch.float32 and got_grad.shape == hidden.shape
+        assert_close(got_grad, composed_grad, atol=2e-6, rtol=2e-6, name=f"{case}: dhidden vs the composition")
+        assert_close(got_grad, want_grad, atol=2e-5, rtol=1e-5, name=f"{case}: dhidden vs float64")
+
+
+def test_fused_score_stats_from_hidden_falls_back_and_fails_alike(kdev, monkeypatch):
+    """Where the fused path does not apply it composes, with the same results and errors: a head
+    that trains (its gradient needs the logits' gradient), token ids fewer than the bins (the
+    composition's error); non-finite logits are refused by name after the fused launch as before
+    it; a second derivative through the fused path is refused like score_stats'."""
+    from zreward_kernels._tuning import override
+
+    hidden, weight, bias = _setup(device=kdev)
+    ids = torch.tensor(IDS, device=kdev)
+    calls = _fused_calls(monkeypatch)
+    with _kernel_on(monkeypatch, kdev):
+        w = weight.clone().requires_grad_(True)
+        s = score_stats_from_hidden(hidden, w, ids, bias)
+        s.mean.sum().backward()
+        assert calls["fwd"] == 0 and w.grad is not None and w.grad[IDS].abs().sum() > 0
+        with pytest.raises(ValueError, match="last dimension of size 9"):
+            score_stats_from_hidden(hidden, weight, ids[:5], bias)
+        bad = hidden.clone()
+        bad[3, 0] = float("inf")
+        errors = []
+        for kernel in (1, 0):
+            with override("restricted_fwd", KERNEL=kernel), pytest.raises(ValueError) as info:
+                score_stats_from_hidden(bad, weight, ids, bias)
+            errors.append(str(info.value))
+        assert calls["fwd"] == 1 and errors[0] == errors[1] and "logits" in errors[0], errors
+        h = hidden.clone().requires_grad_(True)
+        s = score_stats_from_hidden(h, weight, ids, bias)
+        with pytest.raises(RuntimeError, match="differentiable once"):
+            torch.autograd.grad(s.mean.sum(), [h], create_graph=True)
+
+
+@pytest.mark.cuda
+def test_fused_score_stats_from_hidden_bf16(kdev, monkeypatch):
+    """bf16 at the benchmark's shapes (H = 3584, N = 1024): the fused launches against the
+    composition on the matrix product (probs, mean, std and the hidden-state gradient of mean + std)."""
+    from zreward_kernels._tuning import override
+
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(1024, 3584, generator=g).to(kdev, torch.bfloat16)
+    weight = (torch.randn(2000, 3584, generator=g) * 0.02).to(kdev, torch.bfloat16)
+    ids = torch.tensor(IDS, device=kdev)
+    calls = _fused_calls(monkeypatch)
+    results = []
+    for kernel in (1, 0):
+        x = hidden.clone().requires_grad_(True)
+        with override("restricted_fwd", KERNEL=kernel):
+            s = score_stats_from_hidden(x, weight, ids, validate=False)
+        (s.mean.sum() + s.std.sum()).backward()
+        results.append((s, x.grad))
+    assert calls == {"fwd": 1, "bwd": 1}
+    (got, got_grad), (want, want_grad) = results
+    for name, a, b in zip(("probs", "mean", "std"), got, want):
+        assert_close(a, b, atol=2e-2, rtol=1e-2, name=name)
+    assert got_grad.dtype == torch.bfloat16
+    assert_close(got_grad.float(), want_grad.float(), atol=2e-2, rtol=1e-2, name="dhidden")
