@@ -339,7 +339,7 @@ def compile_all(arch: int = 90, sweep: str = "none", verbose: bool = False) -> i
     target = GPUTarget("cuda", arch, 32)
     launches = record_launches(sweep)
     for i, (name, fn, sig, consts, warps, attrs) in enumerate(launches):
-        desc = f"{name} warps={warps} " + " ".join(f"{k}={v}" for k, v in consts.items()) \
+        desc = f"{name} ({fn.__name__}) warps={warps} " + " ".join(f"{k}={v}" for k, v in consts.items()) \
             + (" (as specialised by the JIT)" if attrs else "")
         try:
             k = triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options=dict(num_warps=warps))
