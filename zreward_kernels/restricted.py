@@ -405,7 +405,7 @@ def _as_ids(token_ids, device: torch.device) -> torch.Tensor:
             raise ValueError(f"token_ids must be 1-D [K], got shape {tuple(token_ids.shape)}")
         if token_ids.device != device:
             raise ValueError(f"token_ids is on {token_ids.device} but hidden is on {device}")
-        return token_ids.long()
+        return token_ids if token_ids.dtype == torch.int64 else token_ids.long()
     try:  # operator.index: ints, numpy ints and 0-d integer tensors; a float such as 2.7 is refused, not truncated
         ids = [operator.index(t) for t in token_ids]
         # operator.index reads True (and a 0-d bool tensor) as 1: a mask passed as ids
@@ -435,11 +435,13 @@ def restricted_logits(
     the K rows are gathered.  See the module docstring for ``weight_grad``.
     """
     x, ids, lead = _checked(hidden, lm_head_weight, token_ids, bias, weight_grad, validate)
-    return _project(x, lm_head_weight, ids, bias, weight_grad).reshape(*lead, ids.numel())
+    out = _project(x, lm_head_weight, ids, bias, weight_grad)
+    return out if lead is None else out.reshape(*lead, ids.numel())
 
 
 def _checked(hidden, lm_head_weight, token_ids, bias, weight_grad, validate):
-    """restricted_logits' checks: ``(hidden as [rows, H], the token ids as a long tensor, the leading shape)``."""
+    """restricted_logits' checks: ``(hidden as [rows, H], the token ids as a long tensor, the leading shape)``;
+    the leading shape is None for a 2-D ``hidden`` (no reshapes: host time is most of a per-call GPU timing)."""
     check_float_tensor("hidden", hidden)
     check_float_tensor("lm_head_weight", lm_head_weight)
     if hidden.dim() < 1:
@@ -455,7 +457,8 @@ def _checked(hidden, lm_head_weight, token_ids, bias, weight_grad, validate):
         check_float_tensor("bias", bias)
         if tuple(bias.shape) != (v,):
             raise ValueError(f"bias must be [V] = [{v}], got shape {tuple(bias.shape)}")
-    check_same_device("hidden", hidden, lm_head_weight=lm_head_weight, bias=bias)
+    if lm_head_weight.device != hidden.device or (bias is not None and bias.device != hidden.device):
+        check_same_device("hidden", hidden, lm_head_weight=lm_head_weight, bias=bias)  # raises, naming which
     ids = _as_ids(token_ids, hidden.device)
     if ids.numel() == 0:
         raise ValueError("token_ids must hold at least one id")
@@ -467,6 +470,8 @@ def _checked(hidden, lm_head_weight, token_ids, bias, weight_grad, validate):
         srt = ids.sort().values
         checks.bad((srt[1:] == srt[:-1]).any(), "token_ids must be distinct", lambda: f", got {ids.tolist()}")
         checks.raise_first()
+    if hidden.dim() == 2:
+        return hidden, ids, None
     return hidden.reshape(-1, h), ids, hidden.shape[:-1]
 
 
@@ -487,7 +492,8 @@ def _project(x, lm_head_weight, ids, bias, weight_grad) -> torch.Tensor:
         else:
             out = _project_triton(x, lm_head_weight, ids, bias)
     else:
-        out = x @ lm_head_weight.index_select(0, ids).to(x.dtype).t()
+        rows = lm_head_weight.index_select(0, ids)
+        out = x @ (rows if rows.dtype == x.dtype else rows.to(x.dtype)).t()
         if bias is not None:
             out = out + bias.index_select(0, ids).to(out.dtype)
     return out
@@ -529,8 +535,12 @@ def score_stats_from_hidden(
             checks = DataChecks()
             check_finite_logits(checks, "logits", logits, tau)
             checks.raise_first()
+        if lead is None:
+            return ScoreStats(probs, mean, std)
         return ScoreStats(probs.reshape(*lead, k), mean.reshape(lead), std.reshape(lead))
-    logits = _project(x, lm_head_weight, ids, bias, weight_grad).reshape(*lead, k)
+    logits = _project(x, lm_head_weight, ids, bias, weight_grad)
+    if lead is not None:
+        logits = logits.reshape(*lead, k)
     return score_stats(logits, bin_values=bins, temperature=tau, backend=backend, validate=validate)
 
 

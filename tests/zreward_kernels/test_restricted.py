@@ -193,6 +193,17 @@ def test_bad_inputs(kdev):
         restricted_logits(hidden, weight, IDS, weight_grad="rows")
     with pytest.raises(TypeError, match="hidden must be a floating-point tensor"):
         restricted_logits(hidden.long(), weight, IDS)
+    meta = dict(device="meta")  # a device that differs from kdev, whatever kdev is
+    with pytest.raises(ValueError, match=f"lm_head_weight is on meta but hidden is on {kdev}"):
+        restricted_logits(hidden, weight.to(**meta), IDS)
+    with pytest.raises(ValueError, match=f"bias is on meta but hidden is on {kdev}"):
+        restricted_logits(hidden, weight, IDS, bias.to(**meta))
+    with pytest.raises(ValueError, match=f"token_ids is on meta but hidden is on {kdev}"):
+        restricted_logits(hidden, weight, torch.tensor(IDS, **meta))
+    for x in (hidden, hidden[:5].reshape(5, 1, H), hidden[0]):  # 2-D (returned as is), 3-D and 1-D hidden
+        out = restricted_logits(x, weight, torch.tensor(IDS, device=kdev, dtype=torch.int32), bias)
+        assert out.shape == (*x.shape[:-1], len(IDS))
+        assert_close(out, _full(x, weight, bias), atol=1e-5, rtol=1e-5)
 
 
 def _kernel_on(monkeypatch, kdev, **cfg):
