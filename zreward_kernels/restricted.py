@@ -210,7 +210,8 @@ def _project_triton(x: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, bi
         _restricted_fwd_kernel[(cdiv(n, cfg["BLOCK_N"]),)](
             x, x.stride(0), weight, weight.stride(0), ids.contiguous(), bias if bias is not None else x, out,
             rows_out if rows_out is not None else out, n, h, k,
-            HAS_BIAS=bias is not None, STORE_ROWS=rows_out is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=max(16, next_pow2(k)), BLOCK_H=cfg["BLOCK_H"],
+            HAS_BIAS=bias is not None, STORE_ROWS=rows_out is not None, BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_K=max(16, next_pow2(k)), BLOCK_H=cfg["BLOCK_H"],
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],
         )
     return out
