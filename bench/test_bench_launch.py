@@ -136,3 +136,39 @@ def test_host_path_of_a_fused_call(benchmark, no_launches, op):
     benchmark.extra_info.update(what=f"host path: {op}", calls_per_round=N_CALLS, torch=torch.__version__,
                                 device_name=torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else "cpu")
     benchmark.pedantic(loop, rounds=10, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("impl", ["bare ops", "restricted_logits", "restricted_logits Triton projection"])
+def test_restricted_head_host_path(benchmark, impl):
+    """Host cost of one no-grad restricted-head call on tiny tensors (N = 4, H = 16, V = 64, K = 9):
+    the two bare torch ops it runs (``W.index_select(0, ids)`` and the product) against
+    ``restricted_logits`` with ``validate=False`` (the same two ops plus its argument checks), and on
+    CUDA its Triton projection (one launch).  The device work is negligible at this size, so the
+    difference is the wrapper's host path."""
+    from zreward_kernels import restricted_logits
+    from zreward_kernels._tuning import override
+
+    if impl.endswith("Triton projection") and DEVICE.type != "cuda":
+        pytest.skip("the Triton projection runs on CUDA")
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(4, 16, generator=gen).to(DEVICE)
+    w = torch.randn(64, 16, generator=gen).to(DEVICE)
+    ids = torch.arange(9, device=DEVICE)
+    if impl == "bare ops":
+        def call():
+            return h @ w.index_select(0, ids).t()
+    else:
+        def call():
+            return restricted_logits(h, w, ids, validate=False)
+
+    def loop():
+        with torch.no_grad(), override("restricted_fwd", KERNEL=int(impl.endswith("Triton projection"))):
+            for _ in range(N_CALLS):
+                call()
+        sync()
+
+    loop()
+    benchmark.group = "host path of one restricted-head call (N = 4)"
+    benchmark.extra_info.update(what=f"restricted head: {impl}", calls_per_round=N_CALLS, torch=torch.__version__,
+                                device_name=torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else "cpu")
+    benchmark.pedantic(loop, rounds=10, iterations=1, warmup_rounds=1)
