@@ -610,7 +610,10 @@ def test_fused_score_stats_from_hidden_bf16(kdev, monkeypatch):
         results.append((s, x.grad))
     assert calls == {"fwd": 1, "bwd": 1}
     (got, got_grad), (want, want_grad) = results
-    for name, a, b in zip(("probs", "mean", "std"), got, want):
-        assert_close(a, b, atol=2e-2, rtol=1e-2, name=name)
     assert got_grad.dtype == torch.bfloat16
-    assert_close(got_grad.float(), want_grad.float(), atol=2e-2, rtol=1e-2, name="dhidden")
+    # relative to each tensor's size (the hidden-state gradient is ~1e-2 per entry here: an absolute
+    # bf16 tolerance would pass a zero gradient); bf16 logits differ in their last bits between the
+    # kernel's and cuBLAS's sums, which moves the statistics and gradients by well under 1%
+    for name, a, b in zip(("probs", "mean", "std", "dhidden"), (*got, got_grad), (*want, want_grad)):
+        a, b = a.float(), b.float()
+        assert b.norm() > 0 and (a - b).norm() <= 1e-2 * b.norm(), (name, float((a - b).norm() / b.norm()))
