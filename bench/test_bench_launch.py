@@ -131,9 +131,14 @@ def test_host_path_of_a_fused_call(benchmark, no_launches, op):
             call()
         sync()
 
+    _time_rounds(benchmark, loop, "host path of one fused call (launches stubbed)", f"host path: {op}")
+
+
+def _time_rounds(benchmark, loop, group: str, what: str) -> None:
+    """Time ``loop`` (N_CALLS calls, then one sync) as one round, after one untimed run."""
     loop()
-    benchmark.group = "host path of one fused call (launches stubbed)"
-    benchmark.extra_info.update(what=f"host path: {op}", calls_per_round=N_CALLS, torch=torch.__version__,
+    benchmark.group = group
+    benchmark.extra_info.update(what=what, calls_per_round=N_CALLS, torch=torch.__version__,
                                 device_name=torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else "cpu")
     benchmark.pedantic(loop, rounds=10, iterations=1, warmup_rounds=1)
 
@@ -167,8 +172,4 @@ def test_restricted_head_host_path(benchmark, impl):
                 call()
         sync()
 
-    loop()
-    benchmark.group = "host path of one restricted-head call (N = 4)"
-    benchmark.extra_info.update(what=f"restricted head: {impl}", calls_per_round=N_CALLS, torch=torch.__version__,
-                                device_name=torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else "cpu")
-    benchmark.pedantic(loop, rounds=10, iterations=1, warmup_rounds=1)
+    _time_rounds(benchmark, loop, "host path of one restricted-head call (N = 4)", f"restricted head: {impl}")
