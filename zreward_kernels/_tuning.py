@@ -30,7 +30,8 @@ Keys:
   gathered rows); not yet timed on a GPU, so off by default (the sweep times its tilings against
   the product); with gradients (training the score token) the same switch runs the forward kernel
   and, for the hidden-state gradient ``g @ W[ids]``, a second one, whose tiles of
-  ``[BLOCK_N, BLOCK_H]`` gradient elements are ``restricted_bwd``'s settings;
+  ``[BLOCK_N, BLOCK_H]`` gradient elements are ``restricted_bwd``'s settings; ``score_stats_from_hidden``'s
+  fused kernels (projection and statistics, forward and backward) use the same two entries;
 * ``FLAT``: 0 for the tile layout (a ``[BLOCK_R, 16]`` tile, bins padded to a power of two,
   reductions across lanes), 1 for row per thread (each lane owns whole rows and visits the bins in
   unrolled loops; grids of up to 32 bins).
