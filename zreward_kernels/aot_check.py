@@ -100,14 +100,18 @@ def _jit_specialization(fn, args, kwargs) -> Optional[Tuple[dict, dict, dict]]:
 
 
 class _Recorder:
-    def __init__(self, fn, name: str, log: Optional[list]):
-        self.fn, self.name, self.log = fn, name, log
+    def __init__(self, fn, name: str, log: Optional[list], calls: Optional[list] = None):
+        self.fn, self.name, self.log, self.calls = fn, name, log, calls
 
     def __getitem__(self, grid):
-        if self.log is None:
+        if self.log is None and self.calls is None:
             return _no_launch
 
         def launch(*args, **kwargs):
+            if self.calls is not None:
+                self.calls.append((self.fn, args, kwargs))
+            if self.log is None:
+                return
             # twice: as the JIT specialises this launch on a GPU (sizes equal to 1 as constexprs,
             # divisibility hints), and with plain argument types, the code other sizes compile to
             warps = kwargs.get("num_warps", 4)
@@ -127,10 +131,11 @@ def _no_launch(*args, **kwargs):
 
 
 @contextlib.contextmanager
-def intercepted_launches(record: bool = False) -> Iterator[Optional[list]]:
+def intercepted_launches(record: bool = False, calls: Optional[list] = None) -> Iterator[Optional[list]]:
     """Within the block the public ops take the fused path on any device and their Triton launches
     do nothing (with ``record``, each launch's kernel, signature, constexprs and warps is appended
-    to the yielded list).  What runs is the host path of a call: validation, launch set-up,
+    to the yielded list; with a ``calls`` list, each launch's ``(kernel, args, kwargs)`` is appended
+    to it).  What runs is the host path of a call: validation, launch set-up,
     autograd.  Used to compile launches here, to trace the host path with torch.compile without a
     GPU (tests) and to time it (``bench/test_bench_launch.py``).  Not thread-safe."""
     log = [] if record else None
@@ -138,7 +143,7 @@ def intercepted_launches(record: bool = False) -> Iterator[Optional[list]]:
     old_choose = _ops.choose_backend
     try:
         for mod, attr, name in _KERNELS:
-            setattr(mod, attr, _Recorder(getattr(mod, attr), name, log))
+            setattr(mod, attr, _Recorder(getattr(mod, attr), name, log, calls))
         _ops.choose_backend = lambda *a, **k: "triton"
         yield log
     finally:
@@ -258,22 +263,28 @@ def _candidates(kernel: str, sweep: str) -> list:
     raise ValueError(f"sweep must be 'none', 'sample' or 'all', got {sweep!r}")
 
 
+def _run_workloads(sweep: str) -> None:
+    """Run every workload, then each sweep kernel's first workload under each candidate (within
+    :func:`intercepted_launches`)."""
+    work = _workloads()
+    cands = {kernel: _candidates(kernel, sweep) for kernel in _tuning.SWEEP if kernel in _SWEEP_WORKLOADS}
+    for group in work.values():
+        for _, run in group:
+            run()
+    for kernel, cfgs in cands.items():
+        if cfgs:
+            _, run = work[_SWEEP_WORKLOADS[kernel]][0]
+            for cfg in cfgs:
+                with _tuning.override(kernel, **cfg):
+                    run()
+
+
 def record_launches(sweep: str = "none") -> list:
     """Every distinct launch of the default configurations, and of the candidate configurations in
     ``_tuning.SWEEP`` (``sweep="all"``, or ``"sample"``: the smallest, middle and largest of each
     kernel), as :class:`Launch` records (specialised as the JIT would on a GPU)."""
-    work = _workloads()
-    cands = {kernel: _candidates(kernel, sweep) for kernel in _tuning.SWEEP if kernel in _SWEEP_WORKLOADS}
     with intercepted_launches(record=True) as log:
-        for group in work.values():
-            for _, run in group:
-                run()
-        for kernel, cfgs in cands.items():
-            if cfgs:
-                _, run = work[_SWEEP_WORKLOADS[kernel]][0]
-                for cfg in cfgs:
-                    with _tuning.override(kernel, **cfg):
-                        run()
+        _run_workloads(sweep)
     seen, out = set(), []
     for rec in log:
         key = (rec.name, tuple(sorted(rec.sig.items())), tuple(sorted(rec.consts.items())), rec.warps,
@@ -351,6 +362,90 @@ def compile_all(arch: int = 90, sweep: str = "none", verbose: bool = False) -> i
     return len(launches)
 
 
+# The arguments each kernel writes (stores or atomics).  torch.compile finds a user Triton kernel's
+# written arguments from its TTIR (torch._higher_order_ops.triton_kernel_wrap.identify_mutated_tensors)
+# and clones every argument it believes written before the launch: an input believed written costs
+# a copy per call in a compiled graph.  Its analysis follows a store's address back through every
+# operand of the ops that computed it, and takes all arguments of a @triton.jit helper call as
+# operands of what the call returns: an address made from the row indices a helper returned
+# together with loaded values marks the helper's input pointers as written.  The kernels therefore
+# compute their tile's indices in helpers that take no pointers.
+WRITES = {
+    "_stats_fwd_kernel": {"PROBS", "MEAN", "STD"},
+    "_stats_bwd_kernel": {"DX"},
+    "_rubric_fwd_kernel": {"MEAN", "STD", "CE_ROWS", "KL_ROWS", "PAIR_TERMS", "SIGN", "SEM", "CNT", "PART", "LOSS",
+                           "CE_OUT", "KL_OUT", "PAIR_OUT", "NV_OUT"},
+    "_rubric_bwd_kernel": {"DX"},
+    "_gdso_fwd_kernel": {"DX", "MEAN", "STD", "RPT", "RPW", "RWD", "ADV", "CE", "PW", "PART", "COUNTER", "LOSS"},
+    "_restricted_fwd_kernel": {"OUT", "ROWS"},
+    "_restricted_bwd_kernel": {"DX"},
+    "_restricted_stats_fwd_kernel": {"OUT", "ROWS", "PROBS", "MEAN", "STD"},
+    "_restricted_stats_bwd_kernel": {"DX"},
+}
+
+
+def written_arguments(arch: int = 90, sweep: str = "none") -> List[Tuple[str, str, List[str]]]:
+    """``(kernel, launch, arguments torch.compile believes written)`` for every distinct launch of
+    the default configurations (and of the sweep's candidates, as in :func:`record_launches`), from
+    PyTorch's own analysis (see ``WRITES``), run for an ``sm_<arch>`` target without a GPU."""
+    if interpreter_enabled():
+        raise RuntimeError("aot_check must run without TRITON_INTERPRET=1 (the kernels must be JIT functions)")
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    class _TargetOnly:  # what the analysis asks of the active driver: the target to compile for
+        def get_current_target(self):
+            return GPUTarget("cuda", arch, 32)
+
+    calls: list = []
+    with intercepted_launches(calls=calls):
+        _run_workloads(sweep)
+    seen, out = set(), []
+    old = driver._active  # None without a GPU (asking for it would raise)
+    driver.set_active(_TargetOnly())
+    try:
+        for fn, args, kwargs in calls:
+            named = dict(zip(fn.arg_names, args))
+            named.update((k, v) for k, v in kwargs.items() if k not in ("num_warps", "num_stages"))
+            consts = tuple(sorted((k, v) for k, v in named.items() if not isinstance(v, torch.Tensor)
+                                  and k not in ("stride_x", "n_rows", "n_pairs", "H", "inv_tau")))
+            key = (fn.__name__, consts, tuple(str(v.dtype) for v in named.values() if isinstance(v, torch.Tensor)))
+            if key in seen:
+                continue
+            seen.add(key)
+            desc = " ".join(f"{k}={v}" for k, v in consts if k.isupper())
+            out.append((fn.__name__, desc, _believed_written(fn, named)))
+    finally:
+        driver._active = old
+    return out
+
+
+def _believed_written(fn, named: dict) -> List[str]:
+    """The tensor arguments torch.compile treats as written by this launch (PyTorch 2.11 to 2.14)."""
+    from torch._higher_order_ops import triton_kernel_wrap as tkw
+
+    if hasattr(tkw, "identify_mutated_tensors"):  # PyTorch <= 2.12
+        return sorted(tkw.identify_mutated_tensors(fn, named, {}))
+    accesses = tkw.identify_accessed_tensors(fn, named, {})  # later: read and write sets
+    return sorted(d.name for d in accesses.read_writes.writes if isinstance(named.get(d.name), torch.Tensor))
+
+
+def check_written(arch: int = 90, sweep: str = "none", verbose: bool = False) -> int:
+    """Raise if torch.compile would believe any launch writes an argument outside ``WRITES`` (it
+    would clone that input per call); returns the number of launches checked."""
+    found = written_arguments(arch, sweep)
+    bad = []
+    for name, desc, written in found:
+        extra = sorted(set(written) - WRITES[name])
+        if verbose:
+            print(f"{name} {desc}: writes {', '.join(written) or 'nothing'}", flush=True)
+        if extra or not written:
+            bad.append(f"{name} {desc}: torch.compile believes it writes {written}; not outputs: {extra}")
+    if bad:
+        raise RuntimeError("launches torch.compile would clone inputs for:\n" + "\n".join(bad))
+    return len(found)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (80, 90, ...)")
@@ -358,7 +453,13 @@ def main(argv=None) -> int:
                     help="also compile the tuning candidates in _tuning.SWEEP (all, or a sample of each kernel's)")
     ap.add_argument("--verbose", action="store_true",
                     help="one line per launch with ptxas register use and SASS instruction and barrier counts")
+    ap.add_argument("--written", action="store_true",
+                    help="instead, check that torch.compile's analysis finds each launch writing only its outputs")
     args = ap.parse_args(argv)
+    if args.written:
+        n = check_written(args.arch, args.sweep, args.verbose)
+        print(f"{n} kernel launches write only their outputs, as torch.compile sees them")
+        return 0
     n = compile_all(args.arch, args.sweep, args.verbose)
     print(f"compiled {n} kernel launches for sm_{args.arch}")
     return 0

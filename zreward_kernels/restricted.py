@@ -48,7 +48,7 @@ from .reference import GDSOOutput, RubricLossOutput, ScoreStats
 from .rubric import _skip_zero_grads, _vec
 
 if HAS_TRITON:
-    from .rubric import _dist_stats, _stats_dlogits_tile
+    from .rubric import _dist_stats, _stats_dlogits_tile, _tile_index
 
 _WEIGHT_GRAD = ("dense", "sparse")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -57,22 +57,18 @@ if HAS_TRITON:
 
     @triton.jit
     def _project_rows(
-        X, stride_x, W, stride_w, IDS, B, OUT, ROWS, n_rows, H, K, pid,
+        X, stride_x, W, stride_w, IDS, B, OUT, ROWS, H, pid, rows, rmask, ks, kmask,
         HAS_BIAS: tl.constexpr, STORE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        """``(rows, row mask, ks, k mask, logits)`` of program ``pid``'s ``BLOCK_N`` hidden rows, in
-        OUT's dtype.  BLOCK_N rows of hidden against the K gathered weight rows, walking H in BLOCK_H
-        chunks with one [BLOCK_N, BLOCK_H] x [BLOCK_H, BLOCK_K] tensor-core product each, accumulated
-        in float32; the weight rows are cast to hidden's dtype first, as the matmul path does, and
-        the result is rounded to it once (then the bias is added in that dtype).  STORE_ROWS (a call
-        with gradients): the gathered rows, as loaded (the weight's dtype), are also written to ROWS
-        [K, H] for the backward -- chunk c by program c % programs, so the stores are spread over the
-        programs -- instead of a separate gather launch."""
-        rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rmask = rows < n_rows
-        ks = tl.arange(0, BLOCK_K)
-        kmask = ks < K
+        """The logits of program ``pid``'s ``BLOCK_N`` hidden rows (``rows``, ``ks`` and their masks from
+        rubric's ``_tile_index``), in OUT's dtype. BLOCK_N rows of hidden against the K gathered weight
+        rows, walking H in BLOCK_H chunks with one [BLOCK_N, BLOCK_H] x [BLOCK_H, BLOCK_K] tensor-core
+        product each, accumulated in float32; the weight rows are cast to hidden's dtype first, as the
+        matmul path does, and the result is rounded to it once (then the bias is added in that dtype).
+        STORE_ROWS (a call with gradients): the gathered rows, as loaded (the weight's dtype), are also
+        written to ROWS [K, H] for the backward -- chunk c by program c % programs, so the stores are spread
+        over the programs -- instead of a separate gather launch."""
         ids = tl.load(IDS + ks, mask=kmask, other=0)
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         for h0 in range(0, H, BLOCK_H):
@@ -89,7 +85,7 @@ if HAS_TRITON:
         if HAS_BIAS:
             b = tl.load(B + ids, mask=kmask, other=0.0).to(OUT.dtype.element_ty)
             o = (o.to(tl.float32) + b.to(tl.float32)[None, :]).to(OUT.dtype.element_ty)
-        return rows, rmask, ks, kmask, o
+        return o
 
     @triton.jit
     def _restricted_fwd_kernel(
@@ -98,10 +94,11 @@ if HAS_TRITON:
         BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
     ):
         # the logits [N, K] of hidden x W[ids].T (+ b[ids]): see _project_rows
-        rows, rmask, ks, kmask, o = _project_rows(X, stride_x, W, stride_w, IDS, B, OUT, ROWS, n_rows, H, K,
-                                                  tl.program_id(0), HAS_BIAS, STORE_ROWS, BLOCK_N, BLOCK_K, BLOCK_H,
-                                                  PRECISION)
-        tl.store(OUT + rows[:, None] * K + ks[None, :], o, mask=rmask[:, None] & kmask[None, :])
+        pid = tl.program_id(0)
+        rows, rmask, ks, kmask, m2 = _tile_index(pid, n_rows, K, BLOCK_N, BLOCK_K)
+        o = _project_rows(X, stride_x, W, stride_w, IDS, B, OUT, ROWS, H, pid, rows, rmask, ks, kmask, HAS_BIAS,
+                          STORE_ROWS, BLOCK_N, BLOCK_K, BLOCK_H, PRECISION)
+        tl.store(OUT + rows[:, None] * K + ks[None, :], o, mask=m2)
 
     @triton.jit
     def _restricted_stats_fwd_kernel(
@@ -112,10 +109,10 @@ if HAS_TRITON:
         # score_stats_from_hidden in one launch: the logits as _restricted_fwd_kernel makes them (kept
         # in OUT for the backward), then score_stats' softmax, mean and std of them, as its kernel
         # computes them from the stored logits
-        rows, rmask, ks, kmask, o = _project_rows(X, stride_x, W, stride_w, IDS, B, OUT, ROWS, n_rows, H, K,
-                                                  tl.program_id(0), HAS_BIAS, STORE_ROWS, BLOCK_N, BLOCK_K, BLOCK_H,
-                                                  PRECISION)
-        m2 = rmask[:, None] & kmask[None, :]
+        pid = tl.program_id(0)
+        rows, rmask, ks, kmask, m2 = _tile_index(pid, n_rows, K, BLOCK_N, BLOCK_K)
+        o = _project_rows(X, stride_x, W, stride_w, IDS, B, OUT, ROWS, H, pid, rows, rmask, ks, kmask, HAS_BIAS,
+                          STORE_ROWS, BLOCK_N, BLOCK_K, BLOCK_H, PRECISION)
         tl.store(OUT + rows[:, None] * K + ks[None, :], o, mask=m2)
         v = tl.load(V + ks, mask=kmask, other=0.0).to(tl.float32)
         p, logp, mu, d, var = _dist_stats(o.to(tl.float32), v, kmask, inv_tau)
@@ -156,16 +153,15 @@ if HAS_TRITON:
         # of dX recomputes its rows' dL/dlogits from the kept logits as score_stats' backward does
         # (rounded to the logits' dtype, as that kernel writes it), then multiplies by the K rows as
         # _restricted_bwd_kernel does
-        rows, cols, m2, g = _stats_dlogits_tile(LOGITS, K, V, K, n_rows, inv_tau, DP, s_dp_r, s_dp_c, DMU, s_dmu,
-                                                DSTD, s_dstd, tl.program_id(0), BLOCK_N, BLOCK_K, HAS_DP, HAS_DMU,
-                                                HAS_DSTD)
+        rows, rmask, cols, cmask, m2 = _tile_index(tl.program_id(0), n_rows, K, BLOCK_N, BLOCK_K)
+        g = _stats_dlogits_tile(LOGITS, K, V, inv_tau, DP, s_dp_r, s_dp_c, DMU, s_dmu, DSTD, s_dstd,
+                                rows, rmask, cols, cmask, m2, BLOCK_N, HAS_DP, HAS_DMU, HAS_DSTD)
         hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         hmask = hs < H
-        w = tl.load(WK + cols[:, None] * stride_w + hs[None, :], mask=(cols < K)[:, None] & hmask[None, :],
-                    other=0.0)
+        w = tl.load(WK + cols[:, None] * stride_w + hs[None, :], mask=cmask[:, None] & hmask[None, :], other=0.0)
         dt = DX.dtype.element_ty
         acc = tl.dot(g.to(LOGITS.dtype.element_ty).to(dt), w.to(dt), input_precision=PRECISION)
-        tl.store(DX + rows[:, None] * H + hs[None, :], acc.to(dt), mask=(rows < n_rows)[:, None] & hmask[None, :])
+        tl.store(DX + rows[:, None] * H + hs[None, :], acc.to(dt), mask=rmask[:, None] & hmask[None, :])
 
 
 def _projection_kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:

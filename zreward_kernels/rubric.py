@@ -72,17 +72,26 @@ if HAS_TRITON:
         return p, logp, mu, d, var
 
     @triton.jit
-    def _row_tile(X, stride_x, V, K, n_rows, inv_tau, pid, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Load program ``pid``'s tile of rows (bins padded to BLOCK_K) and its distribution statistics."""
-        cols = tl.arange(0, BLOCK_K)
-        cmask = cols < K
-        v = tl.load(V + cols, mask=cmask, other=0.0).to(tl.float32)
+    def _tile_index(pid, n_rows, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        """``(rows, row mask, cols, col mask, tile mask)`` of program ``pid``'s tile of rows, bins
+        padded to BLOCK_K.  Takes no pointer, and every kernel computes the indices it stores at with
+        it (or ``_flat_rows``) rather than taking them from a helper that also loads: torch.compile's
+        analysis of which arguments a kernel writes takes all arguments of a helper call as sources of
+        what it returns, so an address from such a helper marks its input pointers as written, and
+        torch.compile would copy those inputs before each launch (``aot_check --written``)."""
         rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = rows < n_rows
-        m2 = rmask[:, None] & cmask[None, :]
+        cols = tl.arange(0, BLOCK_K)
+        cmask = cols < K
+        return rows, rmask, cols, cmask, rmask[:, None] & cmask[None, :]
+
+    @triton.jit
+    def _row_tile(X, stride_x, V, inv_tau, rows, cols, cmask, m2):
+        """Load a tile of rows (``_tile_index``) and its distribution statistics."""
+        v = tl.load(V + cols, mask=cmask, other=0.0).to(tl.float32)
         x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=m2, other=0.0).to(tl.float32)
         p, logp, mu, d, var = _dist_stats(x, v, cmask, inv_tau)
-        return rows, rmask, cols, cmask, m2, p, logp, mu, d, var
+        return p, logp, mu, d, var
 
     @triton.jit
     def _dvar(var, dstd):
@@ -152,8 +161,8 @@ if HAS_TRITON:
                 z = tl.load(X + off + k, mask=rmask, other=0.0).to(tl.float32) * inv_tau
                 tl.store(PROBS + rows * KC + k, tl.exp(z - m) * inv_s, mask=rmask)
         else:
-            rows, rmask, cols, cmask, m2, p, logp, mu, d, var = _row_tile(
-                X, stride_x, V, K, n_rows, inv_tau, tl.program_id(0), BLOCK_R, BLOCK_K)
+            rows, rmask, cols, cmask, m2 = _tile_index(tl.program_id(0), n_rows, K, BLOCK_R, BLOCK_K)
+            p, logp, mu, d, var = _row_tile(X, stride_x, V, inv_tau, rows, cols, cmask, m2)
             tl.store(PROBS + rows[:, None] * K + cols[None, :], p, mask=m2)
         tl.store(MEAN + rows, mu, mask=rmask)
         tl.store(STD + rows, tl.sqrt(tl.maximum(var, 0.0)), mask=rmask)
@@ -207,46 +216,40 @@ if HAS_TRITON:
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_DP: tl.constexpr, HAS_DMU: tl.constexpr, HAS_DSTD: tl.constexpr,
     ):
-        rows, cols, m2, g = _stats_dlogits_tile(X, stride_x, V, K, n_rows, inv_tau, DP, s_dp_r, s_dp_c, DMU, s_dmu,
-                                                DSTD, s_dstd, tl.program_id(0), BLOCK_R, BLOCK_K, HAS_DP, HAS_DMU,
-                                                HAS_DSTD)
+        rows, rmask, cols, cmask, m2 = _tile_index(tl.program_id(0), n_rows, K, BLOCK_R, BLOCK_K)
+        g = _stats_dlogits_tile(X, stride_x, V, inv_tau, DP, s_dp_r, s_dp_c, DMU, s_dmu, DSTD, s_dstd,
+                                rows, rmask, cols, cmask, m2, BLOCK_R, HAS_DP, HAS_DMU, HAS_DSTD)
         tl.store(DX + rows[:, None] * K + cols[None, :], g.to(DX.dtype.element_ty), mask=m2)
 
     @triton.jit
     def _stats_dlogits_tile(
-        X, stride_x, V, K, n_rows, inv_tau, DP, s_dp_r, s_dp_c, DMU, s_dmu, DSTD, s_dstd, pid,
-        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-        HAS_DP: tl.constexpr, HAS_DMU: tl.constexpr, HAS_DSTD: tl.constexpr,
+        X, stride_x, V, inv_tau, DP, s_dp_r, s_dp_c, DMU, s_dmu, DSTD, s_dstd, rows, rmask, cols, cmask, m2,
+        BLOCK_R: tl.constexpr, HAS_DP: tl.constexpr, HAS_DMU: tl.constexpr, HAS_DSTD: tl.constexpr,
     ):
-        """``(rows, cols, mask, dL/dlogits)`` of program ``pid``'s tile of rows (fp32; zero on rows past
-        ``n_rows`` and on padded bins), from the upstream gradients of probs, mean and std."""
+        """dL/dlogits of a tile of rows (``_tile_index``; fp32, zero on rows past ``n_rows`` and on
+        padded bins), from the upstream gradients of probs, mean and std."""
         # the upstream gradients are loaded before the logits' statistics are computed, so that their
         # memory round trip overlaps the logits' one instead of following the softmax's shuffles
-        r0 = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-        c0 = tl.arange(0, BLOCK_K)
         dmu = tl.zeros([BLOCK_R], tl.float32)
         dstd = tl.zeros([BLOCK_R], tl.float32)
         if HAS_DMU:
-            dmu = tl.load(DMU + r0 * s_dmu, mask=r0 < n_rows, other=0.0).to(tl.float32)
+            dmu = tl.load(DMU + rows * s_dmu, mask=rmask, other=0.0).to(tl.float32)
         if HAS_DSTD:
-            dstd = tl.load(DSTD + r0 * s_dstd, mask=r0 < n_rows, other=0.0).to(tl.float32)
+            dstd = tl.load(DSTD + rows * s_dstd, mask=rmask, other=0.0).to(tl.float32)
         if HAS_DP:
-            gp = tl.load(DP + r0[:, None] * s_dp_r + c0[None, :] * s_dp_c,
-                         mask=(r0 < n_rows)[:, None] & (c0 < K)[None, :], other=0.0).to(tl.float32)
-        rows, rmask, cols, cmask, m2, p, logp, mu, d, var = _row_tile(
-            X, stride_x, V, K, n_rows, inv_tau, pid, BLOCK_R, BLOCK_K)
+            gp = tl.load(DP + rows[:, None] * s_dp_r + cols[None, :] * s_dp_c, mask=m2, other=0.0).to(tl.float32)
+        p, logp, mu, d, var = _row_tile(X, stride_x, V, inv_tau, rows, cols, cmask, m2)
         g = _stats_grad(p, d, var, dmu, dstd)
         if HAS_DP:
             g += p * (gp - tl.sum(p * gp, 1)[:, None])
-        return rows, cols, m2, g * inv_tau
+        return g * inv_tau
 
     @triton.jit
-    def _rubric_rows_tile(X, stride_x, V, K, n_rows, inv_tau, TGT, TP, TQ, ignore_index, pid, MEAN, STD,
-                          BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, CE_MODE: tl.constexpr, KL_MODE: tl.constexpr):
-        """Row program of the loss forward, tile layout: stores the per-row mean and std, returns the
-        rows, their mask, CE, KL and validity."""
-        rows, rmask, cols, cmask, m2, p, logp, mu, d, var = _row_tile(
-            X, stride_x, V, K, n_rows, inv_tau, pid, BLOCK_R, BLOCK_K)
+    def _rubric_rows_tile(X, stride_x, V, K, inv_tau, TGT, TP, TQ, ignore_index, rows, rmask, cols, cmask, m2,
+                          MEAN, STD, BLOCK_R: tl.constexpr, CE_MODE: tl.constexpr, KL_MODE: tl.constexpr):
+        """Row program of the loss forward on a tile of rows (``_tile_index``): stores the per-row
+        mean and std, returns the rows' CE, KL and validity."""
+        p, logp, mu, d, var = _row_tile(X, stride_x, V, inv_tau, rows, cols, cmask, m2)
         tl.store(MEAN + rows, mu, mask=rmask)
         tl.store(STD + rows, tl.sqrt(tl.maximum(var, 0.0)), mask=rmask)
         ko = rows[:, None] * K + cols[None, :]
@@ -269,13 +272,13 @@ if HAS_TRITON:
             q = tl.load(TQ + ko, mask=m2, other=0.0).to(tl.float32)
             logq = tl.log(tl.where(q > 0, q, 1.0))
             kl_r = tl.where(rmask, tl.sum(tl.where(q > 0, q * (logq - logp), 0.0), 1), 0.0)
-        return rows, rmask, ce_r, kl_r, valid
+        return ce_r, kl_r, valid
 
     @triton.jit
-    def _rubric_rows_flat(X, stride_x, V, n_rows, inv_tau, TGT, TP, TQ, ignore_index, pid, MEAN, STD,
+    def _rubric_rows_flat(X, V, inv_tau, TGT, TP, TQ, ignore_index, rows, rmask, off, MEAN, STD,
                           BLOCK_R: tl.constexpr, CE_MODE: tl.constexpr, KL_MODE: tl.constexpr, KC: tl.constexpr):
-        """Row program of the loss forward, row-per-thread layout (same effects as the tile one)."""
-        rows, rmask, off = _flat_rows(pid, n_rows, stride_x, BLOCK_R)
+        """Row program of the loss forward, row-per-thread layout (``_flat_rows``; same effects as the
+        tile one)."""
         ko = rows * KC
         # every load that depends on no other is issued first: the target, and the teacher's logits
         # (their max and normaliser computed here, before the student's statistics), so their memory
@@ -322,7 +325,7 @@ if HAS_TRITON:
         # after the logits' ones
         tl.store(MEAN + rows, mu, mask=rmask)
         tl.store(STD + rows, tl.sqrt(tl.maximum(var, 0.0)), mask=rmask)
-        return rows, rmask, ce_r, kl_r, valid
+        return ce_r, kl_r, valid
 
     @triton.jit
     def _rubric_fwd_kernel(
@@ -350,13 +353,13 @@ if HAS_TRITON:
             pid = tl.program_id(0)
         if pid < n_row_progs:
             if FLAT:
-                rows, rmask, ce_r, kl_r, valid = _rubric_rows_flat(
-                    X, stride_x, V, n_rows, inv_tau, TGT, TP, TQ, ignore_index, pid, MEAN, STD, BLOCK_R,
-                    CE_MODE, KL_MODE, KC)
+                rows, rmask, off = _flat_rows(pid, n_rows, stride_x, BLOCK_R)
+                ce_r, kl_r, valid = _rubric_rows_flat(X, V, inv_tau, TGT, TP, TQ, ignore_index, rows, rmask, off,
+                                                      MEAN, STD, BLOCK_R, CE_MODE, KL_MODE, KC)
             else:
-                rows, rmask, ce_r, kl_r, valid = _rubric_rows_tile(
-                    X, stride_x, V, K, n_rows, inv_tau, TGT, TP, TQ, ignore_index, pid, MEAN, STD, BLOCK_R, BLOCK_K,
-                    CE_MODE, KL_MODE)
+                rows, rmask, cols, cmask, m2 = _tile_index(pid, n_rows, K, BLOCK_R, BLOCK_K)
+                ce_r, kl_r, valid = _rubric_rows_tile(X, stride_x, V, K, inv_tau, TGT, TP, TQ, ignore_index, rows,
+                                                      rmask, cols, cmask, m2, MEAN, STD, BLOCK_R, CE_MODE, KL_MODE)
             if STORE_ROWS:
                 tl.store(CE_ROWS + rows, ce_r, mask=rmask)
                 tl.store(KL_ROWS + rows, kl_r, mask=rmask)
@@ -493,8 +496,8 @@ if HAS_TRITON:
     @triton.jit
     def _rubric_bwd_tile(X, stride_x, V, K, n_rows, inv_tau, DX, TP, TQ, pid, dmu, dstd, c_ce, t, valid, c_kl,
                          BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, CE_MODE: tl.constexpr, KL_MODE: tl.constexpr):
-        rows, rmask, cols, cmask, m2, p, logp, mu, d, var = _row_tile(
-            X, stride_x, V, K, n_rows, inv_tau, pid, BLOCK_R, BLOCK_K)
+        rows, rmask, cols, cmask, m2 = _tile_index(pid, n_rows, K, BLOCK_R, BLOCK_K)
+        p, logp, mu, d, var = _row_tile(X, stride_x, V, inv_tau, rows, cols, cmask, m2)
         ko = rows[:, None] * K + cols[None, :]
         # the mean/std part first, so the centred bins d are dead before the CE/KL tiles are loaded
         # (fewer live [BLOCK_R, BLOCK_K] tiles, fewer registers)
@@ -623,6 +626,11 @@ def _launch_fwd(
         if sem is not None:  # no fill: self-resetting counters, counts zeroed by the row programs
             cnt = torch.empty(rows if store_cnt else 0, device=dev, dtype=torch.int32)
             zero_cnt = store_cnt
+        elif torch.compiler.is_compiling():
+            # two buffers: torch.compile copies an argument written through two views of one buffer
+            # before each launch (inductor fuses the two fills)
+            cnt = torch.zeros(rows if store_cnt else 0, device=dev, dtype=torch.int32)
+            sem = torch.zeros(4, device=dev, dtype=torch.int32)
         else:  # the one fill: int32 [per-row pair-sign counts | 4 counters]
             n_cnt = rows if store_cnt else 0
             cnt = torch.zeros(n_cnt + 4, device=dev, dtype=torch.int32)

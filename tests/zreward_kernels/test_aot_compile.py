@@ -3,7 +3,8 @@
 The interpreter the other kernel tests run in does not type-check the kernels the way the
 compiler does; this compiles the launches the ops really make (default configurations, and a
 sample of the tuning candidates for sm_90), each as Triton's JIT specialises it on a GPU and with
-plain argument types, through ``python -m zreward_kernels.aot_check``.
+plain argument types, through ``python -m zreward_kernels.aot_check``; and that torch.compile's
+analysis of which arguments each launch writes finds its outputs only (``--written``).
 """
 
 import os
@@ -71,3 +72,44 @@ def test_recorder_sees_the_configured_launch():
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=ROOT)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
+def test_torch_compile_sees_each_launch_write_only_its_outputs():
+    """torch.compile decides from a user kernel's TTIR which arguments it writes and copies each
+    such argument before the launch in a compiled graph.  Its analysis takes every argument of a
+    @triton.jit helper call as a source of what the call returns, so a kernel that stored at row
+    indices returned by the helper that also loaded its logits was believed to write its logits,
+    bins, targets and weights (the old kernels: 18 of the 30 default launches, among them every
+    score_stats launch and most rubric_loss forward ones).  Checked for every launch of the default configurations and of all sweep candidates,
+    with PyTorch's own analysis."""
+    out = _check("--written", "--sweep", "all", "--verbose")
+    lines = [ln for ln in out.splitlines() if ": writes " in ln]
+    assert out.strip().endswith(f"{len(lines)} kernel launches write only their outputs, as torch.compile sees them")
+    assert len(lines) >= 60
+    for kernel in ("_stats_fwd_kernel", "_stats_bwd_kernel", "_rubric_fwd_kernel", "_rubric_bwd_kernel",
+                   "_gdso_fwd_kernel", "_restricted_fwd_kernel", "_restricted_bwd_kernel",
+                   "_restricted_stats_fwd_kernel", "_restricted_stats_bwd_kernel"):
+        assert any(ln.startswith(kernel + " ") for ln in lines), kernel
+    # both layouts of the row kernels (the tile one only in the sweep)
+    for kernel in ("_stats_fwd_kernel", "_stats_bwd_kernel", "_rubric_fwd_kernel", "_rubric_bwd_kernel"):
+        for flat in ("True", "False"):
+            assert any(ln.startswith(kernel + " ") and f"FLAT={flat}" in ln for ln in lines), (kernel, flat)
+    assert any(ln.startswith("_stats_fwd_kernel ") and ln.endswith("writes MEAN, PROBS, STD") for ln in lines)
+    assert any(ln.startswith("_restricted_stats_bwd_kernel ") and ln.endswith("writes DX") for ln in lines)
+
+
+def test_written_check_finds_an_input_believed_written():
+    """The check fails where a launch is believed to write an input: with stats_fwd's outputs
+    declared as PROBS and MEAN only, its STD store is reported."""
+    code = (
+        "from zreward_kernels import aot_check\n"
+        "aot_check.WRITES['_stats_fwd_kernel'] = {'PROBS', 'MEAN'}\n"
+        "try:\n"
+        "    aot_check.check_written()\n"
+        "except RuntimeError as exc:\n"
+        "    assert \"_stats_fwd_kernel\" in str(exc) and \"not outputs: ['STD']\" in str(exc), exc\n"
+        "    print('ok')\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout[-3000:] + r.stderr[-3000:]

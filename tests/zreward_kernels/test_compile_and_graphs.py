@@ -143,6 +143,35 @@ def test_fullgraph_compile_with_dynamic_shapes_cpu(fused_host_path):
         _check_dynamic("cpu", "aot_eager", values=not fused_host_path)
 
 
+@pytest.mark.parametrize("compiling", [False, True], ids=["eager", "compiling"])
+def test_rubric_counters_alias_the_counts_only_outside_torch_compile(monkeypatch, compiling):
+    """Without the semaphore workspace, rubric_loss' forward zero-fills its pair-sign counts and its
+    four counters in one buffer, the counters a view of its tail (one fill launch).  Under
+    torch.compile they are two buffers: a kernel argument written through two views of one buffer
+    is copied before each launch of the compiled graph (inductor fuses the two fills)."""
+    from zreward_kernels import _workspace
+    from zreward_kernels.aot_check import intercepted_launches
+
+    x, t, teacher, pairs, gaps, gx, scores = _inputs("cpu")
+    if compiling:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    calls = []
+    with _workspace.disabled(), intercepted_launches(calls=calls):
+        zk.rubric_loss(x.clone().requires_grad_(True), target=t, pairs=pairs, pair_gaps=gaps)
+    fwd = [(fn, args) for fn, args, _ in calls if fn.__name__ == "_rubric_fwd_kernel"]
+    assert len(fwd) == 1
+    fn, args = fwd[0]
+    named = dict(zip(fn.arg_names, args))
+    sem, cnt = named["SEM"], named["CNT"]
+    rows = x.numel() // x.shape[-1]
+    # outside torch.compile the counts' buffer is passed whole: [counts | counters]
+    assert sem.numel() == 4 and cnt.numel() == rows + (0 if compiling else 4)
+    assert sem.dtype == cnt.dtype == torch.int32
+    shared = sem.untyped_storage().data_ptr() == cnt.untyped_storage().data_ptr()
+    assert shared != compiling
+    assert not sem.any() and not cnt.any()
+
+
 @pytest.mark.cuda
 def test_fullgraph_compile_with_dynamic_shapes_cuda():
     """The same on CUDA through inductor: the Triton kernels and the compiled group advantage with
