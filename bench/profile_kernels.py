@@ -77,7 +77,7 @@ VARIANTS = {
     # small groups: fewer barriers with fewer warps (sm_90, aot_check), more instructions per lane
     "gdso_loss fwd+bwd P=512 G=2": ("gdso_fwd", (("num_warps=1", dict(num_warps=1)), ("num_warps=2", dict(num_warps=2)))),
     "gdso_loss fwd+bwd P=512 G=4": ("gdso_fwd", (("num_warps=1", dict(num_warps=1)), ("num_warps=2", dict(num_warps=2)))),
-    # the opt-in Triton projection (KERNEL=1) against the default matrix product, in a few tilings
+    # the Triton projection (KERNEL=1, the default) in a few tilings against the matrix product
     "restricted_logits fwd N=1024 H=3584": ("restricted_fwd", tuple(
         (f"Triton BLOCK_N={bn} BLOCK_H={bh} num_warps={w}", dict(KERNEL=1, BLOCK_N=bn, BLOCK_H=bh, num_warps=w))
         for bn, bh, w in ((16, 256, 4), (16, 128, 4), (32, 128, 4), (16, 512, 8), (64, 64, 4)))),

@@ -159,8 +159,9 @@ def main() -> None:
         print("\n## Vocab-restricted head (H = 3584, V = 152064, K = 9)\n")
         print("Median ms and peak extra memory (MiB) of one call; ratios full / restricted. \"beyond dH\" subtracts "
               "the hidden-state gradient (N x H), the output the backward is asked for, from both peaks.\n")
-        print("\"Triton\" is the restricted head's opt-in projection kernel (`restricted_fwd.KERNEL=1`; CUDA only; "
-              "fwd+bwd adds its hidden-state gradient kernel).\n")
+        print("\"restricted\" is the gather and matrix product (`restricted_fwd.KERNEL=0`), \"Triton\" the projection "
+              "kernel (`KERNEL=1`, the default since 2026-11-28; CUDA only; fwd+bwd adds its hidden-state gradient "
+              "kernel, fused with the statistics).\n")
         print("| mode | N | full head ms | restricted ms | time ratio | Triton ms | Triton time ratio | full MiB "
               "| restricted MiB | memory ratio | memory ratio beyond dH |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -42,8 +42,8 @@ def _head_call(impl: str, mode: str, n: int):
     def logits():
         if impl == "full_head":
             return (hidden @ weight.t())[:, ids]
-        # restricted_triton: the same call with the opt-in projection kernel switched on around the
-        # whole benchmark (_kernel_setting), so no per-call switching is timed
+        # restricted / restricted_triton: the same call with the projection kernel switched off / on
+        # around the whole benchmark (_kernel_setting), so no per-call switching is timed
         return restricted_logits(hidden, weight, ids, validate=False)
 
     def call():
@@ -94,9 +94,9 @@ def _check_kernel_ran() -> None:
 @pytest.mark.parametrize("impl", ["full_head", "restricted", "restricted_triton"])
 def test_restricted_head(benchmark, _kernel_setting, impl, mode, n):
     """Per call: the full head then a gather, the restricted head (a gather of the K weight rows and
-    a matrix product), and, on CUDA, the restricted head's opt-in Triton projection
-    (``restricted_fwd.KERNEL=1``, not the default until timed; with gradients its hidden-state
-    gradient is a second kernel)."""
+    a matrix product: ``restricted_fwd.KERNEL=0``), and, on CUDA, the restricted head's Triton
+    projection (``KERNEL=1``, the default; with gradients its hidden-state gradient is a second
+    kernel, and ``score_stats_from_hidden`` fuses the statistics into both)."""
     _skip_unless_kernel_runs(impl, mode)
     if impl == "full_head" and DEVICE.type == "cpu" and n > 1024:
         pytest.skip("full head at N > 1024 on CPU takes minutes; the goal point is N = 1024")

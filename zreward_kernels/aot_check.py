@@ -194,7 +194,7 @@ def _workloads() -> Dict[str, List[Tuple[str, Callable[[], None]]]]:
         return run
 
     def restricted(dtype=torch.float32, w_dtype=torch.float32, bias=False, grad=None):
-        # the Triton projection is opt-in (restricted_fwd.KERNEL=1): compiled whatever the default.
+        # the Triton projection (restricted_fwd.KERNEL=1): compiled whatever the launch table says.
         # grad: None (scoring), "hidden" (frozen weight; upstream gradient contiguous, as score_stats'
         # backward gives it) or "all" (weight and bias too; upstream gradient of a .sum(), zero strides)
         def run():

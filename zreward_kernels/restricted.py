@@ -18,11 +18,11 @@ Gradients reach ``hidden`` and, when the weight requires grad, the K used rows o
 
 The projection can run as one Triton kernel instead of a gather and a matrix product, and with
 gradients its hidden-state gradient ``g @ W[ids]`` as a second one (:class:`_ProjectionFn`; the
-weight and bias gradients stay matrix products and sums): opt-in through the launch table
-(``restricted_fwd.KERNEL=1``), not yet timed on a GPU (see :func:`_projection_kernel_applies`).
+weight and bias gradients stay matrix products and sums): the default where it applies, chosen in the
+launch table (``restricted_fwd.KERNEL``; see :func:`_projection_kernel_applies`).
 
 The ``*_from_hidden`` entry points compose the projection with the fused rubric ops (with the
-opt-in projection and a frozen head, ``score_stats_from_hidden`` fuses the two: one launch each
+projection kernel and a frozen head, ``score_stats_from_hidden`` fuses the two: one launch each
 way, see :class:`_ProjectedStatsFn`).  The only
 row-proportional intermediate they add is the ``[N, K]`` logits tensor (K = 9: 36 bytes per row in
 fp32, against the ``H * 2`` bytes of each bf16 hidden row the caller already holds), so peak extra
@@ -166,8 +166,9 @@ if HAS_TRITON:
 
 def _projection_kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     """Whether the projection runs the Triton kernels: chosen in the launch table
-    (``restricted_fwd.KERNEL=1``; 0, the default, keeps the matrix product until a GPU run has timed
-    the kernels against it), not under torch.compile (inductor compiles the product itself) or
+    (``restricted_fwd.KERNEL``: 1, the default since the H200 timed the kernels at half the product's
+    device time; 0 keeps the matrix product, whose eager call costs less host time), not under
+    torch.compile (inductor compiles the product itself) or
     autocast (the product runs in autocast's dtype there), float32/16 or bfloat16 tensors,
     unit-stride weight rows (a strided weight view is not copied), and the backend choice of the
     other ops for ``x`` (Triton on CUDA; on the CPU interpreter with ``ZREWARD_BACKEND=triton``),
@@ -510,7 +511,7 @@ def score_stats_from_hidden(
 ) -> ScoreStats:
     """:func:`zreward_kernels.score_stats` of the restricted logits of ``hidden [..., H]``.
 
-    Where the opt-in Triton projection applies (``restricted_fwd.KERNEL=1``, see
+    Where the Triton projection applies (by default on CUDA, see
     :func:`_projection_kernel_applies`), score_stats runs on the Triton backend, there is a row to
     score and the head is frozen (the weight and bias need no gradient), the projection and the
     statistics are one launch, and with gradients into ``hidden`` the backward is one more

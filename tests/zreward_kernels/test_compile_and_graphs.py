@@ -348,7 +348,7 @@ def test_symbolic_sizes_give_the_kernels_no_size_derived_floats(monkeypatch):
     finally:
         for mod, attr, fn in saved:
             setattr(mod, attr, fn)
-    # every kernel but the restricted head's opt-in projection kernels, which torch.compile never
+    # every kernel but the restricted head's projection kernels, which torch.compile never
     # launches (inductor compiles the matrix product there)
     assert {name for name, _ in seen} == {n for _, _, n in aot_check._KERNELS} - {"restricted_fwd", "restricted_bwd"}, \
         seen

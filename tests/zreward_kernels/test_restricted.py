@@ -207,7 +207,7 @@ def test_bad_inputs(kdev):
 
 
 def _kernel_on(monkeypatch, kdev, **cfg):
-    """The opt-in Triton projection (restricted_fwd.KERNEL=1), on the CPU interpreter too."""
+    """The Triton projection (restricted_fwd.KERNEL=1, the default) on the CPU interpreter too."""
     from zreward_kernels._tuning import override
 
     if kdev.type == "cpu":
@@ -442,17 +442,25 @@ def test_triton_projection_bf16_gradients_equal_the_matrix_product(kdev, monkeyp
 
 
 def test_triton_projection_only_where_it_applies(kdev, monkeypatch):
-    """The default (KERNEL=0) never runs the kernels; with KERNEL=1 a strided weight (rows not unit
+    """KERNEL=0 never runs the kernels; with KERNEL=1 (the default) a strided weight (rows not unit
     stride) keeps the matrix product (no copy of the weight), a gradient call takes the kernels
     (the product's gradient as before), and under autocast the product runs in autocast's dtype."""
     import zreward_kernels as zk
     from zreward_kernels._dispatch import _LAST_BACKEND
+    from zreward_kernels._tuning import DEFAULT_CONFIGS, override
 
+    assert DEFAULT_CONFIGS["restricted_fwd"]["KERNEL"] == 1
     hidden, weight, bias = _setup(device=kdev)
     _LAST_BACKEND.pop("restricted_logits", None)
-    with torch.no_grad():
-        restricted_logits(hidden, weight, IDS, bias)
-    assert "restricted_logits" not in zk.backend_info()["last_backend"]  # the default: the product, no choice made
+    if kdev.type == "cpu":
+        monkeypatch.setenv("ZREWARD_BACKEND", "triton")  # the interpreter: the Triton backend chosen, still no kernel
+    with override("restricted_fwd", KERNEL=0):
+        with torch.no_grad():
+            restricted_logits(hidden, weight, IDS, bias)
+        h = hidden.clone().requires_grad_(True)
+        score_stats_from_hidden(h, weight, IDS).mean.sum().backward()
+    assert "restricted_logits" not in zk.backend_info()["last_backend"]  # KERNEL=0: the product, no choice made
+    monkeypatch.delenv("ZREWARD_BACKEND", raising=False)
     with _kernel_on(monkeypatch, kdev):
         wt = weight.t().contiguous().t()  # [V, H] with stride (1, V)
         with torch.no_grad():
