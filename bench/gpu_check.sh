@@ -21,7 +21,8 @@
 # tests/test_build.py tests/zreward/test_cuda.py: the kernels, the build, and the library's CUDA
 # tests; the rest of tests/zreward runs on CPU, which CI covers), with xdist in TEST_WORKERS (16)
 # processes of one thread each, verbose (-v), so a run cut by its timeout still shows which tests
-# passed and failed (on 2026-11-27 the 450 tests outran 200 s in 12 processes on a cold Triton
+# passed and failed, and a step cut by its timeout re-runs up to three failed tests for their
+# tracebacks (on 2026-11-27 the 450 tests outran 200 s in 12 processes on a cold Triton
 # cache; a rerun on the warm cache took 139 s in 16; the 23:47 run's 492 tests ran 99% in 280 s).  The sweep compiles its candidates in TUNE_JOBS (12) processes
 # before timing them (bench/tune_kernels.py --jobs).
 # STEPS picks the steps and their order (default "tests tune bench profile"; the build always runs).
@@ -93,6 +94,31 @@ step_tests() {
   echo "tests exit: $TESTS_RC (kernel tests ok: $KERNEL_TESTS_OK) after ${SECONDS}s" | tee -a "$OUT/tests.log"
   grep -E "^(FAILED|ERROR) |(FAILED|ERROR) tests/" "$OUT/tests.log" | sort -u | head -n 30
   tail -n 3 "$OUT/tests.log"
+  [ "$TESTS_RC" = 124 ] && rerun_failed
+}
+
+rerun_failed() {
+  # a run cut by its timeout prints no tracebacks (pytest writes them at the end): re-run up to
+  # three of its failed tests alone, with short tracebacks, appended to tests.log (on 2026-11-27
+  # 23:47 that took a second device call)
+  local ids
+  ids=$(failed_ids "$OUT/tests.log")
+  [ -n "$ids" ] || return 0
+  t=$(budget 75)
+  [ "$t" -lt 20 ] && return 0
+  echo "== re-run of the failed tests for their tracebacks (${t}s): $ids" | tee -a "$OUT/tests.log"
+  set -f  # ids hold brackets (parametrised tests): no globbing
+  # shellcheck disable=SC2086  # ids is a word list
+  timeout "$t" $PY -m pytest $ids -q --tb=short -p no:cacheprovider -p no:logging >>"$OUT/tests.log" 2>&1
+  local rc=$?
+  set +f
+  echo "re-run exit: $rc after ${SECONDS}s" | tee -a "$OUT/tests.log"
+}
+
+failed_ids() {  # the node ids of up to three failed tests in a verbose (-v) pytest log; an id whose
+  # parameters hold a space is cut there, so it becomes its function (all its parameters)
+  grep -oE "(FAILED|ERROR) tests/[^ ]+" "$1" | awk '{print $2}' | sed -E 's/\[[^]]*$//' | sort -u | head -n 3 \
+    | tr '\n' ' '
 }
 
 step_tune() {
