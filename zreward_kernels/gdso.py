@@ -209,47 +209,80 @@ def _gdso_launch_config(g: int):
     return pairs, block_s, warps, bool(cfg["WARP_STATS"]) and block_s <= 32
 
 
-class _GDSOFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scores, bins, params):
-        r_range, inv_tau, lambda_pt, lambda_pw, alpha_pt, alpha_pw, eps, needs_grad = params
-        n_pairs, _, g, k = x.shape
-        dev = x.device
-        f32 = dict(device=dev, dtype=torch.float32)
-        shp = (n_pairs, 2, g)
-        mean, std, r_pt, r_pw, r, adv = (torch.empty(shp, **f32) for _ in range(6))
-        ce = torch.empty(n_pairs, **f32)
-        pw = torch.empty(n_pairs, **f32)
-        pairs, block_s, warps, warp_stats = _gdso_launch_config(g)
-        nprog = cdiv(n_pairs, pairs)
-        part = torch.empty(nprog, **f32)
-        loss = torch.empty((), **f32)
-        counter = semaphores(dev)  # zero now and after the launch: no fill per call
-        if counter is None:
-            counter = torch.zeros(1, device=dev, dtype=torch.int32)
-        dx = torch.empty_like(x) if needs_grad else torch.empty(0, device=dev, dtype=x.dtype)
-        _gdso_fwd_kernel[(nprog,)](
-            x, scores, bins, k, g, n_pairs, inv_tau,
-            dx, mean, std, r_pt, r_pw, r, adv, ce, pw, part, counter, loss,
-            float(lambda_pt), float(lambda_pw), float(alpha_pt), float(alpha_pw), float(eps),
-            float(r_range), 1.0 / r_range,
-            PAIRS=pairs, BLOCK_S=block_s, BLOCK_K=next_pow2(k), BLOCK_RED=BLOCK_RED, NEEDS_GRAD=needs_grad,
-            WARP_STATS=warp_stats, num_warps=warps,
-        )
-        ctx.save_for_backward(dx)
-        ctx.mark_non_differentiable(ce, pw, mean, std, r_pt, r_pw, r, adv)
-        if not torch.compiler.is_compiling():  # unused outputs arrive as None: no zero-filled grads
-            ctx.set_materialize_grads(False)
-        return loss, ce, pw, mean, std, r_pt, r_pw, r, adv
+def _gdso_forward(x, s, bins, params):
+    """Allocate the outputs and launch the kernel: ``(loss, ce, pw, mean, std, r_pt, r_pw, r, adv, dx)``
+    (``dx`` empty unless ``params``' last entry, ``needs_grad``, is set)."""
+    r_range, inv_tau, lambda_pt, lambda_pw, alpha_pt, alpha_pw, eps, needs_grad = params
+    n_pairs, _, g, k = x.shape
+    dev = x.device
+    f32 = torch.float32
+    shp = (n_pairs, 2, g)
+    mean = torch.empty(shp, device=dev, dtype=f32)
+    std = torch.empty(shp, device=dev, dtype=f32)
+    r_pt = torch.empty(shp, device=dev, dtype=f32)
+    r_pw = torch.empty(shp, device=dev, dtype=f32)
+    r = torch.empty(shp, device=dev, dtype=f32)
+    adv = torch.empty(shp, device=dev, dtype=f32)
+    ce = torch.empty(n_pairs, device=dev, dtype=f32)
+    pw = torch.empty(n_pairs, device=dev, dtype=f32)
+    pairs, block_s, warps, warp_stats = _gdso_launch_config(g)
+    nprog = cdiv(n_pairs, pairs)
+    part = torch.empty(nprog, device=dev, dtype=f32)
+    loss = torch.empty((), device=dev, dtype=f32)
+    counter = semaphores(dev)  # zero now and after the launch: no fill per call
+    if counter is None:
+        counter = torch.zeros(1, device=dev, dtype=torch.int32)
+    dx = torch.empty_like(x) if needs_grad else torch.empty(0, device=dev, dtype=x.dtype)
+    _gdso_fwd_kernel[(nprog,)](
+        x, s, bins, k, g, n_pairs, inv_tau,
+        dx, mean, std, r_pt, r_pw, r, adv, ce, pw, part, counter, loss,
+        float(lambda_pt), float(lambda_pw), float(alpha_pt), float(alpha_pw), float(eps),
+        float(r_range), 1.0 / r_range,
+        PAIRS=pairs, BLOCK_S=block_s, BLOCK_K=next_pow2(k), BLOCK_RED=BLOCK_RED, NEEDS_GRAD=needs_grad,
+        WARP_STATS=warp_stats, num_warps=warps,
+    )
+    return loss, ce, pw, mean, std, r_pt, r_pw, r, adv, dx
+
+
+def _scaled_grad(ctx, g_loss):
+    first_order_only("gdso_loss")
+    (dx,) = ctx.saved_tensors
+    # a 0-d fp32 grad does not promote a bf16/fp16 tensor: one multiply kernel, input dtype kept
+    return dx * g_loss
+
+
+class _GDSOLossFn(torch.autograd.Function):
+    """Eager calls that need the gradient: only ``loss`` passes through autograd.  The other
+    outputs (detached by definition) are handed back through ``rest``, so autograd does not wrap
+    eight more outputs forward and route eight empty gradient slots backward (about 10-20 us of
+    host time per forward+backward; ``bench/results/cpu_host_path.md``)."""
 
     @staticmethod
-    def backward(ctx, g_loss, *_unused):
-        if g_loss is None:
-            return (None,) * 4
-        first_order_only("gdso_loss")
-        (dx,) = ctx.saved_tensors
-        # a 0-d fp32 grad does not promote a bf16/fp16 tensor: one multiply kernel, input dtype kept
-        return (dx * g_loss,) + (None,) * 3
+    def forward(ctx, x, scores, bins, params, rest):
+        loss, *others, dx = _gdso_forward(x, scores, bins, params)
+        rest.extend(others)
+        ctx.save_for_backward(dx)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g_loss):
+        return _scaled_grad(ctx, g_loss), None, None, None, None
+
+
+class _GDSOFn(torch.autograd.Function):
+    """The same under torch.compile (Dynamo does not trace a forward that fills a Python list):
+    every output comes out of the Function, all but ``loss`` marked non-differentiable."""
+
+    @staticmethod
+    def forward(ctx, x, scores, bins, params):
+        *outs, dx = _gdso_forward(x, scores, bins, params)
+        ctx.save_for_backward(dx)
+        ctx.mark_non_differentiable(*outs[1:])
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, g_loss, *_unused):  # (the other outputs' gradients, zeros under compile, are unused)
+        return (_scaled_grad(ctx, g_loss),) + (None,) * 3
 
 
 def gdso_loss_triton(
@@ -268,6 +301,11 @@ def gdso_loss_triton(
     x = logits.contiguous()
     s = (scores.detach() if scores.requires_grad else scores).float().contiguous()
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
-    out = _GDSOFn.apply(x, s, bins, (r_range, 1.0 / temperature, lambda_pt, lambda_pw, alpha_pt, alpha_pw, eps,
-                                     needs_grad))
-    return GDSOOutput(*out)
+    params = (r_range, 1.0 / temperature, lambda_pt, lambda_pw, alpha_pt, alpha_pw, eps, needs_grad)
+    if not needs_grad:  # nothing to differentiate: no autograd.Function at all
+        return GDSOOutput(*_gdso_forward(x, s, bins, params)[:-1])
+    if torch.compiler.is_compiling():
+        return GDSOOutput(*_GDSOFn.apply(x, s, bins, params))
+    rest = []
+    loss = _GDSOLossFn.apply(x, s, bins, params, rest)
+    return GDSOOutput(loss, *rest)

@@ -746,21 +746,27 @@ def _skip_zero_grads(ctx) -> None:
         ctx.set_materialize_grads(False)
 
 
+def _stats_forward(x, bins, inv_tau):
+    """``(probs, mean, std)`` of contiguous ``x [..., K]``: the outputs keep the leading shape (no views)."""
+    k = x.shape[-1]
+    rows = x.numel() // k
+    dev = x.device
+    probs = torch.empty(x.shape, device=dev, dtype=torch.float32)
+    mean = torch.empty(x.shape[:-1], device=dev, dtype=torch.float32)
+    std = torch.empty(x.shape[:-1], device=dev, dtype=torch.float32)
+    if rows:
+        cfg = CONFIGS["stats_fwd"]
+        _stats_fwd_kernel[(cdiv(rows, cfg["BLOCK_R"]),)](
+            x, k, bins, k, rows, inv_tau, probs, mean, std,
+            BLOCK_R=cfg["BLOCK_R"], BLOCK_K=next_pow2(k), **_flat(cfg, k), num_warps=cfg["num_warps"],
+        )
+    return probs, mean, std
+
+
 class _ScoreStatsFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bins, inv_tau):
-        k = x.shape[-1]  # x: contiguous [..., K]; outputs keep the leading shape (no views)
-        rows = x.numel() // k
-        f32 = dict(device=x.device, dtype=torch.float32)
-        probs = torch.empty(x.shape, **f32)
-        mean = torch.empty(x.shape[:-1], **f32)
-        std = torch.empty(x.shape[:-1], **f32)
-        if rows:
-            cfg = CONFIGS["stats_fwd"]
-            _stats_fwd_kernel[(cdiv(rows, cfg["BLOCK_R"]),)](
-                x, k, bins, k, rows, inv_tau, probs, mean, std,
-                BLOCK_R=cfg["BLOCK_R"], BLOCK_K=next_pow2(k), **_flat(cfg, k), num_warps=cfg["num_warps"],
-            )
+        probs, mean, std = _stats_forward(x, bins, inv_tau)
         ctx.save_for_backward(x, bins)
         ctx.inv_tau = inv_tau
         _skip_zero_grads(ctx)
@@ -792,6 +798,8 @@ class _ScoreStatsFn(torch.autograd.Function):
 
 def score_stats_triton(logits: torch.Tensor, bins: torch.Tensor, temperature: float) -> ScoreStats:
     # the Function takes [..., K] as is: no reshapes or views of tracked tensors (host time per call)
+    if not (logits.requires_grad and torch.is_grad_enabled()):  # scoring: no autograd.Function at all
+        return ScoreStats(*_stats_forward(logits.contiguous(), bins, 1.0 / temperature))
     probs, mean, std = _ScoreStatsFn.apply(logits.contiguous(), bins, 1.0 / temperature)
     return ScoreStats(probs, mean, std)
 
@@ -807,15 +815,28 @@ def _combine(g_loss, weight, g_term):
     return None
 
 
+def _rubric_forward(x, bins, target, target_probs, teacher, pairs, gaps, params) -> dict:
+    inv_tau, kl_mode, w_ce, w_kl, w_pair, ignore_index, reduction, needs_grad = params
+    return _launch_fwd(
+        x, bins, inv_tau, target=target, target_probs=target_probs, teacher=teacher,
+        kl_mode=kl_mode, pairs=pairs, gaps=gaps, ignore_index=ignore_index,
+        weights=(w_ce, w_kl, w_pair), reduction=reduction, needs_grad=needs_grad,
+    )
+
+
+def _rubric_outputs(out: dict, reduction: str) -> tuple:
+    """``(loss, ce, kl, pair, mean, std)`` from ``_launch_fwd``'s buffers: per-row / per-pair terms
+    for ``reduction="none"``, the reduced ones otherwise."""
+    if reduction == "none":
+        return out["loss"], out["ce_rows"], out["kl_rows"], out["pair_terms"], out["mean"], out["std"]
+    return out["loss"], out["ce"], out["kl"], out["pair"], out["mean"], out["std"]
+
+
 class _RubricLossFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bins, target, target_probs, teacher, pairs, gaps, params):
         inv_tau, kl_mode, w_ce, w_kl, w_pair, ignore_index, reduction, needs_grad = params
-        out = _launch_fwd(
-            x, bins, inv_tau, target=target, target_probs=target_probs, teacher=teacher,
-            kl_mode=kl_mode, pairs=pairs, gaps=gaps, ignore_index=ignore_index,
-            weights=(w_ce, w_kl, w_pair), reduction=reduction, needs_grad=needs_grad,
-        )
+        out = _rubric_forward(x, bins, target, target_probs, teacher, pairs, gaps, params)
         _skip_zero_grads(ctx)
         ctx.inv_tau, ctx.kl_mode, ctx.ignore_index, ctx.reduction = inv_tau, kl_mode, ignore_index, reduction
         ctx.weights = (w_ce, w_kl, w_pair)
@@ -827,9 +848,7 @@ class _RubricLossFn(torch.autograd.Function):
             x, bins, target, target_probs, teacher, pairs if none_red else None, out["ws"],
             out["sign"] if (none_red and ctx.n_pairs > 0) else None, None if none_red else out["nv"],
         )
-        if none_red:
-            return out["loss"], out["ce_rows"], out["kl_rows"], out["pair_terms"], out["mean"], out["std"]
-        return out["loss"], out["ce"], out["kl"], out["pair"], out["mean"], out["std"]
+        return _rubric_outputs(out, reduction)
 
     @staticmethod
     def backward(ctx, g_loss, g_ce, g_kl, g_pair, g_mean, g_std):
@@ -894,12 +913,12 @@ def rubric_loss_triton(
     prs = pairs.contiguous() if has_pairs else None
     gaps = _const(pair_gaps) if has_pairs else None
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
-    out = _RubricLossFn.apply(
-        x, bins, tgt, tp, teacher, prs, gaps,
-        (1.0 / temperature, kl_mode, float(weight_ce), float(weight_kl), float(weight_pair), int(ignore_index),
-         reduction, needs_grad),
-    )
-    return RubricLossOutput(*out)
+    params = (1.0 / temperature, kl_mode, float(weight_ce), float(weight_kl), float(weight_pair), int(ignore_index),
+              reduction, needs_grad)
+    if not needs_grad:  # nothing to differentiate: no autograd.Function at all
+        return RubricLossOutput(*_rubric_outputs(_rubric_forward(x, bins, tgt, tp, teacher, prs, gaps, params),
+                                                 reduction))
+    return RubricLossOutput(*_RubricLossFn.apply(x, bins, tgt, tp, teacher, prs, gaps, params))
 
 
 def _const(t):

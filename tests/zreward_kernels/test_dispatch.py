@@ -193,3 +193,49 @@ def test_interpreter_index_fix_wraps_only_the_unsqueezed_conversion(monkeypatch)
 
     monkeypatch.setattr(ti, "_patch_lang_tensor", squeezed)
     assert _squeeze_interpreter_scalar_index() is False and ti._patch_lang_tensor is squeezed
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_fused_calls_without_a_gradient_skip_autograd(kdev, monkeypatch):
+    """Host path: a fused call with nothing to differentiate (no_grad, or logits that do not require
+    grad) launches its kernel without an autograd.Function (whose wrapping of the outputs costs host
+    time per call), and an eager ``gdso_loss`` with a gradient takes the one-output Function; the
+    values are the reference's either way."""
+    from zreward_kernels import gdso, rubric
+
+    def refuse(*_a, **_k):
+        raise AssertionError("autograd.Function used")
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 9, generator=gen).to(kdev)
+    xg = torch.randn(2, 2, 3, 9, generator=gen).to(kdev)
+    scores = torch.tensor([[4.0, 2.5], [1.0, 1.0]], device=kdev)
+    tgt = torch.tensor([0, 3, 8, 2, 2, 1], device=kdev)
+    calls = [
+        (lambda t: zk.score_stats(t, backend="triton"), lambda t: zk.score_stats(t, backend="reference"), x),
+        (lambda t: zk.rubric_loss(t, target=tgt, backend="triton"),
+         lambda t: zk.rubric_loss(t, target=tgt, backend="reference"), x),
+        (lambda t: zk.gdso_loss(t, scores, backend="triton"), lambda t: zk.gdso_loss(t, scores, backend="reference"),
+         xg),
+    ]
+    with monkeypatch.context() as m:
+        for fn in (rubric._ScoreStatsFn, rubric._RubricLossFn, gdso._GDSOFn, gdso._GDSOLossFn):
+            m.setattr(fn, "apply", refuse)
+        for fused, reference, t in calls:
+            want = reference(t)
+            for got in (fused(t), _no_grad(fused, t.clone().requires_grad_(True))):
+                for name, a, b in zip(want._fields, got, want):
+                    assert not a.requires_grad, name
+                    torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=name)
+    xr = xg.clone().requires_grad_(True)
+    with monkeypatch.context() as m:
+        m.setattr(gdso._GDSOFn, "apply", refuse)  # the many-output Function is for torch.compile only
+        out = zk.gdso_loss(xr, scores, backend="triton")
+    assert out.loss.requires_grad and not any(t.requires_grad for t in out[1:])
+    out.loss.backward()
+    assert xr.grad is not None and xr.grad.shape == xr.shape
+
+
+def _no_grad(fn, t):
+    with torch.no_grad():
+        return fn(t)
