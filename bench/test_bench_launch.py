@@ -84,15 +84,18 @@ def no_launches():
 
 
 @pytest.mark.parametrize("op", ["score_stats [64,4,9]", "rubric_loss [256,9] CE+KL+pairs", "gdso_loss P=8 G=8",
-                                "group_advantage M=64 g=16"])
+                                "group_advantage M=64 g=16", "score_stats [64,4,9] no_grad",
+                                "rubric_loss [256,9] CE+KL+pairs no_grad", "gdso_loss P=8 G=8 no_grad"])
 def test_host_path_of_a_fused_call(benchmark, no_launches, op):
     """Host time of one forward+backward of a fused op with its kernel launches replaced by no-ops
     (Python validation and set-up, allocations, autograd.Function, the autograd engine): on the
     lent GPU machines this, not the kernels, dominates a per-call step below ~10^5 rows.  Runs on
     CPU too (the same host code).  The group advantage (not differentiable, a compiled op rather
-    than Triton) is timed whole on 64 rewards: its wrapper, the dispatcher and the op's set-up."""
+    than Triton) is timed whole on 64 rewards: its wrapper, the dispatcher and the op's set-up.
+    ``no_grad``: the forward alone under ``torch.no_grad()`` (scoring; rewards for a policy step)."""
     import zreward_kernels as zk
 
+    fwd_only = op.endswith(" no_grad")
     gen = torch.Generator().manual_seed(0)
     if op.startswith("group_advantage"):
         from zreward_kernels.advantage import compiled_available
@@ -108,7 +111,8 @@ def test_host_path_of_a_fused_call(benchmark, no_launches, op):
 
         def call():
             s = zk.score_stats(x, validate=False)
-            (s.mean.sum() + s.std.sum()).backward()
+            if not fwd_only:
+                (s.mean.sum() + s.std.sum()).backward()
     elif op.startswith("rubric_loss"):
         x = torch.randn(256, 9, generator=gen).to(DEVICE).requires_grad_(True)
         kw = dict(target=torch.randint(0, 9, (256,), generator=gen).to(DEVICE),
@@ -117,18 +121,23 @@ def test_host_path_of_a_fused_call(benchmark, no_launches, op):
                   pair_gaps=torch.zeros(128, device=DEVICE))
 
         def call():
-            zk.rubric_loss(x, validate=False, **kw).loss.backward()
+            out = zk.rubric_loss(x, validate=False, **kw)
+            if not fwd_only:
+                out.loss.backward()
     else:
         x = torch.randn(8, 2, 8, 9, generator=gen).to(DEVICE).requires_grad_(True)
         scores = torch.full((8, 2), 3.0, device=DEVICE)
 
         def call():
-            zk.gdso_loss(x, scores, validate=False).loss.backward()
+            out = zk.gdso_loss(x, scores, validate=False)
+            if not fwd_only:
+                out.loss.backward()
 
     def loop():
-        for _ in range(N_CALLS):
-            x.grad = None
-            call()
+        with torch.set_grad_enabled(not fwd_only):
+            for _ in range(N_CALLS):
+                x.grad = None
+                call()
         sync()
 
     _time_rounds(benchmark, loop, "host path of one fused call (launches stubbed)", f"host path: {op}")
