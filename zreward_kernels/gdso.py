@@ -254,8 +254,8 @@ def _scaled_grad(ctx, g_loss):
 class _GDSOLossFn(torch.autograd.Function):
     """Eager calls that need the gradient: only ``loss`` passes through autograd.  The other
     outputs (detached by definition) are handed back through ``rest``, so autograd does not wrap
-    eight more outputs forward and route eight empty gradient slots backward (about 10-20 us of
-    host time per forward+backward; ``bench/results/cpu_host_path.md``)."""
+    eight more outputs forward and route eight empty gradient slots backward (5-14 us of host time
+    per forward+backward on the development CPU; ``bench/results/cpu_host_path.md``)."""
 
     @staticmethod
     def forward(ctx, x, scores, bins, params, rest):
