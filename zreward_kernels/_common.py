@@ -244,6 +244,22 @@ def functorch_wrapped(t: torch.Tensor) -> bool:
     return _IS_WRAPPED is not None and bool(_IS_WRAPPED(t))
 
 
+try:
+    import torch.autograd.forward_ad as _fwad
+except ImportError:  # pragma: no cover - every supported torch has it
+    _fwad = None
+
+
+def forward_ad_dual(t: Optional[torch.Tensor]) -> bool:
+    """Whether ``t`` carries a forward-mode AD tangent (``torch.autograd.forward_ad.make_dual`` inside
+    a ``dual_level``).  The fused kernels read only the primal values and their autograd.Functions
+    have no ``jvp``: such a call runs the reference, whose torch ops carry the tangent.  Outside a
+    dual level this is one comparison."""
+    if t is None or _fwad is None or getattr(_fwad, "_current_level", 0) < 0:
+        return False
+    return _fwad.unpack_dual(t).tangent is not None
+
+
 def _unwrapped(t: torch.Tensor) -> torch.Tensor:
     """The plain tensor under ``torch.func`` wrappers (a batched flag: one value per vmapped sample)."""
     while functorch_wrapped(t):

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ._common import functorch_wrapped
+from ._common import forward_ad_dual, functorch_wrapped
 from ._triton_utils import HAS_TRITON, TRITON_IMPORT_ERROR, TRITON_VERSION, interpreter_enabled
 from ._tuning import CONFIGS
 
@@ -94,9 +94,13 @@ def _triton_unavailable_reason(x: torch.Tensor, extra: Optional[str]) -> Optiona
         return f"Triton kernels need CUDA tensors, got device {x.device}"
     if x.dtype == torch.float64:
         return "float64 inputs are supported by the reference backend only (the kernels compute in float32)"
-    if not torch.compiler.is_compiling() and functorch_wrapped(x):  # (Dynamo cannot trace the check)
-        return ("torch.func transforms (vmap, grad, jacrev, ...) run the reference backend: the fused kernels' "
-                "autograd.Functions have no functorch rules")
+    if not torch.compiler.is_compiling():  # (Dynamo cannot trace these checks)
+        if functorch_wrapped(x):
+            return ("torch.func transforms (vmap, grad, jacrev, ...) run the reference backend: the fused kernels' "
+                    "autograd.Functions have no functorch rules")
+        if forward_ad_dual(x):
+            return ("forward-mode AD (torch.autograd.forward_ad dual tensors) runs the reference backend: the fused "
+                    "kernels read only the primal values and their autograd.Functions have no jvp rules")
     return extra
 
 

@@ -38,8 +38,8 @@ import torch
 
 from . import ops as _ops
 from ._common import (BIN_VALUES, DataChecks, bins_tensor, check_finite_logits, check_float_tensor,
-                      check_same_device, check_temperature, data_checks_enabled, first_order_only, functorch_wrapped,
-                      normalize_bins)
+                      check_same_device, check_temperature, data_checks_enabled, first_order_only, forward_ad_dual,
+                      functorch_wrapped, normalize_bins)
 from ._dispatch import launch_device
 from ._triton_utils import HAS_TRITON, cdiv, next_pow2, tl, triton
 from ._tuning import CONFIGS
@@ -180,9 +180,9 @@ def _projection_kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: Opti
         return False
     if x.dtype not in _KERNEL_DTYPES or weight.dtype not in _KERNEL_DTYPES or weight.stride(1) != 1:
         return False
-    if bias is not None and (bias.dtype not in _KERNEL_DTYPES or functorch_wrapped(bias)):
+    if bias is not None and (bias.dtype not in _KERNEL_DTYPES or functorch_wrapped(bias) or forward_ad_dual(bias)):
         return False
-    if functorch_wrapped(weight):
+    if functorch_wrapped(weight) or forward_ad_dual(weight):  # (the product carries a tangent; the kernel would not)
         return False
     # through the ops module, where aot_check's interception replaces the choice (compiling the launch)
     return _ops.choose_backend("restricted_logits", None, x) == "triton"

@@ -239,3 +239,58 @@ def test_fused_calls_without_a_gradient_skip_autograd(kdev, monkeypatch):
 def _no_grad(fn, t):
     with torch.no_grad():
         return fn(t)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+def test_forward_mode_ad_takes_the_reference_path(kdev, monkeypatch):
+    """Dual tensors (``torch.autograd.forward_ad``): the fused kernels read only the primal values and
+    their autograd.Functions have no jvp, so a fused call raised torch's "must implement the jvp
+    function", or -- where it ran without an autograd.Function (nothing to differentiate backwards;
+    the restricted head without gradients) -- returned outputs with no tangent at all.  Auto picks the
+    reference (and the matrix product for the head), whose tangents are torch.func.jvp's; an explicit
+    backend="triton" says why it cannot run."""
+    import torch.autograd.forward_ad as fwAD
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 2, 3, 9, generator=g).to(kdev)
+    tx = torch.randn(2, 2, 3, 9, generator=g).to(kdev)
+    tgt = torch.randint(0, 9, (2, 2, 3), generator=g).to(kdev)
+    scores = torch.tensor([[4.0, 2.5], [1.0, 1.0]], device=kdev)
+    ops = {
+        "score_stats": lambda a, **kw: zk.score_stats(a, **kw).mean,
+        "rubric_loss": lambda a, **kw: zk.rubric_loss(a.reshape(4, 3, 9), target=tgt.reshape(4, 3), **kw).loss,
+        "gdso_loss": lambda a, **kw: zk.gdso_loss(a, scores, **kw).loss,
+    }
+    for name, op in ops.items():
+        _, want = torch.func.jvp(lambda a: op(a, backend="reference"), (x,), (tx,))
+        for grad_mode in (True, False):
+            with fwAD.dual_level(), torch.set_grad_enabled(grad_mode):
+                got = fwAD.unpack_dual(op(fwAD.make_dual(x, tx))).tangent
+                assert zk.backend_info()["last_backend"][name] == "reference", name
+                with pytest.raises(RuntimeError, match=r"cannot run: forward-mode AD"):
+                    op(fwAD.make_dual(x, tx), backend="triton")
+            assert got is not None, (name, grad_mode)
+            torch.testing.assert_close(got, want.to(got.dtype), msg=f"{name} tangent, grad mode {grad_mode}")
+
+    # the restricted head: a dual weight or bias takes the product even where the kernel is forced
+    hidden = torch.randn(3, 16, generator=g).to(kdev)
+    weight = torch.randn(40, 16, generator=g).to(kdev)
+    ids = torch.tensor([1, 5, 7, 9, 11, 13, 17, 19, 23], device=kdev)
+    th, tw = torch.randn_like(hidden), torch.randn_like(weight)
+    _, want_h = torch.func.jvp(lambda h: zk.restricted_logits(h, weight, ids), (hidden,), (th,))
+    _, want_w = torch.func.jvp(lambda w: zk.restricted_logits(hidden, w, ids), (weight,), (tw,))
+    for forced in (False, True):
+        if forced:
+            monkeypatch.setenv("ZREWARD_BACKEND", "triton")
+        with fwAD.dual_level():
+            got_w = fwAD.unpack_dual(zk.restricted_logits(hidden, fwAD.make_dual(weight, tw), ids)).tangent
+            if forced:
+                with pytest.raises(RuntimeError, match=r"cannot run: forward-mode AD"):
+                    zk.restricted_logits(fwAD.make_dual(hidden, th), weight, ids)
+            else:
+                got_h = fwAD.unpack_dual(zk.restricted_logits(fwAD.make_dual(hidden, th), weight, ids)).tangent
+                torch.testing.assert_close(got_h, want_h)
+        torch.testing.assert_close(got_w, want_w, msg=f"restricted_logits weight tangent, forced={forced}")
+    # outside a dual level the fused path stays the choice where it runs
+    zk.score_stats(x, backend="triton")
+    assert zk.backend_info()["last_backend"]["score_stats"] == "triton"
