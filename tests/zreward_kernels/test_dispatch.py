@@ -226,7 +226,8 @@ def test_fused_calls_without_a_gradient_skip_autograd(kdev, monkeypatch):
             for got in (fused(t), _no_grad(fused, t.clone().requires_grad_(True))):
                 for name, a, b in zip(want._fields, got, want):
                     assert not a.requires_grad, name
-                    torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=name)
+                    tol = 5e-4 if name == "advantage" else 2e-5  # (divided by a group's std + eps, as in test_gdso)
+                    torch.testing.assert_close(a, b, atol=tol, rtol=max(tol, 1e-4), msg=name)
     xr = xg.clone().requires_grad_(True)
     with monkeypatch.context() as m:
         m.setattr(gdso._GDSOFn, "apply", refuse)  # the many-output Function is for torch.compile only
