@@ -150,9 +150,11 @@ step_bench() {
   mkdir -p /tmp/zreward_bench
   rm -f /tmp/zreward_bench/*.json /tmp/zreward_bench/*.log
   # MODULE or MODULE:FILTER (a pytest -k expression); each part is its own pytest run with its own
-  # JSON, so a part cut by its timeout loses only itself.  Open goals first, the cheap ones early.
-  PARTS=${BENCH_MODULES:-"test_bench_kernels:gdso_loss test_bench_kernels:rubric_loss test_bench_restricted \
-test_bench_advantage test_bench_launch test_bench_kernels:score_stats test_bench_scorer"}
+  # JSON, so a part cut by its timeout loses only itself.  Open goals first (gdso_loss, and the host
+  # paths that set its per-call ratio), then the met ones, the cheap ones early (the 23:47 run of
+  # 2026-11-27 never reached the launch part when it came fifth).
+  PARTS=${BENCH_MODULES:-"test_bench_kernels:gdso_loss test_bench_launch test_bench_kernels:rubric_loss \
+test_bench_restricted test_bench_kernels:score_stats test_bench_advantage test_bench_scorer"}
   for part in $PARTS; do
     m=${part%%:*}
     k=""; [ "$m" != "$part" ] && k=${part#*:}
