@@ -292,6 +292,9 @@ def test_forward_mode_ad_takes_the_reference_path(kdev, monkeypatch):
                 got_h = fwAD.unpack_dual(zk.restricted_logits(fwAD.make_dual(hidden, th), weight, ids)).tangent
                 torch.testing.assert_close(got_h, want_h)
         torch.testing.assert_close(got_w, want_w, msg=f"restricted_logits weight tangent, forced={forced}")
-    # outside a dual level the fused path stays the choice where it runs
+    # outside a dual level, and for a plain tensor inside one, the fused path stays the choice where it runs
     zk.score_stats(x, backend="triton")
     assert zk.backend_info()["last_backend"]["score_stats"] == "triton"
+    with fwAD.dual_level():
+        zk.gdso_loss(x, scores, backend="triton")
+    assert zk.backend_info()["last_backend"]["gdso_loss"] == "triton"
