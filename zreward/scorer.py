@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from zreward_kernels import restricted_logits, score_stats
+from zreward_kernels._common import functorch_wrapped
 
 from .hf import backbone, lm_head_params
 from .model import TOKENIZER_LOCK, ZRewardModel
@@ -450,6 +451,8 @@ class RewardScorer:
                 out[j, :len(x)] = torch.tensor(x)
                 mask[j, :len(x)] = 1
             hit = (out.to(dev), mask.to(dev), torch.tensor([len(x) for x in ids]).to(dev))
+        if functorch_wrapped(hit[0]):  # made inside torch.func.grad/jvp: see _head
+            return hit
         if len(self._const_cache) >= 64:  # a bounded cache: many distinct dimension lists
             self._const_cache.clear()
         self._const_cache[key] = hit
@@ -474,7 +477,12 @@ class RewardScorer:
         ids = self._const_cache.get(key)
         if ids is None:  # one host-to-device copy per device, not per batch
             with torch.inference_mode(False):  # a normal tensor (see _suffixes)
-                ids = self._const_cache[key] = torch.tensor(key[0], device=h.device)
+                ids = torch.tensor(key[0], device=h.device)
+            # not kept when made inside a torch.func transform (grad, jvp): the tensor is that
+            # transform's wrapper, without storage once it ends, and a later call's Triton launch
+            # failed on it ("Cannot access data pointer of Tensor that doesn't have storage")
+            if not functorch_wrapped(ids):
+                self._const_cache[key] = ids
         logits = restricted_logits(h, weight, ids, bias, validate=False).float()
         mass = None
         if self.in_vocab_mass:

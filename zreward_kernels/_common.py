@@ -99,7 +99,8 @@ def bins_tensor(bins: Tuple[float, ...], device: torch.device, dtype: torch.dtyp
         # tensor in the cache would later be refused by autograd ("cannot be saved for backward")
         with torch.inference_mode(False):
             t = torch.tensor(bins, device=device, dtype=dtype)
-        _BINS_CACHE[key] = t
+        if not functorch_wrapped(t):  # made inside torch.func.grad/jvp: that transform's wrapper,
+            _BINS_CACHE[key] = t  # which has no storage once the transform ends (a later kernel launch failed)
     return t
 
 

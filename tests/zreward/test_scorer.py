@@ -579,3 +579,39 @@ def test_kept_question_tensors_serve_a_differentiable_call_after_an_inference_on
     x = imgs.clone().requires_grad_(True)
     sc.score(x, "a car", differentiable=True).reward.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_torch_func_grad_through_the_scorer_leaves_no_transform_tensors_cached(monkeypatch):
+    """torch.func.grad over a differentiable scoring call gives autograd's gradient; the scorer's
+    constant tensors (suffix ids, score-token ids) made inside the transform are that transform's
+    wrappers, which have no storage once it ends: cached, they made every later call that launched a
+    Triton kernel on them fail ("Cannot access storage of TensorWrapper" here, "... data pointer of
+    Tensor that doesn't have storage" on CUDA).  Here the later call forces the restricted head's
+    Triton kernel (the CPU interpreter)."""
+    from zreward.tiny import tiny_qwen2_vl
+
+    model, proc = tiny_qwen2_vl()
+    zm = ZRewardModel(model, proc)
+    for p in zm.model.parameters():
+        p.requires_grad_(False)
+    s = RewardScorer(zm, batch_size=2, in_vocab_mass=False)
+    imgs = torch.rand(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+
+    def reward(im):
+        return s.score(im, PROMPTS[:2], differentiable=True).reward.sum()
+
+    g = torch.func.grad(reward)(imgs)
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    cached = [t for v in s._const_cache.values() for t in (v if isinstance(v, tuple) else (v,))]
+    assert not any(wrapped(t) for t in cached)
+    x = imgs.clone().requires_grad_(True)
+    reward(x).backward()
+    torch.testing.assert_close(g, x.grad, atol=1e-6, rtol=1e-4)
+    plain = s.score(imgs, PROMPTS[:2]).reward
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("ZREWARD_BACKEND", "triton")
+    import zreward_kernels as zk
+
+    out = s.score(imgs, PROMPTS[:2])
+    assert zk.backend_info()["last_backend"]["restricted_logits"] == "triton"  # the head's kernel, on the cached ids
+    torch.testing.assert_close(out.reward, plain, atol=1e-5, rtol=1e-5)
