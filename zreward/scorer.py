@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from zreward_kernels import restricted_logits, score_stats
-from zreward_kernels._common import functorch_wrapped
+from zreward_kernels._common import cacheable
 
 from .hf import backbone, lm_head_params
 from .model import TOKENIZER_LOCK, ZRewardModel
@@ -451,7 +451,7 @@ class RewardScorer:
                 out[j, :len(x)] = torch.tensor(x)
                 mask[j, :len(x)] = 1
             hit = (out.to(dev), mask.to(dev), torch.tensor([len(x) for x in ids]).to(dev))
-        if functorch_wrapped(hit[0]):  # made inside torch.func.grad/jvp: see _head
+        if not cacheable(hit[0]):  # made inside torch.func.grad/jvp or a fake-tensor mode: see _head
             return hit
         if len(self._const_cache) >= 64:  # a bounded cache: many distinct dimension lists
             self._const_cache.clear()
@@ -481,7 +481,7 @@ class RewardScorer:
             # not kept when made inside a torch.func transform (grad, jvp): the tensor is that
             # transform's wrapper, without storage once it ends, and a later call's Triton launch
             # failed on it ("Cannot access data pointer of Tensor that doesn't have storage")
-            if not functorch_wrapped(ids):
+            if cacheable(ids):
                 self._const_cache[key] = ids
         logits = restricted_logits(h, weight, ids, bias, validate=False).float()
         mass = None

@@ -99,9 +99,17 @@ def bins_tensor(bins: Tuple[float, ...], device: torch.device, dtype: torch.dtyp
         # tensor in the cache would later be refused by autograd ("cannot be saved for backward")
         with torch.inference_mode(False):
             t = torch.tensor(bins, device=device, dtype=dtype)
-        if not functorch_wrapped(t):  # made inside torch.func.grad/jvp: that transform's wrapper,
-            _BINS_CACHE[key] = t  # which has no storage once the transform ends (a later kernel launch failed)
+        if cacheable(t):
+            _BINS_CACHE[key] = t
     return t
+
+
+def cacheable(t: torch.Tensor) -> bool:
+    """Whether a constant tensor just made may be kept for later calls: a plain tensor.  Made inside
+    ``torch.func.grad``/``jvp`` it is that transform's wrapper, which has no storage once the
+    transform ends (a later kernel launch on it failed); made under ``FakeTensorMode`` (tracing
+    tools) it is a fake tensor, which later real calls refused."""
+    return type(t) is torch.Tensor and not functorch_wrapped(t)
 
 
 def _finite(v: float) -> bool:

@@ -301,19 +301,29 @@ def test_forward_mode_ad_takes_the_reference_path(kdev, monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
-def test_torch_func_transforms_leave_no_wrapped_bins_cached(kdev, monkeypatch):
+def test_torch_func_transforms_and_fake_tensors_leave_no_bins_cached(kdev, monkeypatch):
     """The bin values tensor is cached per device; made first inside torch.func.grad or jvp (where
     auto runs the reference) it is the transform's wrapper, which has no storage once the transform
     ends: cached, it made every later fused call on that device fail at the launch ("Cannot access
-    storage of TensorWrapper" on the CPU interpreter; a data pointer error on CUDA)."""
+    storage of TensorWrapper" on the CPU interpreter; a data pointer error on CUDA).  Made under
+    FakeTensorMode (tracing tools) it is a fake tensor, which every later real call refused."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     from zreward_kernels import _common
 
-    monkeypatch.setattr(_common, "_BINS_CACHE", {})  # as in a fresh process
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 2, 3, 9, generator=g).to(kdev)
     scores = torch.tensor([[4.0, 2.5], [1.0, 1.0]], device=kdev)
+    want = zk.gdso_loss(x, scores, backend="reference").loss
+    monkeypatch.setattr(_common, "_BINS_CACHE", {})  # as in a fresh process
     torch.func.grad(lambda a: zk.gdso_loss(a, scores).loss)(x)
     torch.func.jvp(lambda a: zk.score_stats(a).mean, (x,), (x,))
-    assert not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in _common._BINS_CACHE.values())
-    out = zk.gdso_loss(x, scores, backend="triton")
-    torch.testing.assert_close(out.loss, zk.gdso_loss(x, scores, backend="reference").loss, atol=2e-5, rtol=1e-5)
+    assert all(type(t) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+               for t in _common._BINS_CACHE.values())
+    torch.testing.assert_close(zk.gdso_loss(x, scores, backend="triton").loss, want, atol=2e-5, rtol=1e-5)
+    monkeypatch.setattr(_common, "_BINS_CACHE", {})
+    with FakeTensorMode():
+        zk.score_stats(torch.randn(4, 9), validate=False)
+    assert not _common._BINS_CACHE
+    torch.testing.assert_close(zk.score_stats(x.cpu()).mean, zk.score_stats(x.cpu(), backend="reference").mean)
+    torch.testing.assert_close(zk.gdso_loss(x, scores, backend="triton").loss, want, atol=2e-5, rtol=1e-5)
