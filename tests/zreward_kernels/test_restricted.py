@@ -215,6 +215,14 @@ def _kernel_on(monkeypatch, kdev, **cfg):
     return override("restricted_fwd", KERNEL=1, **cfg)
 
 
+def _kernel_off():
+    """The matrix product (restricted_fwd.KERNEL=0): on CUDA the projection is the default, so a
+    comparison with the product must ask for it."""
+    from zreward_kernels._tuning import override
+
+    return override("restricted_fwd", KERNEL=0)
+
+
 @pytest.mark.parametrize("case", ["plain", "bias", "3-D row-strided hidden", "column-strided hidden", "odd sizes",
                                   "one row", "no rows", "blocks 32x64", "int32 ids"])
 def test_triton_projection_equals_the_matrix_product(kdev, monkeypatch, case):
@@ -273,16 +281,15 @@ def test_triton_projection_bf16_equals_the_matrix_product(kdev, monkeypatch):
 
 def _product_grads(kdev, monkeypatch, kernel, hidden, weight, ids, bias, wants, loss_fn, **cfg):
     """``(out, grads of the inputs named in wants)`` of ``loss_fn(restricted_logits(...))`` with the
-    Triton projection on (``kernel``: checked to have run) or the matrix product."""
-    import contextlib
-
+    Triton projection on (``kernel``: checked to have run) or the matrix product (KERNEL=0: on CUDA
+    the projection is the default, so the product must be asked for)."""
     from zreward_kernels._dispatch import _LAST_BACKEND
 
     _LAST_BACKEND.pop("restricted_logits", None)
     leaves = {"hidden": hidden.clone(), "weight": weight.clone(), "bias": None if bias is None else bias.clone()}
     for name in wants:
         leaves[name].requires_grad_(True)
-    ctx = _kernel_on(monkeypatch, kdev, **cfg) if kernel else contextlib.nullcontext()
+    ctx = _kernel_on(monkeypatch, kdev, **cfg) if kernel else _kernel_off()
     with ctx:
         out = restricted_logits(leaves["hidden"], leaves["weight"], ids, leaves["bias"])
         grads = torch.autograd.grad(loss_fn(out), [leaves[n] for n in wants])
@@ -351,10 +358,8 @@ def test_triton_projection_is_twice_differentiable(kdev, monkeypatch):
     ids = torch.tensor(IDS, device=kdev)
 
     def second(kernel):
-        import contextlib
-
         h, w, b = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
-        with (_kernel_on(monkeypatch, kdev) if kernel else contextlib.nullcontext()):
+        with (_kernel_on(monkeypatch, kdev) if kernel else _kernel_off()):
             out = restricted_logits(h, w, ids, b)
             first = torch.autograd.grad((out ** 3).sum(), [h, w, b], create_graph=True)
             return first + torch.autograd.grad(sum((f ** 2).sum() for f in first), [h, w, b])
@@ -372,14 +377,12 @@ def test_triton_projection_backward_uses_the_forwards_rows(kdev, monkeypatch):
     """A frozen weight changed in place between forward and backward: the hidden-state gradient uses
     the rows the forward used (kept, K x H), as the product path's does; with create_graph=True and a
     trained weight, whose rows are gathered again then, the change is refused, not used silently."""
-    import contextlib
-
     hidden, weight, _ = _setup(device=kdev)
     ids = torch.tensor(IDS, device=kdev)
     grads = []
     for kernel in (True, False):
         h, w = hidden.clone().requires_grad_(True), weight.clone()
-        with (_kernel_on(monkeypatch, kdev) if kernel else contextlib.nullcontext()):
+        with (_kernel_on(monkeypatch, kdev) if kernel else _kernel_off()):
             out = restricted_logits(h, w, ids)
         w.mul_(2.0)
         out.sum().backward()
