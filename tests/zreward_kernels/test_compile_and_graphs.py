@@ -79,12 +79,14 @@ def test_fullgraph_compile_of_the_triton_host_path_cpu():
             assert xi.grad is not None and xi.grad.shape == xi.shape
 
 
-def _dynamic_cases():
+def _dynamic_cases(device: str):
     """(name, fn, two argument sets of different sizes) for every public op, each with a float
-    option passed in as an argument (dynamic=True leaves Python floats unspecialised)."""
+    option passed in as an argument (dynamic=True leaves Python floats unspecialised).  The head's
+    weight and ids, captured by its fn rather than passed, are made on ``device`` (on CPU, they
+    failed the H200 run of 2026-11-28 with the device check's error)."""
     g = torch.Generator().manual_seed(1)
-    w = torch.randn(50, 16, generator=g)
-    ids = torch.tensor([1, 5, 7, 9, 11, 13, 20, 30, 40])
+    w = torch.randn(50, 16, generator=g).to(device)
+    ids = torch.tensor([1, 5, 7, 9, 11, 13, 20, 30, 40], device=device)
     on_grid = torch.tensor([1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0])
 
     def rubric_args(n, wt):
@@ -109,7 +111,7 @@ def _dynamic_cases():
 
 
 def _check_dynamic(device: str, compile_backend: str, values: bool) -> None:
-    for name, fn, argsets in _dynamic_cases():
+    for name, fn, argsets in _dynamic_cases(device):
         if not values and name == "group_advantage":
             continue  # not a Triton op: the reference run covers it
         torch._dynamo.reset()
