@@ -4,6 +4,12 @@ Sizes are rows of 9 logits, 64 to 262144.  ``rubric_loss`` runs CE (hard target)
 logits) + pairs (P = rows / 2); ``gdso_loss`` uses G = 8 (P = rows / 16; 8192 rows is the goal's
 P = 512); ``score_stats`` back-propagates ``mean.sum() + std.sum()``.  The fused path needs CUDA
 and is skipped on CPU.
+
+``torch.compile`` of the reference is compiled once per (op, rows), with ``dynamic=False``: the
+compiled code specialised to that size, compile's best case.  (Until 2026-11-28 one compiled function
+per op served every size, so from the second size on it ran dynamic-shape kernels whose speed depended
+on which sizes came first: the H200 runs of 2026-11-27 and 2026-11-28 timed its gdso_loss graph
+replay at 262144 rows at 0.36, 0.51 and 0.12 ms.)
 """
 
 from __future__ import annotations
@@ -72,13 +78,13 @@ def _fused_loss(op):
     return f
 
 
-def _impl(op, impl):
+def _impl(op, impl, rows):
     if impl == "eager":
         return _reference_loss(op)
-    if impl == "compile":
-        if op not in _COMPILED:
-            _COMPILED[op] = torch.compile(_reference_loss(op))
-        return _COMPILED[op]
+    if impl == "compile":  # one static compilation per size (module docstring)
+        if (op, rows) not in _COMPILED:
+            _COMPILED[op, rows] = torch.compile(_reference_loss(op), dynamic=False)
+        return _COMPILED[op, rows]
     return _fused_loss(op)
 
 
@@ -90,7 +96,7 @@ def test_fwd_bwd(benchmark, op, impl, rows):
         pytest.skip("the fused Triton path needs CUDA (the CPU interpreter is not a speed measure)")
     x0, kw = _case(op, rows)
     x = x0.clone().requires_grad_(True)
-    fn = _impl(op, impl)
+    fn = _impl(op, impl, rows)
 
     def step():
         x.grad = None
@@ -133,7 +139,7 @@ def _captured(op, impl, rows):
     x0, kw = _case(op, rows)
     x = x0.clone().requires_grad_(True)
     try:
-        return capture_fwd_bwd(_impl(op, impl), x, kw), (x, kw)
+        return capture_fwd_bwd(_impl(op, impl, rows), x, kw), (x, kw)
     except Exception as exc:  # report, do not hide: a capture failure is a result too
         pytest.skip(f"{impl} could not be captured in a CUDA graph: {type(exc).__name__}: {exc}"[:300])
 
