@@ -25,7 +25,8 @@
 # tracebacks (on 2026-11-27 the 450 tests outran 200 s in 12 processes on a cold Triton
 # cache; a rerun on the warm cache took 139 s in 16; the 23:47 run's 492 tests ran 99% in 280 s).  The sweep compiles its candidates in TUNE_JOBS (12) processes
 # before timing them (bench/tune_kernels.py --jobs).
-# STEPS picks the steps and their order (default "tests tune bench profile"; the build always runs).
+# STEPS picks the steps and their order (default "tests tune bench profile"; the build runs first
+# unless BUILD=0, for a quick re-run of steps that do not need csrc/: 43 s on a fresh H200).
 # DEADLINE (s, default 560) bounds the whole script: each step gets min(its own timeout, what is
 # left), and the benchmark modules run in priority order, each with what is left, so a late one is
 # cut, not all (a cut part's partial JSON is dropped, not merged).  TEST_TIMEOUT (300),
@@ -60,10 +61,14 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
-  echo "== build the compiled extension (csrc/)"
-  ( time $PY setup.py build_ext --inplace ) >/tmp/zreward_build.log 2>&1
-  echo "build exit: $?"
-  tail -n 6 /tmp/zreward_build.log
+  if [ "${BUILD:-1}" = 1 ]; then
+    echo "== build the compiled extension (csrc/)"
+    ( time $PY setup.py build_ext --inplace ) >/tmp/zreward_build.log 2>&1
+    echo "build exit: $?"
+    tail -n 6 /tmp/zreward_build.log
+  else
+    echo "== no build (BUILD=0): the group-advantage op runs its PyTorch fallback unless built before"
+  fi
   $PY -c "import zreward_kernels as z; print(z.backend_info()['compiled_extension'])"
 } 2>&1 | tee "$OUT/env.txt"
 
