@@ -73,7 +73,14 @@ def cases():
 # launch settings timed beside the default: (kernel in zreward_kernels/_tuning.py, (label, settings)...)
 VARIANTS = {
     "gdso_loss fwd+bwd P=512 G=8": ("gdso_fwd", (("WARP_STATS=0", dict(WARP_STATS=0)),
-                                                 ("num_warps=8", dict(num_warps=8)))),
+                                                 ("num_warps=8", dict(num_warps=8)),
+                                                 ("FLAT=1 PAIRS=1", dict(FLAT=1, PAIRS=1)),
+                                                 ("FLAT=1 PAIRS=2", dict(FLAT=1, PAIRS=2)))),
+    # row per thread (FLAT=1): about a third of the tile layout's instructions per pair for sm_90
+    # (aot_check), which matters where the kernel is issue-bound (many waves), not where one wave's
+    # latency decides (P = 512)
+    "gdso_loss fwd+bwd P=16384 G=8": ("gdso_fwd", (("FLAT=1 PAIRS=2", dict(FLAT=1, PAIRS=2)),
+                                                   ("FLAT=1 PAIRS=8", dict(FLAT=1, PAIRS=8)))),
     # small groups: fewer barriers with fewer warps (sm_90, aot_check), more instructions per lane
     "gdso_loss fwd+bwd P=512 G=2": ("gdso_fwd", (("num_warps=1", dict(num_warps=1)), ("num_warps=2", dict(num_warps=2)))),
     "gdso_loss fwd+bwd P=512 G=4": ("gdso_fwd", (("num_warps=1", dict(num_warps=1)), ("num_warps=2", dict(num_warps=2)))),
@@ -91,7 +98,8 @@ VARIANTS = {
 
 def variants():
     """Every case; the group advantage once per CUDA segment kernel (the KERNEL launch setting),
-    gdso_loss at the goal point also with cross-warp group statistics and with 8 warps, and at
+    gdso_loss at the goal point also with cross-warp group statistics, with 8 warps and row per
+    thread (FLAT=1), at P = 16384 also row per thread, and at
     G = 2 and 4 also with 1 and 2 warps (the default is 4); the restricted head's forward also
     with its Triton projection in several tilings, and its fwd+bwd with the Triton kernels (the
     plain cases pinned to the matrix product).  A VARIANTS key that names no case is reported (its

@@ -14,8 +14,8 @@ Keys:
 * ``BLOCK_P``: pairs per pair program of the ``rubric_loss`` forward, a power of two;
 * ``PAIRS``: same-prompt pairs per ``gdso_loss`` program (each pair holds ``2 G`` rows), a power
   of two; the launcher lowers it so one program never holds more than 256 rows;
-* ``num_warps``: warps per program; 0 for the ``gdso_loss`` default (4 up to ``G = 16``, 8 up
-  to ``G = 32``, 16 above);
+* ``num_warps``: warps per program; 0 for the ``gdso_loss`` default (tile layout: 4 up to
+  ``G = 16``, 8 up to ``G = 32``, 16 above; row per thread: one lane per row of the program);
 * ``WARP_STATS`` (``gdso_loss``): 1 sums each side's group statistics per row on the gap terms'
   layout, whose member axis lies within a warp (shuffles; up to ``G = 16``), 0 across the program's
   warps through shared memory (the earlier way; 1 is the default: 9-10% faster in the H200 sweep);
@@ -40,7 +40,13 @@ Keys:
   fused kernels (projection and statistics, forward and backward) use the same two entries;
 * ``FLAT``: 0 for the tile layout (a ``[BLOCK_R, 16]`` tile, bins padded to a power of two,
   reductions across lanes), 1 for row per thread (each lane owns whole rows and visits the bins in
-  unrolled loops; grids of up to 32 bins).
+  unrolled loops; grids of up to 32 bins).  For ``gdso_loss`` (2026-11-28, not yet timed on a GPU,
+  so 0 stays its default): row per thread compiles, for sm_90 at ``G = 8``, to 2,440 SASS
+  instructions per program of 2 pairs in one warp (``PAIRS=2``) or 2,496 per warp for 8 pairs in 4
+  warps, about 1,230 warp-instructions per pair against about 4,000 for the tile layout (1,016 in
+  each of 4 warps, one pair); where many waves of programs make the kernel issue-bound (P = 16384:
+  70 us on the H200 for about 4 us of memory traffic) that is the measure, where one wave's latency
+  decides (P = 512) a program's serial chain is, and the flat program's is longer.
 
 Configurations tuned for a particular GPU (``bench/tune_kernels.py --write-config FILE``) are applied
 with :func:`load_configs` or, at import, from the file named by ``ZREWARD_KERNEL_CONFIGS``.  They
@@ -61,7 +67,7 @@ CONFIGS: Dict[str, Dict[str, int]] = {
     "stats_bwd": {"BLOCK_R": 64, "num_warps": 2, "FLAT": 0},
     "rubric_fwd": {"BLOCK_R": 256, "BLOCK_P": 256, "num_warps": 8, "FLAT": 1},
     "rubric_bwd": {"BLOCK_R": 128, "num_warps": 4, "FLAT": 1},
-    "gdso_fwd": {"PAIRS": 1, "num_warps": 0, "WARP_STATS": 1},
+    "gdso_fwd": {"PAIRS": 1, "num_warps": 0, "WARP_STATS": 1, "FLAT": 0},
     "group_advantage": {"ELEMS_PER_LANE": 4, "KERNEL": 2},
     "restricted_fwd": {"KERNEL": 1, "BLOCK_N": 16, "BLOCK_H": 256, "num_warps": 4},
     "restricted_bwd": {"BLOCK_N": 64, "BLOCK_H": 128, "num_warps": 4},
@@ -92,8 +98,11 @@ SWEEP: Dict[str, list] = {
     "stats_bwd": _tile(_GRID, 32) + _FLAT,
     "rubric_fwd": [dict(c, BLOCK_P=min(c["BLOCK_R"], 256)) for c in _tile(_GRID, 16) + _FLAT],
     "rubric_bwd": _tile(_GRID, 16) + _FLAT,
-    "gdso_fwd": [dict(PAIRS=n, num_warps=w, WARP_STATS=ws) for ws in (1, 0) for n in (1, 2, 4, 8, 16)
-                 for w in (1, 2, 4, 8) if n * 16 * 16 <= 16 * 32 * w],  # rows per program = PAIRS * 16 at G = 8
+    "gdso_fwd": [dict(PAIRS=n, num_warps=w, WARP_STATS=ws, FLAT=0) for ws in (1, 0) for n in (1, 2, 4, 8, 16)
+                 for w in (1, 2, 4, 8) if n * 16 * 16 <= 16 * 32 * w]  # rows per program = PAIRS * 16 at G = 8
+    # row per thread: one lane per row (PAIRS * 16 = 32 * warps at G = 8), or two
+    + [dict(PAIRS=n, num_warps=w, WARP_STATS=ws, FLAT=1) for ws in (1, 0) for n in (2, 4, 8, 16)
+       for w in (1, 2, 4, 8) if n * 16 in (32 * w, 64 * w)],
     # 16 and 32: one lane (thread) per group of up to 16 / 32 members, no shuffles at all
     "group_advantage": [dict(ELEMS_PER_LANE=e, KERNEL=k) for k in (1, 2) for e in (1, 2, 4, 8, 16, 32)],
     # the matrix product (KERNEL=0) and the Triton projection (KERNEL=1) in other tilings, against the

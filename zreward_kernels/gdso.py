@@ -7,6 +7,11 @@ advantages and the direct losses come out of one pass over the logits.  The grad
 (``1/P``, ``1/2G``, ``1/(2 G^2 R)``), so the backward is a single device-side multiply by
 ``grad_output``.  The scalar loss is reduced by the last program to finish,
 in a fixed order (deterministic, no float atomics).
+
+The row-wise part (softmax, mean, variance, the CE target) has two layouts, as the rubric kernels
+do (``FLAT`` in the tuning table): a ``[rows, bins padded to 16]`` tile reduced across lanes (the
+default), or row per thread, each lane visiting its row's bins in unrolled loops.  The group part
+(the ``G x G`` gap terms and the group statistics) is the same code in both.
 """
 
 from __future__ import annotations
@@ -18,11 +23,27 @@ from ._triton_utils import HAS_TRITON, cdiv, next_pow2, tl, triton
 from ._tuning import CONFIGS
 from ._workspace import semaphores
 from .reference import GDSOOutput
+from .rubric import _flat
 
 BLOCK_RED = 256
 
 if HAS_TRITON:
-    from .rubric import _dist_stats
+    from .rubric import _dist_stats, _flat_stats
+
+    @triton.jit
+    def _flat_target(X, off, V, KC: tl.constexpr, inv_tau, rmask, s_j, BLOCK_R: tl.constexpr):
+        """Row per thread: the scaled logit at the bin nearest ``s_j`` (the first of equally near
+        bins, as ``tl.argmin`` and the reference's ``argmin`` pick) and that bin's index."""
+        best = tl.full([BLOCK_R], float("inf"), tl.float32)
+        zt = tl.zeros([BLOCK_R], tl.float32)
+        bidx = tl.zeros([BLOCK_R], tl.int32)
+        for k in tl.static_range(KC):
+            dk = tl.abs(tl.load(V + k).to(tl.float32) - s_j)
+            closer = dk < best
+            best = tl.where(closer, dk, best)
+            zt = tl.where(closer, tl.load(X + off + k, mask=rmask, other=0.0).to(tl.float32) * inv_tau, zt)
+            bidx = tl.where(closer, k, bidx)
+        return zt, bidx
 
     @triton.jit
     def _gdso_fwd_kernel(
@@ -31,7 +52,7 @@ if HAS_TRITON:
         lambda_pt, lambda_pw, alpha_pt, alpha_pw, eps,
         r_range, inv_r,
         PAIRS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_RED: tl.constexpr,
-        NEEDS_GRAD: tl.constexpr, WARP_STATS: tl.constexpr,
+        NEEDS_GRAD: tl.constexpr, WARP_STATS: tl.constexpr, FLAT: tl.constexpr, KC: tl.constexpr,
     ):
         # A program holds PAIRS pairs.  Row-wise maths runs on the flat [PAIRS * BLOCK_S, BLOCK_K]
         # tile (slot s of pair j at flat row j * BLOCK_S + s; 2G rows per pair padded to BLOCK_S);
@@ -51,26 +72,39 @@ if HAS_TRITON:
         fmask = (slot < 2 * G) & (pair < n_pairs)
         side = slot // G
         rows = pair * 2 * G + slot
-        m2 = fmask[:, None] & cmask[None, :]
-        ko = rows[:, None] * K + cols[None, :]
-        x = tl.load(X + ko, mask=m2, other=0.0).to(tl.float32)
-        # every global load is issued here, before the first reduction: a load placed after one waits
-        # for it (ptxas issued the score loads after the softmax's shuffles, and does not move a load
-        # above a barrier), adding a memory round trip to the serial chain of each program, which is
-        # what a one-wave launch (P = 512) waits for
-        sc0 = tl.load(S + 2 * pair, mask=fmask, other=0.0).to(tl.float32)
-        sc1 = tl.load(S + 2 * pair + 1, mask=fmask, other=0.0).to(tl.float32)
         g_f = G * 1.0
-        p, logp, mu, d, var = _dist_stats(x, v, cmask, inv_tau)
+        if FLAT:
+            # row per thread: each lane owns a row and visits its KC bins in unrolled loops that
+            # re-read the row from L1 (no bin padding, no cross-lane reductions for the softmax)
+            off = rows * K
+            sc0 = tl.load(S + 2 * pair, mask=fmask, other=0.0).to(tl.float32)
+            sc1 = tl.load(S + 2 * pair + 1, mask=fmask, other=0.0).to(tl.float32)
+            s_j = tl.where(side == 0, sc0, sc1)
+            gap = tl.where(side == 0, sc0 - sc1, sc1 - sc0)  # gap_j = s_j - s_jbar
+            zmax, ssum, mu, var = _flat_stats(X, off, V, KC, inv_tau, fmask, PAIRS * BLOCK_S)
+            # hard target at the annotated bin (nearest bin; exact for scores on the grid)
+            zt, bidx = _flat_target(X, off, V, KC, inv_tau, fmask, s_j, PAIRS * BLOCK_S)
+            logp_t = tl.where(fmask, zt - zmax - tl.log(ssum), 0.0)
+        else:
+            m2 = fmask[:, None] & cmask[None, :]
+            ko = rows[:, None] * K + cols[None, :]
+            x = tl.load(X + ko, mask=m2, other=0.0).to(tl.float32)
+            # every global load is issued here, before the first reduction: a load placed after one
+            # waits for it (ptxas issued the score loads after the softmax's shuffles, and does not
+            # move a load above a barrier), adding a memory round trip to the serial chain of each
+            # program, which is what a one-wave launch (P = 512) waits for
+            sc0 = tl.load(S + 2 * pair, mask=fmask, other=0.0).to(tl.float32)
+            sc1 = tl.load(S + 2 * pair + 1, mask=fmask, other=0.0).to(tl.float32)
+            p, logp, mu, d, var = _dist_stats(x, v, cmask, inv_tau)
 
-        s_j = tl.where(side == 0, sc0, sc1)
-        gap = tl.where(side == 0, sc0 - sc1, sc1 - sc0)  # gap_j = s_j - s_jbar
+            s_j = tl.where(side == 0, sc0, sc1)
+            gap = tl.where(side == 0, sc0 - sc1, sc1 - sc0)  # gap_j = s_j - s_jbar
 
-        # hard target at the annotated bin (nearest bin; exact for scores on the grid)
-        dist = tl.where(cmask[None, :], tl.abs(v[None, :] - s_j[:, None]), float("inf"))
-        bidx = tl.argmin(dist, 1)
-        onehot = cols[None, :] == bidx[:, None]
-        logp_t = tl.where(fmask, tl.sum(tl.where(onehot, logp, 0.0), 1), 0.0)
+            # hard target at the annotated bin (nearest bin; exact for scores on the grid)
+            dist = tl.where(cmask[None, :], tl.abs(v[None, :] - s_j[:, None]), float("inf"))
+            bidx = tl.argmin(dist, 1)
+            onehot = cols[None, :] == bidx[:, None]
+            logp_t = tl.where(fmask, tl.sum(tl.where(onehot, logp, 0.0), 1), 0.0)
 
         # per-pair [PAIRS, BLOCK_S] views
         mu2 = tl.reshape(mu, (PAIRS, BLOCK_S))
@@ -177,9 +211,18 @@ if HAS_TRITON:
         if NEEDS_GRAD:
             # d/dmu_s of sum_j sum_i sum_k |e| is 2 * sum_s' sign(e[s, s'])
             dmu = tl.reshape((alpha_pw * inv_g * inv_g * inv_r) * row_sgn, (PAIRS * BLOCK_S,))
-            gx = (alpha_pt * 0.5 * inv_g) * (p - onehot.to(tl.float32)) + p * d * dmu[:, None]
-            gx = gx * (inv_tau * inv_p)
-            tl.store(DX + ko, gx.to(DX.dtype.element_ty), mask=m2)
+            if FLAT:
+                inv_s = 1.0 / ssum
+                for k in tl.static_range(KC):
+                    z = tl.load(X + off + k, mask=fmask, other=0.0).to(tl.float32) * inv_tau
+                    pk = tl.exp(z - zmax) * inv_s
+                    dk = tl.load(V + k).to(tl.float32) - mu
+                    gk = (alpha_pt * 0.5 * inv_g) * (pk - (bidx == k).to(tl.float32)) + pk * dk * dmu
+                    tl.store(DX + off + k, (gk * (inv_tau * inv_p)).to(DX.dtype.element_ty), mask=fmask)
+            else:
+                gx = (alpha_pt * 0.5 * inv_g) * (p - onehot.to(tl.float32)) + p * d * dmu[:, None]
+                gx = gx * (inv_tau * inv_p)
+                tl.store(DX + ko, gx.to(DX.dtype.element_ty), mask=m2)
 
         alpha = tl.where(two == 0, alpha_pt, alpha_pw)[None, :]
         tl.store(PART + pid, tl.sum(tl.sum(tl.where(pmask[:, None], alpha * cp, 0.0), 1), 0))
@@ -196,17 +239,25 @@ if HAS_TRITON:
             tl.store(LOSS, tl.sum(acc, 0) * inv_p)
 
 
-def _gdso_launch_config(g: int):
-    """``(pairs per program, rows per pair, warps, warp-shuffle group statistics)`` from
-    ``_tuning.CONFIGS["gdso_fwd"]``; a program holds at most 256 rows (``PAIRS * next_pow2(2G)``),
-    and the shuffle statistics apply up to ``G = 16``.  Default warps: 4 up to ``G = 16``, 8 up to
-    ``G = 32``, 16 above (the ``G x G`` gap terms of ``G = 64`` in 8 warps needed 255 registers and
-    spilled 588 B for sm_90 with Triton 3.6; 16 warps: 128 registers, 180 B)."""
+def _gdso_launch_config(g: int, k: int):
+    """``(pairs per program, rows per pair, warps, warp-shuffle group statistics, layout constexprs)``
+    from ``_tuning.CONFIGS["gdso_fwd"]``; a program holds at most 256 rows (``PAIRS * next_pow2(2G)``),
+    and the shuffle statistics apply up to ``G = 16``.  Default warps (``num_warps`` 0): in the tile
+    layout 4 up to ``G = 16``, 8 up to ``G = 32``, 16 above (the ``G x G`` gap terms of ``G = 64`` in
+    8 warps needed 255 registers and spilled 588 B for sm_90 with Triton 3.6; 16 warps: 128
+    registers, 180 B); row per thread (``FLAT=1``, up to 32 bins) one lane per row of the program,
+    ``PAIRS * next_pow2(2G) / 32`` warps (at least 1, at most 8)."""
     cfg = CONFIGS["gdso_fwd"]
     block_s = next_pow2(2 * g)
     pairs = max(1, min(cfg["PAIRS"], 256 // block_s))
-    warps = cfg["num_warps"] or (4 if g <= 16 else 8 if g <= 32 else 16)
-    return pairs, block_s, warps, bool(cfg["WARP_STATS"]) and block_s <= 32
+    layout = _flat(cfg, k)
+    if cfg["num_warps"]:
+        warps = cfg["num_warps"]
+    elif layout["FLAT"]:
+        warps = max(1, min(8, pairs * block_s // 32))
+    else:
+        warps = 4 if g <= 16 else 8 if g <= 32 else 16
+    return pairs, block_s, warps, bool(cfg["WARP_STATS"]) and block_s <= 32, layout
 
 
 def _gdso_forward(x, s, bins, params):
@@ -225,7 +276,7 @@ def _gdso_forward(x, s, bins, params):
     adv = torch.empty(shp, device=dev, dtype=f32)
     ce = torch.empty(n_pairs, device=dev, dtype=f32)
     pw = torch.empty(n_pairs, device=dev, dtype=f32)
-    pairs, block_s, warps, warp_stats = _gdso_launch_config(g)
+    pairs, block_s, warps, warp_stats, layout = _gdso_launch_config(g, k)
     nprog = cdiv(n_pairs, pairs)
     part = torch.empty(nprog, device=dev, dtype=f32)
     loss = torch.empty((), device=dev, dtype=f32)
@@ -239,7 +290,7 @@ def _gdso_forward(x, s, bins, params):
         float(lambda_pt), float(lambda_pw), float(alpha_pt), float(alpha_pw), float(eps),
         float(r_range), 1.0 / r_range,
         PAIRS=pairs, BLOCK_S=block_s, BLOCK_K=next_pow2(k), BLOCK_RED=BLOCK_RED, NEEDS_GRAD=needs_grad,
-        WARP_STATS=warp_stats, num_warps=warps,
+        WARP_STATS=warp_stats, num_warps=warps, **layout,
     )
     return loss, ce, pw, mean, std, r_pt, r_pw, r, adv, dx
 

@@ -5,12 +5,21 @@ import pytest
 import torch
 from kernel_helpers import assert_close, run_with_grads
 
-from zreward_kernels import gdso_loss, rubric_loss, score_stats
+from zreward_kernels import BIN_VALUES, gdso_loss, rubric_loss, score_stats
 from zreward_kernels._tuning import CONFIGS, override
 
 
 def _scores(p, gen):
     return (torch.randint(2, 9, (p, 2), generator=gen) * 0.5).float()
+
+
+def _assert_gdso_close(k_out, k_grad, r_out, r_grad):
+    """Kernel outputs and gradient against the reference's (the advantage divides float32 rounding
+    by a group's std + eps, so it gets a looser tolerance)."""
+    for name, a, b in zip(r_out._fields, k_out, r_out):
+        tol = 5e-4 if name == "advantage" else 2e-5
+        assert_close(a, b, atol=tol, rtol=tol, name=name)
+    assert_close(k_grad, r_grad, atol=1e-6, rtol=1e-5, name="grad")
 
 
 @pytest.mark.parametrize("warp_stats", [1, 0])
@@ -24,11 +33,28 @@ def test_gdso_several_pairs_per_program(kdev, pairs_per_prog, G, P, warp_stats):
     r_out, r_grad = run_with_grads(lambda t: gdso_loss(t, scores, backend="reference", **kw), x, outputs=[0])
     with override("gdso_fwd", PAIRS=pairs_per_prog, num_warps=2, WARP_STATS=warp_stats):
         k_out, k_grad = run_with_grads(lambda t: gdso_loss(t, scores, backend="triton", **kw), x, outputs=[0])
-    for name, a, b in zip(r_out._fields, k_out, r_out):
-        tol = 5e-4 if name == "advantage" else 2e-5
-        assert_close(a, b, atol=tol, rtol=tol, name=name)
-    assert_close(k_grad, r_grad, atol=1e-6, rtol=1e-5, name="grad")
+    _assert_gdso_close(k_out, k_grad, r_out, r_grad)
     assert CONFIGS["gdso_fwd"]["PAIRS"] == 1  # restored
+
+
+@pytest.mark.parametrize("warp_stats", [1, 0])
+@pytest.mark.parametrize("G,P,pairs_per_prog,warps,bins", [
+    (1, 5, 16, 0, 9), (3, 7, 4, 0, 9), (8, 17, 2, 0, 9), (8, 17, 8, 4, 9), (8, 9, 4, 1, 5), (33, 3, 1, 0, 9)])
+def test_gdso_row_per_thread_layout(kdev, G, P, pairs_per_prog, warps, bins, warp_stats):
+    """FLAT=1 (one lane per row, the bins visited in unrolled loops) gives the reference's outputs and
+    gradient: several pairs per program, the default warps (one lane per row) and two rows per lane,
+    a 5-bin grid with a temperature, and groups of 1 and 33 (the tile layout's cross-warp statistics)."""
+    gen = torch.Generator().manual_seed(11 * G + P)
+    values = BIN_VALUES if bins == 9 else (1.0, 2.0, 3.0, 4.0, 5.0)
+    x = (torch.randn(P, 2, G, bins, generator=gen) * 2).to(kdev)
+    scores = (_scores(P, gen) if bins == 9 else torch.randint(1, 6, (P, 2), generator=gen).float()).to(kdev)
+    kw = dict(lambda_pt=0.7, lambda_pw=1.3, alpha_pt=0.9, alpha_pw=0.4, bin_values=values,
+              temperature=1.0 if bins == 9 else 0.7)
+    r_out, r_grad = run_with_grads(lambda t: gdso_loss(t, scores, backend="reference", **kw), x, outputs=[0])
+    with override("gdso_fwd", PAIRS=pairs_per_prog, num_warps=warps, WARP_STATS=warp_stats, FLAT=1):
+        k_out, k_grad = run_with_grads(lambda t: gdso_loss(t, scores, backend="triton", **kw), x, outputs=[0])
+    _assert_gdso_close(k_out, k_grad, r_out, r_grad)
+    assert CONFIGS["gdso_fwd"]["FLAT"] == 0  # restored
 
 
 @pytest.mark.parametrize("fwd,bwd", [
