@@ -41,9 +41,9 @@ Keys:
 * ``FLAT``: 0 for the tile layout (a ``[BLOCK_R, 16]`` tile, bins padded to a power of two,
   reductions across lanes), 1 for row per thread (each lane owns whole rows and visits the bins in
   unrolled loops; grids of up to 32 bins).  For ``gdso_loss`` (2026-11-28, not yet timed on a GPU,
-  so 0 stays its default): row per thread compiles, for sm_90 at ``G = 8``, to 2,440 SASS
-  instructions per program of 2 pairs in one warp (``PAIRS=2``) or 2,496 per warp for 8 pairs in 4
-  warps, about 1,230 warp-instructions per pair against about 4,000 for the tile layout (1,016 in
+  so 0 stays its default): row per thread compiles, for sm_90 at ``G = 8`` (Triton 3.8), to 1,296
+  SASS instructions per program of 2 pairs in one warp (``PAIRS=2``) or 1,664 per warp for 8 pairs
+  in 4 warps, 650-830 warp-instructions per pair against about 3,700 for the tile layout (928 in
   each of 4 warps, one pair); where many waves of programs make the kernel issue-bound (P = 16384:
   70 us on the H200 for about 4 us of memory traffic) that is the measure, where one wave's latency
   decides (P = 512) a program's serial chain is, and the flat program's is longer.

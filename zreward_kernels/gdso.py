@@ -53,6 +53,7 @@ if HAS_TRITON:
         r_range, inv_r,
         PAIRS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_RED: tl.constexpr,
         NEEDS_GRAD: tl.constexpr, WARP_STATS: tl.constexpr, FLAT: tl.constexpr, KC: tl.constexpr,
+        GAP4: tl.constexpr,
     ):
         # A program holds PAIRS pairs.  Row-wise maths runs on the flat [PAIRS * BLOCK_S, BLOCK_K]
         # tile (slot s of pair j at flat row j * BLOCK_S + s; 2G rows per pair padded to BLOCK_S);
@@ -66,12 +67,17 @@ if HAS_TRITON:
         cmask = cols < K
         v = tl.load(V + cols, mask=cmask, other=0.0).to(tl.float32)
 
+        # slot s of a pair: side s // BLOCK_G, member s % BLOCK_G (BLOCK_G = next_pow2(G), so a pair's
+        # [BLOCK_S] row view is [2, BLOCK_G]: the gap terms and group statistics take [2, G, G], not
+        # [2G, 2G] of which half is the wrong side)
+        BLOCK_G: tl.constexpr = BLOCK_S // 2
         f = tl.arange(0, PAIRS * BLOCK_S)
         slot = f % BLOCK_S
         pair = pid * PAIRS + f // BLOCK_S
-        fmask = (slot < 2 * G) & (pair < n_pairs)
-        side = slot // G
-        rows = pair * 2 * G + slot
+        side = slot // BLOCK_G
+        member = slot % BLOCK_G
+        fmask = (member < G) & (pair < n_pairs)
+        rows = pair * 2 * G + side * G + member
         g_f = G * 1.0
         if FLAT:
             # row per thread: each lane owns a row and visits its KC bins in unrolled loops that
@@ -112,19 +118,39 @@ if HAS_TRITON:
         sj2 = tl.reshape(s_j, (PAIRS, BLOCK_S))
         ok2 = tl.reshape(fmask, (PAIRS, BLOCK_S))
         s_i = tl.arange(0, BLOCK_S)
-        side2 = (s_i // G)[None, :]
+        s_side = s_i // BLOCK_G
+        s_ok = (s_i % BLOCK_G) < G  # slot s holds a member
+        side2 = s_side[None, :]
+        two = tl.arange(0, 2)
+        m_i = tl.arange(0, BLOCK_G)
+        m_ok = (m_i < G)[None, None, None, :]  # member s' exists
 
         # G x G gap terms: e[s, s'] = (mu_s - mu_s') - gap_s for s' on the other side
-        other = (s_i < 2 * G)[None, :] & ((s_i // G)[:, None] != (s_i // G)[None, :])  # [BLOCK_S, BLOCK_S]
-        valid = ok2[:, :, None] & other[None, :, :]
-        e = (mu2[:, :, None] - mu2[:, None, :]) - gap2[:, :, None]
-        sgn = tl.where(valid, tl.where(e > 0, 1.0, tl.where(e < 0, -1.0, 0.0)), 0.0)
-        row_abs = tl.sum(sgn * e, 2)  # sum_s' |e[s, s']|
-        row_sgn = tl.sum(sgn, 2)
-        row_smu = tl.sum(sgn * mu2[:, None, :], 2)  # sum_s' sign(e[s, s']) mu_s'
+        if GAP4:
+            # on a [PAIRS, 2, BLOCK_G, BLOCK_G] layout (side of s, s, s'): half the elements of
+            # [BLOCK_S, BLOCK_S], but layout conversions cost barriers (sm_90, G = 8, tile layout: 896
+            # instructions and 25 barriers per program against 1,016 and 11), so the tile layout
+            # takes it for large groups only (G = 64: 2,248 instructions, no spill, against 3,768
+            # and 20 B)
+            mu4 = tl.reshape(mu2, (PAIRS, 2, BLOCK_G))
+            mu_oth = tl.sum(tl.where((two[:, None] != two[None, :])[None, :, :, None], mu4[:, None, :, :], 0.0), 2)
+            valid = tl.reshape(ok2, (PAIRS, 2, BLOCK_G))[:, :, :, None] & m_ok
+            e = (mu4[:, :, :, None] - mu_oth[:, :, None, :]) - tl.reshape(gap2, (PAIRS, 2, BLOCK_G))[:, :, :, None]
+            sgn = tl.where(valid, tl.where(e > 0, 1.0, tl.where(e < 0, -1.0, 0.0)), 0.0)
+            row_abs = tl.reshape(tl.sum(sgn * e, 3), (PAIRS, BLOCK_S))  # sum_s' |e[s, s']|
+            row_sgn = tl.reshape(tl.sum(sgn, 3), (PAIRS, BLOCK_S))
+            row_smu = tl.reshape(tl.sum(sgn * mu_oth[:, :, None, :], 3), (PAIRS, BLOCK_S))  # sum_s' sign(e) mu_s'
+        else:
+            # on the [PAIRS, BLOCK_S, BLOCK_S] layout, the [PAIRS, BLOCK_S] views broadcast (no conversion)
+            other = s_ok[None, :] & (s_side[:, None] != s_side[None, :])  # [BLOCK_S, BLOCK_S]
+            valid = ok2[:, :, None] & other[None, :, :]
+            e = (mu2[:, :, None] - mu2[:, None, :]) - gap2[:, :, None]
+            sgn = tl.where(valid, tl.where(e > 0, 1.0, tl.where(e < 0, -1.0, 0.0)), 0.0)
+            row_abs = tl.sum(sgn * e, 2)  # sum_s' |e[s, s']|
+            row_sgn = tl.sum(sgn, 2)
+            row_smu = tl.sum(sgn * mu2[:, None, :], 2)  # sum_s' sign(e[s, s']) mu_s'
         # ce and pw per pair in one reduction over the members (a cross-warp sum: once, not twice),
         # laid out [PAIRS, 2] as they are stored
-        two = tl.arange(0, 2)
         cp = tl.sum(tl.join(tl.reshape(logp_t, (PAIRS, BLOCK_S)), row_abs), 1) \
             * tl.where(two == 0, -0.5 * inv_g, 0.5 * inv_g * inv_g * inv_r)[None, :]  # [PAIRS, 2]: ce, pw
 
@@ -155,28 +181,36 @@ if HAS_TRITON:
         gm1 = tl.maximum(g_f - 1.0, 1.0)
         if WARP_STATS:
             # Group statistics of each side, per row s over the members s' of its side, on the
-            # [PAIRS, BLOCK_S, BLOCK_S] layout of the gap terms, whose s' axis lies within a warp: warp
-            # shuffles instead of reductions across warps through shared memory (for sm_90 at G = 8,
-            # 11 barriers per program instead of 21 with Triton 3.8; a program's latency is what a
-            # P = 512 call waits for).  WARP_STATS=0 (and groups above 16, _gdso_launch_config) reduce
-            # across the [PAIRS, BLOCK_S] view instead (fewer registers: the shuffle path spilled 468 B
-            # at G = 64).
-            same = ((s_i < 2 * G)[None, :] & ((s_i // G)[:, None] == (s_i // G)[None, :]))[None, :, :] \
-                & ok2[:, :, None]
-            r_col = tl.where(same, r[:, None, :], 0.0)  # r of the members s' of row s's side
-            first = (s_i // G * G)[:, None] == s_i[None, :]  # s' is the first member of row s's side
-            f_row = tl.sum(tl.where(first[None, :, :] & same, r_col, 0.0), 2)
-            dr_col = tl.where(same, r_col - f_row[:, :, None], 0.0)
-            m_row = tl.sum(dr_col, 2) / g_f
-            dev_col = tl.where(same, dr_col - m_row[:, :, None], 0.0)
-            sd_row = tl.sqrt(tl.sum(dev_col * dev_col, 2) / gm1)
-            dev = (r - f_row) - m_row
+            # layout of the gap terms, whose s' axis lies within a warp: warp shuffles instead of
+            # reductions across warps through shared memory (for sm_90 at G = 8, 11 barriers per
+            # program instead of 21 with Triton 3.8; a program's latency is what a P = 512 call waits
+            # for).  WARP_STATS=0 (and groups above 16, _gdso_launch_config) reduce across the
+            # [PAIRS, BLOCK_S] view instead (fewer registers: the shuffle path spilled 468 B at G = 64).
+            if GAP4:
+                r_col = tl.where(m_ok, tl.broadcast_to(tl.reshape(r, (PAIRS, 2, BLOCK_G))[:, :, None, :],
+                                                        (PAIRS, 2, BLOCK_G, BLOCK_G)), 0.0)  # r of s's side
+                f_row = tl.sum(tl.where((m_i == 0)[None, None, None, :], r_col, 0.0), 3)  # its first member's
+                dr_col = tl.where(m_ok, r_col - f_row[:, :, :, None], 0.0)
+                m_row = tl.sum(dr_col, 3) / g_f
+                dev_col = tl.where(m_ok, dr_col - m_row[:, :, :, None], 0.0)
+                sd_row = tl.reshape(tl.sqrt(tl.sum(dev_col * dev_col, 3) / gm1), (PAIRS, BLOCK_S))
+                dev = (r - tl.reshape(f_row, (PAIRS, BLOCK_S))) - tl.reshape(m_row, (PAIRS, BLOCK_S))
+            else:
+                same = (s_ok[None, :] & (s_side[:, None] == s_side[None, :]))[None, :, :] & ok2[:, :, None]
+                r_col = tl.where(same, r[:, None, :], 0.0)  # r of the members s' of row s's side
+                first = (s_side * BLOCK_G)[:, None] == s_i[None, :]  # s' is the first member of row s's side
+                f_row = tl.sum(tl.where(first[None, :, :] & same, r_col, 0.0), 2)
+                dr_col = tl.where(same, r_col - f_row[:, :, None], 0.0)
+                m_row = tl.sum(dr_col, 2) / g_f
+                dev_col = tl.where(same, dr_col - m_row[:, :, None], 0.0)
+                sd_row = tl.sqrt(tl.sum(dev_col * dev_col, 2) / gm1)
+                dev = (r - f_row) - m_row
             den = sd_row + eps
         else:
             in0 = ok2 & (side2 == 0)
             in1 = ok2 & (side2 == 1)
             f0 = tl.sum(tl.where(ok2 & (s_i == 0)[None, :], r, 0.0), 1)
-            f1 = tl.sum(tl.where(ok2 & (s_i == G)[None, :], r, 0.0), 1)
+            f1 = tl.sum(tl.where(ok2 & (s_i == BLOCK_G)[None, :], r, 0.0), 1)
             dr = r - tl.where(side2 == 0, f0[:, None], f1[:, None])
             m0 = tl.sum(tl.where(in0, dr, 0.0), 1) / g_f
             m1 = tl.sum(tl.where(in1, dr, 0.0), 1) / g_f
@@ -290,7 +324,7 @@ def _gdso_forward(x, s, bins, params):
         float(lambda_pt), float(lambda_pw), float(alpha_pt), float(alpha_pw), float(eps),
         float(r_range), 1.0 / r_range,
         PAIRS=pairs, BLOCK_S=block_s, BLOCK_K=next_pow2(k), BLOCK_RED=BLOCK_RED, NEEDS_GRAD=needs_grad,
-        WARP_STATS=warp_stats, num_warps=warps, **layout,
+        WARP_STATS=warp_stats, num_warps=warps, GAP4=layout["FLAT"] or block_s > 32, **layout,
     )
     return loss, ce, pw, mean, std, r_pt, r_pw, r, adv, dx
 
