@@ -74,7 +74,7 @@ def cases():
 VARIANTS = {
     "gdso_loss fwd+bwd P=512 G=8": ("gdso_fwd", (("WARP_STATS=0", dict(WARP_STATS=0)),
                                                  ("num_warps=8", dict(num_warps=8)),
-                                                 ("FLAT=1 PAIRS=1", dict(FLAT=1, PAIRS=1)),
+                                                 ("FLAT=1 PAIRS=1 (one warp)", dict(FLAT=1, PAIRS=1)),
                                                  ("FLAT=1 PAIRS=2", dict(FLAT=1, PAIRS=2)))),
     # row per thread (FLAT=1): about a third of the tile layout's instructions per pair for sm_90
     # (aot_check), which matters where the kernel is issue-bound (many waves), not where one wave's

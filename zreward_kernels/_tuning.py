@@ -100,9 +100,10 @@ SWEEP: Dict[str, list] = {
     "rubric_bwd": _tile(_GRID, 16) + _FLAT,
     "gdso_fwd": [dict(PAIRS=n, num_warps=w, WARP_STATS=ws, FLAT=0) for ws in (1, 0) for n in (1, 2, 4, 8, 16)
                  for w in (1, 2, 4, 8) if n * 16 * 16 <= 16 * 32 * w]  # rows per program = PAIRS * 16 at G = 8
-    # row per thread: one lane per row (PAIRS * 16 = 32 * warps at G = 8), or two
-    + [dict(PAIRS=n, num_warps=w, WARP_STATS=ws, FLAT=1) for ws in (1, 0) for n in (2, 4, 8, 16)
-       for w in (1, 2, 4, 8) if n * 16 in (32 * w, 64 * w)],
+    # row per thread: one lane per row (PAIRS * 16 = 32 * warps at G = 8), or two, or one pair per
+    # warp (half its lanes idle: the shortest one-warp program, 1,136 instructions for sm_90)
+    + [dict(PAIRS=n, num_warps=w, WARP_STATS=ws, FLAT=1) for ws in (1, 0) for n in (1, 2, 4, 8, 16)
+       for w in (1, 2, 4, 8) if n * 16 in (32 * w, 64 * w) or (n, w) == (1, 1)],
     # 16 and 32: one lane (thread) per group of up to 16 / 32 members, no shuffles at all
     "group_advantage": [dict(ELEMS_PER_LANE=e, KERNEL=k) for k in (1, 2) for e in (1, 2, 4, 8, 16, 32)],
     # the matrix product (KERNEL=0) and the Triton projection (KERNEL=1) in other tilings, against the
