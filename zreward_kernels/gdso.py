@@ -128,10 +128,10 @@ if HAS_TRITON:
         # G x G gap terms: e[s, s'] = (mu_s - mu_s') - gap_s for s' on the other side
         if GAP4:
             # on a [PAIRS, 2, BLOCK_G, BLOCK_G] layout (side of s, s, s'): half the elements of
-            # [BLOCK_S, BLOCK_S], but layout conversions cost barriers (sm_90, G = 8, tile layout: 896
-            # instructions and 25 barriers per program against 1,016 and 11), so the tile layout
-            # takes it for large groups only (G = 64: 2,248 instructions, no spill, against 3,768
-            # and 20 B)
+            # [BLOCK_S, BLOCK_S], but layout conversions cost barriers (sm_90, Triton 3.8, G = 8, tile
+            # layout: 896 instructions and 25 barriers per program against 928 and 11), so the tile
+            # layout takes it for large groups only (G = 64: 2,248 instructions and no spill; the
+            # [BLOCK_S, BLOCK_S] form had 4,632 and spilled 32 B before slots were side * BLOCK_G + member)
             mu4 = tl.reshape(mu2, (PAIRS, 2, BLOCK_G))
             mu_oth = tl.sum(tl.where((two[:, None] != two[None, :])[None, :, :, None], mu4[:, None, :, :], 0.0), 2)
             valid = tl.reshape(ok2, (PAIRS, 2, BLOCK_G))[:, :, :, None] & m_ok
