@@ -163,6 +163,7 @@ def test_row_per_thread_layout_low_precision_and_large_grids(kdev):
     ("rubric_bwd", dict(FLAT=2), ValueError, r"rubric_bwd.FLAT must be 0 \(tile layout\) or 1"),
     ("gdso_fwd", dict(PAIRS=2.0), TypeError, "gdso_fwd.PAIRS must be an int"),
     ("gdso_fwd", dict(WARP_STATS=2), ValueError, r"gdso_fwd.WARP_STATS must be 0 \(cross-warp sums\) or 1"),
+    ("gdso_fwd", dict(FLAT=2), ValueError, r"gdso_fwd.FLAT must be 0 \(tile layout\) or 1 \(row per thread\)"),
     ("restricted_fwd", dict(KERNEL=2), ValueError, r"restricted_fwd.KERNEL must be 0 \(matrix product\) or 1"),
     ("restricted_fwd", dict(BLOCK_N=8), ValueError, "restricted_fwd.BLOCK_N must be at least 16"),
     ("restricted_fwd", dict(BLOCK_H=96), ValueError, "restricted_fwd.BLOCK_H must be a power of two"),
